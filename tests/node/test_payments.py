@@ -1,0 +1,124 @@
+"""Payments intake policy: post-pay with bounded credit, per DESIGN.md (chain reads faked, logic real)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from node.errors import ChainUnavailable, InvalidVoucherSignature, PaymentRequired
+from node.payments import ChannelState, PaymentIntake, Voucher, price_for_tokens
+
+NODE = "0x" + "aa" * 20
+CLIENT = "0x" + "cc" * 20
+CHANNEL = "0x" + "01" * 32
+
+
+def make_intake(deposit=1000, signer=CLIENT, credit_cap=None, chain_up=True):
+    saved: list[Voucher] = []
+    state = {"deposit": deposit, "up": chain_up}
+
+    async def read_channel(channel_id):
+        if not state["up"]:
+            raise ConnectionError("chain down")
+        return ChannelState(channel_id, CLIENT, NODE, state["deposit"], 0, False)
+
+    async def load_account(channel_id):
+        return 0, None
+
+    async def save_voucher(voucher):
+        saved.append(voucher)
+
+    intake = PaymentIntake(NODE, read_channel, lambda v: signer, load_account, save_voucher, credit_cap=credit_cap,
+                           channel_cache_seconds=0.0)
+    return intake, saved, state
+
+
+def voucher(amount):
+    return Voucher(CHANNEL, amount, "0x" + "00" * 65)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_price_rounds_up_and_scales_per_thousand_tokens():
+    assert price_for_tokens(1000, 1) == 1
+    assert price_for_tokens(10**16, 1500) == 15 * 10**15
+    assert price_for_tokens(0, 100) == 0
+
+
+def test_first_request_needs_no_voucher_then_the_next_must_cover_it():
+    async def scenario():
+        intake, saved, _ = make_intake()
+        first = await intake.reserve(CHANNEL, None, max_price=100)
+        assert await intake.settle(first, 40) == 40
+        with pytest.raises(PaymentRequired) as short:
+            await intake.reserve(CHANNEL, voucher(39), max_price=100)
+        assert short.value.details["pay_cumulative"] == "40"
+        second = await intake.reserve(CHANNEL, voucher(40), max_price=100)
+        await intake.settle(second, 60)
+        # A short voucher is still money the node keeps; it just does not admit the request.
+        assert [v.cumulative_amount for v in saved] == [39, 40]
+    run(scenario())
+
+
+def test_deposit_bounds_the_credit_including_in_flight_requests():
+    async def scenario():
+        intake, _, state = make_intake(deposit=250)
+        a = await intake.reserve(CHANNEL, None, max_price=100)
+        b = await intake.reserve(CHANNEL, None, max_price=100)
+        with pytest.raises(PaymentRequired) as error:
+            await intake.reserve(CHANNEL, None, max_price=100)
+        assert error.value.details["top_up"] == "50"
+        await intake.release(b)
+        await intake.settle(a, 30)
+        c = await intake.reserve(CHANNEL, voucher(30), max_price=100)
+        await intake.release(c)
+        state["deposit"] = 1000  # a top-up on chain is seen on the refresh
+        await intake.reserve(CHANNEL, voucher(30), max_price=900)
+    run(scenario())
+
+
+def test_a_voucher_signed_by_someone_else_is_rejected():
+    async def scenario():
+        intake, saved, _ = make_intake(signer="0x" + "dd" * 20)
+        with pytest.raises(InvalidVoucherSignature):
+            await intake.reserve(CHANNEL, voucher(10), max_price=1)
+        assert saved == []
+    run(scenario())
+
+
+def test_a_replayed_or_lower_voucher_changes_nothing():
+    async def scenario():
+        intake, saved, _ = make_intake()
+        await intake.accept_voucher(voucher(50))
+        await intake.accept_voucher(voucher(50))
+        await intake.accept_voucher(voucher(20))
+        assert [v.cumulative_amount for v in saved] == [50]
+    run(scenario())
+
+
+def test_credit_cap_limits_a_rich_channel():
+    async def scenario():
+        intake, _, _ = make_intake(deposit=10**9, credit_cap=150)
+        await intake.reserve(CHANNEL, None, max_price=100)
+        with pytest.raises(PaymentRequired):
+            await intake.reserve(CHANNEL, None, max_price=100)
+    run(scenario())
+
+
+def test_chain_down_without_a_cached_view_is_a_typed_error():
+    async def scenario():
+        intake, _, _ = make_intake(chain_up=False)
+        with pytest.raises(ChainUnavailable):
+            await intake.reserve(CHANNEL, None, max_price=1)
+    run(scenario())
+
+
+def test_missing_channel_says_what_to_send():
+    async def scenario():
+        intake, _, _ = make_intake()
+        with pytest.raises(PaymentRequired, match="X-Longtail-Channel"):
+            await intake.reserve(None, None, max_price=7)
+    run(scenario())
