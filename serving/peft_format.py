@@ -1,0 +1,618 @@
+"""PEFT LoRA adapters read safely: untrusted folders in, validated tensors with PEFT's scales out.
+
+An adapter arrives from strangers (a peer, an URL, a user's disk), so nothing in it
+is trusted until checked here: pickle files are refused, the safetensors header is
+parsed by our own bounded code before the `safetensors` library sees the file, the
+config may use only the LoRA features the engine implements, and every tensor's
+shape, rank, dtype and values are checked against the base model. The engine only
+ever receives an `AdapterWeights` built by `load_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import regex
+import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20
+MAX_TENSORS = 65_536
+DEFAULT_MAX_BYTES = 4 << 30
+# Patterns from the config are regular expressions from strangers; the `regex` engine
+# lets us bound each match in time, so a catastrophic-backtracking pattern is a rejection, not a hang.
+_REGEX_TIMEOUT_S = 0.05
+_MAX_PATTERN_CHARS = 512
+
+# safetensors dtype name -> (bytes per element, torch dtype). Floating point only: LoRA factors are floats.
+SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype]] = {
+    "F32": (4, torch.float32),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "F64": (8, torch.float64),
+}
+
+_KEY_PATTERN = regex.compile(
+    r"base_model\.model\.model\.layers\.(\d{1,6})\.(self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A|B)\.weight"
+)
+
+# Config fields that describe the LoRA math the engine implements.
+_SUPPORTED_FIELDS = {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                     "use_rslora", "exclude_modules", "layers_to_transform", "layers_pattern"}
+# Fields that describe provenance, training or initialisation only: they do not change inference.
+_INERT_FIELDS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode", "lora_dropout", "megatron_core", "qalora_group_size", "loftq_config",
+                 "eva_config", "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying",
+                 "init_lora_weights"}
+# PEFT features that change inference and that the engine does not implement: each must be off.
+_UNSUPPORTED_FEATURES = {
+    "fan_in_fan_out": "fan_in_fan_out=true (Conv1D-style transposed weights; Llama-family projections are nn.Linear)",
+    "bias": "bias other than 'none' (trained bias terms)",
+    "use_dora": "DoRA (use_dora=true)",
+    "modules_to_save": "modules_to_save (fully fine-tuned extra modules)",
+    "megatron_config": "Megatron parallel layers",
+    "trainable_token_indices": "trainable token embeddings",
+    "velora_config": "VeLoRA",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA",
+    "monteclora_config": "MonteCLoRA",
+    "layer_replication": "layer replication",
+    "lora_bias": "lora_bias=true (a bias on lora_B)",
+    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+}
+# init_lora_weights values whose initialisation rewrote the base model's weights (PiSSA, OLoRA, ...):
+# such an adapter only works on that modified base, so it is refused until converted to plain LoRA.
+_PLAIN_INIT_VALUES = (True, False, "gaussian")
+
+
+class AdapterRejected(ValueError):
+    """An adapter folder failed validation; the message names the file, field or tensor and why."""
+
+    def __init__(self, reason: str, *, path: Path | str | None = None):
+        self.reason = reason
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{path}: {reason}" if path is not None else reason)
+
+
+@dataclass(frozen=True)
+class ModuleShapes:
+    """The base model's LoRA-targetable projections: layer count and (in_features, out_features) per name."""
+
+    num_layers: int
+    shapes: dict[str, tuple[int, int]]  # "q_proj" -> (in_features, out_features)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> ModuleShapes:
+        """Shapes of a Llama/Mistral/Qwen2 layer from its HF `config.json` (GQA and explicit head_dim included)."""
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        inter = int(config["intermediate_size"])
+        return cls(
+            num_layers=int(config["num_hidden_layers"]),
+            shapes={
+                "q_proj": (hidden, heads * head_dim),
+                "k_proj": (hidden, kv_heads * head_dim),
+                "v_proj": (hidden, kv_heads * head_dim),
+                "o_proj": (heads * head_dim, hidden),
+                "gate_proj": (hidden, inter),
+                "up_proj": (hidden, inter),
+                "down_proj": (inter, hidden),
+            },
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path | str) -> ModuleShapes:
+        return cls.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+
+    def module_keys(self) -> Iterator[tuple[int, str, str]]:
+        """(layer, projection, PEFT module key) for every projection of the base, in layer order."""
+        for layer in range(self.num_layers):
+            for name in PROJECTIONS:
+                if name in self.shapes:
+                    yield layer, name, f"model.layers.{layer}.{_PARENT[name]}.{name}"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted projection: `delta(x) = scale * (x @ lora_a.T) @ lora_b.T`, PEFT's layout and scale."""
+
+    layer: int
+    module: str  # q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    lora_a: torch.Tensor  # [rank, in_features]
+    lora_b: torch.Tensor  # [out_features, rank]
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, per module via the patterns
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A validated adapter, ready for the engine: its id, config and modules in (layer, projection) order."""
+
+    adapter_id: str  # 0x-hex keccak256 per docs/interfaces.md
+    config: dict
+    modules: tuple[LoraModule, ...]
+    nbytes: int
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules), default=0)
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        return frozenset(m.module for m in self.modules)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the safetensors header declares it; offsets are absolute in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A safetensors header that passed our bounds checks."""
+
+    header_size: int
+    data_start: int
+    file_size: int
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+# ---------------------------------------------------------------- ids
+
+
+def canonical_config_bytes(config: dict) -> bytes:
+    """The config as docs/interfaces.md canonicalises it for the adapterId: sorted keys, compact, UTF-8."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def adapter_id_from_parts(config: dict, weights: Path | bytes) -> str:
+    """keccak256(canonical_config || safetensors bytes), streaming a file so big adapters are not read twice."""
+    from Crypto.Hash import keccak as keccak_stream
+
+    hasher = keccak_stream.new(digest_bits=256)
+    hasher.update(canonical_config_bytes(config))
+    if isinstance(weights, bytes | bytearray | memoryview):
+        hasher.update(weights)
+    else:
+        with Path(weights).open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                hasher.update(chunk)
+    return "0x" + hasher.hexdigest()
+
+
+def adapter_id_of(path: Path | str) -> str:
+    """The adapterId of a PEFT folder (its config is parsed, so whitespace and key order do not matter)."""
+    folder = _adapter_folder(Path(path))
+    return adapter_id_from_parts(_parse_config_file(folder / CONFIG_NAME), folder / WEIGHTS_NAME)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _adapter_folder(path: Path) -> Path:
+    """The folder holding the adapter; refuses pickle checkpoints and folders without safetensors."""
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterRejected(_pickle_reason(path.name), path=path)
+        if path.name in (WEIGHTS_NAME, CONFIG_NAME):
+            path = path.parent
+        else:
+            raise AdapterRejected(f"expected a PEFT adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME})", path=path)
+    if not path.is_dir():
+        raise AdapterRejected("no such adapter folder", path=path)
+    if not (path / CONFIG_NAME).is_file():
+        raise AdapterRejected(f"missing {CONFIG_NAME}", path=path)
+    if not (path / WEIGHTS_NAME).is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterRejected(_pickle_reason(", ".join(pickles)), path=path)
+        raise AdapterRejected(f"missing {WEIGHTS_NAME}", path=path)
+    return path
+
+
+def _pickle_reason(names: str) -> str:
+    return (f"refusing pickle checkpoint {names}: loading a pickle runs arbitrary code from the file "
+            f"(torch.load unpickles objects), so Longtail accepts only {WEIGHTS_NAME}; convert it with "
+            "PEFT's save_pretrained(safe_serialization=True) on a machine you trust")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def _strict_json(raw: bytes, what: str, path: Path | str | None) -> Any:
+    """JSON with no duplicate keys, NaN or Infinity; nesting bombs fail as a rejection, not a crash."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates,
+                          parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise AdapterRejected(f"{what} is not valid JSON: {error}", path=path) from None
+
+
+def _parse_config_file(config_path: Path) -> dict:
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterRejected(f"{CONFIG_NAME} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit",
+                              path=config_path)
+    config = _strict_json(config_path.read_bytes(), CONFIG_NAME, config_path)
+    if not isinstance(config, dict):
+        raise AdapterRejected(f"{CONFIG_NAME} must hold a JSON object, found {type(config).__name__}",
+                              path=config_path)
+    return config
+
+
+def read_safetensors_header(path: Path | str, max_bytes: int = DEFAULT_MAX_BYTES) -> SafetensorsHeader:
+    """Parse and bound-check a safetensors header without the safetensors library.
+
+    Checks: 8-byte little-endian header length within limits and the file, strict JSON,
+    whitelisted dtypes, shapes whose byte size equals the declared span, spans inside the
+    data region, non-overlapping and covering it exactly (no hidden bytes).
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    if file_size > max_bytes:
+        raise AdapterRejected(f"{path.name} is {file_size} bytes, over the {max_bytes}-byte limit", path=path)
+    if file_size < 8:
+        raise AdapterRejected(f"{path.name} is truncated: {file_size} bytes, shorter than the 8-byte header length",
+                              path=path)
+    with path.open("rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        if header_size > MAX_HEADER_BYTES:
+            raise AdapterRejected(f"{path.name} declares a {header_size}-byte header, over the "
+                                  f"{MAX_HEADER_BYTES}-byte limit", path=path)
+        if 8 + header_size > file_size:
+            raise AdapterRejected(f"{path.name} is truncated: header of {header_size} bytes but the file has "
+                                  f"{file_size - 8} after the length", path=path)
+        raw = handle.read(header_size)
+    header = _strict_json(raw, f"{path.name} header", path)
+    if not isinstance(header, dict):
+        raise AdapterRejected(f"{path.name} header must be a JSON object", path=path)
+    data_start = 8 + header_size
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise AdapterRejected(f"{path.name} __metadata__ must map strings to strings", path=path)
+    if len(header) > MAX_TENSORS:
+        raise AdapterRejected(f"{path.name} declares {len(header)} tensors, over the {MAX_TENSORS} limit", path=path)
+    tensors: dict[str, TensorEntry] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_entry(path, name, entry, data_start, file_size)
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values())
+    cursor = data_start
+    for begin, end, name in spans:
+        if begin < cursor:
+            raise AdapterRejected(f"tensor {name!r} overlaps the previous tensor (starts at {begin - data_start}, "
+                                  f"previous ends at {cursor - data_start})", path=path)
+        if begin > cursor:
+            raise AdapterRejected(f"{path.name} has {begin - cursor} unindexed bytes before tensor {name!r}",
+                                  path=path)
+        cursor = end
+    if cursor != file_size:
+        raise AdapterRejected(f"{path.name} data region is {file_size - data_start} bytes but tensors cover "
+                              f"{cursor - data_start}", path=path)
+    return SafetensorsHeader(header_size, data_start, file_size, tensors, dict(metadata))
+
+
+def _tensor_entry(path: Path, name: str, entry: Any, data_start: int, file_size: int) -> TensorEntry:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise AdapterRejected(f"tensor {name!r} header entry must have exactly dtype, shape, data_offsets",
+                              path=path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise AdapterRejected(f"tensor {name!r} has dtype {dtype!r}; allowed: {sorted(SAFETENSORS_DTYPES)}",
+                              path=path)
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+        raise AdapterRejected(f"tensor {name!r} has an invalid shape {shape!r}", path=path)
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise AdapterRejected(f"tensor {name!r} has invalid data_offsets {offsets!r}", path=path)
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    if begin > end or end > file_size:
+        raise AdapterRejected(f"tensor {name!r} data_offsets {offsets} fall outside the "
+                              f"{file_size - data_start}-byte data region", path=path)
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]
+    if end - begin != expected:
+        raise AdapterRejected(f"tensor {name!r} of shape {shape} {dtype} needs {expected} bytes but its span "
+                              f"holds {end - begin}", path=path)
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+# ---------------------------------------------------------------- config
+
+
+def _bounded_match(pattern: str, text: str, *, full: bool, path: Path | str | None) -> bool:
+    try:
+        if full:
+            return regex.fullmatch(pattern, text, timeout=_REGEX_TIMEOUT_S) is not None
+        return regex.match(pattern, text, timeout=_REGEX_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise AdapterRejected(f"pattern {pattern!r} takes too long to match (catastrophic backtracking)",
+                              path=path) from None
+    except regex.error as error:
+        raise AdapterRejected(f"pattern {pattern!r} is not a valid regular expression: {error}", path=path) from None
+
+
+def _pattern_matches(key: str, module_key: str, path: Path | str | None) -> bool:
+    """PEFT's `get_pattern_key` test for rank_pattern / alpha_pattern keys."""
+    return _bounded_match(rf"(.*\.)?({key})$", module_key, full=False, path=path)
+
+
+def _targets(config: dict, module_key: str, path: Path | str | None) -> bool:
+    """PEFT's `check_target_module_exists` for target_modules and exclude_modules (layers checked apart)."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str):
+        if _bounded_match(exclude, module_key, full=True, path=path):
+            return False
+    elif exclude and (module_key in exclude or any(module_key.endswith(f".{e}") for e in exclude)):
+        return False
+    target = config["target_modules"]
+    if isinstance(target, str):
+        return _bounded_match(target, module_key, full=True, path=path)
+    return module_key in target or any(module_key.endswith(f".{t}") for t in target)
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == ""
+
+
+def _check_string_list(config: dict, field: str, path: Path | str | None, allow_regex: bool) -> None:
+    value = config.get(field)
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not allow_regex:
+            raise AdapterRejected(f"{field} must be a list of names", path=path)
+        if len(value) > _MAX_PATTERN_CHARS:
+            raise AdapterRejected(f"{field} pattern is {len(value)} characters, over {_MAX_PATTERN_CHARS}", path=path)
+        return
+    if (not isinstance(value, list) or len(value) > 4096
+            or not all(isinstance(v, str) and 0 < len(v) <= _MAX_PATTERN_CHARS for v in value)):
+        raise AdapterRejected(f"{field} must be a string pattern or a list of module names", path=path)
+
+
+def _check_pattern_dict(config: dict, field: str, path: Path | str | None, *, integer: bool, max_rank: int) -> None:
+    value = config.get(field)
+    if value is None:
+        config[field] = {}
+        return
+    if not isinstance(value, dict) or len(value) > 4096:
+        raise AdapterRejected(f"{field} must be an object mapping module patterns to numbers", path=path)
+    for key, number in value.items():
+        if not key or len(key) > _MAX_PATTERN_CHARS:
+            raise AdapterRejected(f"{field} key {key!r} must be 1..{_MAX_PATTERN_CHARS} characters", path=path)
+        _check_number(number, f"{field}[{key!r}]", path, integer=integer, max_rank=max_rank)
+
+
+def _check_number(value: Any, field: str, path: Path | str | None, *, integer: bool, max_rank: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AdapterRejected(f"{field} must be a number, found {value!r}", path=path)
+    if integer:
+        if not isinstance(value, int) or not 1 <= value <= max_rank:
+            raise AdapterRejected(f"{field} = {value!r}: a rank must be an integer in 1..{max_rank} "
+                                  "(the configured maximum rank)", path=path)
+    elif not math.isfinite(value) or abs(value) > 1e6:
+        raise AdapterRejected(f"{field} = {value!r} is not a finite scale factor", path=path)
+
+
+def validate_config(config: dict, *, max_rank: int = 256, path: Path | str | None = None) -> dict:
+    """Check an adapter config against the LoRA features the engine implements; return it with PEFT defaults."""
+    config = dict(config)
+    if config.get("peft_type") != "LORA":
+        raise AdapterRejected(f"peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are served", path=path)
+    for field, feature in _UNSUPPORTED_FEATURES.items():
+        value = config.get(field)
+        if field == "bias":
+            if value not in (None, "none"):
+                raise AdapterRejected(f"bias = {value!r}: {feature} is not supported", path=path)
+        elif not _is_off(value):
+            raise AdapterRejected(f"{field} = {value!r}: {feature} is not supported", path=path)
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INIT_VALUES:
+        raise AdapterRejected(f"init_lora_weights = {init!r}: that initialisation rewrites the base model's "
+                              "weights, so the adapter only fits a modified base; convert it to plain LoRA first",
+                              path=path)
+    known = _SUPPORTED_FIELDS | _INERT_FIELDS | set(_UNSUPPORTED_FEATURES)
+    for field, value in config.items():
+        # A field from a newer PEFT is accepted only while its feature is off (its default).
+        if field not in known and not _is_off(value):
+            raise AdapterRejected(f"unknown config field {field} = {value!r}: not a LoRA feature Longtail serves",
+                                  path=path)
+    config.setdefault("r", 8)
+    config.setdefault("lora_alpha", 8)
+    _check_number(config["r"], "r", path, integer=True, max_rank=max_rank)
+    _check_number(config["lora_alpha"], "lora_alpha", path, integer=False, max_rank=max_rank)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterRejected(f"use_rslora must be true or false, found {config['use_rslora']!r}", path=path)
+    if config.get("target_modules") in (None, [], ""):
+        raise AdapterRejected("target_modules is missing: name the projections the adapter changes", path=path)
+    _check_string_list(config, "target_modules", path, allow_regex=True)
+    _check_string_list(config, "exclude_modules", path, allow_regex=True)
+    _check_pattern_dict(config, "rank_pattern", path, integer=True, max_rank=max_rank)
+    _check_pattern_dict(config, "alpha_pattern", path, integer=False, max_rank=max_rank)
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+            or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in layers))):
+        raise AdapterRejected(f"layers_to_transform must be a layer index or a list of them, found {layers!r}",
+                              path=path)
+    return config
+
+
+def read_adapter_config(path: Path | str, max_rank: int = 256) -> dict:
+    """The folder's `adapter_config.json`, parsed strictly and validated (see `validate_config`)."""
+    folder = _adapter_folder(Path(path))
+    return validate_config(_parse_config_file(folder / CONFIG_NAME), max_rank=max_rank, path=folder / CONFIG_NAME)
+
+
+# ---------------------------------------------------------------- plan: which modules, which ranks and scales
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What the config and header together say about one adapted projection, before any tensor is read."""
+
+    layer: int
+    module: str
+    key_a: str
+    key_b: str
+    rank: int
+    scale: float
+
+
+def _unique_pattern_value(patterns: dict, module_key: str, field: str, path: Path | str | None) -> Any:
+    """PEFT takes the first matching pattern key; we demand that all matching keys agree.
+
+    The adapterId canonicalises the config with sorted keys, so pattern order must not
+    change the meaning: two patterns that match one module with different values are refused.
+    """
+    values = {patterns[key] for key in patterns if _pattern_matches(key, module_key, path)}
+    if len(values) > 1:
+        raise AdapterRejected(f"{field} is ambiguous for {module_key}: several patterns match with values "
+                              f"{sorted(values)}", path=path)
+    return next(iter(values)) if values else None
+
+
+def plan_modules(config: dict, header: SafetensorsHeader, shapes: ModuleShapes, *,
+                 path: Path | str | None = None) -> list[ModulePlan]:
+    """Match tensor names, shapes and ranks to the base and the config; compute PEFT's scale per module."""
+    found: dict[tuple[int, str], dict[str, str]] = {}
+    for name in header.tensors:
+        match = _KEY_PATTERN.fullmatch(name)
+        if match is None:
+            raise AdapterRejected(f"tensor {name!r} is not a LoRA factor of a Llama-family projection "
+                                  "(expected base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>.weight)",
+                                  path=path)
+        layer, parent, module, side = int(match.group(1)), match.group(2), match.group(3), match.group(4)
+        if _PARENT[module] != parent:
+            raise AdapterRejected(f"tensor {name!r}: {module} lives under {_PARENT[module]}, not {parent}", path=path)
+        if layer >= shapes.num_layers:
+            raise AdapterRejected(f"tensor {name!r} adapts layer {layer} but the base has {shapes.num_layers} layers",
+                                  path=path)
+        if module not in shapes.shapes:
+            raise AdapterRejected(f"tensor {name!r} adapts {module}, which the base model does not have", path=path)
+        found.setdefault((layer, module), {})[side] = name
+    if not found:
+        raise AdapterRejected("the adapter holds no LoRA tensors", path=path)
+
+    base_keys = list(shapes.module_keys())
+    target = config["target_modules"]
+    if isinstance(target, list):
+        for entry in target:
+            if not any(key == entry or key.endswith(f".{entry}") for _, _, key in base_keys):
+                raise AdapterRejected(f"target module {entry!r} does not exist in the base model "
+                                      f"(its projections: {sorted(shapes.shapes)})", path=path)
+    layers = config.get("layers_to_transform")
+    allowed_layers = None if layers is None or layers == [] else ({layers} if isinstance(layers, int) else set(layers))
+
+    plans: list[ModulePlan] = []
+    for layer, module, module_key in base_keys:
+        sides = found.pop((layer, module), None)
+        targeted = _targets(config, module_key, path) and (allowed_layers is None or layer in allowed_layers)
+        if sides is None:
+            continue
+        if not targeted:
+            raise AdapterRejected(f"the file adapts {module_key}, which the config's target_modules / "
+                                  "exclude_modules / layers_to_transform do not select", path=path)
+        if set(sides) != {"A", "B"}:
+            missing = "lora_B" if "A" in sides else "lora_A"
+            raise AdapterRejected(f"{module_key} has no {missing} tensor", path=path)
+        tensor_a, tensor_b = header.tensors[sides["A"]], header.tensors[sides["B"]]
+        in_features, out_features = shapes.shapes[module]
+        rank = _unique_pattern_value(config["rank_pattern"], module_key, "rank_pattern", path) or config["r"]
+        alpha = _unique_pattern_value(config["alpha_pattern"], module_key, "alpha_pattern", path)
+        alpha = config["lora_alpha"] if alpha is None else alpha
+        if tensor_a.shape != (rank, in_features):
+            raise AdapterRejected(f"tensor {tensor_a.name!r} has shape {list(tensor_a.shape)}, expected "
+                                  f"[{rank}, {in_features}] (rank {rank} from the config, in_features of "
+                                  f"the base {module})", path=path)
+        if tensor_b.shape != (out_features, rank):
+            raise AdapterRejected(f"tensor {tensor_b.name!r} has shape {list(tensor_b.shape)}, expected "
+                                  f"[{out_features}, {rank}] (out_features of the base {module}, rank {rank})",
+                                  path=path)
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        plans.append(ModulePlan(layer, module, tensor_a.name, tensor_b.name, rank, float(scale)))
+    return plans
+
+
+# ---------------------------------------------------------------- load
+
+
+def load_adapter(path: Path | str, shapes: ModuleShapes, max_rank: int = 256, max_bytes: int = DEFAULT_MAX_BYTES,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 adapter_id: str | None = None) -> AdapterWeights:
+    """Validate a PEFT folder against the base and return its factors on `device` in `dtype`.
+
+    `adapter_id`, when the caller (the store) already verified it, skips hashing the file again.
+    """
+    folder = _adapter_folder(Path(path))
+    weights_path = folder / WEIGHTS_NAME
+    config = read_adapter_config(folder, max_rank=max_rank)
+    header = read_safetensors_header(weights_path, max_bytes=max_bytes)
+    plans = plan_modules(config, header, shapes, path=weights_path)
+
+    from safetensors import safe_open
+
+    modules: list[LoraModule] = []
+    nbytes = 0
+    with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+        for plan in plans:
+            factors = []
+            for key in (plan.key_a, plan.key_b):
+                tensor = handle.get_tensor(key).to(dtype)
+                if not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise AdapterRejected(f"tensor {key!r} holds {bad} non-finite values (NaN or Inf)",
+                                          path=weights_path)
+                factors.append(tensor.to(device).contiguous())
+                nbytes += tensor.numel() * tensor.element_size()
+            modules.append(LoraModule(plan.layer, plan.module, factors[0], factors[1], plan.scale))
+    if adapter_id is None:
+        adapter_id = adapter_id_from_parts(_parse_config_file(folder / CONFIG_NAME), weights_path)
+    return AdapterWeights(adapter_id=adapter_id, config=config, modules=tuple(modules), nbytes=nbytes)
+
+
+def validate_adapter(path: Path | str, shapes: ModuleShapes, max_rank: int = 256,
+                     max_bytes: int = DEFAULT_MAX_BYTES) -> AdapterWeights:
+    """Full validation (values included) on CPU; what an import runs before accepting a folder."""
+    return load_adapter(path, shapes, max_rank=max_rank, max_bytes=max_bytes)
