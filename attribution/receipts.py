@@ -305,6 +305,33 @@ class SignedReceipt:
         return signed
 
 
+@dataclasses.dataclass(frozen=True)
+class ReceiptDraft:
+    """Everything a receipt needs except what the log assigns: the node (its key) and `seq`."""
+
+    request_id: str
+    client: str
+    channel_id: str
+    base_model_id: str
+    adapter_id: str
+    prompt_hash: str
+    output_hash: str
+    prompt_tokens: int
+    output_tokens: int
+    price: int
+    timestamp: int
+    attribution: AttributionVector = dataclasses.field(default_factory=lambda: AttributionVector())
+    spans: tuple[MatchedSpan, ...] = ()
+    adapter_credit: AdapterCredit | None = None
+
+    def to_receipt(self, node: str, seq: int) -> Receipt:
+        return Receipt(node=node, seq=seq, request_id=self.request_id, client=self.client,
+                       channel_id=self.channel_id, base_model_id=self.base_model_id, adapter_id=self.adapter_id,
+                       prompt_hash=self.prompt_hash, output_hash=self.output_hash,
+                       prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens, price=self.price,
+                       attribution_hash=self.attribution.hash, timestamp=self.timestamp)
+
+
 # --- hashing ----------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)

@@ -616,3 +616,46 @@ def validate_adapter(path: Path | str, shapes: ModuleShapes, max_rank: int = 256
                      max_bytes: int = DEFAULT_MAX_BYTES) -> AdapterWeights:
     """Full validation (values included) on CPU; what an import runs before accepting a folder."""
     return load_adapter(path, shapes, max_rank=max_rank, max_bytes=max_bytes)
+
+
+# ---------------------------------------------------------------- write
+
+
+def write_peft_adapter(folder: Path | str, config: dict, factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+                       ) -> Path:
+    """Save factors as PEFT does (`adapter_config.json` + `adapter_model.safetensors`); keys (layer, projection)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for (layer, module), (lora_a, lora_b) in factors.items():
+        prefix = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = lora_b.contiguous()
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def write_random_adapter(folder: Path | str, shapes: ModuleShapes, rank: int, targets: tuple[str, ...], *,
+                         alpha: float | None = None, seed: int = 0, std: float = 0.02,
+                         dtype: torch.dtype = torch.float32) -> Path:
+    """A random plain-LoRA adapter for `shapes`, written straight with safetensors (benchmarks, tests).
+
+    Much faster than building it through PEFT, which needs the base model in memory.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for layer, module, _ in shapes.module_keys():
+        if module in targets:
+            in_features, out_features = shapes.shapes[module]
+            factors[(layer, module)] = (
+                (torch.randn(rank, in_features, generator=generator) * std).to(dtype),
+                (torch.randn(out_features, rank, generator=generator) * std).to(dtype),
+            )
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
+              "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "use_dora": False,
+              "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "inference_mode": True}
+    return write_peft_adapter(folder, config, factors)

@@ -97,6 +97,7 @@ contract Registry is ReentrancyGuard {
     error SharesLengthMismatch(uint256 datanets, uint256 shares);
     error DatanetsNotSorted(uint256 index);
     error SharesDoNotSum(uint256 sum);
+    error AmountTooLarge(uint256 amount);
     error TokenTransferFailed();
 
     /// @param token_ The OPEN token used for stake.
@@ -129,6 +130,7 @@ contract Registry is ReentrancyGuard {
         Node storage node = _nodes[msg.sender];
         if (node.registered) revert NodeAlreadyRegistered(msg.sender);
         if (stake < minStake) revert StakeBelowMinimum(stake, minStake);
+        if (stake > type(uint128).max) revert AmountTooLarge(stake);
         node.registered = true;
         node.stake = uint128(stake);
         node.endpoint = endpoint;
@@ -153,6 +155,7 @@ contract Registry is ReentrancyGuard {
         if (amount == 0) revert ZeroAmount();
         Node storage node = _registeredNode(msg.sender);
         uint256 stake = node.stake + amount;
+        if (stake + node.unbonding > type(uint128).max) revert AmountTooLarge(stake);
         node.stake = uint128(stake);
         emit StakeAdded(msg.sender, amount, stake);
         _pull(msg.sender, amount);

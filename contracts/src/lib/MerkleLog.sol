@@ -7,7 +7,12 @@ pragma solidity 0.8.28;
 ///         verification algorithms (§2.1.3.2 inclusion, §2.1.4.2 consistency) step by step.
 library MerkleLog {
     /// @dev SHA-256(0x00 || data) of 32 bytes of leaf data (a receipt digest).
-    function leafHash(bytes32 data) internal view returns (bytes32) {
+    function leafHash(bytes32 data) internal pure returns (bytes32) {
+        return sha256(abi.encodePacked(bytes1(0x00), data));
+    }
+
+    /// @dev SHA-256(0x00 || data) of arbitrary leaf data (a distribution entry).
+    function leafHashOf(bytes memory data) internal pure returns (bytes32) {
         return sha256(abi.encodePacked(bytes1(0x00), data));
     }
 

@@ -1,0 +1,337 @@
+"""The receipt log's SQL store and the `ReceiptLog` that signs, persists and proves receipts.
+
+Tables: `receipts` (one row per signed receipt, unique `(node, seq)`),
+`checkpoints` (tree sizes and roots the node committed to) and `channels`
+(payment channel state the node has seen). SQLite in WAL mode with
+`synchronous=FULL` by default, PostgreSQL by URL, through the same models.
+
+The Merkle tree is not stored node by node: each receipt row carries its leaf
+hash, and opening a log reads that one column and rebuilds the tree in memory
+(about a second per million receipts), then checks it has no gap. A tree
+persisted node by node would cost a second write per receipt on the hot path
+to save that second at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from attribution.log import MerkleLog
+from attribution.merkle import leaf_hash
+from attribution.receipts import ReceiptDomain, ReceiptDraft, ReceiptSigner, SignedReceipt
+
+
+class StoreError(RuntimeError):
+    """The store's contents break an invariant of the log (gap, duplicate, bad leaf)."""
+
+
+class LogConflict(StoreError):
+    """Another writer appended to this node's log: `seq` values collided."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ReceiptRow(Base):
+    __tablename__ = "receipts"
+
+    node: Mapped[str] = mapped_column(String(42), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(66), index=True)
+    channel_id: Mapped[str] = mapped_column(String(66), index=True)
+    # uint256 as decimal text: SQLite would turn a large NUMERIC into a lossy float.
+    price: Mapped[str] = mapped_column(String(78))
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+    leaf_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    body: Mapped[str] = mapped_column(Text)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+
+    node: Mapped[str] = mapped_column(String(42), primary_key=True)
+    tree_size: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    root: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    tx_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
+
+
+class ChannelRow(Base):
+    __tablename__ = "channels"
+
+    channel_id: Mapped[str] = mapped_column(String(66), primary_key=True)
+    client: Mapped[str] = mapped_column(String(42))
+    deposit_seen: Mapped[str] = mapped_column(String(78), default="0")
+    voucher_amount: Mapped[str] = mapped_column(String(78), default="0")
+    voucher_signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
+    redeemed: Mapped[str] = mapped_column(String(78), default="0")
+    updated_at: Mapped[int] = mapped_column(Integer, default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A tree size and root the node committed to (and, once posted, the transaction)."""
+
+    node: str
+    tree_size: int
+    root: str
+    created_at: int
+    epoch: int | None = None
+    tx_hash: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelRecord:
+    """The node's durable view of one payment channel."""
+
+    channel_id: str
+    client: str
+    deposit_seen: int
+    voucher_amount: int
+    voucher_signature: str | None
+    redeemed: int
+
+
+def make_engine(url: str, schema: str | None = None) -> Engine:
+    """An engine for `sqlite:///path` (WAL, synchronous=FULL) or `postgresql+psycopg://...`.
+
+    `schema` places the tables in a PostgreSQL schema (tests use one per run).
+    """
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit has reached the disk when it returns, so a receipt handed out is durable.
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    if schema:
+        engine = engine.execution_options(schema_translate_map={None: schema})
+    return engine
+
+
+class ReceiptStore:
+    """Rows in, rows out: the log's persistence, with no knowledge of signing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        Base.metadata.create_all(engine)
+
+    @classmethod
+    def open(cls, url: str, schema: str | None = None) -> ReceiptStore:
+        return cls(make_engine(url, schema))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # receipts
+    def insert_receipts(self, signed: Sequence[SignedReceipt]) -> None:
+        """Insert all in one transaction; returns once committed (durable)."""
+        rows = [{
+            "node": s.receipt.node, "seq": s.receipt.seq, "request_id": s.receipt.request_id,
+            "channel_id": s.receipt.channel_id, "price": str(s.receipt.price), "digest": s.digest,
+            "leaf_hash": leaf_hash(s.digest), "body": s.to_canonical_json().decode(),
+        } for s in signed]
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(ReceiptRow), rows)
+        except IntegrityError as error:
+            seqs = [r["seq"] for r in rows]
+            raise LogConflict(f"seq {min(seqs)}..{max(seqs)} already taken for node {rows[0]['node']}: "
+                              "another writer appends to this log") from error
+
+    def leaf_hashes(self, node: str) -> list[tuple[int, bytes]]:
+        with self.engine.connect() as connection:
+            result = connection.execute(
+                select(ReceiptRow.seq, ReceiptRow.leaf_hash).where(ReceiptRow.node == node).order_by(ReceiptRow.seq))
+            return [(seq, bytes(h)) for seq, h in result]
+
+    def receipt_body(self, node: str, seq: int) -> str | None:
+        with self.engine.connect() as connection:
+            return connection.scalar(select(ReceiptRow.body).where(ReceiptRow.node == node, ReceiptRow.seq == seq))
+
+    def bodies_for_request(self, request_id: str) -> list[str]:
+        with self.engine.connect() as connection:
+            return list(connection.scalars(select(ReceiptRow.body).where(ReceiptRow.request_id == request_id.lower())))
+
+    def bodies(self, node: str, start: int = 0, limit: int = 100) -> list[str]:
+        with self.engine.connect() as connection:
+            return list(connection.scalars(select(ReceiptRow.body).where(
+                ReceiptRow.node == node, ReceiptRow.seq >= start).order_by(ReceiptRow.seq).limit(limit)))
+
+    def channel_total(self, node: str, channel_id: str) -> int:
+        """Sum of the prices of this node's receipts on a channel: what the client owes in total."""
+        with self.engine.connect() as connection:
+            prices = connection.scalars(select(ReceiptRow.price).where(
+                ReceiptRow.node == node, ReceiptRow.channel_id == channel_id.lower()))
+            return sum(int(p) for p in prices)
+
+    # checkpoints
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(CheckpointRow).values(
+                node=checkpoint.node, tree_size=checkpoint.tree_size, root=bytes.fromhex(checkpoint.root[2:]),
+                created_at=checkpoint.created_at, epoch=checkpoint.epoch, tx_hash=checkpoint.tx_hash))
+
+    def set_checkpoint_tx(self, node: str, tree_size: int, tx_hash: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(CheckpointRow).where(
+                CheckpointRow.node == node, CheckpointRow.tree_size == tree_size).values(tx_hash=tx_hash))
+
+    def checkpoints(self, node: str) -> list[Checkpoint]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(CheckpointRow).where(CheckpointRow.node == node)
+                                      .order_by(CheckpointRow.tree_size))
+            return [Checkpoint(r.node, r.tree_size, "0x" + bytes(r.root).hex(), r.created_at, r.epoch, r.tx_hash)
+                    for r in rows]
+
+    # channels
+    def channel(self, channel_id: str) -> ChannelRecord | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(ChannelRow).where(ChannelRow.channel_id == channel_id.lower())).first()
+        if row is None:
+            return None
+        return ChannelRecord(row.channel_id, row.client, int(row.deposit_seen), int(row.voucher_amount),
+                             row.voucher_signature, int(row.redeemed))
+
+    def _upsert_channel(self, channel_id: str, client: str, **values: Any) -> None:
+        channel_id = channel_id.lower()
+        values = {k: str(v) if isinstance(v, int) else v for k, v in values.items()}
+        with self.engine.begin() as connection:
+            exists = connection.scalar(select(func.count()).select_from(ChannelRow)
+                                       .where(ChannelRow.channel_id == channel_id))
+            if exists:
+                connection.execute(update(ChannelRow).where(ChannelRow.channel_id == channel_id)
+                                   .values(updated_at=int(time.time()), **values))
+            else:
+                connection.execute(insert(ChannelRow).values(channel_id=channel_id, client=client,
+                                                             updated_at=int(time.time()), **values))
+
+    def record_deposit(self, channel_id: str, client: str, deposit: int) -> None:
+        self._upsert_channel(channel_id, client, deposit_seen=deposit)
+
+    def record_voucher(self, channel_id: str, client: str, cumulative_amount: int, signature: str) -> bool:
+        """Keep the voucher if it is the highest seen; returns whether it was kept."""
+        current = self.channel(channel_id)
+        if current is not None and current.voucher_amount >= cumulative_amount:
+            return False
+        self._upsert_channel(channel_id, client, voucher_amount=cumulative_amount, voucher_signature=signature)
+        return True
+
+    def record_redeemed(self, channel_id: str, client: str, redeemed: int) -> None:
+        self._upsert_channel(channel_id, client, redeemed=redeemed)
+
+
+class ReceiptLog:
+    """One node's receipt log: assigns `seq`, signs, persists, and answers roots and proofs.
+
+    One writer per node log: `seq` is assigned in memory under a lock, and the
+    store's unique `(node, seq)` key turns a second writer into `LogConflict`
+    instead of a fork. A receipt is returned only after its transaction committed.
+    """
+
+    def __init__(self, store: ReceiptStore, signer: ReceiptSigner) -> None:
+        self.store = store
+        self.signer = signer
+        self.node = signer.address
+        self._lock = threading.Lock()
+        self.tree = MerkleLog()
+        expected = 0
+        for seq, leaf in store.leaf_hashes(self.node):
+            if seq != expected:
+                raise StoreError(f"log of node {self.node} has a gap: seq {seq} follows {expected - 1}")
+            self.tree.append(leaf)
+            expected += 1
+
+    @classmethod
+    def open(cls, url: str, private_key: bytes | str, domain: ReceiptDomain, schema: str | None = None) -> ReceiptLog:
+        return cls(ReceiptStore.open(url, schema), ReceiptSigner(private_key, domain))
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+    @property
+    def domain(self) -> ReceiptDomain:
+        return self.signer.domain
+
+    def append(self, draft: ReceiptDraft) -> SignedReceipt:
+        """Sign and durably store one receipt; returns it with its `seq`."""
+        return self.append_many([draft])[0]
+
+    def append_many(self, drafts: Sequence[ReceiptDraft]) -> list[SignedReceipt]:
+        """Sign a batch with consecutive `seq`s and commit it once (group commit); durable on return."""
+        if not drafts:
+            return []
+        with self._lock:
+            start = self.tree.size
+            signed = [self.signer.sign(d.to_receipt(self.node, start + i), d.attribution, d.spans, d.adapter_credit)
+                      for i, d in enumerate(drafts)]
+            self.store.insert_receipts(signed)
+            # Only a committed batch enters the in-memory tree, so a failed commit leaves no trace.
+            for s in signed:
+                self.tree.append(leaf_hash(s.digest))
+            return signed
+
+    def get(self, seq: int) -> SignedReceipt:
+        body = self.store.receipt_body(self.node, seq)
+        if body is None:
+            raise KeyError(f"no receipt with seq {seq} in the log of node {self.node} (size {self.size})")
+        return SignedReceipt.from_json(body)
+
+    def root(self, size: int | None = None) -> bytes:
+        return self.tree.root(size)
+
+    def inclusion_proof(self, seq: int, size: int | None = None) -> list[bytes]:
+        return self.tree.inclusion_proof(seq, size)
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        return self.tree.consistency_proof(old_size, new_size)
+
+    def checkpoint(self, epoch: int | None = None) -> Checkpoint:
+        """Record the current size and root as a checkpoint (posting it on chain is the node's job)."""
+        with self._lock:
+            checkpoint = Checkpoint(self.node, self.size, "0x" + self.root().hex(), int(time.time()), epoch)
+            self.store.add_checkpoint(checkpoint)
+            return checkpoint
+
+    def verify(self) -> int:
+        """Re-read every body, check its signature and that it hashes to the stored leaf; returns the count."""
+        from attribution.receipts import verify_receipt
+
+        for seq in range(self.size):
+            signed = self.get(seq)
+            verify_receipt(signed, self.domain, expected_signer=self.node)
+            if signed.receipt.seq != seq or leaf_hash(signed.digest) != self.tree.leaf(seq):
+                raise StoreError(f"receipt at seq {seq} does not match leaf {seq} of the log")
+        return self.size

@@ -1,0 +1,111 @@
+"""Vouchers (DESIGN.md, fixed): EIP-712 `Voucher(bytes32 channelId,uint256 cumulativeAmount)`.
+
+Domain {name "Longtail", version "1", chainId, verifyingContract = PaymentChannels}: a voucher signed for
+one chain or one PaymentChannels deployment never verifies on another. Pure functions; no chain access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
+
+DOMAIN_NAME = "Longtail"
+DOMAIN_VERSION = "1"
+
+EIP712_DOMAIN_FIELDS = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+VOUCHER_FIELDS = [
+    {"name": "channelId", "type": "bytes32"},
+    {"name": "cumulativeAmount", "type": "uint256"},
+]
+
+
+class InvalidVoucher(ValueError):
+    """A voucher's fields or signature are malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedVoucher:
+    """A client's promise: everything paid on `channel_id` so far, with its 65-byte signature (0x-hex)."""
+
+    channel_id: str
+    cumulative_amount: int
+    signature: str
+
+    def to_json(self) -> dict:
+        return {"channel_id": self.channel_id, "cumulative_amount": str(self.cumulative_amount),
+                "signature": self.signature}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SignedVoucher:
+        try:
+            return cls(channel_id=str(data["channel_id"]).lower(), cumulative_amount=int(data["cumulative_amount"]),
+                       signature=str(data["signature"]).lower())
+        except (KeyError, TypeError, ValueError) as error:
+            raise InvalidVoucher(f"malformed voucher JSON: {error}") from error
+
+
+def voucher_domain(chain_id: int, channels_address: str) -> dict:
+    """The EIP-712 domain of vouchers for one PaymentChannels deployment."""
+    return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": int(chain_id),
+            "verifyingContract": to_checksum_address(channels_address)}
+
+
+def voucher_typed_data(channel_id: str | bytes, cumulative_amount: int, chain_id: int, channels_address: str) -> dict:
+    """The full EIP-712 typed-data document for a voucher (what wallets display and sign)."""
+    if cumulative_amount < 0 or cumulative_amount >= 2**256:
+        raise InvalidVoucher(f"cumulative amount {cumulative_amount} is not a uint256")
+    return {
+        "types": {"EIP712Domain": EIP712_DOMAIN_FIELDS, "Voucher": VOUCHER_FIELDS},
+        "primaryType": "Voucher",
+        "domain": voucher_domain(chain_id, channels_address),
+        "message": {"channelId": _bytes32(channel_id), "cumulativeAmount": int(cumulative_amount)},
+    }
+
+
+def voucher_digest(channel_id: str | bytes, cumulative_amount: int, chain_id: int, channels_address: str) -> bytes:
+    """The 32-byte EIP-712 digest; equals PaymentChannels.voucherDigest on chain."""
+    signable = encode_typed_data(full_message=voucher_typed_data(channel_id, cumulative_amount, chain_id,
+                                                                 channels_address))
+    return keccak(b"\x19" + signable.version + signable.header + signable.body)
+
+
+def sign_voucher(signer: LocalAccount | str, channel_id: str | bytes, cumulative_amount: int, chain_id: int,
+                 channels_address: str) -> SignedVoucher:
+    """Sign a voucher with the client's key (an eth-account account or a hex private key)."""
+    typed = voucher_typed_data(channel_id, cumulative_amount, chain_id, channels_address)
+    signed = Account.sign_message(encode_typed_data(full_message=typed), _key(signer))
+    return SignedVoucher(channel_id="0x" + _bytes32(channel_id).hex(), cumulative_amount=int(cumulative_amount),
+                         signature="0x" + bytes(signed.signature).hex())
+
+
+def recover_voucher_signer(voucher: SignedVoucher, chain_id: int, channels_address: str) -> str:
+    """The checksummed address that signed `voucher` for this chain and contract."""
+    typed = voucher_typed_data(voucher.channel_id, voucher.cumulative_amount, chain_id, channels_address)
+    signature = bytes(HexBytes(voucher.signature))
+    if len(signature) != 65:
+        raise InvalidVoucher(f"voucher signature is {len(signature)} bytes, expected 65")
+    try:
+        return Account.recover_message(encode_typed_data(full_message=typed), signature=signature)
+    except Exception as error:  # eth-keys raises several types for bad r/s/v
+        raise InvalidVoucher(f"voucher signature does not recover: {error}") from error
+
+
+def _bytes32(value: str | bytes) -> bytes:
+    raw = bytes(HexBytes(value))
+    if len(raw) != 32:
+        raise InvalidVoucher(f"channel id must be 32 bytes, got {len(raw)}")
+    return raw
+
+
+def _key(signer: LocalAccount | str):
+    return signer.key if hasattr(signer, "key") else signer

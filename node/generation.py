@@ -1,0 +1,87 @@
+"""The node's view of the engine: text in (prompt or chat), token ids through the engine, text out.
+
+The engine speaks token ids; clients speak text. This gateway owns the
+tokenizer side (chat template, incremental detokenisation, stop strings on
+text) so the service never touches tokens except to count and attribute them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from node.catalog import CatalogEntry
+from node.requests import CompletionRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """The answer so far (or final): token ids, their text, the last delta and why it stopped."""
+
+    token_ids: list[int]
+    text: str
+    delta: str = ""
+    finish_reason: str | None = None
+    first_token_seconds: float | None = None
+
+
+class GenerationGateway:
+    """Turns requests into engine calls; one per node, shared by all requests."""
+
+    def __init__(self, engine, tokenizer) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    def encode(self, request: CompletionRequest) -> list[int]:
+        if request.chat:
+            encoded = self.tokenizer.apply_chat_template(list(request.messages or ()), add_generation_prompt=True,
+                                                         tokenize=True, return_dict=True)
+            return list(encoded["input_ids"])
+        return list(self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
+
+    def sampling_params(self, request: CompletionRequest):
+        from serving import SamplingParams
+
+        return SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                              top_k=request.top_k, seed=request.seed, stop=list(request.stop),
+                              logprobs=request.logprobs)
+
+    async def stream(self, request: CompletionRequest, entry: CatalogEntry,
+                     prompt_ids: list[int]) -> AsyncIterator[GenerationResult]:
+        """Yield a cumulative result after each token; the last one carries the finish reason."""
+        started = time.perf_counter()
+        first_token: float | None = None
+        token_ids: list[int] = []
+        text = ""
+        finish_reason = None
+        async for event in self.engine.stream(prompt_ids, entry.adapter_id, self.sampling_params(request)):
+            new_ids = list(getattr(event, "token_ids", None) or
+                           ([event.token_id] if getattr(event, "token_id", None) is not None else []))
+            finish_reason = getattr(event, "finish_reason", None) or finish_reason
+            if new_ids and first_token is None:
+                first_token = time.perf_counter() - started
+            token_ids.extend(new_ids)
+            decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            # Hold back a trailing replacement char: a multi-byte character is still incomplete.
+            stable = decoded[:-1] if decoded.endswith("\ufffd") and not finish_reason else decoded
+            stable, stopped = self._apply_stop(stable, request.stop)
+            delta = stable[len(text):] if stable.startswith(text) else ""
+            text = stable if len(stable) >= len(text) else text
+            if stopped:
+                finish_reason = "stop"
+            yield GenerationResult(list(token_ids), text, delta, finish_reason, first_token)
+            if stopped:
+                return
+
+    async def generate(self, request: CompletionRequest, entry: CatalogEntry,
+                       prompt_ids: list[int]) -> GenerationResult:
+        last = GenerationResult([], "", "", "length")
+        async for last in self.stream(request, entry, prompt_ids):
+            pass
+        return last
+
+    @staticmethod
+    def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,276 @@
+"""The node: one object that turns a paid request into an answer, a signed receipt and a log entry.
+
+It owns no policy of its own: payments decide admission (`node.payments`),
+the engine generates (`serving`), the attributor weighs Datanets
+(`node.attributor`), the receipt log signs and persists (`attribution.store`).
+The order of one request is fixed by DESIGN.md: check payment, generate,
+attribute, sign + append (durable), settle, answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from eth_utils import keccak
+
+from attribution.receipts import ReceiptDraft, SignedReceipt
+from attribution.store import ReceiptLog
+from node.attributor import Attribution, Attributor
+from node.catalog import Catalog, CatalogEntry
+from node.config import NodeConfig
+from node.dashboard import render_dashboard
+from node.errors import BadRequest, NodeBusy, NotFound, PromptTooLarge
+from node.generation import GenerationGateway, GenerationResult
+from node.metrics import NodeMetrics
+from node.payments import PaymentIntake, Voucher, price_for_tokens
+from node.requests import CompletionRequest
+
+log = logging.getLogger("longtail.node")
+
+
+def hex32(data: bytes) -> str:
+    return "0x" + data.hex()
+
+
+def prompt_text_as_received(request: CompletionRequest) -> str:
+    """What promptHash covers: the prompt string, or the chat messages as canonical JSON."""
+    if request.prompt is not None:
+        return request.prompt
+    return json.dumps(list(request.messages or ()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class Node:
+    """Serves paid, attributed, receipted inference; see the module docstring for the order of work."""
+
+    def __init__(self, config: NodeConfig, address: str, catalog: Catalog, generation: GenerationGateway,
+                 receipt_log: ReceiptLog, payments: PaymentIntake, attributor: Attributor, base_model_id: str,
+                 metrics: NodeMetrics | None = None, peer_id: str | None = None) -> None:
+        self.config = config
+        self.address = address
+        self.catalog = catalog
+        self.generation = generation
+        self.receipt_log = receipt_log
+        self.payments = payments
+        self.attributor = attributor
+        self.base_model_id = base_model_id
+        self.stats = metrics or NodeMetrics.create()
+        self.peer_id = peer_id
+        self.max_tokens_limit = config.max_tokens_limit
+        self._in_flight = 0
+        self._recent: list[dict] = []
+        self._owed_after: dict[str, int] = {}
+        self.checkpointer = None  # set by the runner when a chain is configured
+        self.stats.log_size.set(receipt_log.size)
+
+    # --- inference ------------------------------------------------------------------------------
+
+    def _prepare(self, request: CompletionRequest) -> tuple[CatalogEntry, list[int]]:
+        entry = self.catalog.resolve(request.model)
+        prompt_ids = self.generation.encode(request)
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise PromptTooLarge(f"prompt is {len(prompt_ids)} tokens; this node accepts at most "
+                                 f"{self.config.max_prompt_tokens}", param="prompt",
+                                 prompt_tokens=len(prompt_ids), limit=self.config.max_prompt_tokens)
+        if self._in_flight >= self.config.max_waiting_requests:
+            raise NodeBusy(f"{self._in_flight} requests in flight; retry shortly", retry_after_seconds=1)
+        return entry, prompt_ids
+
+    async def _admit(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None):
+        entry, prompt_ids = self._prepare(request)
+        max_price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + request.max_tokens)
+        reservation = await self.payments.reserve(channel_id, voucher, max_price)
+        return entry, prompt_ids, reservation
+
+    async def _finish(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
+                      result: GenerationResult, reservation, request_id: str) -> SignedReceipt:
+        """Attribute, sign and durably append the receipt, then charge the channel."""
+        price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(result.token_ids))
+        attribution: Attribution = await asyncio.to_thread(self.attributor.attribute, entry, result.token_ids)
+        draft = ReceiptDraft(
+            request_id=request_id,
+            client=reservation.client,
+            channel_id=reservation.channel_id,
+            base_model_id=self.base_model_id,
+            adapter_id=entry.receipt_adapter_id,
+            prompt_hash=hex32(keccak(prompt_text_as_received(request).encode("utf-8"))),
+            output_hash=hex32(keccak(result.text.encode("utf-8"))),
+            prompt_tokens=len(prompt_ids),
+            output_tokens=len(result.token_ids),
+            price=price,
+            timestamp=int(time.time()),
+            attribution=attribution.vector,
+            spans=attribution.spans,
+        )
+        # The commit happens before the answer leaves: a receipt handed out is durable.
+        signed = await asyncio.to_thread(self.receipt_log.append, draft)
+        owed = await self.payments.settle(reservation, price)
+        self.stats.receipts.inc()
+        self.stats.earnings.inc(price)
+        self.stats.log_size.set(self.receipt_log.size)
+        self.stats.tokens.labels("prompt").inc(len(prompt_ids))
+        self.stats.tokens.labels("output").inc(len(result.token_ids))
+        self._remember(entry, signed, attribution)
+        if self.checkpointer is not None:
+            self.checkpointer.notify_receipt()
+        self._owed_after[signed.receipt.request_id] = owed
+        return signed
+
+    def _longtail_field(self, signed: SignedReceipt) -> dict:
+        """The receipt body, plus the cumulative amount the client's next voucher must cover."""
+        body = signed.to_json()
+        body["payCumulative"] = str(self._owed_after.pop(signed.receipt.request_id, signed.receipt.price))
+        return body
+
+    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None) -> dict:
+        started = time.perf_counter()
+        endpoint = "chat" if request.chat else "completions"
+        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher)
+        request_id = hex32(os.urandom(32))
+        self._in_flight += 1
+        try:
+            result = await self.generation.generate(request, entry, prompt_ids)
+        except BaseException:
+            await self.payments.release(reservation)
+            self.stats.requests.labels(endpoint, "error").inc()
+            raise
+        finally:
+            self._in_flight -= 1
+        if result.first_token_seconds is not None:
+            self.stats.ttft.observe(result.first_token_seconds)
+        signed = await self._finish(request, entry, prompt_ids, result, reservation, request_id)
+        self.stats.requests.labels(endpoint, "ok").inc()
+        self.stats.latency.observe(time.perf_counter() - started)
+        return self._openai_body(request, entry, request_id, result, prompt_ids, signed)
+
+    async def stream(self, request: CompletionRequest, channel_id: str | None,
+                     voucher: Voucher | None) -> AsyncIterator[dict]:
+        started = time.perf_counter()
+        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher)
+        request_id = hex32(os.urandom(32))
+        # First event: consumed by the HTTP edge before headers go out (carries the receipt's id).
+        yield {"receipt_pending": request_id}
+        self._in_flight += 1
+        pieces: list[int] = []
+        try:
+            async for delta in self.generation.stream(request, entry, prompt_ids):
+                if delta.text:
+                    yield self._chunk(request, entry, request_id, delta.text, None)
+                pieces = delta.token_ids
+                result = delta
+        except BaseException:
+            await self.payments.release(reservation)
+            raise
+        finally:
+            self._in_flight -= 1
+        signed = await self._finish(request, entry, prompt_ids, result, reservation, request_id)
+        final = self._chunk(request, entry, request_id, "", result.finish_reason)
+        final["usage"] = self._usage(prompt_ids, pieces)
+        final["longtail"] = self._longtail_field(signed)
+        self.stats.requests.labels("stream", "ok").inc()
+        self.stats.latency.observe(time.perf_counter() - started)
+        yield final
+
+    def _usage(self, prompt_ids: list[int], output_ids: list[int]) -> dict:
+        return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(output_ids),
+                "total_tokens": len(prompt_ids) + len(output_ids)}
+
+    def _chunk(self, request: CompletionRequest, entry: CatalogEntry, request_id: str, text: str,
+               finish_reason: str | None) -> dict:
+        if request.chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+            kind = "text_completion"
+        return {"id": request_id, "object": kind, "created": int(time.time()), "model": entry.name,
+                "choices": [choice]}
+
+    def _openai_body(self, request: CompletionRequest, entry: CatalogEntry, request_id: str,
+                     result: GenerationResult, prompt_ids: list[int], signed: SignedReceipt) -> dict:
+        if request.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                      "finish_reason": result.finish_reason}
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason}
+            kind = "text_completion"
+        return {"id": request_id, "object": kind, "created": int(time.time()), "model": entry.name,
+                "choices": [choice], "usage": self._usage(prompt_ids, result.token_ids),
+                "longtail": self._longtail_field(signed)}
+
+    def _remember(self, entry: CatalogEntry, signed: SignedReceipt, attribution: Attribution) -> None:
+        names = {d.datanet_id: d.name for d in entry.datanets}
+        top = attribution.top_datanet
+        self._recent.append({**signed.to_json(), "model": entry.name,
+                             "top_datanet": names.get(top, top) if top else None})
+        del self._recent[:-50]
+
+    # --- payments -------------------------------------------------------------------------------
+
+    async def accept_voucher(self, voucher: Voucher) -> dict:
+        account = await self.payments.accept_voucher(voucher)
+        return {"channel_id": account.channel_id, "accepted_cumulative": str(account.paid),
+                "owed": str(account.owed)}
+
+    # --- receipts and log -----------------------------------------------------------------------
+
+    async def receipt(self, request_id: str) -> dict:
+        bodies = await asyncio.to_thread(self.receipt_log.store.bodies_for_request, request_id)
+        if not bodies:
+            raise NotFound(f"no receipt for request {request_id} on this node")
+        return json.loads(bodies[0])
+
+    async def receipts(self, from_seq: int, to_seq: int) -> list[dict]:
+        bodies = await asyncio.to_thread(self.receipt_log.store.bodies, self.address, from_seq, to_seq - from_seq)
+        return [json.loads(b) for b in bodies]
+
+    async def checkpoint(self) -> dict:
+        size = self.receipt_log.size
+        posted = [c for c in self.receipt_log.store.checkpoints(self.address) if c.tx_hash]
+        return {"node": self.address, "tree_size": size, "root_hash": hex32(self.receipt_log.root(size)),
+                "last_posted": ({"tree_size": posted[-1].tree_size, "root_hash": posted[-1].root,
+                                 "tx": posted[-1].tx_hash} if posted else None)}
+
+    async def inclusion_proof(self, seq: int, size: int) -> dict:
+        if not seq < size <= self.receipt_log.size:
+            raise BadRequest(f"need seq < size <= {self.receipt_log.size}", seq=seq, size=size)
+        proof = self.receipt_log.inclusion_proof(seq, size)
+        leaf = self.receipt_log.tree.leaf(seq)
+        return {"seq": seq, "size": size, "leaf_hash": hex32(leaf), "root_hash": hex32(self.receipt_log.root(size)),
+                "proof": [hex32(p) for p in proof]}
+
+    async def consistency_proof(self, first: int, second: int) -> dict:
+        if not 0 < first <= second <= self.receipt_log.size:
+            raise BadRequest(f"need 0 < first <= second <= {self.receipt_log.size}", first=first, second=second)
+        proof = self.receipt_log.consistency_proof(first, second)
+        return {"first": first, "second": second, "first_root": hex32(self.receipt_log.root(first)),
+                "second_root": hex32(self.receipt_log.root(second)), "proof": [hex32(p) for p in proof]}
+
+    # --- operations -----------------------------------------------------------------------------
+
+    def models(self) -> list[dict]:
+        return [entry.to_json() for entry in self.catalog.entries()]
+
+    def metrics(self) -> bytes:
+        return self.stats.render()
+
+    def health(self) -> dict:
+        return {"status": "ok", "node": self.address, "log_size": self.receipt_log.size,
+                "in_flight": self._in_flight, "peer_id": self.peer_id}
+
+    def dashboard(self) -> str:
+        earnings = {"charged in receipts": sum(int(r["receipt"]["price"]) for r in self._recent)}
+        for account in self.payments.accounts():
+            earnings[f"channel {account.channel_id[:10]}… vouchers"] = account.paid
+        checkpoints = [{"tree_size": c.tree_size, "root_hash": c.root, "tx": c.tx_hash,
+                        "posted_at": time.strftime("%H:%M:%S", time.localtime(c.created_at))}
+                       for c in self.receipt_log.store.checkpoints(self.address)]
+        node = {"name": self.config.name, "address": self.address, "peer_id": self.peer_id,
+                "log_size": self.receipt_log.size}
+        return render_dashboard(node, self.models(), list(reversed(self._recent)), earnings, checkpoints)

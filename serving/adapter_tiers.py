@@ -1,0 +1,558 @@
+"""Adapters moving between tiers under byte budgets: device <- host <- disk <- remote, never stalling the batch.
+
+`TieredAdapters` is the engine's `AdapterProvider`. The scheduler calls `prefetch` when a
+request is admitted, keeps the request waiting while `slot_of` is None, `pin`s the
+adapter while the request runs and `unpin`s it when it leaves; the engine calls `poll`
+once per step. Disk and remote reads run on a background thread; `poll` only installs
+finished host copies into device slots (on CUDA through a side stream), so a step never
+waits on a file or a peer.
+
+Eviction is GreedyDual-Size-Frequency (Cherkasova 1998), per tier: an adapter's priority
+is `clock + frequency * reload_cost / size`, the victim is the lowest priority that is not
+pinned and not in use, and the clock rises to each victim's priority so that long-unused
+adapters age out. `reload_cost` models the time to bring the adapter back from the tier
+below (a fixed latency plus bytes over bandwidth, both measured as loads happen), so a
+small, popular adapter is kept before a large one requested as often: it costs the
+next tier more per byte to bring back.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from serving.adapter_metrics import AdapterMetrics
+from serving.adapter_store import (
+    AdapterNotFound,
+    AdapterStore,
+    AdapterStoreError,
+    RemoteSource,
+    is_adapter_id,
+)
+from serving.peft_format import AdapterRejected, AdapterWeights, ModuleShapes
+
+
+class AdapterTooLarge(AdapterStoreError):
+    """An adapter needs more bytes than a tier's whole budget, so it can never be resident there."""
+
+    def __init__(self, adapter_id: str, tier: str, nbytes: int, budget: int):
+        self.adapter_id, self.tier, self.nbytes, self.budget = adapter_id, tier, nbytes, budget
+        super().__init__(f"adapter {adapter_id} needs {nbytes} bytes, more than the {tier} budget of {budget}")
+
+
+class AdapterRemoved(AdapterStoreError):
+    """The adapter was removed while a request was waiting for it."""
+
+    def __init__(self, adapter_id: str):
+        self.adapter_id = adapter_id
+        super().__init__(f"adapter {adapter_id} was removed")
+
+
+# ---------------------------------------------------------------- policy
+
+
+@dataclass
+class _Cost:
+    """Reload cost model of one tier: fixed latency plus bytes over bandwidth, refined by observed loads."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def of(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        # Exponential moving average of the bandwidth beyond the fixed latency; keeps the model current.
+        if seconds > self.latency_s and nbytes > 0:
+            measured = nbytes / (seconds - self.latency_s)
+            self.bytes_per_s = 0.8 * self.bytes_per_s + 0.2 * measured
+
+
+class GreedyDualSizeFrequency:
+    """GDSF priorities for one tier's residents. Pure bookkeeping: the tier decides who may be evicted."""
+
+    def __init__(self, cost: _Cost):
+        self.cost = cost
+        self.clock = 0.0
+        self.priority: dict[str, float] = {}
+        self.sizes: dict[str, int] = {}
+
+    def admit(self, key: str, nbytes: int, frequency: float) -> None:
+        self.sizes[key] = nbytes
+        self.refresh(key, frequency)
+
+    def refresh(self, key: str, frequency: float) -> None:
+        if key in self.sizes:
+            size = max(1, self.sizes[key])
+            self.priority[key] = self.clock + frequency * self.cost.of(size) / size
+
+    def forget(self, key: str) -> None:
+        self.priority.pop(key, None)
+        self.sizes.pop(key, None)
+
+    def victim(self, evictable: Callable[[str], bool]) -> str | None:
+        """The lowest-priority evictable key (ties: the smaller one costs less to refetch... the older key)."""
+        best = None
+        for key, priority in self.priority.items():
+            if evictable(key) and (best is None or priority < self.priority[best]):
+                best = key
+        return best
+
+    def evicted(self, key: str) -> None:
+        # Inflation: future admissions start from the victim's priority, so old favourites age out.
+        self.clock = max(self.clock, self.priority.get(key, self.clock))
+        self.forget(key)
+
+
+class ByteBudgetTier:
+    """A set of resident adapters whose bytes never exceed `budget`, with GDSF eviction."""
+
+    def __init__(self, name: str, budget: int, cost: _Cost):
+        self.name = name
+        self.budget = int(budget)
+        self.policy = GreedyDualSizeFrequency(cost)
+        self.sizes: dict[str, int] = {}
+        self.used = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.sizes
+
+    def plan_room(self, nbytes: int, evictable: Callable[[str], bool]) -> list[str] | None:
+        """Victims (in eviction order) that free room for `nbytes`, or None when pinned residents block it."""
+        if nbytes > self.budget:
+            return None
+        victims: list[str] = []
+        free = self.budget - self.used
+        chosen: set[str] = set()
+        while free < nbytes:
+            key = self.policy.victim(lambda k: k not in chosen and evictable(k))
+            if key is None:
+                return None
+            chosen.add(key)
+            victims.append(key)
+            free += self.sizes[key]
+        return victims
+
+    def admit(self, key: str, nbytes: int, frequency: float) -> None:
+        assert self.used + nbytes <= self.budget, (self.name, self.used, nbytes, self.budget)
+        self.sizes[key] = nbytes
+        self.used += nbytes
+        self.policy.admit(key, nbytes, frequency)
+
+    def evict(self, key: str) -> None:
+        self.used -= self.sizes.pop(key)
+        self.policy.evicted(key)
+
+    def drop(self, key: str) -> None:
+        """Remove without aging the clock (a deleted adapter is not a cache decision)."""
+        if key in self.sizes:
+            self.used -= self.sizes.pop(key)
+            self.policy.forget(key)
+
+
+# ---------------------------------------------------------------- device slots
+
+
+class DeviceSlots(Protocol):
+    """What the tiers need from the engine's device-side LoRA buffers (`serving.lora_slots.LoraSlots`)."""
+
+    def load(self, weights: AdapterWeights) -> int:
+        """Copy an adapter's factors into a free slot and return the slot index."""
+        ...
+
+    def free(self, slot: int) -> None:
+        """Release a slot; its buffers may be overwritten by the next load."""
+        ...
+
+
+@dataclass
+class _DeviceEntry:
+    slot: int
+    nbytes: int
+    ready: torch.cuda.Event | None  # None: the copy is complete
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    adapter_id: str
+    weights: AdapterWeights | None
+    error: Exception | None
+    source: str  # "disk" or "remote"
+    seconds: float
+    requested_at: float
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """What changed in one `poll`: adapters that became usable and adapters whose load failed."""
+
+    ready: tuple[str, ...] = ()
+    failed: dict[str, Exception] = field(default_factory=dict)
+
+
+class TieredAdapters:
+    """The engine's adapter provider: device slots, host copies, the disk store and remote peers."""
+
+    def __init__(self, store: AdapterStore, shapes: ModuleShapes, slots: DeviceSlots, *,
+                 device_budget_bytes: int, host_budget_bytes: int, disk_budget_bytes: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 remote_sources: Iterable[RemoteSource] = (), metrics: AdapterMetrics | None = None,
+                 loader_threads: int = 1, frequency_half_life: int = 10_000):
+        self.store = store
+        self.shapes = shapes
+        self.slots = slots
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.remote_sources = list(remote_sources)
+        self.metrics = metrics or AdapterMetrics()
+        self.disk_budget_bytes = disk_budget_bytes
+        self._pin_host = self.device.type == "cuda" and torch.cuda.is_available()
+        self._side_stream = torch.cuda.Stream(self.device) if self._pin_host else None
+        self._device_cost = _Cost(latency_s=5e-5, bytes_per_s=8e9 if self._pin_host else 4e9)
+        self._host_cost = _Cost(latency_s=2e-3, bytes_per_s=1e9)
+        self.device_tier = ByteBudgetTier("device", device_budget_bytes, self._device_cost)
+        self.host_tier = ByteBudgetTier("host", host_budget_bytes, self._host_cost)
+        self._device: dict[str, _DeviceEntry] = {}
+        self._host: dict[str, AdapterWeights] = {}
+        self._frequency: Counter[str] = Counter()
+        self._accesses = 0
+        self._half_life = frequency_half_life
+        self._pins: Counter[str] = Counter()
+        self._wanted: OrderedDict[str, float] = OrderedDict()  # adapter -> when it was first requested
+        self._in_flight: set[str] = set()
+        self._removed: set[str] = set()
+        self._known: set[str] = set()
+        self._failed: dict[str, Exception] = {}
+        self._lock = threading.RLock()
+        self._jobs: queue.Queue[tuple[str, float] | None] = queue.Queue()
+        self._results: queue.Queue[_Loaded] = queue.Queue()
+        self._workers = [threading.Thread(target=self._work, name=f"adapter-loader-{i}", daemon=True)
+                         for i in range(loader_threads)]
+        for worker in self._workers:
+            worker.start()
+        self._publish_bytes()
+
+    # ------------------------------------------------------------ AdapterProvider
+
+    def add(self, path: Path | str, name: str | None = None) -> str:
+        """Import a PEFT folder into the store (validated) and make it servable now; returns its id."""
+        record = self.store.add(Path(path), self.shapes, name=name)
+        with self._lock:
+            self._removed.discard(record.adapter_id)
+            self._known.add(record.adapter_id)
+        return record.adapter_id
+
+    def resolve(self, name_or_id: str) -> str:
+        """An alias or id -> the adapter id (ids not held locally pass through for remote fetching)."""
+        if is_adapter_id(name_or_id.lower()):
+            return name_or_id.lower()
+        return self.store.resolve(name_or_id)
+
+    def knows(self, adapter_id: str) -> bool:
+        """True when the adapter is resident, on disk, or fetchable from a configured remote source."""
+        with self._lock:
+            if adapter_id in self._removed:
+                return False
+            if adapter_id in self._known or adapter_id in self._host or adapter_id in self._device:
+                return True
+        if adapter_id in self.store:
+            with self._lock:
+                self._known.add(adapter_id)
+            return True
+        return bool(self.remote_sources) and is_adapter_id(adapter_id)
+
+    def prefetch(self, adapter_id: str) -> None:
+        """A request for `adapter_id` was admitted: count the access and start bringing it to the device."""
+        with self._lock:
+            if adapter_id in self._removed:
+                self._failed[adapter_id] = AdapterRemoved(adapter_id)
+                return
+            self._touch(adapter_id)
+            if adapter_id in self._device:
+                self.metrics.hit("device")
+                return
+            self.metrics.miss("device")
+            if adapter_id not in self._wanted:
+                self._wanted[adapter_id] = time.perf_counter()
+            if adapter_id in self._host:
+                self.metrics.hit("host")
+                return
+            if adapter_id in self._in_flight:
+                return
+            self.metrics.miss("host")
+            self._in_flight.add(adapter_id)
+            self._jobs.put((adapter_id, self._wanted[adapter_id]))
+
+    def slot_of(self, adapter_id: str) -> int | None:
+        """The device slot holding the adapter, or None while it is still loading."""
+        entry = self._device.get(adapter_id)
+        if entry is None or entry.ready is not None:
+            return None
+        return entry.slot
+
+    def pin(self, adapter_id: str) -> None:
+        """A running request uses the adapter: it must stay on the device until unpinned."""
+        with self._lock:
+            self._pins[adapter_id] += 1
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            self._pins[adapter_id] -= 1
+            if self._pins[adapter_id] <= 0:
+                del self._pins[adapter_id]
+                if adapter_id in self._removed:
+                    self._unload(adapter_id)
+
+    def poll(self) -> PollResult:
+        """Install finished loads, move wanted adapters from host into device slots; never blocks on I/O."""
+        ready: list[str] = []
+        with self._lock:
+            self._finish_device_copies(ready)
+            while True:
+                try:
+                    loaded = self._results.get_nowait()
+                except queue.Empty:
+                    break
+                self._accept(loaded)
+            self._fill_device(ready)
+            failed, self._failed = self._failed, {}
+            self._publish_bytes()
+        return PollResult(tuple(ready), failed)
+
+    def remove(self, name_or_id: str, *, delete_files: bool = True) -> str:
+        """Hot remove: new requests fail at once; memory is freed when the last running request unpins it."""
+        adapter_id = self.resolve(name_or_id)
+        with self._lock:
+            self._removed.add(adapter_id)
+            self._known.discard(adapter_id)
+            if self._wanted.pop(adapter_id, None) is not None:
+                self._failed[adapter_id] = AdapterRemoved(adapter_id)
+            if not self._pins.get(adapter_id):
+                self._unload(adapter_id)
+            self._publish_bytes()
+        if delete_files:
+            try:
+                self.store.remove(adapter_id)
+            except AdapterNotFound:
+                pass
+        return adapter_id
+
+    def close(self) -> None:
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join(timeout=5)
+
+    # ------------------------------------------------------------ introspection (tests, benchmarks, /metrics)
+
+    def resident(self, tier: str) -> set[str]:
+        with self._lock:
+            return set(self._device if tier == "device" else self._host)
+
+    def bytes_used(self, tier: str) -> int:
+        return (self.device_tier if tier == "device" else self.host_tier).used
+
+    # ------------------------------------------------------------ internals
+
+    def _touch(self, adapter_id: str) -> None:
+        self._accesses += 1
+        if self._accesses % self._half_life == 0:
+            # Halve every count now and then so yesterday's favourite does not stay resident forever.
+            for key in list(self._frequency):
+                self._frequency[key] /= 2
+        self._frequency[adapter_id] += 1
+        frequency = self._frequency[adapter_id]
+        self.device_tier.policy.refresh(adapter_id, frequency)
+        self.host_tier.policy.refresh(adapter_id, frequency)
+
+    def _work(self) -> None:
+        """Background loader: disk (memory-mapped safetensors) or remote -> host tensors, validated."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            adapter_id, requested_at = job
+            started = time.perf_counter()
+            source = "disk"
+            try:
+                if adapter_id not in self.store:
+                    source = "remote"
+                    if not self.remote_sources:
+                        raise AdapterNotFound(adapter_id)
+                    self.store.fetch(adapter_id, self.remote_sources, self.shapes)
+                weights = self.store.load(adapter_id, self.shapes, dtype=self.dtype)
+                if self._pin_host:
+                    weights = _pinned(weights)
+                self._results.put(_Loaded(adapter_id, weights, None, source, time.perf_counter() - started,
+                                          requested_at))
+            except (AdapterStoreError, AdapterRejected, OSError) as error:
+                self._results.put(_Loaded(adapter_id, None, error, source, time.perf_counter() - started,
+                                          requested_at))
+
+    def _accept(self, loaded: _Loaded) -> None:
+        adapter_id = loaded.adapter_id
+        self._in_flight.discard(adapter_id)
+        if adapter_id in self._removed:
+            return
+        if loaded.error is not None:
+            self.metrics.load_failed()
+            self._wanted.pop(adapter_id, None)
+            self._failed[adapter_id] = loaded.error
+            return
+        if loaded.source == "remote":
+            self.metrics.miss("disk")
+        self.metrics.hit(loaded.source)
+        self.metrics.loaded(loaded.source, "host", loaded.seconds)
+        self._host_cost.observe(loaded.weights.nbytes, loaded.seconds)
+        if loaded.source == "remote":
+            self._trim_disk(protect=adapter_id)
+        self._known.add(adapter_id)
+        if not self._host_admit(adapter_id, loaded.weights):
+            # Host is full of adapters waiting for the device: retry after the next device copy.
+            self._results.put(loaded)
+            self._in_flight.add(adapter_id)
+
+    def _host_admit(self, adapter_id: str, weights: AdapterWeights) -> bool:
+        if adapter_id in self._host:
+            return True
+        if weights.nbytes > self.host_tier.budget:
+            self._fail(adapter_id, AdapterTooLarge(adapter_id, "host", weights.nbytes, self.host_tier.budget))
+            return True
+        # Adapters still waiting for their device copy are protected; everything else may go.
+        victims = self.host_tier.plan_room(weights.nbytes, lambda k: k not in self._wanted)
+        if victims is None:
+            return False
+        for victim in victims:
+            self.host_tier.evict(victim)
+            del self._host[victim]
+        if victims:
+            self.metrics.evicted("host", len(victims))
+        self._host[adapter_id] = weights
+        self.host_tier.admit(adapter_id, weights.nbytes, self._frequency[adapter_id])
+        return True
+
+    def _fill_device(self, ready: list[str]) -> None:
+        """Copy wanted adapters that are on the host into device slots, oldest request first."""
+        for adapter_id in list(self._wanted):
+            if adapter_id in self._device:
+                self._wanted.pop(adapter_id)
+                continue
+            weights = self._host.get(adapter_id)
+            if weights is None:
+                continue
+            if weights.nbytes > self.device_tier.budget:
+                self._fail(adapter_id, AdapterTooLarge(adapter_id, "device", weights.nbytes,
+                                                        self.device_tier.budget))
+                continue
+            victims = self.device_tier.plan_room(weights.nbytes, self._device_evictable)
+            if victims is None:
+                continue  # every resident adapter is in use: the request keeps waiting
+            for victim in victims:
+                self._device_evict(victim)
+            if not self._device_load(adapter_id, weights):
+                continue
+            requested_at = self._wanted.pop(adapter_id)
+            entry = self._device[adapter_id]
+            if entry.ready is None:
+                self.metrics.loaded("host", "device", time.perf_counter() - requested_at, cold=True)
+                ready.append(adapter_id)
+
+    def _device_evictable(self, adapter_id: str) -> bool:
+        return not self._pins.get(adapter_id) and self._device[adapter_id].ready is None
+
+    def _device_load(self, adapter_id: str, weights: AdapterWeights) -> bool:
+        """Copy into a slot; on CUDA on the side stream, after the compute stream's pending reads of old slots."""
+        started = time.perf_counter()
+        while True:
+            try:
+                if self._side_stream is not None:
+                    self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(self._side_stream):
+                        slot = self.slots.load(weights)
+                        event = torch.cuda.Event()
+                        event.record(self._side_stream)
+                else:
+                    slot, event = self.slots.load(weights), None
+                break
+            except SlotsFull:
+                # The slots ran out of a resource our byte model does not see (slot count, rank width).
+                victim = self.device_tier.policy.victim(self._device_evictable)
+                if victim is None:
+                    return False
+                self._device_evict(victim)
+        self._device[adapter_id] = _DeviceEntry(slot, weights.nbytes, event)
+        self.device_tier.admit(adapter_id, weights.nbytes, self._frequency[adapter_id])
+        self._device_cost.observe(weights.nbytes, time.perf_counter() - started)
+        return True
+
+    def _finish_device_copies(self, ready: list[str]) -> None:
+        for adapter_id, entry in self._device.items():
+            if entry.ready is not None and entry.ready.query():
+                entry.ready = None
+                ready.append(adapter_id)
+
+    def _device_evict(self, adapter_id: str) -> None:
+        entry = self._device.pop(adapter_id)
+        self.slots.free(entry.slot)
+        self.device_tier.evict(adapter_id)
+        self.metrics.evicted("device")
+
+    def _unload(self, adapter_id: str) -> None:
+        entry = self._device.pop(adapter_id, None)
+        if entry is not None:
+            self.slots.free(entry.slot)
+            self.device_tier.drop(adapter_id)
+        if self._host.pop(adapter_id, None) is not None:
+            self.host_tier.drop(adapter_id)
+        self._frequency.pop(adapter_id, None)
+
+    def _fail(self, adapter_id: str, error: Exception) -> None:
+        self.metrics.load_failed()
+        self._wanted.pop(adapter_id, None)
+        self._failed[adapter_id] = error
+
+    def _trim_disk(self, protect: str) -> None:
+        """Keep adapters fetched from peers within the disk budget; adapters added by the operator stay."""
+        if self.disk_budget_bytes is None:
+            return
+        records = self.store.list()
+        used = sum(r.file_bytes for r in records)
+        cached = [r for r in records if r.source.startswith(("http://", "https://", "peer:"))
+                  and r.adapter_id != protect and r.adapter_id not in self._host
+                  and r.adapter_id not in self._device and r.adapter_id not in self._in_flight]
+        cached.sort(key=lambda r: self._frequency.get(r.adapter_id, 0) / max(1, r.file_bytes))
+        evicted = 0
+        for record in cached:
+            if used <= self.disk_budget_bytes:
+                break
+            self.store.remove(record.adapter_id)
+            self._known.discard(record.adapter_id)
+            used -= record.file_bytes
+            evicted += 1
+        if evicted:
+            self.metrics.evicted("disk", evicted)
+        self.metrics.set_bytes("disk", used, self.disk_budget_bytes)
+
+    def _publish_bytes(self) -> None:
+        self.metrics.set_bytes("device", self.device_tier.used, self.device_tier.budget)
+        self.metrics.set_bytes("host", self.host_tier.used, self.host_tier.budget)
+
+
+class SlotsFull(RuntimeError):
+    """Raised by a `DeviceSlots.load` that has no free slot; the tiers evict and retry."""
+
+
+def _pinned(weights: AdapterWeights) -> AdapterWeights:
+    """A copy of the factors in page-locked host memory, so host -> device copies can run asynchronously."""
+    from dataclasses import replace
+
+    modules = tuple(replace(m, lora_a=m.lora_a.pin_memory(), lora_b=m.lora_b.pin_memory()) for m in weights.modules)
+    return replace(weights, modules=modules)

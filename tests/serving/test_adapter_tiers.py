@@ -1,0 +1,346 @@
+"""Tiers under byte budgets: GDSF decisions, budgets never exceeded, pinned adapters never evicted,
+background loads, hot add and remove, remote fetch, failures reported per adapter, metrics."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+
+from serving.adapter_metrics import AdapterMetrics
+from serving.adapter_store import AdapterStore, IntegrityError
+from serving.adapter_tiers import (
+    AdapterRemoved,
+    AdapterTooLarge,
+    ByteBudgetTier,
+    GreedyDualSizeFrequency,
+    SlotsFull,
+    TieredAdapters,
+    _Cost,
+)
+from serving.peft_format import WEIGHTS_NAME, AdapterRejected, AdapterWeights, ModuleShapes, write_random_adapter
+
+SHAPES = ModuleShapes.from_hf_config({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                      "intermediate_size": 160, "num_hidden_layers": 2})
+
+
+class RecordingSlots:
+    """Device slots that copy factors into their own tensors and record every load and free."""
+
+    def __init__(self, max_slots: int = 1_000):
+        self.max_slots = max_slots
+        self.held: dict[int, tuple[str, list[torch.Tensor]]] = {}
+        self.loads: list[str] = []
+        self.frees: list[str] = []
+
+    def load(self, weights: AdapterWeights) -> int:
+        if len(self.held) >= self.max_slots:
+            raise SlotsFull(f"all {self.max_slots} slots are taken")
+        slot = min(set(range(self.max_slots)) - set(self.held))
+        self.held[slot] = (weights.adapter_id, [t.clone() for m in weights.modules for t in (m.lora_a, m.lora_b)])
+        self.loads.append(weights.adapter_id)
+        return slot
+
+    def free(self, slot: int) -> None:
+        self.frees.append(self.held.pop(slot)[0])
+
+
+def _make_adapters(store: AdapterStore, root: Path, ranks: list[int]) -> list[str]:
+    targets = [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")]
+    ids = []
+    for i, rank in enumerate(ranks):
+        folder = write_random_adapter(root / f"a{i}", SHAPES, rank, targets[i % 3], seed=i)
+        ids.append(store.add(folder, SHAPES).adapter_id)
+    return ids
+
+
+def _wait_until(tiers: TieredAdapters, condition, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    results = []
+    while time.monotonic() < deadline:
+        results.append(tiers.poll())
+        if condition():
+            return results
+        time.sleep(0.002)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture()
+def store(tmp_path) -> AdapterStore:
+    return AdapterStore(tmp_path / "home")
+
+
+def test_gdsf_prefers_small_and_frequent_and_ages():
+    tier = ByteBudgetTier("t", budget=1000, cost=_Cost(latency_s=1.0, bytes_per_s=1e9))
+    tier.admit("big", 600, frequency=1)
+    tier.admit("small", 300, frequency=1)
+    # Equal frequency: the big one has the lowest value per byte and goes first.
+    assert tier.plan_room(200, lambda k: True) == ["big"]
+    # Ten times as popular, the big one stays and the small one goes.
+    tier.policy.refresh("big", 10)
+    assert tier.plan_room(200, lambda k: True) == ["small"]
+    # A pinned resident is never chosen; with nothing else evictable there is no room.
+    assert tier.plan_room(200, lambda k: k != "small") == ["big"]
+    assert tier.plan_room(200, lambda k: False) is None
+    assert tier.plan_room(1001, lambda k: True) is None
+    # Inflation: after evicting the popular one, a newcomer starts from its priority, above the stale small one.
+    big_priority = tier.policy.priority["big"]
+    tier.evict("big")
+    assert tier.policy.clock == big_priority
+    tier.admit("new", 300, frequency=1)
+    assert tier.plan_room(500, lambda k: True) == ["small"]
+
+
+def test_gdsf_policy_matches_formula():
+    policy = GreedyDualSizeFrequency(_Cost(latency_s=0.002, bytes_per_s=1e9))
+    policy.admit("a", 1000, frequency=3)
+    assert policy.priority["a"] == pytest.approx(3 * (0.002 + 1000 / 1e9) / 1000)
+
+
+def test_cold_adapter_loads_in_background_and_gets_a_slot(store, tmp_path):
+    ids = _make_adapters(store, tmp_path, [8])
+    slots = RecordingSlots()
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=1 << 20, host_budget_bytes=1 << 20)
+    try:
+        assert tiers.knows(ids[0]) and not tiers.knows("0x" + "00" * 32)
+        tiers.prefetch(ids[0])
+        assert tiers.slot_of(ids[0]) is None  # prefetch returns at once; the load runs on the loader thread
+        results = _wait_until(tiers, lambda: tiers.slot_of(ids[0]) is not None)
+        assert ids[0] in [i for r in results for i in r.ready]
+        slot = tiers.slot_of(ids[0])
+        assert slots.held[slot][0] == ids[0]
+        expected = store.load(ids[0], SHAPES)
+        assert torch.equal(slots.held[slot][1][0], expected.modules[0].lora_a)
+        tiers.prefetch(ids[0])  # second request: a device hit, no reload
+        snapshot = tiers.metrics.snapshot()
+        assert snapshot.hits == {"device": 1, "disk": 1} and snapshot.misses == {"device": 1, "host": 1}
+        assert len(snapshot.load_latencies_s) == 1 and slots.loads == [ids[0]]
+    finally:
+        tiers.close()
+
+
+def test_budgets_never_exceeded_and_pins_never_evicted(store, tmp_path):
+    """Zipf traffic over 24 adapters with budgets holding a few of them; random pins like running requests."""
+    ids = _make_adapters(store, tmp_path, [4, 8, 16, 32, 4, 8] * 4)
+    sizes = {i: store.get(i).tensor_bytes for i in ids}
+    slots = RecordingSlots()
+    device_budget, host_budget = 3 * max(sizes.values()), 5 * max(sizes.values())
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=device_budget, host_budget_bytes=host_budget)
+    rng = random.Random(0)
+    weights = [1 / (k + 1) ** 1.1 for k in range(len(ids))]
+    running: list[tuple[str, int]] = []  # (adapter, steps left)
+    waiting: list[str] = []
+    served = 0
+    try:
+        for _ in range(400):
+            for _ in range(rng.randint(0, 2)):
+                adapter = rng.choices(ids, weights)[0]
+                tiers.prefetch(adapter)
+                waiting.append(adapter)
+            result = tiers.poll()
+            assert not result.failed
+            for adapter in list(waiting):
+                if tiers.slot_of(adapter) is not None and len(running) < 3:
+                    tiers.pin(adapter)
+                    waiting.remove(adapter)
+                    running.append((adapter, rng.randint(1, 6)))
+            pinned = {a for a, _ in running}
+            assert tiers.resident("device") >= pinned
+            assert {held[0] for held in slots.held.values()} == tiers.resident("device")
+            assert tiers.bytes_used("device") == sum(sizes[a] for a in tiers.resident("device")) <= device_budget
+            assert tiers.bytes_used("host") == sum(sizes[a] for a in tiers.resident("host")) <= host_budget
+            still = []
+            for adapter, left in running:
+                assert tiers.slot_of(adapter) is not None
+                if left == 1:
+                    tiers.unpin(adapter)
+                    served += 1
+                else:
+                    still.append((adapter, left - 1))
+            running = still
+            time.sleep(0.001)
+        snapshot = tiers.metrics.snapshot()
+        assert served > 100 and snapshot.evictions.get("device", 0) > 0 and snapshot.evictions.get("host", 0) > 0
+        # Popular adapters should hit more often than the tail: GDSF keeps them resident.
+        assert snapshot.hit_rate("device") > 0.3
+    finally:
+        tiers.close()
+
+
+def test_request_waits_while_pinned_adapters_fill_the_device(store, tmp_path):
+    a, b, c = _make_adapters(store, tmp_path, [8, 8, 8])
+    size = store.get(a).tensor_bytes
+    slots = RecordingSlots()
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=2 * size, host_budget_bytes=10 * size)
+    try:
+        for adapter in (a, b):
+            tiers.prefetch(adapter)
+        _wait_until(tiers, lambda: tiers.slot_of(a) is not None and tiers.slot_of(b) is not None)
+        tiers.pin(a)
+        tiers.pin(b)
+        tiers.prefetch(c)
+        _wait_until(tiers, lambda: c in tiers.resident("host"))
+        for _ in range(20):
+            tiers.poll()
+        assert tiers.slot_of(c) is None and slots.frees == []
+        tiers.unpin(b)
+        _wait_until(tiers, lambda: tiers.slot_of(c) is not None)
+        assert slots.frees == [b] and tiers.slot_of(a) is not None
+    finally:
+        tiers.close()
+
+
+def test_slot_count_limit_evicts_more(store, tmp_path):
+    """Slots can run out before bytes do (a fixed slot count): the tiers evict an unpinned adapter and retry."""
+    ids = _make_adapters(store, tmp_path, [4, 4, 4])
+    slots = RecordingSlots(max_slots=2)
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=1 << 30, host_budget_bytes=1 << 30)
+    try:
+        for adapter in ids:
+            tiers.prefetch(adapter)
+            _wait_until(tiers, lambda adapter=adapter: tiers.slot_of(adapter) is not None)
+        assert len(slots.held) == 2 and slots.frees == [ids[0]]
+    finally:
+        tiers.close()
+
+
+def test_hot_add_and_remove_while_pinned(store, tmp_path, tiny_llama):
+    shapes = ModuleShapes.from_model_dir(tiny_llama.base_dir)
+    slots = RecordingSlots()
+    tiers = TieredAdapters(store, shapes, slots, device_budget_bytes=1 << 22, host_budget_bytes=1 << 22)
+    try:
+        adapter = tiers.add(tiny_llama.adapter_dirs["r4-attn"], name="hot")
+        assert tiers.resolve("hot") == adapter and tiers.knows(adapter)
+        tiers.prefetch(adapter)
+        _wait_until(tiers, lambda: tiers.slot_of(adapter) is not None)
+        tiers.pin(adapter)
+        tiers.remove("hot")
+        assert not tiers.knows(adapter) and adapter not in store
+        assert tiers.slot_of(adapter) is not None  # the running request keeps its adapter
+        tiers.prefetch(adapter)
+        assert isinstance(tiers.poll().failed[adapter], AdapterRemoved)
+        tiers.unpin(adapter)
+        assert tiers.slot_of(adapter) is None and slots.held == {}
+        assert tiers.bytes_used("device") == 0 and tiers.bytes_used("host") == 0
+        # Added again later, it serves again.
+        assert tiers.add(tiny_llama.adapter_dirs["r4-attn"]) == adapter and tiers.knows(adapter)
+    finally:
+        tiers.close()
+
+
+def test_failures_are_reported_per_adapter(store, tmp_path):
+    good, damaged, huge = _make_adapters(store, tmp_path, [4, 4, 64])
+    data = bytearray((store.path_of(damaged) / WEIGHTS_NAME).read_bytes())
+    data[-3] ^= 0xFF
+    (store.path_of(damaged) / WEIGHTS_NAME).write_bytes(bytes(data))
+    slots = RecordingSlots()
+    budget = store.get(good).tensor_bytes * 4
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=budget, host_budget_bytes=1 << 22)
+    failed = {}
+    try:
+        for adapter in (damaged, huge, good):
+            tiers.prefetch(adapter)
+        for result in _wait_until(tiers, lambda: tiers.slot_of(good) is not None and len(failed) == 2):
+            failed.update(result.failed)
+        assert isinstance(failed[damaged], IntegrityError)
+        assert isinstance(failed[huge], AdapterTooLarge) and failed[huge].tier == "device"
+        assert tiers.metrics.snapshot().load_failures == 2
+    finally:
+        tiers.close()
+
+
+def test_remote_fetch_through_http(store, tmp_path):
+    from tests.serving.test_adapter_store import _BundleServer
+    from serving.adapter_store import HttpSource
+
+    peer_store = AdapterStore(tmp_path / "peer")
+    (remote,) = _make_adapters(peer_store, tmp_path / "peer-src", [16])
+    server = _BundleServer(peer_store)
+    slots = RecordingSlots()
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=1 << 22, host_budget_bytes=1 << 22,
+                           remote_sources=[HttpSource(server.url)])
+    try:
+        assert remote not in store and tiers.knows(remote)
+        tiers.prefetch(remote)
+        _wait_until(tiers, lambda: tiers.slot_of(remote) is not None)
+        assert remote in store and store.get(remote).source.startswith("http://")
+        snapshot = tiers.metrics.snapshot()
+        assert snapshot.hits["remote"] == 1 and snapshot.misses["disk"] == 1
+        missing = "0x" + "ee" * 32
+        tiers.prefetch(missing)
+        failures = {}
+        for result in _wait_until(tiers, lambda: missing in failures):
+            failures.update(result.failed)
+        assert "HTTP 404" in str(failures[missing])
+    finally:
+        tiers.close()
+        server.close()
+
+
+def test_disk_budget_trims_fetched_adapters_only(store, tmp_path):
+    from tests.serving.test_adapter_store import _BundleServer
+    from serving.adapter_store import HttpSource
+
+    (local,) = _make_adapters(store, tmp_path / "local-src", [32])
+    peer_store = AdapterStore(tmp_path / "peer")
+    remote_ids = _make_adapters(peer_store, tmp_path / "peer-src", [8, 8, 8])
+    server = _BundleServer(peer_store)
+    file_bytes = peer_store.get(remote_ids[0]).file_bytes
+    slots = RecordingSlots(max_slots=1)
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=1 << 22, host_budget_bytes=file_bytes + 10,
+                           disk_budget_bytes=store.get(local).file_bytes + 2 * file_bytes,
+                           remote_sources=[HttpSource(server.url)])
+    try:
+        for adapter in remote_ids:
+            tiers.prefetch(adapter)
+            _wait_until(tiers, lambda adapter=adapter: tiers.slot_of(adapter) is not None)
+        held = {r.adapter_id for r in store.list()}
+        assert local in held and remote_ids[2] in held and len(held) == 3
+        assert tiers.metrics.snapshot().evictions["disk"] == 1
+    finally:
+        tiers.close()
+        server.close()
+
+
+def test_prometheus_registry_exposes_tier_metrics(store, tmp_path):
+    (adapter,) = _make_adapters(store, tmp_path, [4])
+    registry = CollectorRegistry()
+    tiers = TieredAdapters(store, SHAPES, RecordingSlots(), device_budget_bytes=1 << 20, host_budget_bytes=1 << 21,
+                           metrics=AdapterMetrics(registry))
+    try:
+        tiers.prefetch(adapter)
+        _wait_until(tiers, lambda: tiers.slot_of(adapter) is not None)
+        text = generate_latest(registry).decode()
+        assert 'longtail_adapter_tier_misses_total{tier="device"} 1.0' in text
+        assert 'longtail_adapter_tier_hits_total{tier="disk"} 1.0' in text
+        assert 'longtail_adapter_tier_budget_bytes{tier="host"} 2.097152e+06' in text
+        size = store.get(adapter).tensor_bytes
+        assert f'longtail_adapter_tier_bytes{{tier="device"}} {float(size)}' in text
+        assert 'longtail_adapter_load_seconds_count{source="host",target="device"} 1.0' in text
+    finally:
+        tiers.close()
+
+
+def test_random_adapter_writer_matches_peft(tiny_llama, tmp_path):
+    """The fast writer the benchmark uses produces folders PEFT itself loads to the same delta."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    shapes = ModuleShapes.from_model_dir(tiny_llama.base_dir)
+    folder = write_random_adapter(tmp_path / "gen", shapes, 6, ("k_proj", "down_proj"), alpha=3, seed=1, std=0.2)
+    weights = store_load = AdapterStore(tmp_path / "h").add(folder, shapes)
+    assert store_load.max_rank == 6 and weights.targets == ("down_proj", "k_proj")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama.base_dir)
+    before = base.model.layers[1].self_attn.k_proj.weight.clone()
+    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    from serving.peft_format import load_adapter
+
+    module = next(m for m in load_adapter(folder, shapes).modules if (m.layer, m.module) == (1, "k_proj"))
+    torch.testing.assert_close(merged.model.layers[1].self_attn.k_proj.weight - before,
+                               module.scale * module.lora_b @ module.lora_a, atol=1e-6, rtol=1e-5)
+    with pytest.raises(AdapterRejected):
+        load_adapter(folder, ModuleShapes(1, shapes.shapes))
