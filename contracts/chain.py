@@ -82,7 +82,8 @@ def decode_revert(data: bytes | str) -> ContractRevert:
     spec = error_table().get(selector)
     if spec is None:
         return ContractRevert("UnknownRevert", {"data": raw.hex()}, raw)
-    values = abi_decode(list(spec.input_types), body)
+    values = [to_checksum_address(v) if kind == "address" else v
+              for kind, v in zip(spec.input_types, abi_decode(list(spec.input_types), body), strict=True)]
     return ContractRevert(spec.name, dict(zip(spec.input_names, values, strict=True)), raw)
 
 

@@ -45,7 +45,7 @@ def render_dashboard(node: dict, adapters: Sequence[dict], receipts: Sequence[di
                      r["receipt"]["promptTokens"], r["receipt"]["outputTokens"], r["receipt"]["price"],
                      r.get("top_datanet") or "-", short(r.get("signature"), 14)) for r in receipts]
     earning_rows = [(k, v) for k, v in earnings.items()]
-    checkpoint_rows = [(c.get("tree_size"), short(c.get("root_hash"), 18), c.get("tx") and short(c["tx"], 14) or "-",
+    checkpoint_rows = [(c.get("tree_size"), short(c.get("root_hash"), 18), c.get("epoch") or "-",
                         c.get("posted_at", "")) for c in checkpoints]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Longtail node {html.escape(node.get('name', ''))}</title>
@@ -56,6 +56,6 @@ def render_dashboard(node: dict, adapters: Sequence[dict], receipts: Sequence[di
 <h2>Adapters</h2>{_table('adapters', ['name', 'adapterId', 'price / 1k tokens', 'Datanets'], adapter_rows, 'no adapters')}
 <h2>Recent requests</h2>{_table('receipts', ['seq', 'model', 'requestId', 'prompt tok', 'output tok', 'price', 'top Datanet', 'signature'], receipt_rows, 'no requests yet')}
 <h2>Earnings</h2>{_table('earnings', ['item', 'OPEN base units'], earning_rows, 'nothing earned yet')}
-<h2>Log checkpoints</h2>{_table('checkpoints', ['tree size', 'root', 'tx', 'posted'], checkpoint_rows, 'no checkpoint posted yet')}
+<h2>Log checkpoints</h2>{_table('checkpoints', ['tree size', 'root', 'epoch on chain', 'recorded'], checkpoint_rows, 'no checkpoint posted yet')}
 </body></html>
 """

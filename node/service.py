@@ -158,11 +158,14 @@ class Node:
         self._in_flight += 1
         pieces: list[int] = []
         try:
-            async for delta in self.generation.stream(request, entry, prompt_ids):
-                if delta.text:
-                    yield self._chunk(request, entry, request_id, delta.text, None)
-                pieces = delta.token_ids
-                result = delta
+            result = None
+            async for partial in self.generation.stream(request, entry, prompt_ids):
+                if partial.delta:
+                    yield self._chunk(request, entry, request_id, partial.delta, None)
+                pieces = partial.token_ids
+                result = partial
+            if result is None:
+                raise BadRequest("the engine produced no output for this request")
         except BaseException:
             await self.payments.release(reservation)
             raise
@@ -232,10 +235,10 @@ class Node:
 
     async def checkpoint(self) -> dict:
         size = self.receipt_log.size
-        posted = [c for c in self.receipt_log.store.checkpoints(self.address) if c.tx_hash]
+        posted = [c for c in self.receipt_log.store.checkpoints(self.address) if c.epoch is not None]
         return {"node": self.address, "tree_size": size, "root_hash": hex32(self.receipt_log.root(size)),
                 "last_posted": ({"tree_size": posted[-1].tree_size, "root_hash": posted[-1].root,
-                                 "tx": posted[-1].tx_hash} if posted else None)}
+                                 "epoch": posted[-1].epoch} if posted else None)}
 
     async def inclusion_proof(self, seq: int, size: int) -> dict:
         if not seq < size <= self.receipt_log.size:
@@ -268,7 +271,7 @@ class Node:
         earnings = {"charged in receipts": sum(int(r["receipt"]["price"]) for r in self._recent)}
         for account in self.payments.accounts():
             earnings[f"channel {account.channel_id[:10]}… vouchers"] = account.paid
-        checkpoints = [{"tree_size": c.tree_size, "root_hash": c.root, "tx": c.tx_hash,
+        checkpoints = [{"tree_size": c.tree_size, "root_hash": c.root, "epoch": c.epoch,
                         "posted_at": time.strftime("%H:%M:%S", time.localtime(c.created_at))}
                        for c in self.receipt_log.store.checkpoints(self.address)]
         node = {"name": self.config.name, "address": self.address, "peer_id": self.peer_id,

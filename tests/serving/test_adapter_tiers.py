@@ -173,9 +173,11 @@ def test_budgets_never_exceeded_and_pins_never_evicted(store, tmp_path):
 
 def test_request_waits_while_pinned_adapters_fill_the_device(store, tmp_path):
     a, b, c = _make_adapters(store, tmp_path, [8, 8, 8])
-    size = store.get(a).tensor_bytes
+    sizes = [store.get(adapter).tensor_bytes for adapter in (a, b, c)]
+    assert sizes[2] <= sizes[1]  # c fits in b's place, not in a's
     slots = RecordingSlots()
-    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=2 * size, host_budget_bytes=10 * size)
+    tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=sizes[0] + sizes[1],
+                           host_budget_bytes=sum(sizes))
     try:
         for adapter in (a, b):
             tiers.prefetch(adapter)
