@@ -173,6 +173,20 @@ class ReceiptStore:
                 select(ReceiptRow.seq, ReceiptRow.leaf_hash).where(ReceiptRow.node == node).order_by(ReceiptRow.seq))
             return [(seq, bytes(h)) for seq, h in result]
 
+    def nodes(self) -> list[str]:
+        """The nodes whose receipts this store holds (usually one)."""
+        with self.engine.connect() as connection:
+            return list(connection.scalars(select(ReceiptRow.node).distinct().order_by(ReceiptRow.node)))
+
+    def load_tree(self, node: str) -> MerkleLog:
+        """Rebuild a node's Merkle tree from its stored leaf hashes, refusing a log with a gap."""
+        tree = MerkleLog()
+        for seq, leaf in self.leaf_hashes(node):
+            if seq != tree.size:
+                raise StoreError(f"log of node {node} has a gap: seq {seq} follows {tree.size - 1}")
+            tree.append(leaf)
+        return tree
+
     def receipt_body(self, node: str, seq: int) -> str | None:
         with self.engine.connect() as connection:
             return connection.scalar(select(ReceiptRow.body).where(ReceiptRow.node == node, ReceiptRow.seq == seq))
@@ -262,13 +276,7 @@ class ReceiptLog:
         self.signer = signer
         self.node = signer.address
         self._lock = threading.Lock()
-        self.tree = MerkleLog()
-        expected = 0
-        for seq, leaf in store.leaf_hashes(self.node):
-            if seq != expected:
-                raise StoreError(f"log of node {self.node} has a gap: seq {seq} follows {expected - 1}")
-            self.tree.append(leaf)
-            expected += 1
+        self.tree = store.load_tree(self.node)
 
     @classmethod
     def open(cls, url: str, private_key: bytes | str, domain: ReceiptDomain, schema: str | None = None) -> ReceiptLog:

@@ -4,6 +4,6 @@
 `contracts.vouchers` signs and recovers payment vouchers without a chain.
 """
 
-from contracts.deployment import DeployParams, Deployment, deploy_all
+from contracts.deployment import Deployment, DeployParams, deploy_all
 
 __all__ = ["DeployParams", "Deployment", "deploy_all"]

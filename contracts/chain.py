@@ -19,6 +19,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, ContractPanicError
+from web3.logs import DISCARD
 
 from contracts.artifacts import load_all
 
@@ -108,6 +109,11 @@ def send(w3: Web3, sender: LocalAccount, call: ContractFunction, value: int = 0)
     if receipt["status"] != 1:
         raise TransactionFailed(tx_hash.to_0x_hex(), receipt["gasUsed"])
     return receipt
+
+
+def event_args(event: Any, receipt: dict) -> list[dict]:
+    """Arguments of every `event` (e.g. `contract.events.Claimed()`) emitted in `receipt`; other logs are skipped."""
+    return [dict(log["args"]) for log in event.process_receipt(receipt, errors=DISCARD)]
 
 
 def call_view(call: ContractFunction) -> Any:

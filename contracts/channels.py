@@ -11,7 +11,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 
 from contracts.artifacts import load_artifact
-from contracts.chain import call_view, hex32, send, to_bytes32
+from contracts.chain import call_view, event_args, hex32, send, to_bytes32
 from contracts.token import OpenToken
 from contracts.vouchers import SignedVoucher, sign_voucher
 
@@ -85,13 +85,12 @@ class PaymentChannels:
         """Redeem the highest voucher; returns what this call paid (the increase, capped at the deposit)."""
         receipt = send(self.w3, node, self.contract.functions.redeem(
             to_bytes32(voucher.channel_id), voucher.cumulative_amount, bytes(HexBytes(voucher.signature))))
-        events = self.contract.events.VoucherRedeemed().process_receipt(receipt)
-        return int(events[0]["args"]["paid"])
+        return int(event_args(self.contract.events.VoucherRedeemed(), receipt)[0]["paid"])
 
     def start_withdraw(self, client: LocalAccount, channel_id: str) -> int:
         """Start thawing; returns the unix time from which finish_withdraw works."""
         receipt = send(self.w3, client, self.contract.functions.startWithdraw(to_bytes32(channel_id)))
-        return int(self.contract.events.WithdrawStarted().process_receipt(receipt)[0]["args"]["thawEndsAt"])
+        return int(event_args(self.contract.events.WithdrawStarted(), receipt)[0]["thawEndsAt"])
 
     def cancel_withdraw(self, client: LocalAccount, channel_id: str) -> dict:
         return send(self.w3, client, self.contract.functions.cancelWithdraw(to_bytes32(channel_id)))
@@ -99,7 +98,7 @@ class PaymentChannels:
     def finish_withdraw(self, client: LocalAccount, channel_id: str) -> int:
         """Take back everything not redeemed; returns the refund."""
         receipt = send(self.w3, client, self.contract.functions.finishWithdraw(to_bytes32(channel_id)))
-        return int(self.contract.events.Withdrawn().process_receipt(receipt)[0]["args"]["refund"])
+        return int(event_args(self.contract.events.Withdrawn(), receipt)[0]["refund"])
 
     def get_channel(self, channel_id: str) -> ChannelInfo:
         client, thaw_ends_at, node, deposit, redeemed = call_view(

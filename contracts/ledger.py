@@ -13,7 +13,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 
 from contracts.artifacts import load_artifact
-from contracts.chain import call_view, hex32, send, to_bytes32
+from contracts.chain import call_view, event_args, hex32, send, to_bytes32
 from contracts.payouts import Allocation, PayoutSplit
 from contracts.token import OpenToken
 
@@ -112,7 +112,7 @@ class AttributionLedger:
         receipt = send(self.w3, node, self.contract.functions.postCheckpoint(
             tree_size, to_bytes32(root_hash), [bytes(p) for p in consistency_proof],
             [(to_bytes32(a.id), a.amount) for a in adapters], [(to_bytes32(d.id), d.amount) for d in datanets]))
-        return int(self.contract.events.CheckpointPosted().process_receipt(receipt)[0]["args"]["epoch"])
+        return int(event_args(self.contract.events.CheckpointPosted(), receipt)[0]["epoch"])
 
     def latest_checkpoint(self, node: str) -> CheckpointInfo:
         tree_size, epoch, posted_at, root = self.contract.functions.latestCheckpoint(node).call()
@@ -151,7 +151,7 @@ class AttributionLedger:
     def claim(self, account: LocalAccount) -> int:
         """Withdraw everything `account` can claim; returns the amount."""
         receipt = send(self.w3, account, self.contract.functions.claim())
-        return int(self.contract.events.Claimed().process_receipt(receipt)[0]["args"]["amount"])
+        return int(event_args(self.contract.events.Claimed(), receipt)[0]["amount"])
 
     def datanet_pool(self, datanet_id: str) -> int:
         return self.contract.functions.datanetPool(to_bytes32(datanet_id)).call()
@@ -162,7 +162,7 @@ class AttributionLedger:
         """Move `total` from the Datanet's pool into a distribution over an RFC 9162 tree; returns its id."""
         receipt = send(self.w3, owner, self.contract.functions.publishDistribution(
             to_bytes32(datanet_id), to_bytes32(root), leaf_count, total))
-        return int(self.contract.events.DistributionPublished().process_receipt(receipt)[0]["args"]["distributionId"])
+        return int(event_args(self.contract.events.DistributionPublished(), receipt)[0]["distributionId"])
 
     def claim_distribution(self, sender: LocalAccount, distribution_id: int, leaf_index: int, account: str,
                            amount: int, proof: Sequence[bytes]) -> dict:
@@ -202,7 +202,7 @@ class AttributionLedger:
         self.token.ensure_allowance(challenger, self.address, self.dispute_bond())
         tx = send(self.w3, challenger, self.contract.functions.openDispute(self.receipt_tuple(receipt),
                                                                            bytes(HexBytes(signature))))
-        return int(self.contract.events.DisputeOpened().process_receipt(tx)[0]["args"]["disputeId"])
+        return int(event_args(self.contract.events.DisputeOpened(), tx)[0]["disputeId"])
 
     def answer_dispute(self, sender: LocalAccount, dispute_id: int, inclusion_proof: Sequence[bytes]) -> dict:
         return send(self.w3, sender, self.contract.functions.answerDispute(dispute_id, [bytes(p) for p in inclusion_proof]))
@@ -210,7 +210,7 @@ class AttributionLedger:
     def resolve_dispute(self, sender: LocalAccount, dispute_id: int) -> int:
         """Slash the node of an unanswered dispute after its window; returns the OPEN slashed."""
         tx = send(self.w3, sender, self.contract.functions.resolveDispute(dispute_id))
-        return int(self.contract.events.DisputeResolved().process_receipt(tx)[0]["args"]["slashed"])
+        return int(event_args(self.contract.events.DisputeResolved(), tx)[0]["slashed"])
 
     def prove_mismatch(self, challenger: LocalAccount, receipt: Mapping[str, Any] | Any, signature: str | bytes,
                        committed_leaf: bytes, inclusion_proof: Sequence[bytes]) -> int:
@@ -218,7 +218,7 @@ class AttributionLedger:
         tx = send(self.w3, challenger, self.contract.functions.proveMismatch(
             self.receipt_tuple(receipt), bytes(HexBytes(signature)), bytes(committed_leaf),
             [bytes(p) for p in inclusion_proof]))
-        return int(self.contract.events.MismatchProven().process_receipt(tx)[0]["args"]["slashed"])
+        return int(event_args(self.contract.events.MismatchProven(), tx)[0]["slashed"])
 
     def get_dispute(self, dispute_id: int) -> DisputeInfo:
         node, seq, challenger, deadline, tree_size, status, bond, root, leaf = call_view(

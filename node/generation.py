@@ -85,3 +85,9 @@ class GenerationGateway:
     def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def engine_shutdown(self) -> None:
+        """Stop the engine's background driver, if it runs one."""
+        shutdown = getattr(self.engine, "shutdown", None) or getattr(self.engine, "stop", None)
+        if shutdown is not None:
+            shutdown()

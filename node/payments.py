@@ -71,7 +71,7 @@ class Reservation:
 ChannelReader = Callable[[str], Awaitable[ChannelState]]
 VoucherSignerRecovery = Callable[[Voucher], str]
 OwedLoader = Callable[[str], Awaitable[tuple[int, Voucher | None]]]
-VoucherSaver = Callable[[Voucher], Awaitable[None]]
+VoucherSaver = Callable[[Voucher, str], Awaitable[None]]
 
 
 class PaymentIntake:
@@ -130,7 +130,7 @@ class PaymentIntake:
         async with self._lock:
             account = await self.account(voucher.channel_id, state.client)
             if voucher.cumulative_amount > account.paid:
-                await self._save_voucher(voucher)
+                await self._save_voucher(voucher, state.client)
                 account.best_voucher = voucher
         return account
 

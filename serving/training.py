@@ -170,6 +170,7 @@ class TrainResult:
 
     out_dir: Path
     adapter_file: Path
+    adapter_id: str
     base_model_id: str
     datanets: tuple[DatanetShare, ...]
     steps: int
@@ -187,6 +188,7 @@ class TrainResult:
         return {
             "out_dir": str(self.out_dir),
             "adapter_file": str(self.adapter_file),
+            "adapter_id": self.adapter_id,
             "base_model_id": self.base_model_id,
             "datanets": [share.to_json() for share in self.datanets],
             "steps": self.steps,
@@ -517,6 +519,7 @@ def train_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serving.base_models import base_model_id
+    from serving.peft_format import adapter_id_of
 
     started = time.perf_counter()
     emit = on_event or (lambda event: None)
@@ -640,6 +643,7 @@ def train_adapter(
     result = TrainResult(
         out_dir=out_dir,
         adapter_file=adapter_file,
+        adapter_id=adapter_id_of(out_dir),
         base_model_id=base_id,
         datanets=datanets,
         steps=config.steps,

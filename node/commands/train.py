@@ -9,11 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from node.output import console, fail, print_json, print_table
 from serving.base_models import BaseModelError, resolve_model
-from serving.training import DEFAULT_TARGETS, TrainConfig, TrainingError, TrainingEvent, TrainResult, train_adapter
+from serving.training import (
+    DEFAULT_TARGETS,
+    TrainConfig,
+    TrainingError,
+    TrainingEvent,
+    TrainResult,
+    train_adapter,
+)
 
 _DEFAULTS = TrainConfig()
 

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 
 import pytest
-
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount

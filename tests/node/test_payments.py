@@ -26,7 +26,7 @@ def make_intake(deposit=1000, signer=CLIENT, credit_cap=None, chain_up=True):
     async def load_account(channel_id):
         return 0, None
 
-    async def save_voucher(voucher):
+    async def save_voucher(voucher, client):
         saved.append(voucher)
 
     intake = PaymentIntake(NODE, read_channel, lambda v: signer, load_account, save_voucher, credit_cap=credit_cap,

@@ -1,0 +1,62 @@
+"""The auditor's I/O: pull a node's receipts over HTTP and its checkpoints from the chain, then check them."""
+
+from __future__ import annotations
+
+import aiohttp
+from web3 import Web3
+
+from attribution.receipts import ReceiptDomain, SignedReceipt
+from contracts.client import LongtailContracts
+from contracts.deployment import Deployment
+from contracts.payouts import CheckpointPayouts
+from node.audit import AuditReport, CheckpointView, Finding, audit_node
+from node.checkpoints import epoch_payouts
+
+PAGE = 500
+
+
+def payout_totals(adapters, datanets) -> dict:
+    """The comparable shape of a checkpoint's payouts: non-zero amounts per adapter and per Datanet."""
+    return {"adapters": {a.id.lower(): a.amount for a in adapters if a.amount},
+            "datanets": {d.id.lower(): d.amount for d in datanets if d.amount}}
+
+
+async def fetch_receipts(session: aiohttp.ClientSession, url: str) -> list[SignedReceipt]:
+    receipts: list[SignedReceipt] = []
+    while True:
+        params = {"from_seq": len(receipts), "to_seq": len(receipts) + PAGE}
+        async with session.get(f"{url}/v1/receipts", params=params) as response:
+            response.raise_for_status()
+            page = (await response.json())["receipts"]
+        receipts.extend(SignedReceipt.from_json(body) for body in page)
+        if len(page) < PAGE:
+            return receipts
+
+
+async def audit(url: str, rpc_url: str, deployment: Deployment, node: str | None = None) -> AuditReport:
+    contracts = LongtailContracts.connect(Web3(Web3.HTTPProvider(rpc_url)), deployment)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with session.get(f"{url}/healthz") as response:
+            served_by = (await response.json())["node"]
+        node = node or served_by
+        try:
+            receipts = await fetch_receipts(session, url)
+        except aiohttp.ClientError as error:
+            return AuditReport(node, 0, 0, (Finding("unreachable", url, str(error)),))
+    findings: list[Finding] = []
+    if served_by.lower() != node.lower():
+        findings.append(Finding("wrong-node", url, f"{url} is node {served_by}, not {node}"))
+    records = contracts.ledger.checkpoints(node)
+    split = contracts.ledger.split()
+    adapters_with_datanets = {a.adapter_id for a in contracts.registry.registered_adapters() if a.datanet_shares}
+
+    def totals_of(epoch: list[SignedReceipt]) -> dict:
+        planned: CheckpointPayouts = epoch_payouts(epoch, split, adapters_with_datanets)
+        return payout_totals(planned.adapters, planned.datanets)
+
+    views = [CheckpointView(r.tree_size, bytes.fromhex(r.root_hash[2:]), payout_totals(r.adapters, r.datanets))
+             for r in records]
+    domain = ReceiptDomain(chain_id=deployment.chain_id, verifying_contract=deployment.ledger)
+    report = audit_node(node, receipts, views, domain, totals_of)
+    return AuditReport(report.node, report.receipts_checked, report.checkpoints_checked,
+                       tuple(findings) + report.findings)

@@ -1,0 +1,164 @@
+"""The paying client: opens or tops up a channel, pays with vouchers, verifies every receipt it gets.
+
+Its state (cumulative paid per channel, receipts received) lives in a small
+JSON folder so a later `longtail submit` continues the same channels, and the
+client can check later that each receipt is included in the node's log as
+checkpointed on chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from attribution.merkle import leaf_hash, verify_inclusion
+from attribution.receipts import ReceiptDomain, SignedReceipt, verify_receipt
+from contracts.channels import channel_id_of
+from contracts.client import LongtailContracts
+from contracts.deployment import Deployment
+from contracts.vouchers import sign_voucher
+from node.requests import CHANNEL_HEADER, VOUCHER_AMOUNT_HEADER, VOUCHER_SIGNATURE_HEADER
+
+
+class ClientError(RuntimeError):
+    """A node refused or misbehaved; `status` and `body` say how."""
+
+    def __init__(self, message: str, status: int | None = None, body: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, body or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    text: str
+    receipt: SignedReceipt
+    node_url: str
+    model: str
+    latency_seconds: float
+
+
+class ClientState:
+    """Cumulative amounts per channel and the receipts received, in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._channels_file = folder / "channels.json"
+        self.channels: dict[str, int] = json.loads(self._channels_file.read_text()) \
+            if self._channels_file.exists() else {}
+
+    def paid(self, channel_id: str) -> int:
+        return self.channels.get(channel_id, 0)
+
+    def set_owed(self, channel_id: str, cumulative: int) -> None:
+        self.channels[channel_id] = max(cumulative, self.paid(channel_id))
+        self._channels_file.write_text(json.dumps(self.channels, indent=2))
+
+    def remember(self, answer: Answer) -> None:
+        with (self.folder / "receipts.jsonl").open("a") as out:
+            out.write(json.dumps({"node_url": answer.node_url, "model": answer.model,
+                                  "body": answer.receipt.to_json()}) + "\n")
+
+    def receipts(self) -> list[tuple[str, SignedReceipt]]:
+        path = self.folder / "receipts.jsonl"
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [(row["node_url"], SignedReceipt.from_json(row["body"])) for row in rows]
+
+
+class PayingClient:
+    def __init__(self, account: LocalAccount, rpc_url: str, deployment: Deployment, state_dir: Path) -> None:
+        self.account = account
+        self.deployment = deployment
+        self.contracts = LongtailContracts.connect(Web3(Web3.HTTPProvider(rpc_url)), deployment)
+        self.state = ClientState(state_dir)
+        self.domain = ReceiptDomain(chain_id=deployment.chain_id, verifying_contract=deployment.ledger)
+
+    def channel_for(self, node_address: str) -> str:
+        return channel_id_of(self.account.address, node_address)
+
+    def ensure_deposit(self, node_address: str, needed: int, top_up: int) -> str:
+        """Open or top up the channel (with an EIP-2612 permit: one transaction) so `needed` more is covered."""
+        channel_id = self.channel_for(node_address)
+        info = self.contracts.channels.get_channel(channel_id)
+        owed = self.state.paid(channel_id)
+        if info.deposit - owed < needed:
+            self.contracts.channels.deposit_with_permit(self.account, node_address, max(top_up, needed),
+                                                        int(time.time()) + 3600)
+        return channel_id
+
+    def _voucher_headers(self, channel_id: str) -> dict[str, str]:
+        amount = self.state.paid(channel_id)
+        headers = {CHANNEL_HEADER: channel_id}
+        if amount > 0:
+            voucher = sign_voucher(self.account, channel_id, amount, self.deployment.chain_id, self.deployment.channels)
+            headers[VOUCHER_AMOUNT_HEADER] = str(amount)
+            headers[VOUCHER_SIGNATURE_HEADER] = voucher.signature
+        return headers
+
+    async def node_address(self, session: aiohttp.ClientSession, url: str) -> str:
+        async with session.get(f"{url}/healthz") as response:
+            return (await response.json())["node"]
+
+    async def ask(self, session: aiohttp.ClientSession, url: str, model: str, prompt: str,
+                  max_tokens: int = 32, temperature: float = 0.0) -> Answer:
+        """One paid chat completion; the receipt is verified before the answer is returned."""
+        node = await self.node_address(session, url)
+        channel_id = self.channel_for(node)
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": temperature}
+        started = time.perf_counter()
+        async with session.post(f"{url}/v1/chat/completions", json=body,
+                                headers=self._voucher_headers(channel_id)) as response:
+            payload = await response.json()
+            if response.status != 200:
+                message = payload.get("error", {}).get("message", str(payload))
+                raise ClientError(f"{url} answered {response.status}: {message}", response.status, payload)
+        latency = time.perf_counter() - started
+        signed = SignedReceipt.from_json(payload["longtail"])
+        verify_receipt(signed, self.domain, expected_signer=node)
+        text = payload["choices"][0]["message"]["content"]
+        receipt = signed.receipt
+        if receipt.channel_id != channel_id or receipt.client.lower() != self.account.address.lower():
+            raise ClientError(f"receipt from {url} names another channel or client")
+        if "0x" + Web3.keccak(text=text).hex().removeprefix("0x") != receipt.output_hash:
+            raise ClientError(f"receipt from {url} does not hash the answer it came with")
+        self.state.set_owed(channel_id, int(payload["longtail"]["payCumulative"]))
+        answer = Answer(text=text, receipt=signed, node_url=url, model=model, latency_seconds=latency)
+        self.state.remember(answer)
+        return answer
+
+    async def settle(self, session: aiohttp.ClientSession, url: str) -> int:
+        """Send the voucher for everything served so far (the last answer's price included)."""
+        node = await self.node_address(session, url)
+        channel_id = self.channel_for(node)
+        amount = self.state.paid(channel_id)
+        if amount == 0:
+            return 0
+        voucher = sign_voucher(self.account, channel_id, amount, self.deployment.chain_id, self.deployment.channels)
+        async with session.post(f"{url}/v1/vouchers", json=voucher.to_json()) as response:
+            if response.status != 200:
+                raise ClientError(f"{url} refused the voucher: {await response.text()}", response.status)
+        return amount
+
+    async def check_inclusion(self, session: aiohttp.ClientSession, url: str, signed: SignedReceipt) -> bool | None:
+        """True when the receipt is proven in the node's latest on-chain checkpoint; None when not yet covered."""
+        checkpoint = self.contracts.ledger.latest_checkpoint(signed.receipt.node)
+        if signed.receipt.seq >= checkpoint.tree_size:
+            return None
+        params = {"seq": signed.receipt.seq, "size": checkpoint.tree_size}
+        async with session.get(f"{url}/v1/log/proof", params=params) as response:
+            proof = await response.json()
+        try:
+            verify_inclusion(signed.receipt.seq, checkpoint.tree_size, leaf_hash(signed.digest),
+                             [bytes.fromhex(p[2:]) for p in proof["proof"]], bytes.fromhex(checkpoint.root_hash[2:]))
+        except Exception:
+            return False
+        return True

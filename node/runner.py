@@ -1,0 +1,181 @@
+"""Builds a node from its config and runs it: engine, catalog, log, chain, payments, HTTP, libp2p.
+
+This is the edge where files, the chain and sockets meet; everything it wires
+is testable on its own. `open_node` returns a started `RunningNode` that a test,
+the demo or `longtail node run` drives and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from aiohttp import web
+from eth_account import Account
+
+from attribution.datanets import load_manifest
+from attribution.receipts import ReceiptDomain
+from attribution.spans import INDEX_FILE, build_datanet_index
+from attribution.store import ReceiptLog
+from contracts.deployment import Deployment
+from node.api import build_app
+from node.attributor import Attributor
+from node.catalog import Catalog, CatalogEntry, read_datanet_shares
+from node.chain import ChainGateway
+from node.checkpointer import Checkpointer
+from node.config import NodeConfig
+from node.generation import GenerationGateway
+from node.keys import KeystoreError, NodeKey, load_or_create
+from node.payments import PaymentIntake, Voucher
+from node.service import Node
+from serving.base_models import base_model_id, resolve_model
+
+log = logging.getLogger("longtail.node")
+REPO_DATANETS = Path(__file__).resolve().parent.parent / "data" / "datanets"
+
+
+class NodeStartError(RuntimeError):
+    """The node cannot start: a missing key password, model, deployment or port; the message says which."""
+
+
+def unlock_key(config: NodeConfig, private_key: bytes | None = None) -> NodeKey:
+    password = os.environ.get(config.key_password_env)
+    if not password:
+        raise NodeStartError(f"set {config.key_password_env} to the keystore password "
+                             f"(keystore: {config.keystore_path})")
+    try:
+        return load_or_create(config.keystore_path, password, private_key)
+    except KeystoreError as error:
+        raise NodeStartError(str(error)) from None
+
+
+def datanet_folders(root: Path = REPO_DATANETS) -> dict[str, Path]:
+    """datanetId -> folder, for every Datanet folder under `root`."""
+    folders = {}
+    for manifest in sorted(root.glob("*/manifest.json")):
+        folders[load_manifest(manifest.parent).datanet_id] = manifest.parent
+    return folders
+
+
+def ensure_span_indexes(datanet_ids: set[str], tokenizer, root: Path = REPO_DATANETS) -> list[Path]:
+    """Folders of the given Datanets, building a missing span index once (tokenizing the records)."""
+    known = datanet_folders(root)
+    folders = []
+    for datanet_id in sorted(datanet_ids):
+        folder = known.get(datanet_id)
+        if folder is None:
+            log.warning("no local copy of Datanet %s: its span matching is skipped", datanet_id)
+            continue
+        if not (folder / INDEX_FILE).exists():
+            build_datanet_index(folder, tokenizer)
+        folders.append(folder)
+    return folders
+
+
+@dataclasses.dataclass
+class RunningNode:
+    node: Node
+    runner: web.AppRunner
+    url: str
+    checkpointer: Checkpointer | None
+    p2p: object | None = None
+
+    async def stop(self) -> None:
+        if self.checkpointer is not None:
+            await self.checkpointer.stop()
+        await self.runner.cleanup()
+        if self.p2p is not None:
+            await asyncio.to_thread(self.p2p.stop)
+        await asyncio.to_thread(self.node.generation.engine_shutdown)
+        self.node.receipt_log.close()
+
+
+def build_engine(config: NodeConfig, model_dir: Path):
+    from serving import Engine
+
+    return Engine.from_pretrained(model_dir, device=config.device, kv_cache_bytes=config.kv_cache_bytes)
+
+
+async def open_node(config: NodeConfig, private_key: bytes | None = None, engine=None,
+                    tokenizer=None) -> RunningNode:
+    """Start a node from config; `engine`/`tokenizer` may be shared by several nodes in one process (tests)."""
+    from transformers import AutoTokenizer
+
+    key = unlock_key(config, private_key)
+    model_dir = resolve_model(config.base_model)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+    engine = engine or await asyncio.to_thread(build_engine, config, model_dir)
+    generation = GenerationGateway(engine, tokenizer)
+
+    if not (config.chain_rpc and config.deployment):
+        raise NodeStartError("a node needs chain_rpc and deployment (the contracts' addresses): "
+                             "see `longtail devnet up` for a local chain")
+    deployment = Deployment.load(Path(config.deployment))
+    account = Account.from_key(key.private_key)
+    chain = ChainGateway(config.chain_rpc, deployment, account)
+    domain = ReceiptDomain(chain_id=deployment.chain_id, verifying_contract=deployment.ledger)
+    config.node_home.mkdir(parents=True, exist_ok=True)
+    receipt_log = await asyncio.to_thread(ReceiptLog.open, config.resolved_database_url, key.private_key, domain)
+
+    base_id = await asyncio.to_thread(base_model_id, model_dir)
+    catalog = Catalog(CatalogEntry(name=model_dir.name, adapter_id=None,
+                                   price_per_1k_tokens=config.price_per_1k_tokens))
+    for adapter in config.adapters:
+        path = Path(adapter).expanduser()
+        adapter_id = await asyncio.to_thread(engine.add_adapter, path)
+        catalog.add(CatalogEntry(name=path.name, adapter_id=adapter_id, price_per_1k_tokens=config.price_per_1k_tokens,
+                                 datanets=read_datanet_shares(path), path=path))
+    datanet_ids = {d.datanet_id for entry in catalog.entries() for d in entry.datanets}
+    folders = await asyncio.to_thread(ensure_span_indexes, datanet_ids, tokenizer)
+    attributor = await asyncio.to_thread(Attributor.from_folders, folders)
+
+    store = receipt_log.store
+
+    async def load_account(channel_id: str) -> tuple[int, Voucher | None]:
+        owed = await asyncio.to_thread(store.channel_total, key.address, channel_id)
+        record = await asyncio.to_thread(store.channel, channel_id)
+        voucher = (Voucher(channel_id, record.voucher_amount, record.voucher_signature)
+                   if record and record.voucher_signature else None)
+        return owed, voucher
+
+    async def save_voucher(voucher: Voucher, client: str) -> None:
+        await asyncio.to_thread(store.record_voucher, voucher.channel_id, client, voucher.cumulative_amount,
+                                voucher.signature)
+
+    payments = PaymentIntake(key.address, chain.read_channel, chain.recover_voucher_signer, load_account,
+                             save_voucher)
+    node = Node(config, key.address, catalog, generation, receipt_log, payments, attributor, base_id)
+    checkpointer = Checkpointer(node, chain, config.checkpoint_every_receipts, config.checkpoint_every_seconds,
+                                config.redeem_min_amount)
+    node.checkpointer = checkpointer
+    node.chain = chain
+
+    runner = web.AppRunner(build_app(node), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http_host, config.http_port)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise NodeStartError(f"cannot listen on {config.http_host}:{config.http_port}: {error.strerror}") from None
+    port = runner.addresses[0][1]
+    checkpointer.start()
+    return RunningNode(node=node, runner=runner, url=f"http://{config.http_host}:{port}", checkpointer=checkpointer)
+
+
+async def serve_forever(config: NodeConfig) -> None:
+    running = await open_node(config)
+    log.info("node %s serving on %s", running.node.address, running.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await running.stop()
