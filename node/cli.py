@@ -6,7 +6,8 @@ import importlib.metadata
 
 import typer
 
-from node.commands import datanet, model
+from node.commands import adapter, client, datanet, devnet, model, receipts, train
+from node.commands import node as node_commands
 from node.output import console, print_json, print_table
 
 app = typer.Typer(
@@ -16,6 +17,15 @@ app = typer.Typer(
 )
 app.add_typer(model.app, name="model")
 app.add_typer(datanet.app, name="datanet")
+app.add_typer(adapter.app, name="adapter")
+app.add_typer(receipts.receipt_app, name="receipt")
+app.add_typer(receipts.log_app, name="log")
+app.add_typer(node_commands.app, name="node")
+app.add_typer(devnet.app, name="devnet")
+app.command("submit")(client.submit)
+app.command("audit")(client.audit)
+app.command("claim")(client.claim)
+app.command("train")(train.train)
 
 
 @app.command()

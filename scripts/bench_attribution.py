@@ -1,6 +1,6 @@
 """Span attribution benchmark: planted spans from the synthetic Datanets, precision/recall and latency.
 
-Builds ~10 MB of Datanet text (the four synthetic domains, regenerated at 2.5 MB
+Builds ~10 MB of Datanet text (the four synthetic domains, regenerated at 2.8 MB
 each with the shipped generator), tokenizes it with the base model's tokenizer,
 indexes each Datanet, then attributes 256-token outputs made of novel filler plus
 spans copied from records of one or two Datanets. Reports Datanet-level precision
@@ -77,7 +77,7 @@ def naive_hits(output, datanet_bytes, k):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bytes-per-datanet", type=int, default=2_500_000)
+    parser.add_argument("--bytes-per-datanet", type=int, default=2_800_000)
     parser.add_argument("--outputs", type=int, default=300)
     parser.add_argument("--min-span", type=int, default=8)
     parser.add_argument("--no-docs", action="store_true")

@@ -178,6 +178,15 @@ class _DeviceEntry:
     slot: int
     nbytes: int
     ready: torch.cuda.Event | None  # None: the copy is complete
+    wait: _Want | None = None  # the request wait this copy ends, timed when the copy completes
+
+
+@dataclass
+class _Want:
+    """An adapter some admitted request waits for: since when, and which tier it came up from."""
+
+    requested_at: float
+    origin: str = "host"  # "disk" or "remote" once a background load for this wait has finished
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,6 @@ class _Loaded:
     error: Exception | None
     source: str  # "disk" or "remote"
     seconds: float
-    requested_at: float
 
 
 @dataclass(frozen=True)
@@ -226,13 +234,13 @@ class TieredAdapters:
         self._accesses = 0
         self._half_life = frequency_half_life
         self._pins: Counter[str] = Counter()
-        self._wanted: OrderedDict[str, float] = OrderedDict()  # adapter -> when it was first requested
+        self._wanted: OrderedDict[str, _Want] = OrderedDict()  # oldest request first
         self._in_flight: set[str] = set()
         self._removed: set[str] = set()
         self._known: set[str] = set()
         self._failed: dict[str, Exception] = {}
         self._lock = threading.RLock()
-        self._jobs: queue.Queue[tuple[str, float] | None] = queue.Queue()
+        self._jobs: queue.Queue[str | None] = queue.Queue()
         self._results: queue.Queue[_Loaded] = queue.Queue()
         self._workers = [threading.Thread(target=self._work, name=f"adapter-loader-{i}", daemon=True)
                          for i in range(loader_threads)]
@@ -281,7 +289,7 @@ class TieredAdapters:
                 return
             self.metrics.miss("device")
             if adapter_id not in self._wanted:
-                self._wanted[adapter_id] = time.perf_counter()
+                self._wanted[adapter_id] = _Want(time.perf_counter())
             if adapter_id in self._host:
                 self.metrics.hit("host")
                 return
@@ -289,7 +297,7 @@ class TieredAdapters:
                 return
             self.metrics.miss("host")
             self._in_flight.add(adapter_id)
-            self._jobs.put((adapter_id, self._wanted[adapter_id]))
+            self._jobs.put(adapter_id)
 
     def slot_of(self, adapter_id: str) -> int | None:
         """The device slot holding the adapter, or None while it is still loading."""
@@ -376,10 +384,9 @@ class TieredAdapters:
     def _work(self) -> None:
         """Background loader: disk (memory-mapped safetensors) or remote -> host tensors, validated."""
         while True:
-            job = self._jobs.get()
-            if job is None:
+            adapter_id = self._jobs.get()
+            if adapter_id is None:
                 return
-            adapter_id, requested_at = job
             started = time.perf_counter()
             source = "disk"
             try:
@@ -391,11 +398,9 @@ class TieredAdapters:
                 weights = self.store.load(adapter_id, self.shapes, dtype=self.dtype)
                 if self._pin_host:
                     weights = _pinned(weights)
-                self._results.put(_Loaded(adapter_id, weights, None, source, time.perf_counter() - started,
-                                          requested_at))
+                self._results.put(_Loaded(adapter_id, weights, None, source, time.perf_counter() - started))
             except (AdapterStoreError, AdapterRejected, OSError) as error:
-                self._results.put(_Loaded(adapter_id, None, error, source, time.perf_counter() - started,
-                                          requested_at))
+                self._results.put(_Loaded(adapter_id, None, error, source, time.perf_counter() - started))
 
     def _accept(self, loaded: _Loaded) -> None:
         adapter_id = loaded.adapter_id
@@ -415,6 +420,8 @@ class TieredAdapters:
         if loaded.source == "remote":
             self._trim_disk(protect=adapter_id)
         self._known.add(adapter_id)
+        if adapter_id in self._wanted:
+            self._wanted[adapter_id].origin = loaded.source
         if not self._host_admit(adapter_id, loaded.weights):
             # Host is full of adapters waiting for the device: retry after the next device copy.
             self._results.put(loaded)
@@ -459,11 +466,10 @@ class TieredAdapters:
                 self._device_evict(victim)
             if not self._device_load(adapter_id, weights):
                 continue
-            requested_at = self._wanted.pop(adapter_id)
             entry = self._device[adapter_id]
+            entry.wait = self._wanted.pop(adapter_id)
             if entry.ready is None:
-                self.metrics.loaded("host", "device", time.perf_counter() - requested_at, cold=True)
-                ready.append(adapter_id)
+                self._ready(adapter_id, entry, ready)
 
     def _device_evictable(self, adapter_id: str) -> bool:
         return not self._pins.get(adapter_id) and self._device[adapter_id].ready is None
@@ -490,14 +496,24 @@ class TieredAdapters:
                 self._device_evict(victim)
         self._device[adapter_id] = _DeviceEntry(slot, weights.nbytes, event)
         self.device_tier.admit(adapter_id, weights.nbytes, self._frequency[adapter_id])
-        self._device_cost.observe(weights.nbytes, time.perf_counter() - started)
+        copy_seconds = time.perf_counter() - started  # on CUDA: the time to enqueue, the copy overlaps compute
+        self._device_cost.observe(weights.nbytes, copy_seconds)
+        self.metrics.loaded("host", "device:copy", copy_seconds)
         return True
 
     def _finish_device_copies(self, ready: list[str]) -> None:
         for adapter_id, entry in self._device.items():
             if entry.ready is not None and entry.ready.query():
                 entry.ready = None
-                ready.append(adapter_id)
+                self._ready(adapter_id, entry, ready)
+
+    def _ready(self, adapter_id: str, entry: _DeviceEntry, ready: list[str]) -> None:
+        """A device copy completed: the waiting requests may run; time their wait."""
+        ready.append(adapter_id)
+        wait, entry.wait = entry.wait, None
+        if wait is not None:
+            waited = time.perf_counter() - wait.requested_at
+            self.metrics.loaded(wait.origin, "device", waited, cold=wait.origin != "host")
 
     def _device_evict(self, adapter_id: str) -> None:
         entry = self._device.pop(adapter_id)

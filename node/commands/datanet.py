@@ -68,3 +68,21 @@ def _show(data: dict, as_json: bool) -> None:
         print_json(data)
     else:
         print_table(data.get("name", "datanet"), ["field", "value"], list(data.items()))
+
+
+@app.command("index")
+def index_command(folder: Path = typer.Argument(..., help="a Datanet folder"),
+                  model: str = typer.Option("smollm2-135m-instruct", help="base model whose tokenizer to use"),
+                  as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")) -> None:
+    """Tokenize the records with the base model's tokenizer and build the span (suffix-array) index."""
+    from transformers import AutoTokenizer
+
+    from attribution.spans import build_datanet_index, index_summary, load_datanet_index
+    from serving.base_models import BaseModelError, resolve_model
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        path = build_datanet_index(folder, tokenizer)
+    except (BaseModelError, DatanetError) as error:
+        fail(str(error))
+    _show({**index_summary(load_datanet_index(folder)), "path": str(path)}, as_json)

@@ -50,17 +50,13 @@ def test_appends_round_trip_and_prove_after_reopen(database):
     more = again.append_many([draft(i) for i in range(40, 45)])
     assert more[0].receipt.seq == 40
     verify_consistency(40, 45, again.root(40), again.root(), again.consistency_proof(40))
-    assert again.store.checkpoints(again.node) == [
-        Checkpoint(again.node, 40, "0x" + checkpoint_root(again, 40), again.store.checkpoints(again.node)[0].created_at, 1)]
+    [checkpoint] = again.store.checkpoints(again.node)
+    assert checkpoint == Checkpoint(again.node, 40, "0x" + again.root(40).hex(), checkpoint.created_at, 1)
     assert [SignedReceipt.from_json(b).receipt.seq for b in again.store.bodies_for_request(f"0x{17:064x}")] == [17]
     assert again.store.channel_total(again.node, "0x" + "ce" * 32) == 45 * 1000
     with pytest.raises(KeyError, match="seq 99"):
         again.get(99)
     again.close()
-
-
-def checkpoint_root(log: ReceiptLog, size: int) -> str:
-    return log.root(size).hex()
 
 
 def test_a_second_writer_cannot_fork_the_log(database):
@@ -134,8 +130,9 @@ def test_sigkill_mid_append_leaves_no_gap_and_a_verifying_log(database):
         assert log.size >= durable + 1
         assert [seq for seq, _ in log.store.leaf_hashes(log.node)] == list(range(log.size))
         assert log.verify() == log.size
-        verify_consistency(durable + 1, log.size, log.root(durable + 1), log.root(),
-                           log.consistency_proof(durable + 1)) if durable + 1 < log.size else None
+        if durable + 1 < log.size:  # a batch committed after its last report is kept, and consistent
+            verify_consistency(durable + 1, log.size, log.root(durable + 1), log.root(),
+                               log.consistency_proof(durable + 1))
         log.close()
 
 

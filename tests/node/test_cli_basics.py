@@ -21,7 +21,7 @@ def test_every_command_has_help():
     assert result.exit_code == 0
     commands = [line.split()[1] for line in result.output.splitlines() if line.startswith("│ ") and len(line.split()) > 2]
     assert {"version", "doctor", "model", "datanet"} <= set(commands)
-    for command in ["version", "doctor", "model", "model list", "model show", "model import",
+    for command in ["version", "doctor", "model", "model list", "model show", "model import", "datanet index",
                     "datanet", "datanet build", "datanet show", "datanet verify"]:
         assert runner.invoke(app, [*command.split(), "--help"]).exit_code == 0, command
 

@@ -290,7 +290,7 @@ def test_disk_budget_trims_fetched_adapters_only(store, tmp_path):
 
     (local,) = _make_adapters(store, tmp_path / "local-src", [32])
     peer_store = AdapterStore(tmp_path / "peer")
-    remote_ids = _make_adapters(peer_store, tmp_path / "peer-src", [8, 8, 8])
+    remote_ids = _make_adapters(peer_store, tmp_path / "peer-src", [8, 8, 8], mixed=False)
     server = _BundleServer(peer_store)
     file_bytes = peer_store.get(remote_ids[0]).file_bytes
     slots = RecordingSlots(max_slots=1)
