@@ -31,7 +31,7 @@ class MetricsSnapshot:
     bytes: dict[str, int]
     budget: dict[str, int]
     load_failures: int
-    load_latencies_s: tuple[float, ...]  # disk-or-remote -> device, most recent last
+    load_latencies_s: tuple[float, ...]  # cold waits: admission -> usable slot, adapter from disk or a peer
 
     def hit_rate(self, tier: str) -> float:
         total = self.hits.get(tier, 0) + self.misses.get(tier, 0)
@@ -59,9 +59,13 @@ class AdapterMetrics:
                             namespace=namespace, registry=self.registry)
         self._budget = Gauge("adapter_tier_budget_bytes", "Byte budget of a tier", ["tier"],
                              namespace=namespace, registry=self.registry)
-        self._latency = Histogram("adapter_load_seconds", "Time to bring an adapter into a tier",
+        self._latency = Histogram("adapter_load_seconds", "Time of one transfer of an adapter between tiers",
                                   ["source", "target"], buckets=LATENCY_BUCKETS, namespace=namespace,
                                   registry=self.registry)
+        self._wait = Histogram("adapter_wait_seconds",
+                               "From a request's admission to its adapter being usable on the device, by the "
+                               "tier the adapter came from", ["origin"], buckets=LATENCY_BUCKETS,
+                               namespace=namespace, registry=self.registry)
         self._lock = threading.Lock()
         self._plain_hits: PlainCounter[str] = PlainCounter()
         self._plain_misses: PlainCounter[str] = PlainCounter()
@@ -99,10 +103,14 @@ class AdapterMetrics:
                 self._budget.labels(tier).set(budget)
                 self._plain_budget[tier] = budget
 
-    def loaded(self, source: str, target: str, seconds: float, *, cold: bool = False) -> None:
-        """One load from `source` into `target`; `cold` marks a whole disk/remote -> device journey."""
+    def loaded(self, source: str, target: str, seconds: float) -> None:
+        """One transfer: disk or remote -> host on the loader thread, host -> device in poll."""
         self._latency.labels(source, target).observe(seconds)
-        if cold:
+
+    def waited(self, origin: str, seconds: float) -> None:
+        """A request's adapter became usable after `seconds`; cold when it came from disk or a peer."""
+        self._wait.labels(origin).observe(seconds)
+        if origin != "host":
             with self._lock:
                 self._cold_latencies.append(seconds)
 

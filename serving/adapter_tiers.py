@@ -498,7 +498,7 @@ class TieredAdapters:
         self.device_tier.admit(adapter_id, weights.nbytes, self._frequency[adapter_id])
         copy_seconds = time.perf_counter() - started  # on CUDA: the time to enqueue, the copy overlaps compute
         self._device_cost.observe(weights.nbytes, copy_seconds)
-        self.metrics.loaded("host", "device:copy", copy_seconds)
+        self.metrics.loaded("host", "device", copy_seconds)
         return True
 
     def _finish_device_copies(self, ready: list[str]) -> None:
@@ -513,7 +513,7 @@ class TieredAdapters:
         wait, entry.wait = entry.wait, None
         if wait is not None:
             waited = time.perf_counter() - wait.requested_at
-            self.metrics.loaded(wait.origin, "device", waited, cold=wait.origin != "host")
+            self.metrics.waited(wait.origin, waited)
 
     def _device_evict(self, adapter_id: str) -> None:
         entry = self._device.pop(adapter_id)

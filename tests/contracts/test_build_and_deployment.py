@@ -10,7 +10,7 @@ import pytest
 from contracts_testkit import TEST_PARAMS
 
 from contracts.anvil import DEV_ACCOUNTS, Anvil
-from contracts.artifacts import BUILD_DIR, CONTRACT_NAMES, REPO_ROOT, StaleArtifacts, load_artifact, sources_sha256
+from contracts.artifacts import BUILD_DIR, CONTRACT_NAMES, StaleArtifacts, load_artifact, sources_sha256
 from contracts.client import LongtailContracts, WrongChain
 from contracts.deployment import Deployment, deploy_all
 
@@ -61,4 +61,3 @@ def test_second_anvil_on_another_chain_id_gets_a_working_deployment():
         assert deployment.chain_id == 4242
         assert contracts.token.balance_of(chain.accounts[0].address) == TEST_PARAMS.initial_supply
         assert contracts.ledger.split().adapter_share_bps == TEST_PARAMS.adapter_share_bps
-    assert REPO == REPO_ROOT

@@ -205,10 +205,13 @@ def test_slot_count_limit_evicts_more(store, tmp_path):
     slots = RecordingSlots(max_slots=2)
     tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=1 << 30, host_budget_bytes=1 << 30)
     try:
-        for adapter in ids:
+        for adapter in ids[:2]:
             tiers.prefetch(adapter)
             _wait_until(tiers, lambda adapter=adapter: tiers.slot_of(adapter) is not None)
-        assert len(slots.held) == 2 and slots.frees == [ids[0]]
+        tiers.prefetch(ids[0])  # ids[0] is now the more popular one: ids[1] must make way
+        tiers.prefetch(ids[2])
+        _wait_until(tiers, lambda: tiers.slot_of(ids[2]) is not None)
+        assert len(slots.held) == 2 and slots.frees == [ids[1]] and tiers.slot_of(ids[0]) is not None
     finally:
         tiers.close()
 
@@ -324,6 +327,8 @@ def test_prometheus_registry_exposes_tier_metrics(store, tmp_path):
         size = store.get(adapter).tensor_bytes
         assert f'longtail_adapter_tier_bytes{{tier="device"}} {float(size)}' in text
         assert 'longtail_adapter_load_seconds_count{source="host",target="device"} 1.0' in text
+        assert 'longtail_adapter_load_seconds_count{source="disk",target="host"} 1.0' in text
+        assert 'longtail_adapter_wait_seconds_count{origin="disk"} 1.0' in text
     finally:
         tiers.close()
 

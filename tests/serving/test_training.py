@@ -51,7 +51,9 @@ BYTE_CODEC = TextCodec(
 )
 
 # Small and quick, but enough steps at a high rate for a random model to learn the template.
-TINY = TrainConfig(rank=4, steps=12, lr=2e-2, seq_len=32, batch_size=4, checkpoint_every=4, sample_tokens=8)
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TINY = TrainConfig(rank=4, targets=ALL_PROJECTIONS, steps=12, lr=2e-2, seq_len=32, batch_size=4,
+                   checkpoint_every=4, sample_tokens=8)
 
 
 def _contributor(i: int) -> str:
@@ -78,8 +80,28 @@ def datanets(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _train(tiny_llama, datanet_dirs, out: Path, config: TrainConfig = TINY, **kwargs):
-    return train_adapter(tiny_llama.base_dir, datanet_dirs, out, config, codec=BYTE_CODEC, **kwargs)
+@pytest.fixture(scope="module")
+def learnable_base(tiny_llama, tmp_path_factory) -> Path:
+    """The session's tiny Llama with its RMSNorm weights reset to 1.
+
+    The fixture draws every weight from N(0, 0.08), norms included, so the final
+    norm squashes the logits to near-uniform and no LoRA can sharpen them; with
+    unit norms the same random model learns a template in a dozen steps.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+    folder = tmp_path_factory.mktemp("learnable") / "tiny-base"
+    model.save_pretrained(folder)
+    return folder
+
+
+def _train(base: Path, datanet_dirs, out: Path, config: TrainConfig = TINY, **kwargs):
+    return train_adapter(base, datanet_dirs, out, config, codec=BYTE_CODEC, **kwargs)
 
 
 def _held_out_loss(model, result_blocks: list[DatanetBlocks]) -> float:
@@ -90,26 +112,26 @@ def _held_out_loss(model, result_blocks: list[DatanetBlocks]) -> float:
 # ---------------------------------------------------------------- training
 
 
-def test_training_lowers_held_out_loss_and_peft_loads_the_result(tiny_llama, datanets, tmp_path):
+def test_training_lowers_held_out_loss_and_peft_loads_the_result(learnable_base, datanets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from serving.training import prepare_blocks
 
     out = tmp_path / "adapter"
-    result = _train(tiny_llama, [datanets["clauses"]], out)
+    result = _train(learnable_base, [datanets["clauses"]], out)
 
     assert result.steps == TINY.steps and result.resumed_from_step == 0
-    assert result.eval_loss_after < 0.7 * result.eval_loss_before, (result.eval_loss_before, result.eval_loss_after)
+    assert result.eval_loss_after < 0.8 * result.eval_loss_before, (result.eval_loss_before, result.eval_loss_after)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "checkpoint").exists(), "the checkpoint is dropped once the adapter is written"
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["r"] == 4 and sorted(config["target_modules"]) == sorted(ALL_PROJECTIONS)
     # adapter_config.json is hashed into adapterId: no local path may leak into it.
-    assert config["base_model_name_or_path"] == tiny_llama.base_dir.name
+    assert config["base_model_name_or_path"] == learnable_base.name
 
     # PEFT itself is the oracle: the written folder reproduces the trained model's held-out loss.
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama.base_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(learnable_base, dtype=torch.float32)
     blocks = [prepare_blocks(datanets["clauses"], result.datanets[0], BYTE_CODEC, TINY)]
     base_loss = _held_out_loss(base, blocks)
     loaded = PeftModel.from_pretrained(base, out).eval()
@@ -127,8 +149,8 @@ def test_training_lowers_held_out_loss_and_peft_loads_the_result(tiny_llama, dat
     [(RuntimeError, 8), (KeyboardInterrupt, 10)],
     ids=["crash-keeps-last-periodic-checkpoint", "ctrl-c-saves-current-step"],
 )
-def test_interrupted_run_resumes_to_the_same_result(tiny_llama, datanets, tmp_path, failure, checkpoint_step):
-    straight = _train(tiny_llama, [datanets["clauses"]], tmp_path / "straight")
+def test_interrupted_run_resumes_to_the_same_result(learnable_base, datanets, tmp_path, failure, checkpoint_step):
+    straight = _train(learnable_base, [datanets["clauses"]], tmp_path / "straight")
 
     out = tmp_path / "interrupted"
 
@@ -137,12 +159,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_llama, datanets, tmp_pa
             raise failure("stopped by the test")
 
     with pytest.raises(failure):
-        _train(tiny_llama, [datanets["clauses"]], out, on_event=stop_at_ten)
+        _train(learnable_base, [datanets["clauses"]], out, on_event=stop_at_ten)
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == checkpoint_step
     assert not (out / "adapter_model.safetensors").exists()
 
-    resumed = _train(tiny_llama, [datanets["clauses"]], out)
+    resumed = _train(learnable_base, [datanets["clauses"]], out)
     assert resumed.resumed_from_step == checkpoint_step
     assert resumed.steps == straight.steps == TINY.steps
     assert resumed.eval_loss_before == pytest.approx(straight.eval_loss_before, rel=1e-6)
@@ -157,7 +179,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_llama, datanets, tmp_pa
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_refuses_a_checkpoint_with_other_settings(tiny_llama, datanets, tmp_path):
+def test_resume_refuses_a_checkpoint_with_other_settings(learnable_base, datanets, tmp_path):
     out = tmp_path / "adapter"
 
     def crash(event):
@@ -165,15 +187,15 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tiny_llama, datanets, t
             raise RuntimeError("stop after the first checkpoint")
 
     with pytest.raises(RuntimeError):
-        _train(tiny_llama, [datanets["clauses"]], out, on_event=crash)
+        _train(learnable_base, [datanets["clauses"]], out, on_event=crash)
 
     other = TrainConfig(**{**TINY.__dict__, "rank": 8})
     with pytest.raises(ResumeMismatch) as caught:
-        _train(tiny_llama, [datanets["clauses"]], out, other)
+        _train(learnable_base, [datanets["clauses"]], out, other)
     assert caught.value.differences["rank"] == (4, 8)
     assert "--no-resume" in str(caught.value)
 
-    fresh = _train(tiny_llama, [datanets["clauses"]], out, other, resume=False)
+    fresh = _train(learnable_base, [datanets["clauses"]], out, other, resume=False)
     assert fresh.resumed_from_step == 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 
@@ -181,11 +203,11 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tiny_llama, datanets, t
 # ---------------------------------------------------------------- shares and metadata
 
 
-def test_two_datanets_record_ids_shares_and_base_in_the_hashed_header(tiny_llama, datanets, tmp_path):
+def test_two_datanets_record_ids_shares_and_base_in_the_hashed_header(learnable_base, datanets, tmp_path):
     from serving.peft_format import adapter_id_of
 
     out = tmp_path / "mixed"
-    result = _train(tiny_llama, [datanets["clauses"], datanets["recipes"]], out, shares=[7000, 3000])
+    result = _train(learnable_base, [datanets["clauses"], datanets["recipes"]], out, shares=[7000, 3000])
 
     provenance = read_adapter_metadata(out)
     expected = [
@@ -193,7 +215,7 @@ def test_two_datanets_record_ids_shares_and_base_in_the_hashed_header(tiny_llama
         DatanetShare(load_manifest(datanets["recipes"]).datanet_id, "recipes", 3000),
     ]
     assert list(provenance.datanets) == expected == list(result.datanets)
-    assert provenance.base_model_id == base_model_id(tiny_llama.base_dir)
+    assert provenance.base_model_id == base_model_id(learnable_base)
     assert provenance.training["steps"] == TINY.steps and provenance.training["rank"] == 4
     assert provenance.training["eval_loss_after"] == pytest.approx(result.eval_loss_after, abs=1e-4)
     assert set(result.eval_loss_by_datanet) == {"clauses", "recipes"}
@@ -267,13 +289,13 @@ def test_metadata_reader_rejects_adapters_without_valid_shares(tiny_llama, tmp_p
 
 
 @pytest.fixture(scope="module")
-def tiny_model_with_tokenizer(tiny_llama, datanets, tmp_path_factory) -> Path:
+def tiny_model_with_tokenizer(learnable_base, datanets, tmp_path_factory) -> Path:
     """The tiny base plus a small BPE tokenizer, so the CLI's default tokenizer path runs."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-with-tokenizer") / "tiny-base"
-    shutil.copytree(tiny_llama.base_dir, folder)
+    shutil.copytree(learnable_base, folder)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
@@ -290,7 +312,7 @@ def test_cli_trains_and_reports_json(tiny_model_with_tokenizer, datanets, tmp_pa
     out = tmp_path / "cli-adapter"
     args = ["--base", str(tiny_model_with_tokenizer), "--datanet", str(datanets["clauses"]),
             "--datanet", str(datanets["recipes"]), "--share", "6000", "--share", "4000",
-            "--rank", "4", "--out", str(out), "--steps", "6", "--lr", "0.02", "--seq-len", "32",
+            "--rank", "4", "--out", str(out), "--steps", "6", "--lr", "0.02", "--seq-len", "16",
             "--batch-size", "4", "--targets", "q_proj,k_proj,v_proj,o_proj", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
