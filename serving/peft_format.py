@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import regex
 import torch
 
@@ -593,23 +594,49 @@ def load_adapter(path: Path | str, shapes: ModuleShapes, max_rank: int = 256, ma
 
     from safetensors import safe_open
 
+    # numpy, not torch, for the per-element work: numpy runs it on this thread alone, while torch would
+    # fan out to the intra-op pool the engine's matmuls use (a background load then stalls the batch).
+    # bfloat16 has no numpy type, so those files take the torch path.
+    numpy_path = all(header.tensors[k].dtype != "BF16" for p in plans for k in (p.key_a, p.key_b))
+    target_numpy = _NUMPY_DTYPES.get(dtype)
     modules: list[LoraModule] = []
     nbytes = 0
-    with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+    with safe_open(str(weights_path), framework="numpy" if numpy_path else "pt") as handle:
         for plan in plans:
             factors = []
             for key in (plan.key_a, plan.key_b):
-                tensor = handle.get_tensor(key).to(dtype)
-                if not bool(torch.isfinite(tensor).all()):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise AdapterRejected(f"tensor {key!r} holds {bad} non-finite values (NaN or Inf)",
-                                          path=weights_path)
+                tensor = _checked_tensor(handle.get_tensor(key), key, dtype, target_numpy, weights_path)
                 factors.append(tensor.to(device).contiguous())
                 nbytes += tensor.numel() * tensor.element_size()
             modules.append(LoraModule(plan.layer, plan.module, factors[0], factors[1], plan.scale))
     if adapter_id is None:
         adapter_id = adapter_id_from_parts(_parse_config_file(folder / CONFIG_NAME), weights_path)
     return AdapterWeights(adapter_id=adapter_id, config=config, modules=tuple(modules), nbytes=nbytes)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _checked_tensor(value, key: str, dtype: torch.dtype, target_numpy, path: Path) -> torch.Tensor:
+    """Reject non-finite values in the file, and values the conversion to `dtype` would overflow."""
+    if isinstance(value, np.ndarray):
+        finite = bool(np.isfinite(value).all())
+        if finite and target_numpy is not None:
+            converted = value.astype(target_numpy, copy=False)
+            if not np.isfinite(converted).all():
+                raise AdapterRejected(f"tensor {key!r} holds values that overflow {dtype}", path=path)
+            return torch.from_numpy(np.ascontiguousarray(converted))
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+    else:
+        tensor = value
+        finite = bool(torch.isfinite(tensor).all())
+    if not finite:
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise AdapterRejected(f"tensor {key!r} holds {bad} non-finite values (NaN or Inf)", path=path)
+    converted = tensor.to(dtype)
+    if not bool(torch.isfinite(converted).all()):
+        raise AdapterRejected(f"tensor {key!r} holds values that overflow {dtype}", path=path)
+    return converted
 
 
 def validate_adapter(path: Path | str, shapes: ModuleShapes, max_rank: int = 256,
@@ -638,6 +665,13 @@ def write_peft_adapter(folder: Path | str, config: dict, factors: dict[tuple[int
     return folder
 
 
+def _random_factor(rng: np.random.Generator, shape: tuple[int, int], std: float, dtype: torch.dtype) -> torch.Tensor:
+    values = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    if dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(values.astype(_NUMPY_DTYPES[dtype]))
+    return torch.from_numpy(values).to(dtype)
+
+
 def write_random_adapter(folder: Path | str, shapes: ModuleShapes, rank: int, targets: tuple[str, ...], *,
                          alpha: float | None = None, seed: int = 0, std: float = 0.02,
                          dtype: torch.dtype = torch.float32) -> Path:
@@ -645,15 +679,13 @@ def write_random_adapter(folder: Path | str, shapes: ModuleShapes, rank: int, ta
 
     Much faster than building it through PEFT, which needs the base model in memory.
     """
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     factors = {}
     for layer, module, _ in shapes.module_keys():
         if module in targets:
             in_features, out_features = shapes.shapes[module]
-            factors[(layer, module)] = (
-                (torch.randn(rank, in_features, generator=generator) * std).to(dtype),
-                (torch.randn(out_features, rank, generator=generator) * std).to(dtype),
-            )
+            factors[(layer, module)] = tuple(_random_factor(rng, shape, std, dtype)
+                                             for shape in ((rank, in_features), (out_features, rank)))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
               "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
               "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "use_dora": False,

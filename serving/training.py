@@ -635,8 +635,7 @@ def train_adapter(
         "eval_loss_after": round(loss_after, 4),
         "train_tokens": config.steps * config.batch_size * config.seq_len,
     }
-    for key in ("eval_fraction", "eval_blocks", "warmup_steps", "sample_tokens"):
-        training.pop(key)
+    training.pop("sample_tokens")
     adapter_file = write_adapter(model, out_dir, base.name, _metadata(datanets, base_id, training))
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
 

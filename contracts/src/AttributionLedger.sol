@@ -7,6 +7,7 @@ import {MerkleLog} from "./lib/MerkleLog.sol";
 import {ReentrancyGuard} from "./lib/ReentrancyGuard.sol";
 import {Signatures} from "./lib/Signatures.sol";
 
+/// @notice The Registry functions the ledger calls (documented in Registry.sol).
 interface IRegistryView {
     function isActiveNode(address node) external view returns (bool);
     function adapterPayee(bytes32 adapterId) external view returns (address owner, uint256 datanetCount);
@@ -15,6 +16,7 @@ interface IRegistryView {
     function slash(address node, uint256 amount, address recipient) external returns (uint256);
 }
 
+/// @notice The PaymentChannels function the ledger calls (documented in PaymentChannels.sol).
 interface IRevenueSource {
     function releaseRevenue(address node, uint256 amount) external;
 }
@@ -456,6 +458,8 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
         dispute.status = DisputeStatus.Slashed;
         address challenger = dispute.challenger;
         uint256 bond = dispute.bond;
+        // The only external call goes to our own Registry, which moves stake to this contract; the dispute is
+        // already closed above, and nonReentrant covers the rest.
         slashed = _penalize(dispute.node, dispute.leafHash);
         claimable[challenger] += slashed + bond;
         emit DisputeResolved(disputeId, dispute.node, challenger, slashed, bond);

@@ -171,3 +171,18 @@ def test_python_voucher_digest_and_recovery_match_the_contract(world, channel):
     assert recover_voucher_signer(voucher, world.chain_id, world.channels.address) == world.client.address
     assert recover_voucher_signer(voucher, 1, world.channels.address) != world.client.address
     assert SignedVoucher.from_json(voucher.to_json()) == voucher
+
+
+def test_signature_that_recovers_nobody_is_rejected(world, channel):
+    zero_r = "0x" + "00" * 32 + (1).to_bytes(32, "big").hex() + "1b"  # r = 0: ecrecover returns address(0)
+    with reverts("SignatureInvalid"):
+        world.channels.redeem(world.node, SignedVoucher(channel, OPEN, zero_r))
+
+
+def test_deposits_beyond_uint128_are_refused(world):
+    huge = 2**128
+    world.token.mint(world.deployer, world.client.address, huge)
+    with reverts("AmountTooLarge", amount=huge):
+        world.channels.deposit(world.client, world.node.address, huge)
+    with reverts("AmountTooLarge", amount=huge):
+        world.registry.register_node(world.client, huge, "e", b"p")

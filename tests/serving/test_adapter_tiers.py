@@ -22,7 +22,14 @@ from serving.adapter_tiers import (
     TieredAdapters,
     _Cost,
 )
-from serving.peft_format import WEIGHTS_NAME, AdapterRejected, AdapterWeights, ModuleShapes, write_random_adapter
+from serving.peft_format import (
+    WEIGHTS_NAME,
+    AdapterRejected,
+    AdapterWeights,
+    ModuleShapes,
+    load_adapter,
+    write_random_adapter,
+)
 
 SHAPES = ModuleShapes.from_hf_config({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                                       "intermediate_size": 160, "num_hidden_layers": 2})
@@ -261,8 +268,8 @@ def test_failures_are_reported_per_adapter(store, tmp_path):
 
 
 def test_remote_fetch_through_http(store, tmp_path):
-    from tests.serving.test_adapter_store import _BundleServer
     from serving.adapter_store import HttpSource
+    from tests.serving.test_adapter_store import _BundleServer
 
     peer_store = AdapterStore(tmp_path / "peer")
     (remote,) = _make_adapters(peer_store, tmp_path / "peer-src", [16])
@@ -288,8 +295,8 @@ def test_remote_fetch_through_http(store, tmp_path):
 
 
 def test_disk_budget_trims_fetched_adapters_only(store, tmp_path):
-    from tests.serving.test_adapter_store import _BundleServer
     from serving.adapter_store import HttpSource
+    from tests.serving.test_adapter_store import _BundleServer
 
     (local,) = _make_adapters(store, tmp_path / "local-src", [32])
     peer_store = AdapterStore(tmp_path / "peer")
@@ -340,13 +347,11 @@ def test_random_adapter_writer_matches_peft(tiny_llama, tmp_path):
 
     shapes = ModuleShapes.from_model_dir(tiny_llama.base_dir)
     folder = write_random_adapter(tmp_path / "gen", shapes, 6, ("k_proj", "down_proj"), alpha=3, seed=1, std=0.2)
-    weights = store_load = AdapterStore(tmp_path / "h").add(folder, shapes)
-    assert store_load.max_rank == 6 and weights.targets == ("down_proj", "k_proj")
+    record = AdapterStore(tmp_path / "h").add(folder, shapes)
+    assert record.max_rank == 6 and record.targets == ("down_proj", "k_proj")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama.base_dir)
     before = base.model.layers[1].self_attn.k_proj.weight.clone()
     merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
-    from serving.peft_format import load_adapter
-
     module = next(m for m in load_adapter(folder, shapes).modules if (m.layer, m.module) == (1, "k_proj"))
     torch.testing.assert_close(merged.model.layers[1].self_attn.k_proj.weight - before,
                                module.scale * module.lora_b @ module.lora_a, atol=1e-6, rtol=1e-5)
