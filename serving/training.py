@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -497,6 +498,18 @@ def read_adapter_metadata(adapter_dir: Path) -> AdapterProvenance:
 # ---------------------------------------------------------------- the run
 
 
+def _load_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    if not any((base / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise TrainingError(f"{base} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(base))
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"cannot load the tokenizer in {base}: {error}") from error
+
+
+
 def train_adapter(
     base: Path,
     datanet_dirs: Sequence[Path],
@@ -516,7 +529,7 @@ def train_adapter(
     The checkpoint is removed once the adapter is written.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from serving.base_models import base_model_id
     from serving.peft_format import adapter_id_of
@@ -530,7 +543,9 @@ def train_adapter(
 
     emit(TrainingEvent("load", message=f"loading {base.name} and tokenizing {len(datanets)} Datanet(s)"))
     if codec is None:
-        codec = codec_from_tokenizer(tokenizer or AutoTokenizer.from_pretrained(str(base)))
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(base)
+        codec = codec_from_tokenizer(tokenizer)
     blocks = [prepare_blocks(Path(d), share, codec, config) for d, share in zip(datanet_dirs, datanets, strict=True)]
     base_id = base_model_id(base)
 
@@ -546,7 +561,10 @@ def train_adapter(
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers 5 API that warns of its own rename; nothing for users to do.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora)
     except ValueError as error:
         raise TrainingError(f"targets {list(config.targets)} do not fit {base.name}: {error}") from error
     optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=config.lr, weight_decay=0.0)

@@ -337,6 +337,15 @@ def test_cli_refuses_bad_shares_in_one_line(tiny_model_with_tokenizer, datanets,
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_names_a_base_without_tokenizer(learnable_base, datanets, tmp_path):
+    from node.commands.train import app
+
+    args = ["--base", str(learnable_base), "--datanet", str(datanets["clauses"]), "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "has no tokenizer" in result.output and "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------- the shipped demo adapters
 
 SHIPPED = {

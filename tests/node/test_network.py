@@ -1,0 +1,233 @@
+"""Three nodes on loopback with a real anvil: paid requests, receipts, checkpoints, audits, restarts.
+
+The embedded base model and the shipped adapters run for real; one engine is
+shared by the three in-process nodes to keep memory and time down (each node
+still has its own key, receipt log, payment intake and HTTP server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from contracts.anvil import DEV_ACCOUNTS, Anvil
+from contracts.client import LongtailContracts
+from node.devnet import ADAPTERS, CLIENT_ACCOUNT, NODE_ACCOUNTS, NODE_ADAPTERS, PRICE_PER_1K_TOKENS, setup_chain
+from serving.base_models import embedded_model_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.chain]
+PASSWORD = "test-password"
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    if not (embedded_model_dir() / "config.json").exists():
+        pytest.skip("embedded base model not prepared: run `make setup`")
+    if not all((ADAPTERS / name).exists() for names in NODE_ADAPTERS.values() for name in names):
+        pytest.skip("shipped demo adapters missing from data/adapters")
+    from transformers import AutoTokenizer
+
+    from node.config import NodeConfig
+    from node.runner import build_engine
+
+    model_dir = embedded_model_dir()
+    engine = build_engine(NodeConfig(kv_cache_bytes=64 * 2**20), model_dir)
+    yield engine, AutoTokenizer.from_pretrained(model_dir)
+    getattr(engine, "shutdown", lambda: None)()
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    anvil = Anvil().start()
+    deployment, adapter_ids = setup_chain(anvil.w3, log=lambda *_: None)
+    folder = tmp_path_factory.mktemp("chain")
+    deployment.save(folder / "deployment.json")
+    yield anvil, deployment, folder / "deployment.json", adapter_ids
+    anvil.stop()
+
+
+def node_config(tmp: Path, name: str, deployment_file: Path, rpc_url: str):
+    from node.config import NodeConfig
+
+    return NodeConfig(name=name, home=tmp / name, http_port=0, chain_rpc=rpc_url, deployment=deployment_file,
+                      adapters=tuple(str(ADAPTERS / a) for a in NODE_ADAPTERS[name]),
+                      price_per_1k_tokens=PRICE_PER_1K_TOKENS, checkpoint_every_receipts=10_000,
+                      checkpoint_every_seconds=3600.0, redeem_min_amount=1, max_prompt_tokens=256,
+                      max_tokens_limit=64)
+
+
+async def start_nodes(tmp, chain_info, shared_model, names=("node-a", "node-b", "node-c")):
+    from node.runner import open_node
+
+    anvil, _, deployment_file, _ = chain_info
+    engine, tokenizer = shared_model
+    return {name: await open_node(node_config(tmp, name, deployment_file, anvil.url),
+                                  bytes(DEV_ACCOUNTS[NODE_ACCOUNTS[name]].key), engine, tokenizer)
+            for name in names}
+
+
+def make_client(tmp, chain_info):
+    from node.client import PayingClient
+
+    anvil, deployment, _, _ = chain_info
+    return PayingClient(DEV_ACCOUNTS[CLIENT_ACCOUNT], anvil.url, deployment, tmp / "client")
+
+
+async def stop_all(nodes):
+    for running in nodes.values():
+        await running.stop()
+
+
+def test_paid_requests_checkpoint_and_a_clean_audit(tmp_path, chain, shared_model, monkeypatch):
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
+    anvil, deployment, _, adapter_ids = chain
+    from node.auditor import audit
+
+    async def scenario():
+        nodes = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
+        client = make_client(tmp_path, chain)
+        node_a = nodes["node-a"]
+        try:
+            await asyncio.to_thread(client.ensure_deposit, node_a.node.address, 10**17, 10**18)
+            async with aiohttp.ClientSession() as session:
+                first = await client.ask(session, node_a.url, "legal-r8", "Draft a liability clause.", 8)
+                second = await client.ask(session, node_a.url, adapter_ids["recipes-r16"], "How to start risotto?", 8)
+                assert (first.receipt.receipt.seq, second.receipt.receipt.seq) == (0, 1)
+                assert first.receipt.receipt.adapter_id == adapter_ids["legal-r8"]
+                assert first.receipt.attribution.datanet_ids, "an adapter trained on Datanets attributes to them"
+                await client.settle(session, node_a.url)
+                result = await node_a.checkpointer.run_round()
+                assert result.posted_size == 2 and result.epoch == 1
+                assert await client.check_inclusion(session, node_a.url, first.receipt) is True
+                async with session.get(f"{node_a.url}/metrics") as response:
+                    assert "longtail_receipts_total 2.0" in await response.text()
+                async with session.get(f"{node_a.url}/") as response:
+                    page = await response.text()
+                assert "legal-r8" in page and first.receipt.receipt.request_id[:10] in page
+            report = await audit(node_a.url, anvil.url, deployment)
+            assert report.clean, report.findings
+            assert (report.receipts_checked, report.checkpoints_checked) == (2, 1)
+            contracts = LongtailContracts.connect(anvil.w3, deployment)
+            paid = sum(r.paid for r in contracts.channels.redemptions(node=node_a.node.address))
+            assert paid == first.receipt.receipt.price + second.receipt.receipt.price
+        finally:
+            await stop_all(nodes)
+
+    asyncio.run(scenario())
+
+
+def test_bad_requests_get_clear_errors_and_the_node_keeps_serving(tmp_path, chain, shared_model, monkeypatch):
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
+
+    async def scenario():
+        nodes = await start_nodes(tmp_path, chain, shared_model, ("node-b",))
+        client = make_client(tmp_path, chain)
+        url = nodes["node-b"].url
+        address = nodes["node-b"].node.address
+        try:
+            channel = await asyncio.to_thread(client.ensure_deposit, address, 10**17, 10**18)
+            body = {"model": "reviews-r4", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            async with aiohttp.ClientSession() as session:
+                async def post(payload, headers=None):
+                    async with session.post(f"{url}/v1/chat/completions", json=payload, headers=headers or {}) as r:
+                        return r.status, await r.json()
+
+                status, error = await post(body)
+                assert status == 402 and "X-Longtail-Channel" in error["error"]["message"]
+                status, error = await post({**body, "model": "nope"}, {"X-Longtail-Channel": channel})
+                assert status == 404 and error["error"]["code"] == "model_not_found"
+                status, error = await post({**body, "messages": [{"role": "user", "content": "word " * 400}]},
+                                           {"X-Longtail-Channel": channel})
+                assert status == 400 and error["error"]["code"] == "prompt_too_large"
+                forged = {"X-Longtail-Channel": channel, "X-Longtail-Voucher-Amount": "5",
+                          "X-Longtail-Voucher-Signature": "0x" + "11" * 65}
+                status, error = await post(body, forged)
+                assert status == 401
+                status, _ = await post({**body, "max_tokens": "many"}, {"X-Longtail-Channel": channel})
+                assert status == 400
+                answer = await client.ask(session, url, "reviews-r4", "Review a lock held during I/O.", 6)
+                assert answer.receipt.receipt.seq == 0
+        finally:
+            await stop_all(nodes)
+
+    asyncio.run(scenario())
+
+
+def test_openai_client_works_with_payment_headers(tmp_path, chain, shared_model, monkeypatch):
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
+    import openai
+
+    async def scenario():
+        nodes = await start_nodes(tmp_path, chain, shared_model, ("node-c",))
+        client = make_client(tmp_path, chain)
+        running = nodes["node-c"]
+        try:
+            channel = await asyncio.to_thread(client.ensure_deposit, running.node.address, 10**17, 10**18)
+            api = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="unused",
+                                     default_headers={"X-Longtail-Channel": channel})
+            completion = await api.chat.completions.create(
+                model="reviews-r4", messages=[{"role": "user", "content": "Comment on an off-by-one."}], max_tokens=6)
+            assert completion.choices[0].message.content
+            assert completion.model_extra["longtail"]["receipt"]["seq"] == 0
+            # The second request must carry a voucher for what the first one cost.
+            client.state.set_owed(channel, int(completion.model_extra["longtail"]["payCumulative"]))
+            stream = await api.chat.completions.create(
+                model="reviews-r4", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, stream=True,
+                extra_headers=client._voucher_headers(channel))
+            chunks = [chunk async for chunk in stream]
+            assert chunks[-1].model_extra["longtail"]["receipt"]["seq"] == 1
+            await api.close()
+        finally:
+            await stop_all(nodes)
+
+    asyncio.run(scenario())
+
+
+def test_edited_receipt_is_flagged_and_restart_loses_nothing(tmp_path, chain, shared_model, monkeypatch):
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
+    anvil, deployment, _, _ = chain
+    from node.auditor import audit
+
+    async def scenario():
+        nodes = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
+        client = make_client(tmp_path, chain)
+        url = nodes["node-a"].url
+        address = nodes["node-a"].node.address
+        await asyncio.to_thread(client.ensure_deposit, address, 10**17, 10**18)
+        async with aiohttp.ClientSession() as session:
+            for prompt in ("One clause.", "Another clause."):
+                await client.ask(session, url, "legal-r8", prompt, 6)
+            await client.settle(session, url)
+        await nodes["node-a"].checkpointer.run_round()
+        size_before = nodes["node-a"].node.receipt_log.size
+        await stop_all(nodes)
+
+        restarted = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
+        url = restarted["node-a"].url
+        try:
+            assert restarted["node-a"].node.receipt_log.size == size_before
+            async with aiohttp.ClientSession() as session:
+                answer = await client.ask(session, url, "legal-r8", "A third clause.", 6)
+                assert answer.receipt.receipt.seq == size_before
+            assert (await audit(url, anvil.url, deployment)).clean
+        finally:
+            await stop_all(restarted)
+        database = tmp_path / "node-a" / "node.sqlite"
+        with sqlite3.connect(database) as connection:
+            body = json.loads(connection.execute("select body from receipts where seq = 1").fetchone()[0])
+            body["receipt"]["price"] = "1"
+            connection.execute("update receipts set body = ? where seq = 1", (json.dumps(body),))
+        tampered = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
+        try:
+            report = await audit(tampered["node-a"].url, anvil.url, deployment)
+            assert not report.clean
+            assert any(f.where == "seq 1" for f in report.findings), report.findings
+        finally:
+            await stop_all(tampered)
+
+    asyncio.run(scenario())
