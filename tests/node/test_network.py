@@ -17,7 +17,14 @@ import pytest
 
 from contracts.anvil import DEV_ACCOUNTS, Anvil
 from contracts.client import LongtailContracts
-from node.devnet import ADAPTERS, CLIENT_ACCOUNT, NODE_ACCOUNTS, NODE_ADAPTERS, PRICE_PER_1K_TOKENS, setup_chain
+from node.devnet import (
+    ADAPTERS,
+    CLIENT_ACCOUNT,
+    NODE_ACCOUNTS,
+    NODE_ADAPTERS,
+    PRICE_PER_1K_TOKENS,
+    setup_chain,
+)
 from serving.base_models import embedded_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.chain]
