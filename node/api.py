@@ -45,6 +45,7 @@ class NodeService(Protocol):
     def metrics(self) -> bytes: ...
     def health(self) -> dict: ...
     def dashboard(self) -> str: ...
+    async def adapter_bundle(self, adapter_id: str) -> bytes: ...
 
 
 SERVICE_KEY = web.AppKey("service", NodeService)
@@ -170,6 +171,11 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(request.app[SERVICE_KEY].health())
 
 
+async def adapter_bundle(request: web.Request) -> web.Response:
+    bundle = await request.app[SERVICE_KEY].adapter_bundle(request.match_info["adapter_id"].lower())
+    return web.Response(body=bundle, content_type="application/octet-stream")
+
+
 async def dashboard(request: web.Request) -> web.Response:
     return web.Response(text=request.app[SERVICE_KEY].dashboard(), content_type="text/html")
 
@@ -188,6 +194,7 @@ def build_app(service: NodeService) -> web.Application:
         web.get("/v1/log/checkpoint", checkpoint),
         web.get("/v1/log/proof", proof),
         web.get("/v1/log/consistency", consistency),
+        web.get("/v1/adapters/{adapter_id}/bundle", adapter_bundle),
         web.get("/metrics", metrics),
         web.get("/healthz", health),
     ])

@@ -48,6 +48,11 @@ class Attributor:
             indexes[index.datanet_id.lower()] = index
         return cls(indexes, min_span)
 
+    def add_folders(self, folders: Sequence[Path]) -> None:
+        for folder in folders:
+            index = load_datanet_index(folder)
+            self.indexes.setdefault(index.datanet_id.lower(), index)
+
     def attribute(self, entry: CatalogEntry, output_token_ids: Sequence[int]) -> Attribution:
         if not entry.datanets:
             return Attribution(AttributionVector(), (), 0)

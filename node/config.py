@@ -40,6 +40,8 @@ class NodeConfig:
     public_url: str | None = None
     p2p_listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    fetch_from_registry_peers: bool = True
     price_per_1k_tokens: int = 10**16
     checkpoint_every_receipts: int = 100
     checkpoint_every_seconds: float = 60.0

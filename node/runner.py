@@ -28,11 +28,14 @@ from node.catalog import Catalog, CatalogEntry, read_datanet_shares
 from node.chain import ChainGateway
 from node.checkpointer import Checkpointer
 from node.config import NodeConfig
+from node.errors import UnknownModel
 from node.generation import GenerationGateway
 from node.keys import KeystoreError, NodeKey, load_or_create
 from node.payments import PaymentIntake, Voucher
 from node.service import Node
+from serving.adapter_store import AdapterStore, AdapterStoreError, HttpSource
 from serving.base_models import base_model_id, resolve_model
+from serving.peft_format import ModuleShapes
 
 log = logging.getLogger("longtail.node")
 REPO_DATANETS = Path(__file__).resolve().parent.parent / "data" / "datanets"
@@ -74,6 +77,16 @@ def ensure_span_indexes(datanet_ids: set[str], tokenizer, root: Path = REPO_DATA
             build_datanet_index(folder, tokenizer)
         folders.append(folder)
     return folders
+
+
+def _serve_stored(engine, store: AdapterStore, adapter_id: str, name: str, price: int) -> CatalogEntry:
+    """Load a stored adapter into the engine and describe it for the catalog."""
+    path = store.path_of(adapter_id)
+    loaded_id = engine.add_adapter(path)
+    if loaded_id != adapter_id:
+        raise NodeStartError(f"engine computed adapter id {loaded_id} for {path}, the store says {adapter_id}")
+    return CatalogEntry(name=name, adapter_id=adapter_id, price_per_1k_tokens=price,
+                        datanets=read_datanet_shares(path), path=path)
 
 
 @dataclasses.dataclass
@@ -124,11 +137,14 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     base_id = await asyncio.to_thread(base_model_id, model_dir)
     catalog = Catalog(CatalogEntry(name=model_dir.name, adapter_id=None,
                                    price_per_1k_tokens=config.price_per_1k_tokens))
+    shapes = ModuleShapes.from_model_dir(model_dir)
+    adapter_store = AdapterStore(config.node_home / "adapters")
     for adapter in config.adapters:
         path = Path(adapter).expanduser()
-        adapter_id = await asyncio.to_thread(engine.add_adapter, path)
-        catalog.add(CatalogEntry(name=path.name, adapter_id=adapter_id, price_per_1k_tokens=config.price_per_1k_tokens,
-                                 datanets=read_datanet_shares(path), path=path))
+        stored = await asyncio.to_thread(adapter_store.add, path, shapes, name=path.name, replace_alias=True)
+        entry = await asyncio.to_thread(_serve_stored, engine, adapter_store, stored.adapter_id, path.name,
+                                        config.price_per_1k_tokens)
+        catalog.add(entry)
     datanet_ids = {d.datanet_id for entry in catalog.entries() for d in entry.datanets}
     folders = await asyncio.to_thread(ensure_span_indexes, datanet_ids, tokenizer)
     attributor = await asyncio.to_thread(Attributor.from_folders, folders)
@@ -149,6 +165,34 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     payments = PaymentIntake(key.address, chain.read_channel, chain.recover_voucher_signer, load_account,
                              save_voucher)
     node = Node(config, key.address, catalog, generation, receipt_log, payments, attributor, base_id)
+    node.adapter_store = adapter_store
+
+    async def fetch_adapter(adapter_id: str) -> CatalogEntry:
+        """Just in time: bring an adapter registered on chain from a peer that serves it, verified by its id."""
+        peers = list(config.peers)
+        if config.fetch_from_registry_peers:
+            nodes = await chain._call(lambda: chain.contracts.registry.registered_nodes(
+                from_block=deployment.block_number), "read registered nodes")
+            peers += [n.endpoint for n in nodes if n.endpoint and n.endpoint.rstrip("/") != running_url[0]]
+        registration = await chain._call(lambda: chain.contracts.registry.get_adapter(adapter_id),
+                                         f"read adapter {adapter_id}")
+        if not registration.registered:
+            raise UnknownModel(f"adapter {adapter_id} is neither served here nor registered on chain", param="model")
+        sources = [HttpSource(f"{peer.rstrip('/')}/v1/adapters/{{adapter_id}}/bundle") for peer in peers]
+        try:
+            await asyncio.to_thread(adapter_store.fetch, adapter_id, sources, shapes)
+        except AdapterStoreError as error:
+            raise UnknownModel(f"adapter {adapter_id} could not be fetched from any peer: {error}",
+                               param="model") from None
+        entry = await asyncio.to_thread(_serve_stored, engine, adapter_store, adapter_id, adapter_id,
+                                        registration.price_per_1k_tokens)
+        await asyncio.to_thread(attributor.add_folders,
+                                ensure_span_indexes({d.datanet_id for d in entry.datanets}, tokenizer))
+        log.info("fetched adapter %s from a peer", adapter_id)
+        return entry
+
+    node.adapter_fetcher = fetch_adapter
+    running_url = [""]
     checkpointer = Checkpointer(node, chain, config.checkpoint_every_receipts, config.checkpoint_every_seconds,
                                 config.redeem_min_amount)
     node.checkpointer = checkpointer
@@ -163,8 +207,9 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
         await runner.cleanup()
         raise NodeStartError(f"cannot listen on {config.http_host}:{config.http_port}: {error.strerror}") from None
     port = runner.addresses[0][1]
+    running_url[0] = f"http://{config.http_host}:{port}"
     checkpointer.start()
-    return RunningNode(node=node, runner=runner, url=f"http://{config.http_host}:{port}", checkpointer=checkpointer)
+    return RunningNode(node=node, runner=runner, url=running_url[0], checkpointer=checkpointer)
 
 
 async def serve_forever(config: NodeConfig) -> None:

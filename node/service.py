@@ -24,7 +24,7 @@ from node.attributor import Attribution, Attributor
 from node.catalog import Catalog, CatalogEntry
 from node.config import NodeConfig
 from node.dashboard import render_dashboard
-from node.errors import BadRequest, NodeBusy, NotFound, PromptTooLarge
+from node.errors import BadRequest, NodeBusy, NotFound, PromptTooLarge, UnknownModel
 from node.generation import GenerationGateway, GenerationResult
 from node.metrics import NodeMetrics
 from node.payments import PaymentIntake, Voucher, price_for_tokens
@@ -35,6 +35,10 @@ log = logging.getLogger("longtail.node")
 
 def hex32(data: bytes) -> str:
     return "0x" + data.hex()
+
+
+def _is_adapter_id(value: str) -> bool:
+    return value.startswith("0x") and len(value) == 66 and all(c in "0123456789abcdefABCDEF" for c in value[2:])
 
 
 def prompt_text_as_received(request: CompletionRequest) -> str:
@@ -64,13 +68,28 @@ class Node:
         self._in_flight = 0
         self._recent: list[dict] = []
         self._owed_after: dict[str, int] = {}
+        self.adapter_fetcher = None  # async (adapter_id) -> CatalogEntry, set by the runner
+        self.adapter_store = None
+        self._fetch_lock = asyncio.Lock()
         self.checkpointer = None  # set by the runner when a chain is configured
         self.stats.log_size.set(receipt_log.size)
 
     # --- inference ------------------------------------------------------------------------------
 
-    def _prepare(self, request: CompletionRequest) -> tuple[CatalogEntry, list[int]]:
-        entry = self.catalog.resolve(request.model)
+    async def _resolve(self, model: str) -> CatalogEntry:
+        """The catalog entry for `model`; an adapter id this node lacks is fetched from a peer just in time."""
+        try:
+            return self.catalog.resolve(model)
+        except UnknownModel:
+            if self.adapter_fetcher is None or not _is_adapter_id(model):
+                raise
+        async with self._fetch_lock:
+            if self.catalog.by_adapter_id(model) is None:
+                entry = await self.adapter_fetcher(model.lower())
+                self.catalog.add(entry)
+        return self.catalog.resolve(model)
+
+    def _prepare(self, request: CompletionRequest, entry: CatalogEntry) -> tuple[CatalogEntry, list[int]]:
         prompt_ids = self.generation.encode(request)
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise PromptTooLarge(f"prompt is {len(prompt_ids)} tokens; this node accepts at most "
@@ -81,7 +100,7 @@ class Node:
         return entry, prompt_ids
 
     async def _admit(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None):
-        entry, prompt_ids = self._prepare(request)
+        entry, prompt_ids = self._prepare(request, await self._resolve(request.model))
         max_price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + request.max_tokens)
         reservation = await self.payments.reserve(channel_id, voucher, max_price)
         return entry, prompt_ids, reservation
@@ -253,6 +272,13 @@ class Node:
         proof = self.receipt_log.consistency_proof(first, second)
         return {"first": first, "second": second, "first_root": hex32(self.receipt_log.root(first)),
                 "second_root": hex32(self.receipt_log.root(second)), "proof": [hex32(p) for p in proof]}
+
+    async def adapter_bundle(self, adapter_id: str) -> bytes:
+        """An adapter's verified bytes for a peer; only adapters this node serves are shared."""
+        entry = self.catalog.by_adapter_id(adapter_id) if _is_adapter_id(adapter_id) else None
+        if entry is None or self.adapter_store is None:
+            raise NotFound(f"this node does not serve adapter {adapter_id}")
+        return await asyncio.to_thread(self.adapter_store.open_bundle, adapter_id)
 
     # --- operations -----------------------------------------------------------------------------
 
