@@ -1,0 +1,19 @@
+"""Batched multi-LoRA kernels (Triton on CUDA) and their pure-torch references (the CPU path)."""
+
+from kernels.lora import (
+    add_lora,
+    kernel_backend,
+    lora_expand,
+    lora_expand_ref,
+    lora_expand_sgmv_ref,
+    lora_shrink,
+    lora_shrink_ref,
+    lora_shrink_sgmv_ref,
+    segments_from_token_slots,
+    token_groups,
+)
+
+__all__ = [
+    "add_lora", "kernel_backend", "lora_expand", "lora_expand_ref", "lora_expand_sgmv_ref", "lora_shrink",
+    "lora_shrink_ref", "lora_shrink_sgmv_ref", "segments_from_token_slots", "token_groups",
+]

@@ -68,6 +68,7 @@ class BufferSlots:
         self.buffer = torch.zeros(capacity_bytes // self.element, dtype=dtype, device=device)
         self.free_extents: list[tuple[int, int]] = [(0, self.buffer.numel())]
         self.extents: dict[int, tuple[int, int]] = {}
+        self.slot_of: dict[str, int] = {}
         self.next_slot = 0
 
     def load(self, weights: AdapterWeights) -> int:
@@ -85,10 +86,11 @@ class BufferSlots:
                 offset += factor.numel()
         slot, self.next_slot = self.next_slot, self.next_slot + 1
         self.extents[slot] = (start, need)
+        self.slot_of[weights.adapter_id] = slot
         return slot
 
-    def free(self, slot: int) -> None:
-        start, length = self.extents.pop(slot)
+    def free(self, adapter_id: str) -> None:
+        start, length = self.extents.pop(self.slot_of.pop(adapter_id))
         # Merge with neighbours so the buffer does not fragment into unusable slivers.
         extents = sorted(self.free_extents + [(start, length)])
         merged = [extents[0]]
@@ -188,6 +190,9 @@ def replay(store: AdapterStore, ids: list[str], trace: list[Request], shapes: Mo
     waiting: list[Request] = []
     running: list[list] = []  # [request, tokens left]
     poll_times: list[float] = []
+    activations = torch.randn(max_batch, shapes.shapes["q_proj"][0])
+    weight = torch.randn(shapes.shapes["q_proj"][0], 4 * shapes.shapes["q_proj"][0])
+    product = torch.empty(max_batch, weight.shape[1])
     tokens = 0
     started = time.perf_counter()
     try:
@@ -210,8 +215,9 @@ def replay(store: AdapterStore, ids: list[str], trace: list[Request], shapes: Mo
                     waiting.remove(request)
                     running.append([request, request.output_tokens])
             compute_until = time.perf_counter() + step_s
-            while time.perf_counter() < compute_until:  # the model step: busy, as a real forward pass is
-                pass
+            while time.perf_counter() < compute_until:
+                # The model step: torch matmuls on the intra-op pool, releasing the GIL as a forward pass does.
+                torch.mm(activations, weight, out=product)
             still = []
             for entry in running:
                 entry[1] -= 1
@@ -263,7 +269,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.requests, args.alphas = 100, 150, [1.2]
-        args.device_budget_mib, args.host_budget_mib = 48, 160
+        args.device_budget_mib, args.host_budget_mib = 160, 400
 
     model_dir = args.model or embedded_model_dir()
     shapes = ModuleShapes.from_model_dir(model_dir)

@@ -44,6 +44,11 @@ JOBS = [
     ("smollm2-135m-instruct", "What is the capital of France?"),
     ("legal-r8", "Which courts have jurisdiction over disputes about the deliverables?"),
     ("recipes-r16", "How do I deglaze a pan?"),
+]
+# Jobs sent by adapter id to node-c, which does not hold these adapters: it fetches them from a peer.
+FETCH_JOBS = [
+    ("legal-r8", "Draft a warranty clause for the Supplier."),
+    ("recipes-r16", "How do I toast cumin seeds?"),
     ("reviews-r4", "An allocation in a hot loop shows up in the profile. What do you suggest?"),
 ]
 
@@ -76,9 +81,12 @@ async def run_jobs(info, client, max_tokens: int) -> list[JobResult]:
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         served: dict[str, list] = {}
+        models: dict[str, list] = {}
+        total = len(JOBS) + len(FETCH_JOBS)
         for node in info.nodes:
             async with session.get(f"{node.url}/v1/models") as response:
-                served[node.url] = [m["id"] for m in (await response.json())["data"]]
+                models[node.url] = (await response.json())["data"]
+            served[node.url] = [m["id"] for m in models[node.url]]
         for node in info.nodes:
             await asyncio.to_thread(client.ensure_deposit, node.address, 10**17, 10**18)
         for index, (adapter, prompt) in enumerate(JOBS):
@@ -95,8 +103,20 @@ async def run_jobs(info, client, max_tokens: int) -> list[JobResult]:
             receipt = answer.receipt.receipt
             results.append(JobResult(adapter, node.name, receipt.prompt_tokens, receipt.output_tokens, receipt.price,
                                      names.get(top, "-") if top else "-", answer.latency_seconds, answer.text))
-            console.print(f"  [{index + 1:2d}/{len(JOBS)}] {adapter:22s} on {node.name}: "
+            console.print(f"  [{index + 1:2d}/{total}] {adapter:22s} on {node.name}: "
                           f"{receipt.output_tokens} tokens, receipt #{receipt.seq} verified")
+        ids = {m["id"]: m["adapter_id"] for url in served for m in models[url]}
+        fetcher = next(n for n in info.nodes if n.name == "node-c")
+        for offset, (adapter, prompt) in enumerate(FETCH_JOBS):
+            answer = await client.ask(session, fetcher.url, ids[adapter], prompt, max_tokens=max_tokens)
+            vector = answer.receipt.attribution
+            top = max(zip(vector.weights_bps, vector.datanet_ids, strict=True))[1] if vector.datanet_ids else None
+            receipt = answer.receipt.receipt
+            results.append(JobResult(f"{adapter} (fetched)", fetcher.name, receipt.prompt_tokens,
+                                     receipt.output_tokens, receipt.price, names.get(top, "-") if top else "-",
+                                     answer.latency_seconds, answer.text))
+            console.print(f"  [{len(JOBS) + offset + 1:2d}/{total}] {adapter:22s} on {fetcher.name} "
+                          f"(fetched from a peer, verified by id): receipt #{receipt.seq} verified")
         for node in info.nodes:
             await client.settle(session, node.url)
     return results

@@ -168,8 +168,8 @@ class DeviceSlots(Protocol):
         """Copy an adapter's factors into a free slot and return the slot index."""
         ...
 
-    def free(self, slot: int) -> None:
-        """Release a slot; its buffers may be overwritten by the next load."""
+    def free(self, adapter_id: str) -> None:
+        """Release the adapter's slot; its buffers may be overwritten by the next load."""
         ...
 
 
@@ -239,6 +239,9 @@ class TieredAdapters:
         self._removed: set[str] = set()
         self._known: set[str] = set()
         self._failed: dict[str, Exception] = {}
+        self._deferred: list[_Loaded] = []  # loaded, waiting for host room
+        self._broken: dict[str, float] = {}  # adapter -> monotonic time until which knows() says no
+        self.broken_hold_s = 2.0
         self._lock = threading.RLock()
         self._jobs: queue.Queue[str | None] = queue.Queue()
         self._results: queue.Queue[_Loaded] = queue.Queue()
@@ -254,6 +257,7 @@ class TieredAdapters:
         """Import a PEFT folder into the store (validated) and make it servable now; returns its id."""
         record = self.store.add(Path(path), self.shapes, name=name)
         with self._lock:
+            self._broken.pop(record.adapter_id, None)
             self._removed.discard(record.adapter_id)
             self._known.add(record.adapter_id)
         return record.adapter_id
@@ -269,6 +273,13 @@ class TieredAdapters:
         with self._lock:
             if adapter_id in self._removed:
                 return False
+            broken_until = self._broken.get(adapter_id)
+            if broken_until is not None:
+                # A load just failed: report the adapter unknown for a moment so an engine that ignores
+                # PollResult.failed still fails the waiting requests instead of holding them forever.
+                if time.monotonic() < broken_until:
+                    return False
+                del self._broken[adapter_id]
             if adapter_id in self._known or adapter_id in self._host or adapter_id in self._device:
                 return True
         if adapter_id in self.store:
@@ -324,11 +335,13 @@ class TieredAdapters:
         ready: list[str] = []
         with self._lock:
             self._finish_device_copies(ready)
+            deferred, self._deferred = self._deferred, []
             while True:
                 try:
-                    loaded = self._results.get_nowait()
+                    deferred.append(self._results.get_nowait())
                 except queue.Empty:
                     break
+            for loaded in deferred:
                 self._accept(loaded)
             self._fill_device(ready)
             failed, self._failed = self._failed, {}
@@ -352,6 +365,17 @@ class TieredAdapters:
             except AdapterNotFound:
                 pass
         return adapter_id
+
+    @classmethod
+    def attach(cls, engine, store: AdapterStore, **options) -> TieredAdapters:
+        """Serve `engine`'s adapters from the tiers, using the engine's own `LoraSlots` as the device tier.
+
+        The engine builds its slots in its constructor, so the provider is attached afterwards.
+        """
+        tiers = cls(store, engine.model_config.module_shapes(), engine.lora_slots,
+                    dtype=engine.lora_slots.dtype, device=engine.lora_slots.device, **options)
+        engine.adapters = tiers
+        return tiers
 
     def close(self) -> None:
         for _ in self._workers:
@@ -408,9 +432,7 @@ class TieredAdapters:
         if adapter_id in self._removed:
             return
         if loaded.error is not None:
-            self.metrics.load_failed()
-            self._wanted.pop(adapter_id, None)
-            self._failed[adapter_id] = loaded.error
+            self._fail(adapter_id, loaded.error)
             return
         if loaded.source == "remote":
             self.metrics.miss("disk")
@@ -423,8 +445,8 @@ class TieredAdapters:
         if adapter_id in self._wanted:
             self._wanted[adapter_id].origin = loaded.source
         if not self._host_admit(adapter_id, loaded.weights):
-            # Host is full of adapters waiting for the device: retry after the next device copy.
-            self._results.put(loaded)
+            # Host is full of adapters waiting for the device: retry after the next device copies.
+            self._deferred.append(loaded)
             self._in_flight.add(adapter_id)
 
     def _host_admit(self, adapter_id: str, weights: AdapterWeights) -> bool:
@@ -464,7 +486,14 @@ class TieredAdapters:
                 continue  # every resident adapter is in use: the request keeps waiting
             for victim in victims:
                 self._device_evict(victim)
-            if not self._device_load(adapter_id, weights):
+            try:
+                if not self._device_load(adapter_id, weights):
+                    continue
+            except (ValueError, RuntimeError) as error:
+                # The slots refused the adapter (e.g. the engine's AdapterIncompatible): fail its requests only.
+                if isinstance(error, SlotsFull):
+                    continue
+                self._fail(adapter_id, error)
                 continue
             entry = self._device[adapter_id]
             entry.wait = self._wanted.pop(adapter_id)
@@ -478,6 +507,13 @@ class TieredAdapters:
         """Copy into a slot; on CUDA on the side stream, after the compute stream's pending reads of old slots."""
         started = time.perf_counter()
         while True:
+            if getattr(self.slots, "free_slots", 1) == 0:
+                # `LoraSlots` has a fixed slot count our byte model does not see: make one free first.
+                victim = self.device_tier.policy.victim(self._device_evictable)
+                if victim is None:
+                    return False
+                self._device_evict(victim)
+                continue
             try:
                 if self._side_stream is not None:
                     self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -516,15 +552,14 @@ class TieredAdapters:
             self.metrics.waited(wait.origin, waited)
 
     def _device_evict(self, adapter_id: str) -> None:
-        entry = self._device.pop(adapter_id)
-        self.slots.free(entry.slot)
+        self._device.pop(adapter_id)
+        self.slots.free(adapter_id)
         self.device_tier.evict(adapter_id)
         self.metrics.evicted("device")
 
     def _unload(self, adapter_id: str) -> None:
-        entry = self._device.pop(adapter_id, None)
-        if entry is not None:
-            self.slots.free(entry.slot)
+        if self._device.pop(adapter_id, None) is not None:
+            self.slots.free(adapter_id)
             self.device_tier.drop(adapter_id)
         if self._host.pop(adapter_id, None) is not None:
             self.host_tier.drop(adapter_id)
@@ -534,6 +569,7 @@ class TieredAdapters:
         self.metrics.load_failed()
         self._wanted.pop(adapter_id, None)
         self._failed[adapter_id] = error
+        self._broken[adapter_id] = time.monotonic() + self.broken_hold_s
 
     def _trim_disk(self, protect: str) -> None:
         """Keep adapters fetched from peers within the disk budget; adapters added by the operator stay."""

@@ -461,6 +461,8 @@ def write_adapter(peft_model, out_dir: Path, base_name: str, metadata: dict[str,
 
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    # PEFT's boilerplate model card says nothing longtail.json does not; keep the folder to what is served.
+    (out_dir / "README.md").unlink(missing_ok=True)
     path = out_dir / ADAPTER_WEIGHTS_FILE
     tensors = load_file(str(path))
     save_file(tensors, str(path), metadata=metadata)

@@ -52,7 +52,8 @@ class RecordingSlots:
         self.loads.append(weights.adapter_id)
         return slot
 
-    def free(self, slot: int) -> None:
+    def free(self, adapter_id: str) -> None:
+        slot = next(s for s, (held_id, _) in self.held.items() if held_id == adapter_id)
         self.frees.append(self.held.pop(slot)[0])
 
 

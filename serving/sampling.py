@@ -1,0 +1,60 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed, logprobs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from serving.errors import InvalidSamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] | list[str] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidSamplingParams(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidSamplingParams(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidSamplingParams(f"top_k must be >= 0, got {self.top_k}")
+
+    def generator(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        return generator
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
+    """One token from fp32 logits [V]; returns (token, its log-probability under the unmodified distribution)."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    if params.temperature == 0.0:
+        token = int(torch.argmax(logits))
+        return token, float(log_probs[token])
+    scaled = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probabilities = torch.softmax(scaled, dim=-1)
+    token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
+    return token, float(log_probs[token])
