@@ -19,14 +19,16 @@ def hf_greedy(base_dir, adapter_dir, prompt, new_tokens=NEW_TOKENS):
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     ids = torch.tensor([prompt])
-    tokens, logits = [], []
+    tokens, logits, past = [], [], None
     with torch.inference_mode():
         for _ in range(new_tokens):
-            step = model(input_ids=ids).logits[0, -1].float()
+            result = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            step = result.logits[0, -1].float()
             token = int(step.argmax())
             tokens.append(token)
             logits.append(step)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            ids = torch.tensor([[token]])
     return tokens, torch.stack(logits)
 
 
