@@ -240,6 +240,7 @@ class TieredAdapters:
         self._known: set[str] = set()
         self._failed: dict[str, Exception] = {}
         self._deferred: list[_Loaded] = []  # loaded, waiting for host room
+        self._fresh: set[str] = set()  # became ready in this poll: not evictable before the scheduler sees them
         self._broken: dict[str, float] = {}  # adapter -> monotonic time until which knows() says no
         self.broken_hold_s = 2.0
         self._lock = threading.RLock()
@@ -300,22 +301,35 @@ class TieredAdapters:
                 return
             self.metrics.miss("device")
             if adapter_id not in self._wanted:
-                self._wanted[adapter_id] = _Want(time.perf_counter())
-            if adapter_id in self._host:
-                self.metrics.hit("host")
-                return
-            if adapter_id in self._in_flight:
-                return
-            self.metrics.miss("host")
-            self._in_flight.add(adapter_id)
-            self._jobs.put(adapter_id)
+                self._want(adapter_id)
+
+    def _want(self, adapter_id: str) -> None:
+        """Start bringing an adapter to the device: from the host copy, or from disk / a peer in the background."""
+        self._wanted[adapter_id] = _Want(time.perf_counter())
+        if adapter_id in self._host:
+            self.metrics.hit("host")
+            return
+        if adapter_id in self._in_flight:
+            return
+        self.metrics.miss("host")
+        self._in_flight.add(adapter_id)
+        self._jobs.put(adapter_id)
 
     def slot_of(self, adapter_id: str) -> int | None:
-        """The device slot holding the adapter, or None while it is still loading."""
+        """The device slot holding the adapter, or None while it is still loading.
+
+        The scheduler asks this for every waiting request each step, so it is also the demand
+        signal: an adapter that was evicted before its waiting request was admitted is wanted again.
+        """
         entry = self._device.get(adapter_id)
-        if entry is None or entry.ready is not None:
-            return None
-        return entry.slot
+        if entry is not None and entry.ready is None:
+            return entry.slot
+        if entry is None:
+            with self._lock:
+                if adapter_id not in self._wanted and adapter_id not in self._removed \
+                        and adapter_id not in self._broken:
+                    self._want(adapter_id)
+        return None
 
     def pin(self, adapter_id: str) -> None:
         """A running request uses the adapter: it must stay on the device until unpinned."""
@@ -334,6 +348,8 @@ class TieredAdapters:
         """Install finished loads, move wanted adapters from host into device slots; never blocks on I/O."""
         ready: list[str] = []
         with self._lock:
+            # Adapters made ready by the previous poll have had one scheduling pass to be pinned.
+            self._fresh.clear()
             self._finish_device_copies(ready)
             deferred, self._deferred = self._deferred, []
             while True:
@@ -501,7 +517,8 @@ class TieredAdapters:
                 self._ready(adapter_id, entry, ready)
 
     def _device_evictable(self, adapter_id: str) -> bool:
-        return not self._pins.get(adapter_id) and self._device[adapter_id].ready is None
+        return (not self._pins.get(adapter_id) and adapter_id not in self._fresh
+                and self._device[adapter_id].ready is None)
 
     def _device_load(self, adapter_id: str, weights: AdapterWeights) -> bool:
         """Copy into a slot; on CUDA on the side stream, after the compute stream's pending reads of old slots."""
@@ -531,6 +548,7 @@ class TieredAdapters:
                     return False
                 self._device_evict(victim)
         self._device[adapter_id] = _DeviceEntry(slot, weights.nbytes, event)
+        self._fresh.add(adapter_id)
         self.device_tier.admit(adapter_id, weights.nbytes, self._frequency[adapter_id])
         copy_seconds = time.perf_counter() - started  # on CUDA: the time to enqueue, the copy overlaps compute
         self._device_cost.observe(weights.nbytes, copy_seconds)
