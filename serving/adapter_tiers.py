@@ -564,6 +564,7 @@ class TieredAdapters:
     def _ready(self, adapter_id: str, entry: _DeviceEntry, ready: list[str]) -> None:
         """A device copy completed: the waiting requests may run; time their wait."""
         ready.append(adapter_id)
+        self._fresh.add(adapter_id)
         wait, entry.wait = entry.wait, None
         if wait is not None:
             waited = time.perf_counter() - wait.requested_at

@@ -260,8 +260,43 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} in JSON")
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _json_depth_exceeds(text: str, limit: int) -> bool:
+    """True when brackets nest deeper than `limit` outside strings.
+
+    Checked before parsing: the C decoder recurses per level, and with a raised
+    recursion limit a nesting bomb overflows the C stack instead of raising.
+    """
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def _strict_json(raw: bytes, what: str, path: Path | str | None) -> Any:
     """JSON with no duplicate keys, NaN or Infinity; nesting bombs fail as a rejection, not a crash."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AdapterRejected(f"{what} is not valid JSON: {error}", path=path) from None
+    if _json_depth_exceeds(text, MAX_JSON_DEPTH):
+        raise AdapterRejected(f"{what} is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels", path=path)
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates,
                           parse_constant=_reject_constant)
