@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 from web3 import Web3
 
-from attribution.receipts import ReceiptDomain, SignedReceipt
+from attribution.receipts import DigestMismatch, ReceiptDomain, ReceiptError, SignedReceipt
 from contracts.client import LongtailContracts
 from contracts.deployment import Deployment
 from contracts.payouts import CheckpointPayouts
@@ -21,14 +21,33 @@ def payout_totals(adapters, datanets) -> dict:
             "datanets": {d.id.lower(): d.amount for d in datanets if d.amount}}
 
 
-async def fetch_receipts(session: aiohttp.ClientSession, url: str) -> list[SignedReceipt]:
+def parse_body(body: dict, findings: list[Finding]) -> SignedReceipt | None:
+    """A served body as a receipt; a body whose stated digest disagrees is still checked, and flagged."""
+    where = f"seq {body.get('receipt', {}).get('seq', '?')}"
+    try:
+        return SignedReceipt.from_json(body)
+    except DigestMismatch as error:
+        findings.append(Finding("digest-mismatch", where, str(error)))
+        try:
+            return SignedReceipt.from_json({k: v for k, v in body.items() if k != "digest"})
+        except ReceiptError as inner:
+            findings.append(Finding("malformed-receipt", where, str(inner)))
+    except ReceiptError as error:
+        findings.append(Finding("malformed-receipt", where, str(error)))
+    return None
+
+
+async def fetch_receipts(session: aiohttp.ClientSession, url: str,
+                         findings: list[Finding]) -> list[SignedReceipt]:
     receipts: list[SignedReceipt] = []
+    fetched = 0
     while True:
-        params = {"from_seq": len(receipts), "to_seq": len(receipts) + PAGE}
+        params = {"from_seq": fetched, "to_seq": fetched + PAGE}
         async with session.get(f"{url}/v1/receipts", params=params) as response:
             response.raise_for_status()
             page = (await response.json())["receipts"]
-        receipts.extend(SignedReceipt.from_json(body) for body in page)
+        fetched += len(page)
+        receipts.extend(r for r in (parse_body(body, findings) for body in page) if r is not None)
         if len(page) < PAGE:
             return receipts
 
@@ -39,11 +58,11 @@ async def audit(url: str, rpc_url: str, deployment: Deployment, node: str | None
         async with session.get(f"{url}/healthz") as response:
             served_by = (await response.json())["node"]
         node = node or served_by
+        findings: list[Finding] = []
         try:
-            receipts = await fetch_receipts(session, url)
+            receipts = await fetch_receipts(session, url, findings)
         except aiohttp.ClientError as error:
             return AuditReport(node, 0, 0, (Finding("unreachable", url, str(error)),))
-    findings: list[Finding] = []
     if served_by.lower() != node.lower():
         findings.append(Finding("wrong-node", url, f"{url} is node {served_by}, not {node}"))
     records = contracts.ledger.checkpoints(node)

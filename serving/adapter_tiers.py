@@ -213,7 +213,8 @@ class TieredAdapters:
                  device_budget_bytes: int, host_budget_bytes: int, disk_budget_bytes: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  remote_sources: Iterable[RemoteSource] = (), metrics: AdapterMetrics | None = None,
-                 loader_threads: int = 1, frequency_half_life: int = 10_000):
+                 loader_threads: int = 1, frequency_half_life: int = 10_000,
+                 copy_bytes_per_poll: int = 32 << 20):
         self.store = store
         self.shapes = shapes
         self.slots = slots
@@ -222,6 +223,7 @@ class TieredAdapters:
         self.remote_sources = list(remote_sources)
         self.metrics = metrics or AdapterMetrics()
         self.disk_budget_bytes = disk_budget_bytes
+        self.copy_bytes_per_poll = copy_bytes_per_poll
         self._pin_host = self.device.type == "cuda" and torch.cuda.is_available()
         self._side_stream = torch.cuda.Stream(self.device) if self._pin_host else None
         self._device_cost = _Cost(latency_s=5e-5, bytes_per_s=8e9 if self._pin_host else 4e9)
@@ -485,8 +487,15 @@ class TieredAdapters:
         return True
 
     def _fill_device(self, ready: list[str]) -> None:
-        """Copy wanted adapters that are on the host into device slots, oldest request first."""
+        """Copy wanted adapters that are on the host into device slots, oldest request first.
+
+        At most `copy_bytes_per_poll` per call (and at least one adapter), so one step never pays
+        for a burst of cold adapters at once; the rest follow on the next steps.
+        """
+        copied = 0
         for adapter_id in list(self._wanted):
+            if copied >= self.copy_bytes_per_poll:
+                break
             if adapter_id in self._device:
                 self._wanted.pop(adapter_id)
                 continue
@@ -511,6 +520,7 @@ class TieredAdapters:
                     continue
                 self._fail(adapter_id, error)
                 continue
+            copied += weights.nbytes
             entry = self._device[adapter_id]
             entry.wait = self._wanted.pop(adapter_id)
             if entry.ready is None:
