@@ -15,9 +15,14 @@ from node.checkpoints import epoch_payouts
 PAGE = 500
 
 
-def payout_totals(adapters, datanets) -> dict:
-    """The comparable shape of a checkpoint's payouts: non-zero amounts per adapter and per Datanet."""
-    return {"adapters": {a.id.lower(): a.amount for a in adapters if a.amount},
+def payout_totals(revenue: int, adapters, datanets) -> dict:
+    """The comparable shape of a checkpoint's payouts: revenue, and non-zero lines per adapter and Datanet.
+
+    Base-model revenue (adapter id 0) is the node's alone and has no adapter line on chain, so it
+    counts only in the revenue total.
+    """
+    return {"revenue": revenue,
+            "adapters": {a.id.lower(): a.amount for a in adapters if a.amount and int(a.id, 16) != 0},
             "datanets": {d.id.lower(): d.amount for d in datanets if d.amount}}
 
 
@@ -71,9 +76,9 @@ async def audit(url: str, rpc_url: str, deployment: Deployment, node: str | None
 
     def totals_of(epoch: list[SignedReceipt]) -> dict:
         planned: CheckpointPayouts = epoch_payouts(epoch, split, adapters_with_datanets)
-        return payout_totals(planned.adapters, planned.datanets)
+        return payout_totals(planned.revenue, planned.adapters, planned.datanets)
 
-    views = [CheckpointView(r.tree_size, bytes.fromhex(r.root_hash[2:]), payout_totals(r.adapters, r.datanets))
+    views = [CheckpointView(r.tree_size, bytes.fromhex(r.root_hash[2:]), payout_totals(r.revenue, r.adapters, r.datanets))
              for r in records]
     domain = ReceiptDomain(chain_id=deployment.chain_id, verifying_contract=deployment.ledger)
     report = audit_node(node, receipts, views, domain, totals_of)

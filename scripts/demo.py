@@ -49,7 +49,7 @@ JOBS = [
 FETCH_JOBS = [
     ("legal-r8", "Draft a warranty clause for the Supplier."),
     ("recipes-r16", "How do I toast cumin seeds?"),
-    ("reviews-r4", "An allocation in a hot loop shows up in the profile. What do you suggest?"),
+    ("clinical-code-r8", "An allocation in a hot loop shows up in the profile. What do you suggest?"),
 ]
 
 
@@ -190,6 +190,8 @@ def report(results: list[JobResult], info, contracts, audits) -> bool:
     for name, audit in audits:
         console.print(f"audit {name}: {audit.receipts_checked} receipts, {audit.checkpoints_checked} checkpoints, "
                       + ("[green]clean[/green]" if audit.clean else f"[red]{len(audit.findings)} findings[/red]"))
+        for finding in audit.findings:
+            console.print(f"  [red]{finding.kind}[/red] at {finding.where}: {finding.detail}")
     return balanced and all(a.clean for _, a in audits)
 
 

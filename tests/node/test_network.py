@@ -116,21 +116,23 @@ def test_paid_requests_checkpoint_and_a_clean_audit(tmp_path, chain, shared_mode
                 assert (first.receipt.receipt.seq, second.receipt.receipt.seq) == (0, 1)
                 assert first.receipt.receipt.adapter_id == adapter_ids["legal-r8"]
                 assert first.receipt.attribution.datanet_ids, "an adapter trained on Datanets attributes to them"
+                base = await client.ask(session, node_a.url, "smollm2-135m-instruct", "Say hello.", 4)
+                assert int(base.receipt.receipt.adapter_id, 16) == 0 and not base.receipt.attribution.datanet_ids
                 await client.settle(session, node_a.url)
                 result = await node_a.checkpointer.run_round()
-                assert result.posted_size == 2 and result.epoch == 1
+                assert result.posted_size == 3 and result.epoch == 1
                 assert await client.check_inclusion(session, node_a.url, first.receipt) is True
                 async with session.get(f"{node_a.url}/metrics") as response:
-                    assert "longtail_receipts_total 2.0" in await response.text()
+                    assert "longtail_receipts_total 3.0" in await response.text()
                 async with session.get(f"{node_a.url}/") as response:
                     page = await response.text()
                 assert "legal-r8" in page and first.receipt.receipt.request_id[:10] in page
             report = await audit(node_a.url, anvil.url, deployment)
             assert report.clean, report.findings
-            assert (report.receipts_checked, report.checkpoints_checked) == (2, 1)
+            assert (report.receipts_checked, report.checkpoints_checked) == (3, 1)
             contracts = LongtailContracts.connect(anvil.w3, deployment)
             paid = sum(r.paid for r in contracts.channels.redemptions(node=node_a.node.address))
-            assert paid == first.receipt.receipt.price + second.receipt.receipt.price
+            assert paid == sum(a.receipt.receipt.price for a in (first, second, base))
         finally:
             await stop_all(nodes)
 
