@@ -44,7 +44,15 @@ $(STAMPS)/contracts: $(STAMPS)/npm $(shell find contracts/src -name '*.sol')
 datanets: $(STAMPS)/python
 	@$(PY) -m scripts.generate_datanets
 
-test: setup
+# Debian's chromium for the web page's browser test; skipped (the test says why) where apt-get cannot run.
+$(STAMPS)/chromium:
+	@mkdir -p $(STAMPS)
+	@command -v chromium >/dev/null 2>&1 || { echo "== installing Debian's chromium (browser test)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+		>/dev/null 2>&1 || echo "   chromium not installed: the browser test will skip"; }
+	@touch $@
+
+test: setup $(STAMPS)/chromium
 	@$(PY) -m pytest -q
 
 # `make demo TRAIN=1` retrains the shipped demo adapters first (about 3 minutes each on 2 cores).

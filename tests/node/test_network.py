@@ -249,3 +249,41 @@ def test_edited_receipt_is_flagged_and_restart_loses_nothing(tmp_path, chain, sh
             await stop_all(tampered)
 
     asyncio.run(scenario())
+
+
+def test_web_page_shows_the_nodes_data_in_headless_chromium(tmp_path, chain, shared_model, monkeypatch):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it with apt-get)")
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
+
+    async def scenario():
+        nodes = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
+        client = make_client(tmp_path, chain)
+        running = nodes["node-a"]
+        try:
+            await asyncio.to_thread(client.ensure_deposit, running.node.address, 10**17, 10**18)
+            async with aiohttp.ClientSession() as session:
+                answer = await client.ask(session, running.url, "legal-r8", "Draft a clause.", 6)
+                await client.settle(session, running.url)
+            await running.checkpointer.run_round()
+            profile = tmp_path / "chromium-profile"
+            done = await asyncio.to_thread(subprocess.run, [
+                browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={profile}", "--dump-dom", f"{running.url}/"],
+                capture_output=True, text=True, timeout=90)
+            return answer, done
+        finally:
+            await stop_all(nodes)
+
+    answer, done = asyncio.run(scenario())
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    assert 'id="adapters"' in dom and "legal-r8" in dom
+    assert answer.receipt.receipt.request_id[:10] in dom, "the recent request and its receipt are listed"
+    assert "legal-clauses" in dom, "the top Datanet of the attribution is shown by name"
+    assert 'id="checkpoints"' in dom and "epoch" in dom.lower()
