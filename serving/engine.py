@@ -197,6 +197,17 @@ class Engine:
                     self._finish(request, "cancelled", RequestCancelled())
         self._cancelled.clear()
 
+    def _fail_unloadable(self, polled) -> None:
+        """Requests waiting for an adapter whose load failed end with that load's error."""
+        failed = getattr(polled, "failed", None)
+        if not failed:
+            return
+        for adapter_id, error in failed.items():
+            queue_ = self.scheduler.queues.get(adapter_id)
+            for request in list(queue_ or ()):
+                self.scheduler.remove_waiting(request)
+                self._finish(request, "error", error)
+
     def _adapter_ready(self, adapter_id: str | None) -> bool:
         if adapter_id is None:
             return True
@@ -209,7 +220,7 @@ class Engine:
         with self._lock:
             self._drain_inbox()
             self._apply_cancellations()
-            self.adapters.poll()
+            self._fail_unloadable(self.adapters.poll())
             plan = self.scheduler.schedule(
                 self.cache.pool.free_blocks,
                 lambda r: self.cache.blocks_for(len(r.prompt_ids) + r.params.max_tokens),
