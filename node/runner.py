@@ -31,6 +31,7 @@ from node.config import NodeConfig
 from node.errors import UnknownModel
 from node.generation import GenerationGateway
 from node.keys import KeystoreError, NodeKey, load_or_create
+from node.p2p import P2PNode
 from node.payments import PaymentIntake, Voucher
 from node.service import Node
 from serving.adapter_store import AdapterStore, AdapterStoreError, HttpSource
@@ -95,9 +96,14 @@ class RunningNode:
     runner: web.AppRunner
     url: str
     checkpointer: Checkpointer | None
-    p2p: object | None = None
+    p2p: P2PNode | None = None
+    announcer: asyncio.Task | None = None
 
     async def stop(self) -> None:
+        if self.announcer is not None:
+            self.announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.announcer
         if self.checkpointer is not None:
             await self.checkpointer.stop()
         await self.runner.cleanup()
@@ -178,7 +184,8 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
                                          f"read adapter {adapter_id}")
         if not registration.registered:
             raise UnknownModel(f"adapter {adapter_id} is neither served here nor registered on chain", param="model")
-        sources = [HttpSource(f"{peer.rstrip('/')}/v1/adapters/{{adapter_id}}/bundle") for peer in peers]
+        sources = [PeerSource(p, asyncio.get_running_loop()) for p in sources_from_peers]
+        sources += [HttpSource(f"{peer.rstrip('/')}/v1/adapters/{{adapter_id}}/bundle") for peer in peers]
         try:
             await asyncio.to_thread(adapter_store.fetch, adapter_id, sources, shapes)
         except AdapterStoreError as error:
@@ -193,6 +200,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
 
     node.adapter_fetcher = fetch_adapter
     running_url = [""]
+    sources_from_peers: list[P2PNode] = []
     checkpointer = Checkpointer(node, chain, config.checkpoint_every_receipts, config.checkpoint_every_seconds,
                                 config.redeem_min_amount)
     node.checkpointer = checkpointer
@@ -209,7 +217,68 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     port = runner.addresses[0][1]
     running_url[0] = f"http://{config.http_host}:{port}"
     checkpointer.start()
-    return RunningNode(node=node, runner=runner, url=running_url[0], checkpointer=checkpointer)
+    running = RunningNode(node=node, runner=runner, url=running_url[0], checkpointer=checkpointer)
+    if config.p2p_listen:
+        running.p2p, running.announcer = await start_p2p(config, key.private_key, node, engine, running_url[0])
+        sources_from_peers.append(running.p2p)
+    return running
+
+
+class PeerSource:
+    """An adapter source over libp2p: the peers announcing the adapter, hot holders first."""
+
+    def __init__(self, p2p: P2PNode, loop: asyncio.AbstractEventLoop) -> None:
+        self.p2p, self.loop = p2p, loop
+
+    def describe(self) -> str:
+        return f"libp2p peers of {self.p2p.peer_id.to_base58()}"
+
+    def fetch(self, adapter_id: str) -> bytes:
+        from serving.adapter_store import FetchFailed
+
+        failures = []
+        for peer in self.p2p.directory.find_peers(adapter_id):
+            future = asyncio.run_coroutine_threadsafe(self.p2p.fetch_adapter(peer.peer_id, adapter_id), self.loop)
+            try:
+                return future.result(timeout=self.p2p.timeout + 5)
+            except Exception as error:  # try the next holder
+                failures.append(f"{peer.peer_id}: {error}")
+        raise FetchFailed(f"no libp2p peer delivered {adapter_id}: {'; '.join(failures) or 'none announces it'}")
+
+
+async def start_p2p(config: NodeConfig, private_key: bytes, node: Node, engine, http_url: str):
+    """Start the libp2p host, connect to bootstrap peers, and announce this node every TTL/3 seconds."""
+    loop = asyncio.get_running_loop()
+    p2p = P2PNode(private_key, config.p2p_listen, ttl_seconds=config.announce_ttl_seconds)
+    await asyncio.to_thread(p2p.start, loop)
+    p2p.infer_handler = node.handle_peer_request
+    p2p.bundle_provider = lambda adapter_id: (node.adapter_store.open_bundle(adapter_id)
+                                              if node.catalog.by_adapter_id(adapter_id) else None)
+    node.peer_id = p2p.peer_id.to_base58()
+    node.p2p_addrs = list(p2p.addrs)
+    for address in config.bootstrap:
+        try:
+            await p2p.connect(address)
+        except Exception as error:  # a dead bootstrap peer must not stop the node
+            log.warning("bootstrap peer %s unreachable: %s", address, error)
+
+    async def announce_forever():
+        while True:
+            adapters = [e.adapter_id for e in node.catalog.entries() if e.adapter_id]
+            try:
+                await p2p.announce(http_endpoint=http_url, adapters_hot=tuple(adapters),
+                                   adapters_stored=tuple(adapters), price_per_1k_tokens=config.price_per_1k_tokens,
+                                   load=node.health()["in_flight"], free_kv_blocks=_free_blocks(engine))
+            except Exception as error:  # peers come and go; the next round tries again
+                log.info("announcement failed: %s", error)
+            await asyncio.sleep(max(config.announce_ttl_seconds / 3, 0.5))
+
+    return p2p, asyncio.create_task(announce_forever(), name="announcer")
+
+
+def _free_blocks(engine) -> int:
+    cache = getattr(engine, "cache", None)
+    return cache.pool.free_blocks if cache is not None else 0
 
 
 async def serve_forever(config: NodeConfig) -> None:

@@ -64,6 +64,7 @@ class Node:
         self.base_model_id = base_model_id
         self.stats = metrics or NodeMetrics.create()
         self.peer_id = peer_id
+        self.p2p_addrs: list[str] = []
         self.max_tokens_limit = config.max_tokens_limit
         self._in_flight = 0
         self._recent: list[dict] = []
@@ -232,6 +233,24 @@ class Node:
                              "top_datanet": names.get(top, top) if top else None})
         del self._recent[:-50]
 
+    async def handle_peer_request(self, message: dict) -> dict:
+        """An inference request that arrived over libp2p: same body and payment headers as over HTTP."""
+        from node.errors import NodeError, error_body, mapping_for
+        from node.requests import parse_completion, parse_payment_headers
+
+        path = message.get("path", "/v1/chat/completions")
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            return {"status": 404, "body": {"error": {"message": f"no route {path} over libp2p"}}}
+        try:
+            request = parse_completion(message.get("body"), chat=path.endswith("chat/completions"),
+                                       max_tokens_limit=self.max_tokens_limit)
+            if request.stream:
+                raise BadRequest("streaming is not offered over libp2p; send stream=false", param="stream")
+            channel_id, voucher = parse_payment_headers(message.get("headers") or {})
+            return {"status": 200, "body": await self.complete(request, channel_id, voucher)}
+        except NodeError as error:
+            return {"status": mapping_for(error).status, "body": error_body(error)}
+
     # --- payments -------------------------------------------------------------------------------
 
     async def accept_voucher(self, voucher: Voucher) -> dict:
@@ -290,7 +309,7 @@ class Node:
 
     def health(self) -> dict:
         return {"status": "ok", "node": self.address, "log_size": self.receipt_log.size,
-                "in_flight": self._in_flight, "peer_id": self.peer_id}
+                "in_flight": self._in_flight, "peer_id": self.peer_id, "p2p_addrs": self.p2p_addrs}
 
     def dashboard(self) -> str:
         earnings = {"charged in receipts": sum(int(r["receipt"]["price"]) for r in self._recent)}

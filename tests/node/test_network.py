@@ -67,22 +67,22 @@ def chain(deployed_chain):
     anvil.revert(snapshot)
 
 
-def node_config(tmp: Path, name: str, deployment_file: Path, rpc_url: str):
+def node_config(tmp: Path, name: str, deployment_file: Path, rpc_url: str, **extra):
     from node.config import NodeConfig
 
-    return NodeConfig(name=name, home=tmp / name, http_port=0, chain_rpc=rpc_url, deployment=deployment_file,
+    return NodeConfig(**extra, name=name, home=tmp / name, http_port=0, chain_rpc=rpc_url, deployment=deployment_file,
                       adapters=tuple(str(ADAPTERS / a) for a in NODE_ADAPTERS[name]),
                       price_per_1k_tokens=PRICE_PER_1K_TOKENS, checkpoint_every_receipts=10_000,
                       checkpoint_every_seconds=3600.0, redeem_min_amount=1, max_prompt_tokens=256,
                       max_tokens_limit=64)
 
 
-async def start_nodes(tmp, chain_info, shared_model, names=("node-a", "node-b", "node-c")):
+async def start_nodes(tmp, chain_info, shared_model, names=("node-a", "node-b", "node-c"), **extra):
     from node.runner import open_node
 
     anvil, _, deployment_file, _ = chain_info
     engine, tokenizer = shared_model
-    return {name: await open_node(node_config(tmp, name, deployment_file, anvil.url),
+    return {name: await open_node(node_config(tmp, name, deployment_file, anvil.url, **extra),
                                   bytes(DEV_ACCOUNTS[NODE_ACCOUNTS[name]].key), engine, tokenizer)
             for name in names}
 
@@ -287,3 +287,50 @@ def test_web_page_shows_the_nodes_data_in_headless_chromium(tmp_path, chain, sha
     assert answer.receipt.receipt.request_id[:10] in dom, "the recent request and its receipt are listed"
     assert "legal-clauses" in dom, "the top Datanet of the attribution is shown by name"
     assert 'id="checkpoints"' in dom and "epoch" in dom.lower()
+
+
+def test_paid_request_and_adapter_fetch_over_libp2p(tmp_path, chain, shared_model, monkeypatch):
+    """node-c bootstraps to node-a, learns from its signed announcement that it holds legal-r8, fetches the
+    adapter over libp2p (HTTP fetching off), and a client pays node-a for an answer over libp2p."""
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
+    _, _, _, adapter_ids = chain
+    from node.p2p import P2PNode
+
+    async def scenario():
+        first = await start_nodes(tmp_path, chain, shared_model, ("node-a",), announce_ttl_seconds=3.0)
+        node_a = first["node-a"]
+        later = await start_nodes(tmp_path, chain, shared_model, ("node-c",), announce_ttl_seconds=3.0,
+                                  bootstrap=tuple(node_a.p2p.addrs), fetch_from_registry_peers=False)
+        node_c = later["node-c"]
+        client_peer = P2PNode(bytes(DEV_ACCOUNTS[CLIENT_ACCOUNT].key), timeout=60)
+        await asyncio.to_thread(client_peer.start, asyncio.get_running_loop())
+        client = make_client(tmp_path, chain)
+        try:
+            for _ in range(60):
+                if node_c.p2p.directory.find_peers(adapter_ids["legal-r8"]):
+                    break
+                await asyncio.sleep(0.1)
+            async with aiohttp.ClientSession() as session:
+                await asyncio.to_thread(client.ensure_deposit, node_c.node.address, 10**17, 10**18)
+                fetched = await client.ask(session, node_c.url, adapter_ids["legal-r8"], "Draft a clause.", 6)
+            assert fetched.receipt.receipt.adapter_id == adapter_ids["legal-r8"]
+            channel = await asyncio.to_thread(client.ensure_deposit, node_a.node.address, 10**17, 10**18)
+            await client_peer.connect(node_a.p2p.addrs[0])
+            reply = await client_peer.infer(node_a.node.peer_id, {
+                "path": "/v1/chat/completions", "headers": {"X-Longtail-Channel": channel},
+                "body": {"model": "legal-r8", "messages": [{"role": "user", "content": "A clause."}],
+                         "max_tokens": 6}})
+            assert reply["status"] == 200, reply
+            from attribution.receipts import SignedReceipt, verify_receipt
+
+            signed = SignedReceipt.from_json(reply["body"]["longtail"])
+            assert verify_receipt(signed, client.domain) == node_a.node.address
+            unpaid = await client_peer.infer(node_a.node.peer_id, {"body": {"model": "legal-r8", "messages": [
+                {"role": "user", "content": "again"}]}})
+            assert unpaid["status"] == 402
+        finally:
+            await asyncio.to_thread(client_peer.stop)
+            await stop_all(later)
+            await stop_all(first)
+
+    asyncio.run(scenario())
