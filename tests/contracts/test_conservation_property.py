@@ -120,7 +120,11 @@ def _run(world, datanet: str, operations) -> None:
                 continue
             voucher = SignedVoucher(_channel_id(world, c, n), channel.voucher, channel.signature)
             payable = min(channel.voucher, channel.deposit) - channel.redeemed
-            if channel.voucher <= channel.redeemed:
+            if channel.deposited_ever == 0:
+                # Never opened: the contract knows no such channel.
+                with reverts("UnknownChannel"):
+                    channels.redeem(nodes[n], voucher)
+            elif channel.voucher <= channel.redeemed:
                 with reverts("VoucherNotIncreasing"):
                     channels.redeem(nodes[n], voucher)
             elif payable <= 0:
