@@ -1,19 +1,26 @@
 """Batched multi-LoRA kernels (Triton on CUDA) and their pure-torch references (the CPU path)."""
 
 from kernels.lora import (
+    LoraShapeError,
+    Segments,
+    TokenGroups,
     add_lora,
     kernel_backend,
     lora_expand,
     lora_expand_ref,
+    lora_expand_sgmv,
     lora_expand_sgmv_ref,
     lora_shrink,
     lora_shrink_ref,
+    lora_shrink_sgmv,
     lora_shrink_sgmv_ref,
+    prefers_segments,
     segments_from_token_slots,
     token_groups,
 )
 
 __all__ = [
-    "add_lora", "kernel_backend", "lora_expand", "lora_expand_ref", "lora_expand_sgmv_ref", "lora_shrink",
-    "lora_shrink_ref", "lora_shrink_sgmv_ref", "segments_from_token_slots", "token_groups",
+    "LoraShapeError", "Segments", "TokenGroups", "add_lora", "kernel_backend", "lora_expand", "lora_expand_ref",
+    "lora_expand_sgmv", "lora_expand_sgmv_ref", "lora_shrink", "lora_shrink_ref", "lora_shrink_sgmv",
+    "lora_shrink_sgmv_ref", "prefers_segments", "segments_from_token_slots", "token_groups",
 ]

@@ -5,7 +5,17 @@ stacked buffer of rank rows. Adapter slot `s` owns rows
 `slot_offsets[s] : slot_offsets[s] + slot_ranks[s]` of `a_rows` (its PEFT
 `lora_A`, `[rank, in]`) and of `b_rows` (its `lora_B` transposed, `[rank, out]`);
 a rank of 0 means the adapter does not target this projection. Tokens carry a
-slot index, -1 for none.
+slot index, -1 for none (base model only).
+
+Two call shapes, named as in Punica:
+- per token (BGMV, decode): `token_slots [T]`, any order;
+- per segment (SGMV, prefill): `seg_starts [S+1]` token boundaries and
+  `seg_slots [S]`, tokens of one segment contiguous; empty segments allowed.
+
+The references below are also what the engine runs on CPU, so they batch the
+work: one matmul per adapter present, on a slice of the activations when the
+adapter's tokens are contiguous (gathered otherwise), never a loop over tokens
+and never work padded to the largest rank.
 """
 
 from __future__ import annotations
@@ -14,88 +24,188 @@ import os
 
 import torch
 
+# add_lora takes the SGMV kernels on Triton when segments average this many tokens.
+SGMV_MIN_AVERAGE_RUN = 8
+SGMV_MIN_TOKENS = 64
+
+Groups = list[tuple[int, torch.Tensor]]
+Segments = tuple[torch.Tensor, torch.Tensor]
+
+
+class LoraShapeError(ValueError):
+    """The tensors handed to a LoRA kernel disagree on a dimension."""
+
 
 def kernel_backend() -> str:
     """"triton" on CUDA, "torch" elsewhere; LONGTAIL_KERNELS=torch|triton forces one."""
-    forced = os.environ.get("LONGTAIL_KERNELS")
+    forced = os.environ.get("LONGTAIL_KERNELS", "").strip().lower()
     if forced in ("torch", "triton"):
         return forced
     return "triton" if torch.cuda.is_available() else "torch"
 
 
-def token_groups(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(slot, token indices) for every slot present; one stable sort, no per-token loop.
+class TokenGroups(list):
+    """A list of (slot, token indices), one per slot present, plus each group's token range.
+
+    `ranges[i]` is (begin, end) when group i's tokens are contiguous (every decode
+    token, and every prefill request laid out in order), else None; the reference
+    then slices instead of gathering. Built once per step by `token_groups`.
+    """
+
+    def __init__(self, groups: list[tuple[int, torch.Tensor]], ranges: list[tuple[int, int] | None]):
+        super().__init__(groups)
+        self.ranges = ranges
+
+
+def token_groups(token_slots: torch.Tensor) -> TokenGroups:
+    """(slot, token indices) for every slot present except -1; one stable sort, no per-token loop.
 
     Callers that apply many projections to the same batch compute this once per
     step and pass it as `groups`, so the grouping is not redone 7 × layers times.
     """
     slots = token_slots.to(torch.int64)
     order = torch.argsort(slots, stable=True)
-    sorted_slots = slots[order]
-    present, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
-    groups, start = [], 0
+    present, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    order_list = order.tolist()
+    groups, ranges, start = [], [], 0
     for slot, count in zip(present.tolist(), counts.tolist(), strict=True):
         if slot >= 0:
             groups.append((slot, order[start:start + count]))
+            # A stable sort keeps each group's tokens increasing, so first/last decide contiguity.
+            first, last = order_list[start], order_list[start + count - 1]
+            ranges.append((first, last + 1) if last - first + 1 == count else None)
         start += count
-    return groups
+    return TokenGroups(groups, ranges)
 
 
-def _token_groups(token_slots: torch.Tensor, slot_ranks: torch.Tensor, groups=None):
-    groups = token_groups(token_slots) if groups is None else groups
-    return [(slot, tokens) for slot, tokens in groups if int(slot_ranks[slot]) != 0]
+def _targeted(groups: Groups, ranks: list[int]):
+    """(slot, tokens, range or None) for the groups whose slot targets this projection."""
+    ranges = getattr(groups, "ranges", None)
+    if ranges is None:
+        ranges = [None] * len(groups)
+    return [(slot, tokens, span) for (slot, tokens), span in zip(groups, ranges, strict=True) if ranks[slot] > 0]
+
+
+def segments_from_token_slots(token_slots: torch.Tensor) -> Segments:
+    """Runs of equal slot in token order: (seg_starts [S+1], seg_slots [S]) for the SGMV form."""
+    slots = token_slots.to(torch.int64)
+    if slots.numel() == 0:
+        return (torch.zeros(1, dtype=torch.int64, device=slots.device),
+                torch.zeros(0, dtype=torch.int64, device=slots.device))
+    change = torch.ones_like(slots, dtype=torch.bool)
+    change[1:] = slots[1:] != slots[:-1]
+    starts = torch.nonzero(change, as_tuple=True)[0]
+    end = torch.full((1,), slots.numel(), dtype=torch.int64, device=slots.device)
+    return torch.cat([starts, end]), slots[starts]
+
+
+def _check_shapes(x_or_shrunk: torch.Tensor, rows: torch.Tensor, token_count: int, what: str) -> None:
+    if x_or_shrunk.dim() != 2 or rows.dim() != 2:
+        raise LoraShapeError(f"{what}: expected 2-D tensors, got {tuple(x_or_shrunk.shape)} and {tuple(rows.shape)}")
+    if x_or_shrunk.shape[0] != token_count:
+        raise LoraShapeError(f"{what}: {x_or_shrunk.shape[0]} rows of activations for {token_count} token slots")
 
 
 def lora_shrink_ref(x: torch.Tensor, a_rows: torch.Tensor, token_slots: torch.Tensor, slot_offsets: torch.Tensor,
-                    slot_ranks: torch.Tensor, max_rank: int, groups=None) -> torch.Tensor:
-    """shrunk[t, :r] = x[t] @ A_s^T for the token's slot s (rank r); zeros elsewhere."""
+                    slot_ranks: torch.Tensor, max_rank: int, groups: Groups | None = None) -> torch.Tensor:
+    """shrunk[t, :r] = x[t] @ A_s^T for the token's slot s (rank r); zeros elsewhere. Dtype of x.
+
+    One matmul per adapter present, on a slice of x when its tokens are contiguous.
+    """
+    _check_shapes(x, a_rows, token_slots.shape[0], "lora_shrink")
     shrunk = torch.zeros(x.shape[0], max_rank, dtype=x.dtype, device=x.device)
-    for slot, tokens in _token_groups(token_slots, slot_ranks, groups):
-        offset, rank = int(slot_offsets[slot]), int(slot_ranks[slot])
-        shrunk[tokens, :rank] = (x[tokens].float() @ a_rows[offset:offset + rank].float().T).to(x.dtype)
+    if x.shape[0] == 0 or max_rank == 0:
+        return shrunk
+    groups = token_groups(token_slots) if groups is None else groups
+    offsets, ranks = slot_offsets.tolist(), slot_ranks.tolist()
+    upcast = x.dtype != torch.float32 or a_rows.dtype != torch.float32
+    for slot, tokens, span in _targeted(groups, ranks):
+        offset, rank = offsets[slot], ranks[slot]
+        a = a_rows[offset:offset + rank]
+        x_group = x[span[0]:span[1]] if span else x.index_select(0, tokens)
+        if upcast:
+            x_group, a = x_group.float(), a.float()
+        product = x_group @ a.T
+        if span:
+            shrunk[span[0]:span[1], :rank] = product
+        else:
+            shrunk[tokens, :rank] = product.to(x.dtype)
     return shrunk
 
 
 def lora_expand_ref(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Tensor, token_slots: torch.Tensor,
                     slot_offsets: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
-                    out_col_start: int = 0, groups=None) -> None:
-    """out[t, start:start+W] += scale_s * shrunk[t, :r] @ B_s, in place."""
+                    out_col_start: int = 0, groups: Groups | None = None) -> None:
+    """out[t, start:start+W] += scale_s * shrunk[t, :r] @ B_s, in place (W = b_rows' width)."""
+    _check_shapes(shrunk, b_rows, token_slots.shape[0], "lora_expand")
     width = b_rows.shape[1]
-    for slot, tokens in _token_groups(token_slots, slot_ranks, groups):
-        offset, rank = int(slot_offsets[slot]), int(slot_ranks[slot])
-        delta = (shrunk[tokens, :rank].float() @ b_rows[offset:offset + rank].float()) * float(slot_scales[slot])
-        out[tokens, out_col_start:out_col_start + width] += delta.to(out.dtype)
+    if out_col_start < 0 or out_col_start + width > out.shape[1]:
+        raise LoraShapeError(f"lora_expand: columns {out_col_start}:{out_col_start + width} "
+                             f"outside an output of width {out.shape[1]}")
+    if out.shape[0] == 0:
+        return
+    groups = token_groups(token_slots) if groups is None else groups
+    offsets, ranks, scales = slot_offsets.tolist(), slot_ranks.tolist(), slot_scales.tolist()
+    # A view: in-place ops on it write through to `out` (a fused qkv / gate_up output may be wider).
+    target = out[:, out_col_start:out_col_start + width]
+    exact = out.dtype == shrunk.dtype == b_rows.dtype == torch.float32
+    for slot, tokens, span in _targeted(groups, ranks):
+        offset, rank, scale = offsets[slot], ranks[slot], scales[slot]
+        b = b_rows[offset:offset + rank]
+        if exact and span:
+            target[span[0]:span[1]].addmm_(shrunk[span[0]:span[1], :rank], b, alpha=scale)
+            continue
+        coefficients = shrunk[span[0]:span[1], :rank] if span else shrunk.index_select(0, tokens)[:, :rank]
+        delta = coefficients.float() @ b.float()
+        if exact:
+            target.index_add_(0, tokens, delta, alpha=scale)
+        elif span:
+            target[span[0]:span[1]] += (delta * scale).to(out.dtype)
+        else:
+            target.index_add_(0, tokens, (delta * scale).to(out.dtype))
 
 
-def segments_from_token_slots(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs of equal slot: (seg_starts [S+1], seg_slots [S]) for the SGMV form."""
-    slots = token_slots.to(torch.int64)
-    if slots.numel() == 0:
-        return torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    change = torch.ones_like(slots, dtype=torch.bool)
-    change[1:] = slots[1:] != slots[:-1]
-    starts = torch.nonzero(change, as_tuple=True)[0]
-    seg_starts = torch.cat([starts, torch.tensor([slots.numel()], device=slots.device)])
-    return seg_starts, slots[starts]
+def _segment_bounds(seg_starts: torch.Tensor, seg_slots: torch.Tensor, token_count: int) -> list[tuple[int, int, int]]:
+    starts = seg_starts.tolist()
+    if len(starts) != seg_slots.shape[0] + 1:
+        raise LoraShapeError(f"sgmv: {len(starts)} segment starts for {seg_slots.shape[0]} segments (need S+1)")
+    if starts and (starts[0] != 0 or starts[-1] != token_count):
+        raise LoraShapeError(f"sgmv: segments cover tokens {starts[0]}:{starts[-1]}, the batch has {token_count}")
+    return [(begin, end, slot) for begin, end, slot in zip(starts[:-1], starts[1:], seg_slots.tolist(), strict=True)
+            if end > begin and slot >= 0]
 
 
-def _expand_segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, total: int) -> torch.Tensor:
-    lengths = (seg_starts[1:] - seg_starts[:-1]).to(torch.int64)
-    return torch.repeat_interleave(seg_slots.to(torch.int64), lengths, output_size=total)
+def lora_shrink_sgmv_ref(x: torch.Tensor, a_rows: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
+                         slot_offsets: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """Segment form of `lora_shrink_ref`: one matmul per segment on its contiguous tokens."""
+    shrunk = torch.zeros(x.shape[0], max_rank, dtype=x.dtype, device=x.device)
+    offsets, ranks = slot_offsets.tolist(), slot_ranks.tolist()
+    for begin, end, slot in _segment_bounds(seg_starts, seg_slots, x.shape[0]):
+        offset, rank = offsets[slot], ranks[slot]
+        if rank:
+            shrunk[begin:end, :rank] = (x[begin:end].float() @ a_rows[offset:offset + rank].float().T).to(x.dtype)
+    return shrunk
 
 
-def lora_shrink_sgmv_ref(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, max_rank: int):
-    return lora_shrink_ref(x, a_rows, _expand_segments(seg_starts, seg_slots, x.shape[0]), slot_offsets,
-                           slot_ranks, max_rank)
+def lora_expand_sgmv_ref(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Tensor, seg_starts: torch.Tensor,
+                         seg_slots: torch.Tensor, slot_offsets: torch.Tensor, slot_ranks: torch.Tensor,
+                         slot_scales: torch.Tensor, out_col_start: int = 0) -> None:
+    """Segment form of `lora_expand_ref`: one matmul per segment, added in place."""
+    width = b_rows.shape[1]
+    if out_col_start < 0 or out_col_start + width > out.shape[1]:
+        raise LoraShapeError(f"lora_expand_sgmv: columns {out_col_start}:{out_col_start + width} "
+                             f"outside an output of width {out.shape[1]}")
+    offsets, ranks, scales = slot_offsets.tolist(), slot_ranks.tolist(), slot_scales.tolist()
+    for begin, end, slot in _segment_bounds(seg_starts, seg_slots, out.shape[0]):
+        offset, rank = offsets[slot], ranks[slot]
+        if rank:
+            delta = (shrunk[begin:end, :rank].float() @ b_rows[offset:offset + rank].float()) * scales[slot]
+            out[begin:end, out_col_start:out_col_start + width] += delta.to(out.dtype)
 
 
-def lora_expand_sgmv_ref(out, shrunk, b_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, slot_scales,
-                         out_col_start: int = 0) -> None:
-    lora_expand_ref(out, shrunk, b_rows, _expand_segments(seg_starts, seg_slots, out.shape[0]), slot_offsets,
-                    slot_ranks, slot_scales, out_col_start)
-
-
-def lora_shrink(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank: int, groups=None) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, a_rows: torch.Tensor, token_slots: torch.Tensor, slot_offsets: torch.Tensor,
+                slot_ranks: torch.Tensor, max_rank: int, groups: Groups | None = None) -> torch.Tensor:
+    """Per-token shrink on the chosen backend (see `kernel_backend`)."""
     if kernel_backend() == "triton":
         from kernels.lora_triton import lora_shrink_triton
 
@@ -103,24 +213,78 @@ def lora_shrink(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank: int,
     return lora_shrink_ref(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank, groups)
 
 
-def lora_expand(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start: int = 0,
-                groups=None):
+def lora_expand(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Tensor, token_slots: torch.Tensor,
+                slot_offsets: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
+                out_col_start: int = 0, groups: Groups | None = None) -> None:
+    """Per-token expand, added in place into out[:, start:start+W], on the chosen backend."""
     if kernel_backend() == "triton":
         from kernels.lora_triton import lora_expand_triton
 
-        return lora_expand_triton(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales,
-                                  out_col_start)
-    return lora_expand_ref(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start,
-                           groups)
+        lora_expand_triton(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start)
+        return
+    lora_expand_ref(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start, groups)
 
 
-def add_lora(out, x, a_rows, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, max_rank: int,
-             out_col_start: int = 0, groups=None) -> None:
+def lora_shrink_sgmv(x: torch.Tensor, a_rows: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
+                     slot_offsets: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """Per-segment shrink on the chosen backend."""
+    if kernel_backend() == "triton":
+        from kernels.lora_triton import lora_shrink_sgmv_triton
+
+        return lora_shrink_sgmv_triton(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, max_rank)
+    return lora_shrink_sgmv_ref(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, max_rank)
+
+
+def lora_expand_sgmv(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Tensor, seg_starts: torch.Tensor,
+                     seg_slots: torch.Tensor, slot_offsets: torch.Tensor, slot_ranks: torch.Tensor,
+                     slot_scales: torch.Tensor, out_col_start: int = 0) -> None:
+    """Per-segment expand, added in place, on the chosen backend."""
+    if kernel_backend() == "triton":
+        from kernels.lora_triton import lora_expand_sgmv_triton
+
+        lora_expand_sgmv_triton(out, shrunk, b_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, slot_scales,
+                                out_col_start)
+        return
+    lora_expand_sgmv_ref(out, shrunk, b_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, slot_scales,
+                         out_col_start)
+
+
+def prefers_segments(token_count: int, segments: Segments) -> bool:
+    """True when the batch is long runs of one adapter (prefill), where SGMV's tiles pay off."""
+    segment_count = segments[1].shape[0]
+    return token_count >= SGMV_MIN_TOKENS and segment_count * SGMV_MIN_AVERAGE_RUN <= token_count
+
+
+def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
+             token_slots: torch.Tensor, slot_offsets: torch.Tensor, slot_ranks: torch.Tensor,
+             slot_scales: torch.Tensor, max_rank: int, out_col_start: int = 0, groups: Groups | None = None,
+             segments: Segments | None = None) -> None:
     """out[:, start:start+W] += scale * (x A^T) B per token's adapter slot, in place.
 
-    `groups` (from `token_groups(token_slots)`) lets the torch path skip regrouping.
+    Torch backend: the grouped reference (`groups`, from `token_groups`, skips
+    regrouping). Triton backend: SGMV when the tokens form long runs of one slot
+    (`segments`, from `segments_from_token_slots`, is computed here for batches of
+    at least SGMV_MIN_TOKENS if not given), BGMV otherwise.
     """
-    if max_rank == 0 or token_slots.numel() == 0:
+    token_count = token_slots.shape[0]
+    if max_rank == 0 or token_count == 0:
         return
-    shrunk = lora_shrink(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank, groups)
-    lora_expand(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start, groups)
+    if kernel_backend() == "torch":
+        shrunk = lora_shrink_ref(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank, groups)
+        lora_expand_ref(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start,
+                        groups)
+        return
+    from kernels import lora_triton
+
+    if segments is None and token_count >= SGMV_MIN_TOKENS:
+        segments = segments_from_token_slots(token_slots)
+    if segments is not None and prefers_segments(token_count, segments):
+        seg_starts, seg_slots = segments
+        shrunk = lora_triton.lora_shrink_sgmv_triton(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks,
+                                                     max_rank)
+        lora_triton.lora_expand_sgmv_triton(out, shrunk, b_rows, seg_starts, seg_slots, slot_offsets, slot_ranks,
+                                            slot_scales, out_col_start)
+        return
+    shrunk = lora_triton.lora_shrink_triton(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank)
+    lora_triton.lora_expand_triton(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales,
+                                   out_col_start)

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -99,8 +98,6 @@ def run_engine(engine, jobs, adapter_ids, vocab: int) -> dict:
     outputs = [h.output() for h in handles]
     tokens = sum(len(o.token_ids) for o in outputs)
     ttfts = sorted(o.ttft_seconds for o in outputs if o.ttft_seconds is not None)
-    tpot = [((h.request.first_token_at and 0) or 0) for h in handles]
-    del tpot
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "tpot": seconds / max(tokens / len(outputs), 1) / 1}
@@ -218,7 +215,6 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     write_section(text)
-    del statistics
     return 0
 
 
