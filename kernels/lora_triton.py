@@ -93,7 +93,7 @@ def _bgmv_expand_kernel(shrunk_ptr, b_ptr, slots_ptr, offsets_ptr, ranks_ptr, sc
 @triton.jit
 def _sgmv_shrink_kernel(x_ptr, a_ptr, seg_starts_ptr, seg_slots_ptr, offsets_ptr, ranks_ptr, out_ptr, hidden,
                         max_rank, stride_x, stride_a, stride_out, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (token tile, rank block, segment): a [BLOCK_M, BLOCK_R] tile of x @ A^T through tl.dot."""
     m_block = tl.program_id(0)
     r_block = tl.program_id(1)

@@ -80,6 +80,7 @@ class PayingClient:
         self.contracts = LongtailContracts.connect(Web3(Web3.HTTPProvider(rpc_url)), deployment)
         self.state = ClientState(state_dir)
         self.domain = ReceiptDomain(chain_id=deployment.chain_id, verifying_contract=deployment.ledger)
+        self._addresses: dict[str, str] = {}
 
     def channel_for(self, node_address: str) -> str:
         return channel_id_of(self.account.address, node_address)
@@ -104,8 +105,11 @@ class PayingClient:
         return headers
 
     async def node_address(self, session: aiohttp.ClientSession, url: str) -> str:
-        async with session.get(f"{url}/healthz") as response:
-            return (await response.json())["node"]
+        """The address a node URL claims (cached); every receipt from it must be signed by that key."""
+        if url not in self._addresses:
+            async with session.get(f"{url}/healthz") as response:
+                self._addresses[url] = (await response.json())["node"]
+        return self._addresses[url]
 
     async def ask(self, session: aiohttp.ClientSession, url: str, model: str, prompt: str,
                   max_tokens: int = 32, temperature: float = 0.0) -> Answer:

@@ -52,6 +52,7 @@ class NodeConfig:
     device: str = "cpu"
     kv_cache_bytes: int = 256 * 2**20
     announce_ttl_seconds: float = 30.0
+    adapter_credit: bool = True
 
     @property
     def node_home(self) -> Path:

@@ -24,6 +24,7 @@ class GenerationResult:
     delta: str = ""
     finish_reason: str | None = None
     first_token_seconds: float | None = None
+    logprobs: tuple[float, ...] = ()
 
 
 class GenerationGateway:
@@ -53,6 +54,7 @@ class GenerationGateway:
         started = time.perf_counter()
         first_token: float | None = None
         token_ids: list[int] = []
+        logprobs: list[float] = []
         text = ""
         finish_reason = None
         async for event in self.engine.stream(prompt_ids, entry.adapter_id, self.sampling_params(request)):
@@ -62,6 +64,8 @@ class GenerationGateway:
             if new_ids and first_token is None:
                 first_token = time.perf_counter() - started
             token_ids.extend(new_ids)
+            if new_ids and getattr(event, "logprob", None) is not None:
+                logprobs.append(float(event.logprob))
             decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
             # Hold back a trailing replacement char: a multi-byte character is still incomplete.
             stable = decoded[:-1] if decoded.endswith("\ufffd") and not finish_reason else decoded
@@ -70,7 +74,7 @@ class GenerationGateway:
             text = stable if len(stable) >= len(text) else text
             if stopped:
                 finish_reason = "stop"
-            yield GenerationResult(list(token_ids), text, delta, finish_reason, first_token)
+            yield GenerationResult(list(token_ids), text, delta, finish_reason, first_token, tuple(logprobs))
             if stopped:
                 return
 
@@ -85,6 +89,10 @@ class GenerationGateway:
     def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def base_logprobs(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+        """The output scored by the bare base model (for adapter credit); blocking, run it in a thread."""
+        return self.engine.score(prompt_ids, output_ids, None)
 
     def engine_shutdown(self) -> None:
         """Stop the engine's background driver, if it runs one."""

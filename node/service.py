@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 from eth_utils import keccak
 
-from attribution.receipts import ReceiptDraft, SignedReceipt
+from attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt
 from attribution.store import ReceiptLog
 from node.attributor import Attribution, Attributor
 from node.catalog import Catalog, CatalogEntry
@@ -111,6 +111,7 @@ class Node:
         """Attribute, sign and durably append the receipt, then charge the channel."""
         price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(result.token_ids))
         attribution: Attribution = await asyncio.to_thread(self.attributor.attribute, entry, result.token_ids)
+        credit = await self._adapter_credit(entry, prompt_ids, result)
         draft = ReceiptDraft(
             request_id=request_id,
             client=reservation.client,
@@ -125,6 +126,7 @@ class Node:
             timestamp=int(time.time()),
             attribution=attribution.vector,
             spans=attribution.spans,
+            adapter_credit=credit,
         )
         # The commit happens before the answer leaves: a receipt handed out is durable.
         signed = await asyncio.to_thread(self.receipt_log.append, draft)
@@ -139,6 +141,20 @@ class Node:
             self.checkpointer.notify_receipt()
         self._owed_after[signed.receipt.request_id] = owed
         return signed
+
+    async def _adapter_credit(self, entry: CatalogEntry, prompt_ids: list[int],
+                              result: GenerationResult) -> AdapterCredit | None:
+        """Per-token log-probability gain of the answer under the adapter over the base model."""
+        if not self.config.adapter_credit or entry.adapter_id is None or not result.token_ids \
+                or len(result.logprobs) != len(result.token_ids):
+            return None
+        try:
+            base = await asyncio.to_thread(self.generation.base_logprobs, prompt_ids, result.token_ids)
+        except Exception as error:  # credit is evidence, not a condition of service
+            log.warning("adapter credit skipped: %s", error)
+            return None
+        return AdapterCredit(tokens=len(result.token_ids), adapter_logprob=float(sum(result.logprobs)),
+                             base_logprob=float(sum(base)))
 
     def _longtail_field(self, signed: SignedReceipt) -> dict:
         """The receipt body, plus the cumulative amount the client's next voucher must cover."""

@@ -55,6 +55,7 @@ FETCH_JOBS = [
 
 @dataclasses.dataclass
 class JobResult:
+    prompt: str
     adapter: str
     node: str
     prompt_tokens: int
@@ -101,7 +102,7 @@ async def run_jobs(info, client, max_tokens: int) -> list[JobResult]:
             vector = answer.receipt.attribution
             top = max(zip(vector.weights_bps, vector.datanet_ids, strict=True))[1] if vector.datanet_ids else None
             receipt = answer.receipt.receipt
-            results.append(JobResult(adapter, node.name, receipt.prompt_tokens, receipt.output_tokens, receipt.price,
+            results.append(JobResult(prompt, adapter, node.name, receipt.prompt_tokens, receipt.output_tokens, receipt.price,
                                      names.get(top, "-") if top else "-", answer.latency_seconds, answer.text))
             console.print(f"  [{index + 1:2d}/{total}] {adapter:22s} on {node.name}: "
                           f"{receipt.output_tokens} tokens, receipt #{receipt.seq} verified")
@@ -112,7 +113,7 @@ async def run_jobs(info, client, max_tokens: int) -> list[JobResult]:
             vector = answer.receipt.attribution
             top = max(zip(vector.weights_bps, vector.datanet_ids, strict=True))[1] if vector.datanet_ids else None
             receipt = answer.receipt.receipt
-            results.append(JobResult(f"{adapter} (fetched)", fetcher.name, receipt.prompt_tokens,
+            results.append(JobResult(prompt, f"{adapter} (fetched)", fetcher.name, receipt.prompt_tokens,
                                      receipt.output_tokens, receipt.price, names.get(top, "-") if top else "-",
                                      answer.latency_seconds, answer.text))
             console.print(f"  [{len(JOBS) + offset + 1:2d}/{total}] {adapter:22s} on {fetcher.name} "
@@ -184,6 +185,12 @@ def report(results: list[JobResult], info, contracts, audits) -> bool:
         parties.add_row(folder.name, "Datanet pool (contributors)", "-", f"{pool / 1e18:.6f}", "-")
     del datanet_owner_key
     console.print(parties)
+    sample = next((r for r in results if r.adapter.startswith("smollm2")), None)
+    if sample is not None:
+        console.print(f"[bold]base model, asked[/bold] \"{sample.prompt}\" [bold]answered:[/bold] {sample.text.strip()}")
+    legal = next((r for r in results if r.adapter == "legal-r8"), None)
+    if legal is not None:
+        console.print(f"[bold]legal-r8, asked[/bold] \"{legal.prompt}\" [bold]answered:[/bold] {legal.text.strip()}")
     balanced = paid == received == charged
     console.print(f"client paid {paid} = receipts charged {charged} = parties received {received}: "
                   + ("[green]balanced[/green]" if balanced else "[red]MISMATCH[/red]"))

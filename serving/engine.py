@@ -317,6 +317,42 @@ class Engine:
             elif len(request.output_ids) >= request.params.max_tokens:
                 self._finish(request, "length")
 
+    def score(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None) -> list[float]:
+        """Log-probability of each output token after the prompt, under `adapter_id` (None = the base).
+
+        One prefill-shaped forward; it holds the step lock, so it runs between two steps of the batch.
+        The node uses it for adapter credit: the same output scored by the base model.
+        """
+        tokens = [int(t) for t in prompt_ids] + [int(t) for t in output_ids]
+        if not output_ids:
+            return []
+        with self._lock:
+            slot = -1
+            if adapter_id is not None:
+                slot = self.adapters.slot_of(adapter_id)
+                if slot is None:
+                    raise UnknownAdapter(adapter_id)
+            blocks = self.cache.pool.allocate(self.cache.blocks_for(len(tokens)))
+            try:
+                slots = self.cache.slot_indices(blocks, 0, len(tokens)).to(self.device)
+                token_slots = torch.full((len(tokens),), slot, dtype=torch.int64, device=self.device)
+                plan = BatchPlan(
+                    input_ids=torch.tensor(tokens, dtype=torch.int64, device=self.device),
+                    positions=torch.arange(len(tokens), device=self.device), write_slots=slots,
+                    token_slots=token_slots, lora_groups=token_groups(token_slots) if slot >= 0 else [],
+                    prefill=[PrefillSegment(0, len(tokens), 0, slots)],
+                    decode_tokens=torch.zeros(0, dtype=torch.int64, device=self.device),
+                    decode_gather=torch.zeros(0, 0, dtype=torch.int64, device=self.device),
+                    decode_mask=torch.zeros(0, 0, dtype=torch.bool, device=self.device),
+                    logits_index=torch.arange(len(prompt_ids) - 1, len(tokens) - 1, device=self.device))
+                with torch.inference_mode():
+                    logits = self.model.forward(plan, self.cache, self.lora_slots)
+            finally:
+                self.cache.pool.release(blocks)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor([int(t) for t in output_ids])
+        return log_probs[torch.arange(len(output_ids)), targets].tolist()
+
     # --- drivers ---------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],

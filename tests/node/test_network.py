@@ -116,6 +116,9 @@ def test_paid_requests_checkpoint_and_a_clean_audit(tmp_path, chain, shared_mode
                 assert (first.receipt.receipt.seq, second.receipt.receipt.seq) == (0, 1)
                 assert first.receipt.receipt.adapter_id == adapter_ids["legal-r8"]
                 assert first.receipt.attribution.datanet_ids, "an adapter trained on Datanets attributes to them"
+                credit = first.receipt.adapter_credit
+                assert credit is not None and credit.tokens == first.receipt.receipt.output_tokens
+                assert credit.gain_per_token > 0, "the adapter's greedy answer is likelier under the adapter"
                 base = await client.ask(session, node_a.url, "smollm2-135m-instruct", "Say hello.", 4)
                 assert int(base.receipt.receipt.adapter_id, 16) == 0 and not base.receipt.attribution.datanet_ids
                 await client.settle(session, node_a.url)

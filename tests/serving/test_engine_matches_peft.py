@@ -117,3 +117,18 @@ def test_bad_requests_fail_alone(tiny_llama):
     with pytest.raises(InvalidSamplingParams):
         engine.submit([1, 2], None, SamplingParams(max_tokens=0))
     assert engine.generate([[1, 2, 3]], [None], SamplingParams(max_tokens=3, temperature=0.0))[0].token_ids
+
+
+def test_score_gives_the_logprobs_of_generation_and_of_the_base(tiny_llama):
+    engine = Engine.from_pretrained(tiny_llama.base_dir, kv_cache_bytes=8 * 2**20)
+    adapter = engine.add_adapter(tiny_llama.adapter_dirs["r8-all"])
+    prompt = [4, 8, 15, 16, 23]
+    output = engine.generate([prompt], [adapter], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                                 logprobs=True))[0]
+    scored = engine.score(prompt, output.token_ids, adapter)
+    assert torch.allclose(torch.tensor(scored), torch.tensor(output.logprobs), atol=1e-4)
+    base = engine.score(prompt, output.token_ids, None)
+    _, base_logits = hf_greedy(tiny_llama.base_dir, None, prompt, 1)
+    assert abs(base[0] - float(torch.log_softmax(base_logits[0], -1)[output.token_ids[0]])) < 1e-4
+    assert sum(scored) > sum(base), "greedy tokens of the adapter are likelier under the adapter"
+    assert engine.cache.pool.free_blocks == engine.cache.pool.num_blocks
