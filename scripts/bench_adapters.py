@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from scripts.docs_section import write_section  # noqa: E402
 from serving.adapter_metrics import AdapterMetrics, quantile  # noqa: E402
 from serving.adapter_store import AdapterStore  # noqa: E402
 from serving.adapter_tiers import SlotsFull, TieredAdapters  # noqa: E402
@@ -282,18 +283,6 @@ def run_engine(model_dir: Path, store: AdapterStore, ids: list[str], trace: list
                             rss_mib())
     finally:
         tiers.close()
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in a docs file."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f"\n{block}\n"
-    path.write_text(text)
 
 
 def main() -> None:

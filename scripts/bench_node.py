@@ -23,7 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "benchmarks.md"
+
+from scripts.docs_section import write_section  # noqa: E402
+
 PROMPTS = ["Draft a short clause.", "Name one duty of a tenant.", "What is an indemnity?", "Define venue."]
 
 
@@ -73,17 +77,6 @@ async def paid_load(clients, url: str, seconds: float) -> tuple[list[float], int
             await client.settle(session, url)
     await asyncio.gather(*(worker(c, i) for i, c in enumerate(clients)))
     return latencies, errors
-
-
-def write_section(table: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start, end = "<!-- node:start -->", "<!-- node:end -->"
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
 
 
 async def main_async(args) -> int:
@@ -144,7 +137,7 @@ async def main_async(args) -> int:
         f"({report.receipts_checked} receipts).",
     ])
     print(table)
-    write_section(table)
+    write_section(DOC, "node", table)
     return 0 if report.clean and errors == 0 else 1
 
 

@@ -20,23 +20,12 @@ sys.path.insert(0, str(REPO))
 
 from attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft, typed_data  # noqa: E402
 from attribution.store import ReceiptLog  # noqa: E402
+from scripts.docs_section import write_section  # noqa: E402
 
 KEY = "0x" + "4c" * 32
 DOMAIN = ReceiptDomain(31337, "0x5fbdb2315678afecb367f032d93f642f64180aa3")
 VECTOR = AttributionVector(("0x" + "0a" * 32, "0x" + "0b" * 32), (6000, 4000))
 PG_URL = os.environ.get("LONGTAIL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in a docs file."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f"\n{block}\n"
-    path.write_text(text)
 
 
 def draft(i: int) -> ReceiptDraft:

@@ -28,7 +28,11 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "benchmarks.md"
+
+from scripts.docs_section import write_section  # noqa: E402
+
 TARGETS = [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")]
 
 
@@ -142,17 +146,6 @@ def run_hf_grouped(model, jobs, vocab: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def write_section(text: str) -> None:
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start, end = "<!-- serving:start -->", "<!-- serving:end -->"
-    block = f"{start}\n{text}\n{end}"
-    if start in current:
-        current = current[: current.index(start)] + block + current[current.index(end) + len(end):]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(current)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapters", type=int, default=64)
@@ -214,7 +207,7 @@ def main() -> int:
                   "Baselines (a) and (b) time a random subset of the same requests and are compared by tokens/s."]
     text = "\n".join(lines)
     print(text)
-    write_section(text)
+    write_section(DOC, "serving", text)
     return 0
 
 
