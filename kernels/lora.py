@@ -52,9 +52,38 @@ class TokenGroups(list):
     then slices instead of gathering. Built once per step by `token_groups`.
     """
 
-    def __init__(self, groups: list[tuple[int, torch.Tensor]], ranges: list[tuple[int, int] | None]):
+    def __init__(self, groups: list[tuple[int, torch.Tensor]], ranges: list[tuple[int, int] | None],
+                 token_count: int = 0, device: torch.device | str = "cpu"):
         super().__init__(groups)
         self.ranges = ranges
+        self.token_count = token_count
+        self.device = torch.device(device)
+        self._segments: Segments | None = None
+        self._segments_known = False
+
+    def segments(self) -> Segments | None:
+        """The SGMV form of this batch, built on the host (no device sync), or None if a group is split.
+
+        Cached: the engine builds the groups once per step and every projection reuses them.
+        """
+        if not self._segments_known:
+            self._segments_known = True
+            if all(span is not None for span in self.ranges):
+                spans = sorted((span[0], span[1], slot) for (slot, _), span in zip(self, self.ranges, strict=True))
+                starts, slots, position = [0], [], 0
+                for begin, end, slot in spans:
+                    if begin > position:  # base-only tokens between adapters form a -1 segment
+                        starts.append(begin)
+                        slots.append(-1)
+                    starts.append(end)
+                    slots.append(slot)
+                    position = end
+                if position < self.token_count:
+                    starts.append(self.token_count)
+                    slots.append(-1)
+                self._segments = (torch.tensor(starts, dtype=torch.int64).to(self.device, non_blocking=True),
+                                  torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True))
+        return self._segments
 
 
 def token_groups(token_slots: torch.Tensor) -> TokenGroups:
@@ -75,7 +104,7 @@ def token_groups(token_slots: torch.Tensor) -> TokenGroups:
             first, last = order_list[start], order_list[start + count - 1]
             ranges.append((first, last + 1) if last - first + 1 == count else None)
         start += count
-    return TokenGroups(groups, ranges)
+    return TokenGroups(groups, ranges, token_count=slots.shape[0], device=slots.device)
 
 
 def _targeted(groups: Groups, ranks: list[int]):
@@ -262,9 +291,10 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: t
     """out[:, start:start+W] += scale * (x A^T) B per token's adapter slot, in place.
 
     Torch backend: the grouped reference (`groups`, from `token_groups`, skips
-    regrouping). Triton backend: SGMV when the tokens form long runs of one slot
-    (`segments`, from `segments_from_token_slots`, is computed here for batches of
-    at least SGMV_MIN_TOKENS if not given), BGMV otherwise.
+    regrouping). Triton backend: SGMV when the tokens form long runs of one slot,
+    BGMV otherwise. For batches of at least SGMV_MIN_TOKENS the runs come from
+    `segments`, else from `groups` (on the host, cached per step), else from
+    `segments_from_token_slots` (one device sync).
     """
     token_count = token_slots.shape[0]
     if max_rank == 0 or token_count == 0:
@@ -277,7 +307,10 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: t
     from kernels import lora_triton
 
     if segments is None and token_count >= SGMV_MIN_TOKENS:
-        segments = segments_from_token_slots(token_slots)
+        if isinstance(groups, TokenGroups):
+            segments = groups.segments()  # host-side and cached per step; None when a slot's tokens are split
+        else:
+            segments = segments_from_token_slots(token_slots)
     if segments is not None and prefers_segments(token_count, segments):
         seg_starts, seg_slots = segments
         shrunk = lora_triton.lora_shrink_sgmv_triton(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks,

@@ -8,7 +8,7 @@ each timed against the torch reference in the same run (`triton.testing.do_bench
 L2 flushed between repeats), with the bytes each call must move as a fraction
 of the device's peak memory bandwidth and of a device-to-device copy measured
 here. Writes the table into docs/kernels.md between the `gpu:start` / `gpu:end`
-markers. Exits with status 2 and a message when there is no CUDA device.
+markers (`scripts.docs_section.write_section`). Exits with status 2 and a message when there is no CUDA device.
 
     python scripts/gpu_check.py [--skip-tests] [--budget-seconds 270]
 """
@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.docs_section import write_section  # noqa: E402
+
 DOC = ROOT / "docs" / "kernels.md"
-START_MARK, END_MARK = "<!-- gpu:start -->", "<!-- gpu:end -->"
 HIDDEN = 4096
 DTYPE = torch.float16
 ELEMENT = 2  # bytes per fp16 element
@@ -180,15 +183,6 @@ def render(rows: list[Row], name: str, peak: float | None, copy: float, tests: s
     return "\n".join(lines)
 
 
-def write_doc(table: str) -> None:
-    text = DOC.read_text()
-    if START_MARK not in text or END_MARK not in text:
-        raise SystemExit(f"gpu_check: {DOC} lacks the {START_MARK} / {END_MARK} markers")
-    head, rest = text.split(START_MARK, 1)
-    _, tail = rest.split(END_MARK, 1)
-    DOC.write_text(f"{head}{START_MARK}\n{table}\n{END_MARK}{tail}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-tests", action="store_true", help="time only, without the pytest -m gpu run")
@@ -202,7 +196,6 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("gpu_check: unsetting TRITON_INTERPRET so the kernels compile for the GPU", file=sys.stderr)
     os.environ["TRITON_INTERPRET"] = "0"
-    sys.path.insert(0, str(ROOT))
     began = time.perf_counter()
     if args.skip_tests:
         tests_status, tests_rc = "not run (--skip-tests)", 0
@@ -226,7 +219,7 @@ def main() -> int:
     table = render(rows, name, peak, copy, tests_status, truncated)
     print(table)
     if not args.no_write:
-        write_doc(table)
+        write_section(DOC, "gpu", table)
         print(f"gpu_check: table written to {DOC.relative_to(ROOT)} in {time.perf_counter() - began:.0f} s")
     return tests_rc
 

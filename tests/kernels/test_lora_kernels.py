@@ -182,6 +182,13 @@ def test_segments_and_groups_describe_the_token_slots(slots):
         assert tokens.tolist() == [t for t, s in enumerate(slots) if s == slot]
         contiguous = tokens.tolist() == list(range(tokens[0], tokens[-1] + 1))
         assert (span == (int(tokens[0]), int(tokens[-1]) + 1)) if contiguous else span is None
+    # Built on the host from the groups, the SGMV form is the maximal runs, or None if a slot's tokens are split.
+    from_groups = groups.segments()
+    if all(span is not None for span in groups.ranges):
+        assert from_groups is not None
+        assert from_groups[0].tolist() == seg_starts.tolist() and from_groups[1].tolist() == seg_slots.tolist()
+    else:
+        assert from_groups is None
 
 
 def test_half_precision_reference_accumulates_in_fp32():
@@ -351,16 +358,27 @@ def test_strided_activations_and_a_fused_output_slice():
     torch.testing.assert_close(fused_triton, fused_ref, **FP32)
 
 
-@pytest.mark.parametrize("slots", [[0] * 40 + [1] * 30 + [-1] * 10, [0, 1, -1, 2] * 5])
+@pytest.mark.parametrize("slots", [[-1] * 5 + [0] * 40 + [1] * 30 + [-1] * 10, [0, 1, -1, 2] * 20])
 def test_add_lora_gives_the_same_answer_on_both_backends(monkeypatch, slots):
     """Long runs take SGMV on Triton, interleaved tokens BGMV; both equal the torch path."""
+    import kernels.lora_triton as lora_triton
+
     case = make_case(6, len(slots), 24, 20, [4, 16, 2], slots=slots).to(DEVICE, torch.float32)
+    launches = []
+    for name in ("lora_shrink_sgmv_triton", "lora_shrink_triton"):
+        original = getattr(lora_triton, name)
+        monkeypatch.setattr(lora_triton, name,
+                            lambda *args, _original=original, _name=name: launches.append(_name) or _original(*args))
     outputs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("LONGTAIL_KERNELS", backend)
         outputs[backend] = torch.zeros(len(slots), 26, device=DEVICE)
         add_lora(outputs[backend], case.x, case.a_rows, case.b_rows, case.token_slots, case.offsets, case.ranks,
                  case.scales, 16, 6)
+        with_groups = torch.zeros(len(slots), 26, device=DEVICE)
+        add_lora(with_groups, case.x, case.a_rows, case.b_rows, case.token_slots, case.offsets, case.ranks,
+                 case.scales, 16, 6, groups=token_groups(case.token_slots))
+        torch.testing.assert_close(with_groups, outputs[backend], **FP32)
         seg_starts, seg_slots = segments_from_token_slots(case.token_slots)
         shrunk = lora_shrink_sgmv(case.x, case.a_rows, seg_starts, seg_slots, case.offsets, case.ranks, 16)
         torch.testing.assert_close(shrunk, lora_shrink(case.x, case.a_rows, case.token_slots, case.offsets,
@@ -370,6 +388,9 @@ def test_add_lora_gives_the_same_answer_on_both_backends(monkeypatch, slots):
         lora_expand(again, shrunk, case.b_rows, case.token_slots, case.offsets, case.ranks, case.scales, 6)
         torch.testing.assert_close(again, 2 * outputs[backend], **FP32)
     torch.testing.assert_close(outputs["triton"], outputs["torch"], **FP32)
+    # add_lora's two Triton calls (without and with groups) chose by the runs; the explicit calls follow.
+    long_runs = len(slots) // len(segments_from_token_slots(case.token_slots)[1]) >= 8
+    assert launches[:2] == ["lora_shrink_sgmv_triton" if long_runs else "lora_shrink_triton"] * 2
     expected = naive_delta(case.to("cpu", torch.float32), 26, 6)
     torch.testing.assert_close(outputs["torch"].cpu().double(), expected, **FP32)
 
