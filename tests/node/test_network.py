@@ -337,3 +337,45 @@ def test_paid_request_and_adapter_fetch_over_libp2p(tmp_path, chain, shared_mode
             await stop_all(first)
 
     asyncio.run(scenario())
+
+
+def test_chain_stopped_and_restarted_checkpoints_resume(tmp_path, shared_model, monkeypatch):
+    """While anvil is down a checkpoint round fails with ChainError and loses nothing; after anvil comes back
+    (same port, state reloaded) the next round posts every paid receipt and the audit is clean."""
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
+    from node.auditor import audit
+    from node.chain import ChainError
+
+    anvil = Anvil().start()  # its own chain: this test stops it
+    deployment, adapter_ids = setup_chain(anvil.w3, log=lambda *_: None)
+    deployment.save(tmp_path / "deployment.json")
+    chain = (anvil, deployment, tmp_path / "deployment.json", adapter_ids)
+
+    async def scenario():
+        nodes = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
+        running = nodes["node-a"]
+        client = make_client(tmp_path, chain)
+        try:
+            await asyncio.to_thread(client.ensure_deposit, running.node.address, 10**17, 10**18)
+            async with aiohttp.ClientSession() as session:
+                for prompt in ("First clause.", "Second clause."):
+                    await client.ask(session, running.url, "legal-r8", prompt, 6)
+                await client.settle(session, running.url)
+            state = anvil.w3.provider.make_request("anvil_dumpState", [])["result"]
+            anvil.stop()
+            with pytest.raises(ChainError):
+                await running.checkpointer.run_round()
+            assert running.node.receipt_log.size == 2
+            await asyncio.to_thread(anvil.start)
+            anvil.w3.provider.make_request("anvil_loadState", [state])
+            result = await running.checkpointer.run_round()
+            assert result.posted_size == 2
+            report = await audit(running.url, anvil.url, deployment)
+            assert report.clean and report.checkpoints_checked == 1, report.findings
+        finally:
+            await stop_all(nodes)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        anvil.stop()
