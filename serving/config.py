@@ -43,12 +43,16 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
         # Qwen2 always has q/k/v biases; Llama declares them with attention_bias.
         bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
+        # transformers 5 writes RoPE settings under `rope_parameters`; older configs keep them at the top.
+        rope = dict(config.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         return cls(
             model_type=model_type, vocab_size=int(config["vocab_size"]), hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]), num_layers=int(config["num_hidden_layers"]),
             num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads), rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(config.get("rope_theta", 10000.0)), rope_scaling=config.get("rope_scaling"),
+            rope_theta=float(theta), rope_scaling=scaling,
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), attention_bias=bias,
             eos_token_ids=eos_ids,
