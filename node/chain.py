@@ -79,6 +79,15 @@ class ChainGateway:
     async def unreleased_revenue(self) -> int:
         return await self._call(lambda: self.contracts.channels.revenue(self.account.address), "read revenue")
 
+    async def registered_endpoints(self) -> list[str]:
+        """HTTP endpoints of every node registered on chain (where adapters can be fetched from)."""
+        nodes = await self._call(lambda: self.contracts.registry.registered_nodes(
+            from_block=self.deployment.block_number), "read registered nodes")
+        return [n.endpoint for n in nodes if n.endpoint]
+
+    async def adapter_registration(self, adapter_id: str):
+        return await self._call(lambda: self.contracts.registry.get_adapter(adapter_id), f"read adapter {adapter_id}")
+
     async def split(self) -> PayoutSplit:
         return await self._call(lambda: self.contracts.ledger.split(), "read payout split")
 

@@ -177,11 +177,8 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
         """Just in time: bring an adapter registered on chain from a peer that serves it, verified by its id."""
         peers = list(config.peers)
         if config.fetch_from_registry_peers:
-            nodes = await chain._call(lambda: chain.contracts.registry.registered_nodes(
-                from_block=deployment.block_number), "read registered nodes")
-            peers += [n.endpoint for n in nodes if n.endpoint and n.endpoint.rstrip("/") != running_url[0]]
-        registration = await chain._call(lambda: chain.contracts.registry.get_adapter(adapter_id),
-                                         f"read adapter {adapter_id}")
+            peers += [e for e in await chain.registered_endpoints() if e.rstrip("/") != running_url[0]]
+        registration = await chain.adapter_registration(adapter_id)
         if not registration.registered:
             raise UnknownModel(f"adapter {adapter_id} is neither served here nor registered on chain", param="model")
         sources = [PeerSource(p, asyncio.get_running_loop()) for p in sources_from_peers]

@@ -328,7 +328,7 @@ class Node:
                 "in_flight": self._in_flight, "peer_id": self.peer_id, "p2p_addrs": self.p2p_addrs}
 
     def dashboard(self) -> str:
-        earnings = {"charged in receipts": sum(int(r["receipt"]["price"]) for r in self._recent)}
+        earnings = {f"charged in the last {len(self._recent)} receipts": sum(int(r["receipt"]["price"]) for r in self._recent)}
         for account in self.payments.accounts():
             earnings[f"channel {account.channel_id[:10]}… vouchers"] = account.paid
         checkpoints = [{"tree_size": c.tree_size, "root_hash": c.root, "epoch": c.epoch,

@@ -143,7 +143,7 @@ async def wait_for_checkpoints(info, contracts, timeout: float = 120.0) -> None:
 
 def report(results: list[JobResult], info, contracts, audits) -> bool:
     from contracts.anvil import DEV_ACCOUNTS
-    from node.devnet import ADAPTER_OWNERS, datanet_owner_key
+    from node.devnet import ADAPTER_OWNERS
     from node.runner import datanet_folders
 
     table = Table(title="requests")
@@ -183,7 +183,6 @@ def report(results: list[JobResult], info, contracts, audits) -> bool:
         pool = contracts.ledger.datanet_pool(datanet_id)
         received += pool
         parties.add_row(folder.name, "Datanet pool (contributors)", "-", f"{pool / 1e18:.6f}", "-")
-    del datanet_owner_key
     console.print(parties)
     sample = next((r for r in results if r.adapter.startswith("smollm2")), None)
     if sample is not None:
