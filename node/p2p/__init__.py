@@ -1,5 +1,30 @@
-"""The node's libp2p side: a trio host on its own thread, bridged to the node's asyncio loop."""
+"""The node's libp2p side: a trio host on its own thread, bridged to the node's asyncio loop.
 
-from node.p2p.host import Announcement, P2PError, P2PNode, PeerDirectory
+`P2PNode` (host.py) is the one object the node uses; `announce.py` holds the signed announcements and
+the directory of live peers; `protocols.py` the protocol ids, framing and errors; `bridge.py` the
+trio/asyncio bridge.
+"""
 
-__all__ = ["Announcement", "P2PError", "P2PNode", "PeerDirectory"]
+from node.p2p.announce import Announcement, PeerDirectory, make_announcement, verify_announcement
+from node.p2p.host import P2PNode, Provider
+from node.p2p.protocols import (
+    ADAPTER_PROTOCOL,
+    ANNOUNCE_TOPIC,
+    INFER_PROTOCOL,
+    AdapterNotFound,
+    AdapterRejected,
+    AdapterTooLarge,
+    InvalidAnnouncement,
+    P2PError,
+    P2PStopped,
+    P2PTimeout,
+    PeerUnreachable,
+    RemoteError,
+)
+
+__all__ = [
+    "ADAPTER_PROTOCOL", "ANNOUNCE_TOPIC", "INFER_PROTOCOL", "AdapterNotFound", "AdapterRejected",
+    "AdapterTooLarge", "Announcement", "InvalidAnnouncement", "P2PError", "P2PNode", "P2PStopped",
+    "P2PTimeout", "PeerDirectory", "PeerUnreachable", "Provider", "RemoteError", "make_announcement",
+    "verify_announcement",
+]

@@ -1,19 +1,9 @@
-"""A py-libp2p host for a Longtail node, and the one bridge between trio and asyncio.
+"""`P2PNode`: one node's py-libp2p host (gossipsub announcements, Kademlia provider records, and the
+adapter and inference stream protocols), run on its own trio thread and used from asyncio.
 
-py-libp2p runs on trio; the node (aiohttp) runs on asyncio. The host lives in
-a dedicated thread with its own `trio.run`. The bridge is one mechanism in each
-direction:
-- asyncio → trio: `await self._call(fn, ...)` runs `trio.from_thread.run(fn, ...)`
-  in a worker thread (`asyncio.to_thread`), so an asyncio caller awaits a trio
-  coroutine without blocking its loop;
-- trio → asyncio: a protocol handler schedules the node's coroutine with
-  `asyncio.run_coroutine_threadsafe(coro, loop)` and awaits the future from a
-  trio worker thread (`trio.to_thread.run_sync(future.result)`).
-
-Protocols (length-prefixed frames: 4-byte big-endian length, then the bytes):
-- `/longtail/announce/1`: a signed announcement pushed to every connected peer;
-- `/longtail/adapter/1`: ask a peer for an adapter's bundle by id (the caller verifies it by id);
-- `/longtail/infer/1`: an OpenAI-style request (payment headers as fields) in, the JSON response out.
+Every public coroutine is an asyncio coroutine; it crosses into trio through `TrioThread.call` and
+raises a `P2PError` subclass on failure. Protocol handlers run on trio and reach the node's asyncio
+code through `TrioThread.to_asyncio` (see `node/p2p/bridge.py`).
 """
 
 from __future__ import annotations
@@ -22,310 +12,520 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import struct
-import threading
+import logging
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 import trio
 from eth_account import Account
-from eth_account.messages import encode_defunct
-from eth_utils import keccak, to_checksum_address
 from libp2p import new_host
-from libp2p.crypto.secp256k1 import Secp256k1PublicKey, create_new_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.abc import INotifee
+from libp2p.crypto.secp256k1 import create_new_key_pair
+from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-ANNOUNCE = TProtocol("/longtail/announce/1")
-ADAPTER = TProtocol("/longtail/adapter/1")
-INFER = TProtocol("/longtail/infer/1")
-MAX_FRAME = 64 * 2**20
-MAX_ANNOUNCEMENT = 64 * 2**10
+from node.p2p.announce import Announcement, PeerDirectory, make_announcement, verify_announcement
+from node.p2p.bridge import TrioThread
+from node.p2p.protocols import (
+    ADAPTER_PROTOCOL,
+    ANNOUNCE_TOPIC,
+    DEFAULT_MAX_BUNDLE_BYTES,
+    INFER_PROTOCOL,
+    MAX_ANNOUNCEMENT_BYTES,
+    MAX_INFER_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    AdapterNotFound,
+    AdapterRejected,
+    AdapterTooLarge,
+    FrameTooLarge,
+    InvalidAnnouncement,
+    P2PError,
+    P2PStopped,
+    PeerUnreachable,
+    Status,
+    parse_reply,
+    read_frame,
+    write_error,
+    write_frame,
+    write_reply,
+)
+
+log = logging.getLogger(__name__)
 
 
-class P2PError(RuntimeError):
-    """A peer is unreachable, refused, or answered something malformed."""
+class _QuietClosedDhtStreams(logging.Filter):
+    """py-libp2p 0.8.1 warns "Failed to read DHT message from stream: " (with an empty reason) each time
+    a peer closes a Kademlia stream after a fire-and-forget ADD_PROVIDER; that is normal, so drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Failed to read DHT message from stream: %s" and record.args
+                    and str(record.args[0]) == "")
+
+
+logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_QuietClosedDhtStreams())
+
+BundleProvider = Callable[[str], bytes | None]
+BundleVerifier = Callable[[str, bytes], bool]
+InferHandler = Callable[[dict], Awaitable[dict]]
+
+_ADAPTER_ID = re.compile(r"^0x[0-9a-f]{64}$")
+_KECCAK_256_MULTIHASH = bytes([0x1B, 0x20])  # multicodec keccak-256, 32-byte digest
+
+
+def provider_key(adapter_id: str) -> str:
+    """The DHT key of an adapter: the keccak-256 multihash of its content, which is what its id already is."""
+    return (_KECCAK_256_MULTIHASH + bytes.fromhex(adapter_id.removeprefix("0x"))).hex()
 
 
 @dataclasses.dataclass(frozen=True)
-class Announcement:
-    """What a node tells its peers about itself; signed by its key, valid until `expires_at`."""
+class Provider:
+    """A peer that Kademlia says provides an adapter, with the addresses it gave."""
 
-    address: str
     peer_id: str
-    public_key: str              # uncompressed secp256k1, 0x-hex: binds the peer id to the chain address
-    http_endpoint: str | None
-    adapters_hot: tuple[str, ...]
-    adapters_stored: tuple[str, ...]
-    price_per_1k_tokens: int
-    load: int
-    free_kv_blocks: int
-    timestamp: float
-    ttl_seconds: float
-    signature: str = ""
-
-    @property
-    def expires_at(self) -> float:
-        return self.timestamp + self.ttl_seconds
-
-    def payload(self) -> bytes:
-        body = {k: v for k, v in dataclasses.asdict(self).items() if k != "signature"}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Announcement:
-        raw = json.loads(data)
-        raw["adapters_hot"] = tuple(raw.get("adapters_hot", ()))
-        raw["adapters_stored"] = tuple(raw.get("adapters_stored", ()))
-        return cls(**raw)
-
-
-def sign_announcement(announcement: Announcement, private_key: bytes) -> Announcement:
-    signed = Account.sign_message(encode_defunct(announcement.payload()), private_key)
-    return dataclasses.replace(announcement, signature="0x" + bytes(signed.signature).hex())
-
-
-def verify_announcement(announcement: Announcement, sender: ID | None = None) -> None:
-    """Raise P2PError unless the signature, the address, the public key and the peer id all agree."""
-    try:
-        recovered = Account.recover_message(encode_defunct(announcement.payload()), signature=announcement.signature)
-    except Exception as error:  # malformed signature bytes of any kind
-        raise P2PError(f"announcement signature does not parse: {type(error).__name__}") from None
-    if recovered != to_checksum_address(announcement.address):
-        raise P2PError(f"announcement for {announcement.address} is signed by {recovered}")
-    public = bytes.fromhex(announcement.public_key.removeprefix("0x"))
-    if len(public) != 65 or to_checksum_address(keccak(public[1:])[-20:]) != recovered:
-        raise P2PError("announcement's public key is not the signer's")
-    peer = ID.from_pubkey(Secp256k1PublicKey.from_bytes(public))
-    if peer.to_base58() != announcement.peer_id or (sender is not None and sender != peer):
-        raise P2PError(f"announcement's peer id {announcement.peer_id} is not its key's (sent by {sender})")
-
-
-class PeerDirectory:
-    """Live announcements by peer id; expired ones vanish. Thread-safe (trio writes, asyncio reads)."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._peers: dict[str, Announcement] = {}
-
-    def update(self, announcement: Announcement) -> bool:
-        with self._lock:
-            current = self._peers.get(announcement.peer_id)
-            if current is not None and current.timestamp >= announcement.timestamp:
-                return False
-            self._peers[announcement.peer_id] = announcement
-            return True
-
-    def live(self) -> list[Announcement]:
-        now = self._clock()
-        with self._lock:
-            for peer in [p for p, a in self._peers.items() if a.expires_at <= now]:
-                del self._peers[peer]
-            return list(self._peers.values())
-
-    def find_peers(self, adapter_id: str) -> list[Announcement]:
-        """Peers holding the adapter: hot (on device) first, then by load."""
-        adapter_id = adapter_id.lower()
-        holders = [a for a in self.live() if adapter_id in a.adapters_hot or adapter_id in a.adapters_stored]
-        return sorted(holders, key=lambda a: (adapter_id not in a.adapters_hot, a.load))
-
-
-async def _read_frame(stream, limit: int = MAX_FRAME) -> bytes:
-    header = await _read_exactly(stream, 4)
-    (length,) = struct.unpack(">I", header)
-    if length > limit:
-        raise P2PError(f"frame of {length} bytes is over the {limit}-byte limit")
-    return await _read_exactly(stream, length)
-
-
-async def _read_exactly(stream, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = await stream.read(count - len(data))
-        if not chunk:
-            raise P2PError(f"stream closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
-async def _write_frame(stream, data: bytes) -> None:
-    await stream.write(struct.pack(">I", len(data)) + data)
-
-
-BundleProvider = Callable[[str], bytes | None]
-InferHandler = Callable[[dict], Awaitable[dict]]
+    addrs: tuple[str, ...]
 
 
 class P2PNode:
-    """One node's libp2p host, started on its own thread; every public coroutine runs on asyncio."""
+    """One node's libp2p host on its own trio thread; the public coroutines are called from asyncio.
 
-    def __init__(self, private_key: bytes, listen: str = "/ip4/127.0.0.1/tcp/0", ttl_seconds: float = 30.0,
-                 timeout: float = 30.0) -> None:
-        self.private_key = private_key
-        self.address = Account.from_key(private_key).address
-        self._key_pair = create_new_key_pair(private_key)
+    `bundle_provider(adapter_id) -> bytes | None` serves `/longtail/adapter/1` (called on a worker
+    thread); `infer_handler(request) -> reply`, an asyncio coroutine function, serves `/longtail/infer/1`
+    on the loop given to `start`.
+    """
+
+    def __init__(self, private_key: bytes, listen: str = "/ip4/127.0.0.1/tcp/0", *, ttl_seconds: float = 30.0,
+                 timeout: float = 30.0, handler_timeout: float = 300.0,
+                 max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES, kademlia: bool = True,
+                 gossip_heartbeat_seconds: int = 1) -> None:
+        self.private_key = bytes(private_key)
+        self.address = Account.from_key(self.private_key).address
+        self._key_pair = create_new_key_pair(self.private_key)
         self.peer_id = ID.from_pubkey(self._key_pair.public_key)
-        self.public_key = "0x" + self._key_pair.public_key.impl.format(compressed=False).hex()
         self.listen = listen
         self.ttl_seconds = ttl_seconds
         self.timeout = timeout
+        self.handler_timeout = handler_timeout
+        self.max_bundle_bytes = max_bundle_bytes
+        self.kademlia = kademlia
+        self.gossip_heartbeat_seconds = gossip_heartbeat_seconds
         self.directory = PeerDirectory()
         self.bundle_provider: BundleProvider | None = None
         self.infer_handler: InferHandler | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._host = None
+        self.announcements_rejected = 0
+        self.last_rejection: str | None = None
         self.addrs: list[str] = []
+        self._bridge = TrioThread(f"longtail-p2p-{self.peer_id.to_base58()[-8:]}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._host = None
+        self._pubsub: Pubsub | None = None
+        self._dht: KadDHT | None = None
+        self._background: trio.Nursery | None = None
+        self._provided: set[str] = set()
+        self._provided_with_table_size = 0
 
-    # --- lifecycle ----------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"P2PNode({self.address}, {self.peer_id.to_base58()}, {'running' if self.running else 'stopped'})"
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._bridge.running
+
+    @property
+    def thread(self):
+        """The trio thread while running (tests check that `stop` leaves none behind)."""
+        return self._bridge.thread
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None, timeout: float = 15.0) -> None:
+        """Start the host and block until it listens; `loop` is where `infer_handler` runs.
+
+        Blocking: from asyncio, call `await asyncio.to_thread(node.start, loop)` (or `await node.astart()`).
+        """
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="longtail-p2p", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise P2PError(f"libp2p host did not start within {timeout} s")
-        if self._error is not None:
-            raise P2PError(f"libp2p host failed to start: {self._error}")
+        self._bridge.start(self._serve, timeout)
 
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as error:  # reported to start(); the thread then ends
-            self._error = error
-            self._ready.set()
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the host and join its thread; calls in flight fail with `P2PStopped`. Idempotent."""
+        self._bridge.stop(timeout)
 
-    async def _main(self) -> None:
-        self._host = new_host(key_pair=self._key_pair)
-        self._stop = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-        async with self._host.run(listen_addrs=[Multiaddr(self.listen)]):
-            self._host.set_stream_handler(ANNOUNCE, self._on_announce)
-            self._host.set_stream_handler(ADAPTER, self._on_adapter)
-            self._host.set_stream_handler(INFER, self._on_infer)
-            self.addrs = [str(a) for a in self._host.get_addrs()]
-            self._ready.set()
-            await self._stop.wait()
+    async def astart(self, timeout: float = 15.0) -> None:
+        """`start` from asyncio, with the running loop as the handler loop."""
+        await asyncio.to_thread(self.start, asyncio.get_running_loop(), timeout)
 
-    def stop(self) -> None:
-        if self._thread is None or self._token is None:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(timeout=10)
-        self._thread = None
+    async def astop(self, timeout: float = 5.0) -> None:
+        await asyncio.to_thread(self.stop, timeout)
 
-    # --- asyncio → trio -------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _serve(self) -> AsyncIterator[None]:
+        """The trio side: host, gossipsub, Kademlia and handlers, alive while the bridge runs."""
+        host = new_host(key_pair=self._key_pair)
+        gossipsub = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4,
+                              degree_high=12, heartbeat_initial_delay=0.1,
+                              heartbeat_interval=self.gossip_heartbeat_seconds)
+        # strict_signing: every gossip message carries its origin's libp2p signature, so the announcement's
+        # peer id can be checked against the real publisher, not just the neighbour that relayed it.
+        pubsub = Pubsub(host, gossipsub, strict_signing=True)
+        dht = KadDHT(host, DHTMode.SERVER) if self.kademlia else None
+        self._provided, self._provided_with_table_size = set(), 0  # a fresh DHT after a restart
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(host.run(listen_addrs=[Multiaddr(self.listen)]))
+            # Runs after the services below have stopped and before host.run exits (the stack unwinds LIFO).
+            stack.push_async_callback(self._close_connections, host, pubsub)
+            await stack.enter_async_context(background_trio_service(pubsub))
+            await stack.enter_async_context(background_trio_service(gossipsub))
+            if dht is not None:
+                await stack.enter_async_context(background_trio_service(dht))
+            background = await stack.enter_async_context(trio.open_nursery())
+            await pubsub.wait_until_ready()
+            pubsub.set_topic_validator(ANNOUNCE_TOPIC, self._validate_gossip, False)
+            subscription = await pubsub.subscribe(ANNOUNCE_TOPIC)
+            host.set_stream_handler(ADAPTER_PROTOCOL, self._serve_adapter)
+            host.set_stream_handler(INFER_PROTOCOL, self._serve_infer)
+            if dht is not None:
+                host.get_network().register_notifee(_RoutingTableFeeder(self, background))
+            background.start_soon(self._receive_announcements, subscription)
+            self._host, self._pubsub, self._dht, self._background = host, pubsub, dht, background
+            self.addrs = [str(a) for a in host.get_addrs()]
+            try:
+                yield
+            finally:
+                background.cancel_scope.cancel()
+                self._host = self._pubsub = self._dht = self._background = None
 
-    async def _call(self, function, *args):
-        def run():
-            return trio.from_thread.run(function, *args, trio_token=self._token)
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(run), self.timeout)
-        except P2PError:
-            raise
-        except Exception as error:  # transport errors of every kind become one typed error
-            raise P2PError(f"{getattr(function, '__name__', 'p2p call')}: {type(error).__name__}: {error}") from None
+    @staticmethod
+    async def _close_connections(host, pubsub: Pubsub) -> None:
+        """What leaving py-libp2p 0.8.1's host.run leaves undone: it cancels the swarm without closing
+        every connection (a peer keeps a live-looking connection to a dead host, and the socket leaks),
+        and Pubsub never stops the sweeper thread of its seen-message cache."""
+        with trio.move_on_after(2), contextlib.suppress(Exception):
+            await host.get_network().close()
+        pubsub.seen_messages.stop()
+
+    # --- connections ------------------------------------------------------------------------------
+
+    def listen_addrs(self) -> list[str]:
+        """This host's full multiaddrs (`/ip4/.../tcp/N/p2p/<peer id>`), for peers to dial."""
+        return list(self.addrs)
 
     async def connect(self, multiaddr: str) -> str:
-        async def dial():
+        """Dial a peer by its full multiaddr; returns its peer id."""
+        try:
             info = info_from_p2p_addr(Multiaddr(multiaddr))
-            await self._host.connect(info)
+        except Exception as error:  # multiaddr parsing raises several unrelated types
+            raise P2PError(f"{multiaddr!r} is not a /p2p/ multiaddr: {error}") from None
+
+        async def dial() -> str:
+            try:
+                await self._host.connect(info)
+            except Exception as error:  # transport, security and muxer failures alike
+                raise PeerUnreachable(info.peer_id.to_base58(), "connect", f"{type(error).__name__}: {error}") \
+                    from None
+            if self._dht is not None:
+                await self._dht.add_peer(info.peer_id)
             return info.peer_id.to_base58()
-        return await self._call(dial)
+
+        return await self._bridge.call(dial, timeout=self.timeout, what=f"connect to {multiaddr}")
 
     def connected_peers(self) -> list[str]:
-        return [p.to_base58() for p in self._host.get_connected_peers()] if self._host else []
+        host = self._host
+        return [p.to_base58() for p in host.get_connected_peers()] if host is not None else []
 
-    async def announce(self, **fields) -> Announcement:
-        """Sign an announcement of this node and push it to every connected peer."""
-        announcement = sign_announcement(Announcement(
-            address=self.address, peer_id=self.peer_id.to_base58(), public_key=self.public_key,
-            timestamp=time.time(), ttl_seconds=self.ttl_seconds, **fields), self.private_key)
-        await self._call(self._push_announcement, announcement.to_bytes())
+    # --- announcements (gossipsub) ----------------------------------------------------------------
+
+    async def announce(self, *, http_endpoint: str | None = None, adapters_hot: Iterable[str] = (),
+                       adapters_stored: Iterable[str] = (), price_per_1k_tokens: int | Mapping[str, int] = 0,
+                       load: int = 0, free_kv_blocks: int = 0) -> Announcement:
+        """Sign this node's announcement, publish it on the gossip topic, and provide new adapters in the DHT."""
+        announcement = make_announcement(
+            self.private_key, self.peer_id.to_base58(), http_endpoint=http_endpoint, adapters_hot=adapters_hot,
+            adapters_stored=adapters_stored, price_per_1k_tokens=price_per_1k_tokens, load=load,
+            free_kv_blocks=free_kv_blocks, ttl_seconds=self.ttl_seconds, p2p_addrs=self.addrs)
+        await self.publish_announcement(announcement)
+        if self._dht is not None:
+            await self._bridge.call(self._provide, announcement.adapters_stored, timeout=self.timeout,
+                                    what="provide adapters")
         return announcement
 
-    async def _push_announcement(self, data: bytes) -> int:
-        sent = 0
-        for peer in list(self._host.get_connected_peers()):
-            with contextlib.suppress(Exception):  # a vanished peer must not stop the others' announcements
-                stream = await self._host.new_stream(peer, [ANNOUNCE])
-                await _write_frame(stream, data)
-                await stream.close()
-                sent += 1
-        return sent
+    async def publish_announcement(self, announcement: Announcement) -> None:
+        """Publish an already signed announcement as is (receivers verify it; see `_validate_gossip`)."""
+        data = announcement.to_bytes()
 
-    async def fetch_adapter(self, peer_id: str, adapter_id: str) -> bytes:
-        async def ask():
-            stream = await self._host.new_stream(ID.from_base58(peer_id), [ADAPTER])
-            await _write_frame(stream, adapter_id.encode())
-            reply = await _read_frame(stream)
-            await stream.close()
-            if reply[:1] != b"\x00":
-                raise P2PError(f"peer {peer_id} refused adapter {adapter_id}: {reply[1:].decode(errors='replace')}")
-            return reply[1:]
-        return await self._call(ask)
+        async def publish() -> None:
+            await self._pubsub.publish(ANNOUNCE_TOPIC, data)
 
-    async def infer(self, peer_id: str, request: dict) -> dict:
-        async def ask():
-            stream = await self._host.new_stream(ID.from_base58(peer_id), [INFER])
-            await _write_frame(stream, json.dumps(request).encode())
-            reply = await _read_frame(stream)
-            await stream.close()
-            return json.loads(reply)
-        return await self._call(ask)
+        await self._bridge.call(publish, timeout=self.timeout, what="publish announcement")
 
-    # --- trio handlers (and trio → asyncio) --------------------------------------------------
+    def find_peers(self, adapter_id: str) -> list[Announcement]:
+        """Live announcers of an adapter, hot holders first, then lower load (see `PeerDirectory`)."""
+        return self.directory.find_peers(adapter_id)
 
-    async def _on_announce(self, stream) -> None:
+    def _validate_gossip(self, forwarder: ID, message) -> bool:
+        """Gossipsub topic validator: an invalid announcement is neither delivered nor relayed."""
         try:
-            data = await _read_frame(stream, MAX_ANNOUNCEMENT)
-            announcement = Announcement.from_bytes(data)
-            verify_announcement(announcement, stream.muxed_conn.peer_id)
-            self.directory.update(announcement)
-        except Exception:  # a forged or malformed announcement is dropped, never raised into the host
-            pass
+            if len(message.data) > MAX_ANNOUNCEMENT_BYTES:
+                raise InvalidAnnouncement(f"announcement of {len(message.data)} bytes is over the limit")
+            announcement = Announcement.from_bytes(message.data)
+            verify_announcement(announcement, origin=ID(message.from_id).to_base58())
+            if announcement.expires_at <= time.time():
+                raise InvalidAnnouncement(f"announcement of {announcement.peer_id} has expired")
+        except InvalidAnnouncement as error:
+            self.announcements_rejected += 1
+            self.last_rejection = str(error)
+            log.info("dropped an announcement relayed by %s: %s", forwarder, error)
+            return False
+        return True
+
+    async def _receive_announcements(self, subscription) -> None:
+        me = self.peer_id.to_base58()
+        while True:
+            message = await subscription.get()
+            try:
+                announcement = Announcement.from_bytes(message.data)  # the validator has verified it
+            except InvalidAnnouncement:
+                continue
+            if announcement.peer_id == me or not self.directory.update(announcement):
+                continue
+            # The signed announcement is the peer's own word for where it listens: remember it so that
+            # fetch_adapter and infer can dial a peer known only through gossip.
+            addrs = [Multiaddr(a) for a in announcement.p2p_addrs if _is_multiaddr(a)]
+            if addrs and self._host is not None:
+                peer = ID.from_base58(announcement.peer_id)
+                self._host.get_peerstore().add_addrs(peer, [_strip_p2p(a) for a in addrs], 0)
+
+    # --- provider records (Kademlia) --------------------------------------------------------------
+
+    async def _provide(self, adapter_ids: tuple[str, ...]) -> None:
+        """Provide each adapter not provided yet; provide all again when the routing table has grown,
+        because records sent while this node knew fewer peers reached fewer of the closest ones."""
+        dht = self._dht
+        table_size = dht.get_routing_table_size()
+        wanted = set(adapter_ids)
+        grew = table_size > self._provided_with_table_size
+        todo = wanted if grew else wanted - self._provided
+        for adapter_id in self._provided - wanted:  # stop republishing what this node no longer holds
+            dht.provider_store.providing_keys.discard(bytes.fromhex(provider_key(adapter_id)))
+        self._provided = wanted
+        self._provided_with_table_size = max(self._provided_with_table_size, table_size)
+        if todo and self._background is not None:
+            self._background.start_soon(self._provide_all, sorted(todo))
+
+    async def _provide_all(self, adapter_ids: list[str]) -> None:
+        limiter = trio.CapacityLimiter(4)
+
+        async def one(adapter_id: str) -> None:
+            async with limiter:
+                with trio.move_on_after(self.timeout):
+                    try:
+                        await self._dht.provide(provider_key(adapter_id))
+                    except Exception as error:  # the next announcement round tries again
+                        log.info("providing %s failed: %s", adapter_id, error)
+
+        async with trio.open_nursery() as nursery:
+            for adapter_id in adapter_ids:
+                nursery.start_soon(one, adapter_id)
+
+    async def find_providers(self, adapter_id: str, count: int = 20) -> list[Provider]:
+        """Peers that Kademlia lists as providers of the adapter (this node excluded); their addresses
+        are remembered so `fetch_adapter` can dial them. Records live 48 h in py-libp2p: check liveness
+        with the directory or just try them."""
+        if self._dht is None:
+            raise P2PError("this node runs without Kademlia (kademlia=False)")
+        key = provider_key(_checked_adapter_id(adapter_id))
+
+        async def lookup() -> list[Provider]:
+            found: dict[str, Provider] = {}
+            for info in await self._dht.find_providers(key, count):
+                if info.peer_id == self.peer_id or info.peer_id.to_base58() in found:
+                    continue
+                if info.addrs:
+                    self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
+                found[info.peer_id.to_base58()] = Provider(info.peer_id.to_base58(), tuple(map(str, info.addrs)))
+            return list(found.values())
+
+        return await self._bridge.call(lookup, timeout=self.timeout, what=f"find providers of {adapter_id}")
+
+    # --- /longtail/adapter/1 ----------------------------------------------------------------------
+
+    async def fetch_adapter(self, peer_id: str, adapter_id: str, verify: BundleVerifier | None = None, *,
+                            max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+        """An adapter's bundle from a peer; if `verify(adapter_id, data)` is given and says False,
+        raises `AdapterRejected`. Over `max_bytes` (default `max_bundle_bytes`): `AdapterTooLarge`."""
+        adapter_id = _checked_adapter_id(adapter_id)
+        limit = self.max_bundle_bytes if max_bytes is None else max_bytes
+        request = json.dumps({"adapter_id": adapter_id, "max_bytes": limit}).encode()
+
+        async def ask() -> bytes:
+            try:
+                frame = await self._exchange(peer_id, ADAPTER_PROTOCOL, request, limit + 1)
+            except FrameTooLarge as error:  # a server that ignores our limit
+                raise AdapterTooLarge(peer_id, Status.TOO_LARGE, str(error)) from None
+            return parse_reply(frame, peer_id, {Status.NOT_FOUND: AdapterNotFound, Status.TOO_LARGE: AdapterTooLarge})
+
+        data = await self._bridge.call(ask, timeout=timeout or self.timeout,
+                                       what=f"fetch adapter {adapter_id} from {peer_id}")
+        if verify is not None and not await asyncio.to_thread(verify, adapter_id, data):
+            raise AdapterRejected(adapter_id, peer_id, len(data))
+        return data
+
+    async def _serve_adapter(self, stream) -> None:
+        try:
+            with trio.move_on_after(self.timeout):
+                try:
+                    request = json.loads(await read_frame(stream, 4096))
+                    adapter_id = _checked_adapter_id(request["adapter_id"])
+                    asked_limit = int(request.get("max_bytes", self.max_bundle_bytes))
+                except (P2PError, ValueError, KeyError, TypeError) as error:
+                    await write_error(stream, Status.BAD_REQUEST, f"bad adapter request: {error}")
+                    return
+                provider = self.bundle_provider
+                bundle = None
+                if provider is not None:
+                    try:
+                        bundle = await trio.to_thread.run_sync(provider, adapter_id)
+                    except LookupError:  # the store's "not here"
+                        bundle = None
+                if bundle is None:
+                    await write_error(stream, Status.NOT_FOUND, f"adapter {adapter_id} is not served here")
+                    return
+                limit = min(asked_limit, self.max_bundle_bytes)
+                if len(bundle) > limit:
+                    await write_error(stream, Status.TOO_LARGE, f"adapter {adapter_id} is {len(bundle)} bytes, "
+                                      f"over the {limit}-byte limit", size=len(bundle), limit=limit)
+                    return
+                await write_reply(stream, Status.OK, bytes(bundle))
+        except Exception as error:  # the asker gets the reason if the stream still works; this host goes on
+            with contextlib.suppress(Exception):
+                await write_error(stream, Status.ERROR, f"{type(error).__name__}: {error}")
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()
 
-    async def _on_adapter(self, stream) -> None:
+    # --- /longtail/infer/1 ------------------------------------------------------------------------
+
+    async def infer(self, peer_id: str, request: dict, *, timeout: float | None = None) -> dict:
+        """Send an inference request (the HTTP body and payment headers, as the handler expects them)
+        to a peer and return its JSON reply."""
+        payload = json.dumps(request).encode()
+        if len(payload) > MAX_REQUEST_BYTES:
+            raise P2PError(f"inference request of {len(payload)} bytes is over the {MAX_REQUEST_BYTES}-byte limit")
+
+        async def ask() -> dict:
+            frame = await self._exchange(peer_id, INFER_PROTOCOL, payload, MAX_INFER_REPLY_BYTES)
+            return json.loads(parse_reply(frame, peer_id))
+
+        return await self._bridge.call(ask, timeout=timeout or self.timeout, what=f"infer on {peer_id}")
+
+    async def _serve_infer(self, stream) -> None:
         try:
-            adapter_id = (await _read_frame(stream, 128)).decode()
-            bundle = None
-            if self.bundle_provider is not None:
-                bundle = await trio.to_thread.run_sync(self.bundle_provider, adapter_id)
-            await _write_frame(stream, b"\x00" + bundle if bundle else b"\x01not served here")
-        except Exception as error:  # the asking peer gets the reason; this host goes on
+            with trio.move_on_after(self.timeout) as reading:
+                try:
+                    request = json.loads(await read_frame(stream, MAX_REQUEST_BYTES))
+                    if not isinstance(request, dict):
+                        raise TypeError(f"request is a JSON {type(request).__name__}, not an object")
+                except (P2PError, ValueError, TypeError) as error:
+                    await write_error(stream, Status.BAD_REQUEST, f"bad inference request: {error}")
+                    return
+            if reading.cancelled_caught:
+                return
+            handler, loop = self.infer_handler, self._loop
+            if handler is None or loop is None:
+                await write_error(stream, Status.UNAVAILABLE, "this peer serves no inference")
+                return
+            reply = await self._bridge.to_asyncio(loop, handler(request), timeout=self.handler_timeout)
+            await write_reply(stream, Status.OK, json.dumps(reply).encode())
+        except Exception as error:  # includes the handler's own errors and its timeout
             with contextlib.suppress(Exception):
-                await _write_frame(stream, b"\x01" + str(error).encode()[:200])
+                await write_error(stream, Status.ERROR, f"{type(error).__name__}: {error}")
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()
 
-    async def _on_infer(self, stream) -> None:
+    # --- shared -----------------------------------------------------------------------------------
+
+    async def _exchange(self, peer_id: str, protocol: str, request: bytes, reply_limit: int) -> bytes:
+        """Open a stream, send one frame, read one frame back (trio side)."""
+        if self._host is None:
+            raise P2PStopped("the libp2p host is not running")
         try:
-            request = json.loads(await _read_frame(stream, 2**20))
-            if self.infer_handler is None or self._loop is None:
-                reply = {"status": 503, "body": {"error": {"message": "this peer serves no inference"}}}
-            else:
-                future = asyncio.run_coroutine_threadsafe(self.infer_handler(request), self._loop)
-                reply = await trio.to_thread.run_sync(future.result)
-            await _write_frame(stream, json.dumps(reply).encode())
-        except Exception as error:
-            with contextlib.suppress(Exception):
-                await _write_frame(stream, json.dumps({"status": 500, "body": {"error": {"message": str(error)}}})
-                                   .encode())
+            peer = ID.from_base58(peer_id)
+        except Exception:  # base58 / multihash decoding errors
+            raise P2PError(f"{peer_id!r} is not a peer id") from None
+        try:
+            stream = await self._host.new_stream(peer, [protocol])
+        except Exception as error:  # no route, dial failure, protocol refused
+            raise PeerUnreachable(peer_id, protocol, f"{type(error).__name__}: {error}") from None
+        try:
+            await write_frame(stream, request)
+            return await read_frame(stream, reply_limit)
+        except P2PError:
+            raise
+        except Exception as error:  # reset or closed mid-exchange
+            raise P2PError(f"{protocol} with {peer_id} failed: {type(error).__name__}: {error}") from None
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()
+
+
+class _RoutingTableFeeder(INotifee):
+    """Adds every newly connected peer to the Kademlia routing table (inbound ones too, once identify
+    has told us where they listen), so provider records reach peers that dialled us."""
+
+    def __init__(self, node: P2PNode, nursery: trio.Nursery) -> None:
+        self.node, self.nursery = node, nursery
+
+    async def connected(self, network, conn) -> None:
+        self.nursery.start_soon(self._add, conn.muxed_conn.peer_id)
+
+    async def _add(self, peer: ID) -> None:
+        for _ in range(10):
+            dht = self.node._dht
+            if dht is None:
+                return
+            with contextlib.suppress(Exception):
+                if await dht.add_peer(peer):
+                    return
+            await trio.sleep(0.2)
+
+    async def disconnected(self, network, conn) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def opened_stream(self, network, stream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def closed_stream(self, network, stream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen(self, network, multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen_close(self, network, multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def _checked_adapter_id(adapter_id: str) -> str:
+    adapter_id = str(adapter_id).lower()
+    if not _ADAPTER_ID.match(adapter_id):
+        raise P2PError(f"{adapter_id!r} is not an adapter id (0x + 64 hex digits)")
+    return adapter_id
+
+
+def _is_multiaddr(text: str) -> bool:
+    try:
+        Multiaddr(text)
+    except Exception:  # multiaddr raises several types for bad input
+        return False
+    return True
+
+
+def _strip_p2p(addr: Multiaddr) -> Multiaddr:
+    """The transport part of a multiaddr (the peerstore keys addresses by peer id already)."""
+    with contextlib.suppress(Exception):
+        return addr.decapsulate(Multiaddr(f"/p2p/{addr.value_for_protocol('p2p')}"))
+    return addr
