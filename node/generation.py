@@ -41,12 +41,12 @@ class GenerationGateway:
             return list(encoded["input_ids"])
         return list(self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
 
-    def sampling_params(self, request: CompletionRequest):
+    def sampling_params(self, request: CompletionRequest, logprobs: bool = False):
         from serving import SamplingParams
 
         return SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                               top_k=request.top_k, seed=request.seed, stop=list(request.stop),
-                              logprobs=request.logprobs)
+                              logprobs=request.logprobs or logprobs)
 
     async def stream(self, request: CompletionRequest, entry: CatalogEntry,
                      prompt_ids: list[int]) -> AsyncIterator[GenerationResult]:
@@ -57,7 +57,9 @@ class GenerationGateway:
         logprobs: list[float] = []
         text = ""
         finish_reason = None
-        async for event in self.engine.stream(prompt_ids, entry.adapter_id, self.sampling_params(request)):
+        # An adapter's answer needs its token log-probabilities: they are its credit against the base model.
+        params = self.sampling_params(request, logprobs=entry.adapter_id is not None)
+        async for event in self.engine.stream(prompt_ids, entry.adapter_id, params):
             new_ids = list(getattr(event, "token_ids", None) or
                            ([event.token_id] if getattr(event, "token_id", None) is not None else []))
             finish_reason = getattr(event, "finish_reason", None) or finish_reason

@@ -3,16 +3,20 @@
 from serving.engine import Engine, GenerationOutput, StreamEvent
 from serving.errors import (
     AdapterIncompatible,
+    AdapterInUse,
+    AdapterSlotsFull,
     EngineError,
     InvalidSamplingParams,
+    InvalidTokenIds,
     KvCacheTooSmall,
     NonFiniteLogits,
     PromptTooLong,
+    RequestCancelled,
     UnknownAdapter,
 )
 from serving.sampling import SamplingParams
 
 __all__ = [
-    "AdapterIncompatible", "Engine", "EngineError", "GenerationOutput", "InvalidSamplingParams", "KvCacheTooSmall",
-    "NonFiniteLogits", "PromptTooLong", "SamplingParams", "StreamEvent", "UnknownAdapter",
+    "AdapterIncompatible", "AdapterInUse", "AdapterSlotsFull", "Engine", "EngineError", "GenerationOutput", "InvalidSamplingParams", "InvalidTokenIds", "KvCacheTooSmall",
+    "NonFiniteLogits", "PromptTooLong", "RequestCancelled", "SamplingParams", "StreamEvent", "UnknownAdapter",
 ]

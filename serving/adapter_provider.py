@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from serving.errors import UnknownAdapter
+from serving.errors import AdapterInUse, UnknownAdapter
 from serving.lora_slots import LoraSlots
 from serving.peft_format import AdapterWeights, load_adapter
 
@@ -28,7 +28,7 @@ class AdapterProvider(Protocol):
 
 
 class ResidentAdapters:
-    """Every added adapter lives on the device until removed (the simple default)."""
+    """Every added adapter lives on the device until removed (the simple default): add = parse + load now."""
 
     def __init__(self, slots: LoraSlots, max_rank: int = 256) -> None:
         self.slots = slots
@@ -47,7 +47,7 @@ class ResidentAdapters:
         if adapter_id not in self.slots:
             raise UnknownAdapter(adapter_id)
         if self._pins.get(adapter_id):
-            raise RuntimeError(f"adapter {adapter_id} is used by {self._pins[adapter_id]} running requests")
+            raise AdapterInUse(adapter_id, self._pins[adapter_id])
         self.slots.free(adapter_id)
 
     def knows(self, adapter_id: str) -> bool:

@@ -14,8 +14,23 @@ from serving.peft_format import ModuleShapes
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
 
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, dict) and "full_attention" in parameters:
+        parameters = parameters["full_attention"]  # per-layer-type form; this family has one type
+    if isinstance(parameters, dict):
+        theta = float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+        kind = parameters.get("rope_type") or parameters.get("type")
+        return theta, (dict(parameters) if kind not in (None, "default") else None)
+    scaling = config.get("rope_scaling")
+    return float(config.get("rope_theta", 10000.0)), (dict(scaling) if scaling else None)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The architecture facts the model code needs; read from `config.json`, never guessed."""
+
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -43,17 +58,18 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
         # Qwen2 always has q/k/v biases; Llama declares them with attention_bias.
         bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
-        # transformers 5 writes RoPE settings under `rope_parameters`; older configs keep them at the top.
-        rope = dict(config.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
-        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        rope = rope_settings(config)
+        context = int(config.get("max_position_embeddings", 2048))
+        window = config.get("sliding_window")
+        if window and (model_type == "mistral" or config.get("use_sliding_window")):
+            # Attention here is full-context: serving past the window would differ from the model, so stop there.
+            context = min(context, int(window))
         return cls(
             model_type=model_type, vocab_size=int(config["vocab_size"]), hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]), num_layers=int(config["num_hidden_layers"]),
             num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads), rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta), rope_scaling=scaling,
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            rope_theta=rope[0], rope_scaling=rope[1], max_position_embeddings=context,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), attention_bias=bias,
             eos_token_ids=eos_ids,
         )

@@ -1,10 +1,11 @@
 """The engine: one base model, many adapters, continuous batching over a paged KV cache.
 
 `step()` is synchronous and owns all tensors: it takes new requests from a
-thread-safe inbox, asks the scheduler what runs, builds one flat batch of
-prefill and decode tokens, runs the model once, samples, and emits events.
-`start()` runs steps on a background thread; `stream()` bridges its events to
-asyncio; `generate()` drives steps itself when no thread runs.
+thread-safe inbox, asks the scheduler what runs, hands the model runner one
+flat batch of decode tokens and prompt chunks, samples, and emits events.
+`start()` runs steps on a background thread (the node's mode); `stream()`
+bridges one request's events to asyncio; `generate()` drives steps itself
+when no thread runs.
 """
 
 from __future__ import annotations
@@ -12,29 +13,47 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import math
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from kernels import token_groups
 from serving.adapter_provider import AdapterProvider, ResidentAdapters
 from serving.config import ModelConfig
-from serving.errors import KvCacheTooSmall, NonFiniteLogits, PromptTooLong, RequestCancelled, UnknownAdapter
+from serving.errors import (
+    EngineError,
+    InvalidTokenIds,
+    KvCacheTooSmall,
+    NonFiniteLogits,
+    PromptTooLong,
+    RequestCancelled,
+    UnknownAdapter,
+)
 from serving.kv_cache import PagedKVCache
 from serving.lora_slots import LoraSlots
-from serving.model import BatchPlan, LlamaModel, PrefillSegment
-from serving.sampling import SamplingParams, sample
+from serving.model import LlamaModel
+from serving.model_runner import ModelRunner, SequenceChunk
+from serving.sampling import SamplingParams, sample_rows
 from serving.scheduler import Request, Scheduler, State
+
+log = logging.getLogger(__name__)
+
+
+class Detokenizer(Protocol):
+    """What the engine needs of a tokenizer: only decoding, for stop strings."""
+
+    def decode(self, token_ids: list[int]) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamEvent:
-    """One new token of one request, or its end (finish_reason set, token_id None on errors)."""
+    """One new token of one request, or its end (finish_reason set; token_id None)."""
 
     request_id: int
     token_id: int | None
@@ -45,6 +64,8 @@ class StreamEvent:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOutput:
+    """A finished request. finish_reason: "stop" (EOS, stop token or string), "length", "cancelled" or "error"."""
+
     request_id: int
     prompt_tokens: int
     token_ids: list[int]
@@ -52,6 +73,8 @@ class GenerationOutput:
     logprobs: list[float] | None = None
     error: Exception | None = None
     ttft_seconds: float | None = None
+    text: str | None = None    # decoded output, cut before a matched stop string; only with a tokenizer
+    e2e_seconds: float | None = None  # from submit to finish
 
 
 class RequestHandle:
@@ -61,6 +84,7 @@ class RequestHandle:
         self.engine = engine
         self.request = request
         self.done = threading.Event()
+        self.text: str | None = None
 
     @property
     def request_id(self) -> int:
@@ -69,24 +93,37 @@ class RequestHandle:
     def cancel(self) -> None:
         self.engine.cancel(self.request_id)
 
+    def wait(self, timeout: float | None = None) -> GenerationOutput:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} still running after {timeout} s")
+        return self.output()
+
     def output(self) -> GenerationOutput:
         r = self.request
         return GenerationOutput(r.request_id, len(r.prompt_ids), list(r.output_ids), r.finish_reason or "length",
                                 list(r.logprobs) if r.params.logprobs else None, r.error,
-                                (r.first_token_at - r.arrival) if r.first_token_at else None)
+                                (r.first_token_at - r.arrival) if r.first_token_at else None, self.text,
+                                (r.finished_at - r.arrival) if r.finished_at else None)
+
+
+def _failed_output(error: EngineError, prompt_tokens: int) -> GenerationOutput:
+    return GenerationOutput(-1, prompt_tokens, [], "error", None, error)
 
 
 class Engine:
     def __init__(self, model: LlamaModel, kv_cache_bytes: int = 256 * 2**20, max_batch_tokens: int = 2048,
                  max_running: int = 256, max_adapters: int = 64, block_size: int = 16, max_rank: int = 256,
-                 adapter_provider: AdapterProvider | None = None) -> None:
+                 adapter_provider: AdapterProvider | None = None, tokenizer: Detokenizer | None = None,
+                 min_prefill_chunk: int = 32) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         self.device = model.device
         self.cache = PagedKVCache(model.config, kv_cache_bytes, block_size, model.device, model.dtype)
         self.lora_slots = LoraSlots(model.config, max_adapters, device=model.device, dtype=model.dtype)
+        self.runner = ModelRunner(model, self.cache, self.lora_slots)
         self.adapters = adapter_provider or ResidentAdapters(self.lora_slots, max_rank)
-        self.scheduler = Scheduler(max_batch_tokens, max_running)
+        self.scheduler = Scheduler(max_batch_tokens, max_running, min_prefill_chunk)
+        self.tokenizer = tokenizer
         self.eos_token_ids = set(model.config.eos_token_ids)
         self._ids = itertools.count()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -102,14 +139,18 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
                         **options) -> Engine:
+        """Load a Llama/Mistral/Qwen2 checkpoint; options go to `Engine` (kv_cache_bytes, max_batch_tokens, ...)."""
         return cls(LlamaModel.from_pretrained(model_dir, device, dtype), **options)
 
     # --- adapters --------------------------------------------------------------------------------
 
     def add_adapter(self, peft_dir: Path | str) -> str:
-        """Validate and load a PEFT adapter; returns its adapterId (hot add: safe while serving)."""
+        """Validate and load a PEFT adapter through the provider; returns its adapterId (safe while serving)."""
+        add = getattr(self.adapters, "add", None)
+        if add is None:
+            raise TypeError(f"adapter provider {type(self.adapters).__name__} has no add(path)")
         with self._lock:
-            return self.adapters.add(peft_dir)
+            return add(peft_dir)
 
     def remove_adapter(self, adapter_id: str) -> None:
         with self._lock:
@@ -117,16 +158,14 @@ class Engine:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: Sequence[int], adapter_id: str | None, params: SamplingParams,
-               listener: Callable[[StreamEvent], None] | None = None) -> RequestHandle:
-        """Validate and queue one request; errors here are the caller's (typed), nothing is queued."""
+    def _validate(self, prompt: list[int], adapter_id: str | None, params: SamplingParams) -> None:
         params.validate()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise PromptTooLong(0, params.max_tokens, self.model_config.max_position_embeddings)
-        if any(not 0 <= t < self.model_config.vocab_size for t in prompt):
-            raise ValueError(f"prompt holds token ids outside [0, {self.model_config.vocab_size})")
         context = self.model_config.max_position_embeddings
+        if not prompt:
+            raise PromptTooLong(0, params.max_tokens, context)
+        bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidTokenIds(bad[:5], self.model_config.vocab_size)
         if len(prompt) + params.max_tokens > context:
             raise PromptTooLong(len(prompt), params.max_tokens, context)
         if adapter_id is not None and not self.adapters.knows(adapter_id):
@@ -134,7 +173,17 @@ class Engine:
         needed = self.cache.blocks_for(len(prompt) + params.max_tokens)
         if needed > self.cache.pool.num_blocks:
             raise KvCacheTooSmall(f"request needs {needed} KV blocks, the pool has {self.cache.pool.num_blocks}")
-        request = Request(next(self._ids), prompt, adapter_id, params, generator=params.generator(),
+
+    def submit(self, prompt_ids: Sequence[int], adapter_id: str | None, params: SamplingParams,
+               listener: Callable[[StreamEvent], None] | None = None, client: str | None = None) -> RequestHandle:
+        """Validate and queue one request (thread-safe); a bad request raises its typed error, nothing is queued.
+
+        `client` names who asked, for fairness between clients of one adapter; `listener` gets every event on
+        the engine's thread.
+        """
+        prompt = [int(t) for t in prompt_ids]
+        self._validate(prompt, adapter_id, params)
+        request = Request(next(self._ids), prompt, adapter_id, params, client=client, generator=params.generator(),
                           arrival=time.perf_counter())
         handle = RequestHandle(self, request)
         self._handles[request.request_id] = handle
@@ -147,6 +196,7 @@ class Engine:
         return handle
 
     def cancel(self, request_id: int) -> None:
+        """Stop a request at the next step; its blocks return to the pool (thread-safe)."""
         self._cancelled.add(request_id)
         self._wake.set()
 
@@ -162,6 +212,7 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, error: Exception | None = None) -> None:
         request.state = State.FINISHED
+        request.finished_at = time.perf_counter()
         request.finish_reason = reason
         request.error = error
         if request.blocks:
@@ -187,15 +238,14 @@ class Engine:
     def _apply_cancellations(self) -> None:
         if not self._cancelled:
             return
+        cancelled, self._cancelled = self._cancelled, set()
         for request in list(self.scheduler.running):
-            if request.request_id in self._cancelled:
-                self._finish(request, "cancelled", RequestCancelled())
-        for waiting in list(self.scheduler.queues.values()):
-            for request in list(waiting):
-                if request.request_id in self._cancelled:
-                    self.scheduler.remove_waiting(request)
-                    self._finish(request, "cancelled", RequestCancelled())
-        self._cancelled.clear()
+            if request.request_id in cancelled:
+                self._finish(request, "cancelled", RequestCancelled(f"request {request.request_id} was cancelled"))
+        for request in self.scheduler.waiting_requests():
+            if request.request_id in cancelled:
+                self.scheduler.remove_waiting(request)
+                self._finish(request, "cancelled", RequestCancelled(f"request {request.request_id} was cancelled"))
 
     def _fail_unloadable(self, polled) -> None:
         """Requests waiting for an adapter whose load failed end with that load's error."""
@@ -203,8 +253,8 @@ class Engine:
         if not failed:
             return
         for adapter_id, error in failed.items():
-            queue_ = self.scheduler.queues.get(adapter_id)
-            for request in list(queue_ or ()):
+            adapter_queue = self.scheduler.queues.get(adapter_id)
+            for request in list(adapter_queue or ()):
                 self.scheduler.remove_waiting(request)
                 self._finish(request, "error", error)
 
@@ -215,107 +265,109 @@ class Engine:
             return True  # removed while waiting: admitted, then failed with UnknownAdapter
         return self.adapters.slot_of(adapter_id) is not None
 
+    def _blocks_needed(self, request: Request) -> int:
+        return self.cache.blocks_for(len(request.prompt_ids) + request.params.max_tokens)
+
+    def _admit(self, request: Request) -> bool:
+        if request.adapter_id is not None and not self.adapters.knows(request.adapter_id):
+            self._finish(request, "error", UnknownAdapter(request.adapter_id))
+            return False
+        request.blocks = self.cache.pool.allocate(self._blocks_needed(request))
+        request.state = State.RUNNING
+        if request.adapter_id is not None:
+            self.adapters.pin(request.adapter_id)
+        self.scheduler.running.append(request)
+        return True
+
     def step(self) -> int:
-        """Run one scheduling step; returns the number of tokens processed."""
+        """Run one scheduling step; returns the number of tokens processed (0: nothing could run)."""
         with self._lock:
             self._drain_inbox()
             self._apply_cancellations()
             self._fail_unloadable(self.adapters.poll())
-            plan = self.scheduler.schedule(
-                self.cache.pool.free_blocks,
-                lambda r: self.cache.blocks_for(len(r.prompt_ids) + r.params.max_tokens),
-                self._adapter_ready)
-            for request in plan.prefill:
-                if request.adapter_id is not None and not self.adapters.knows(request.adapter_id):
+            plan = self.scheduler.schedule(self.cache.pool.free_blocks, self._blocks_needed, self._adapter_ready)
+            prefill = [(r, n) for r, n in plan.prefill if r.state is State.RUNNING or self._admit(r)]
+            work: list[tuple[Request, int]] = [(r, 1) for r in plan.decode] + prefill
+            chunks: list[SequenceChunk] = []
+            ran: list[tuple[Request, int]] = []
+            for request, count in work:
+                slot = self._slot(request)
+                if slot is None:
                     self._finish(request, "error", UnknownAdapter(request.adapter_id))
                     continue
-                request.blocks = self.cache.pool.allocate(
-                    self.cache.blocks_for(len(request.prompt_ids) + request.params.max_tokens))
-                request.state = State.RUNNING
-                if request.adapter_id is not None:
-                    self.adapters.pin(request.adapter_id)
-                self.scheduler.running.append(request)
-            prefill = [r for r in plan.prefill if r.state is State.RUNNING]
-            if not plan.decode and not prefill:
+                if request.prefilled:
+                    tokens, last = [request.output_ids[-1]], True
+                else:
+                    tokens = request.prompt_ids[request.cached:request.cached + count]
+                    last = request.cached + count == len(request.prompt_ids)
+                chunks.append(SequenceChunk(tokens, request.cached, request.blocks, slot, -1 if last else None))
+                ran.append((request, len(tokens)))
+            if not chunks:
                 return 0
-            batch = self._build_batch(plan.decode, prefill)
-            with torch.inference_mode():
-                logits = self.model.forward(batch, self.cache, self.lora_slots)
-            self._sample_all(plan.decode + prefill, logits)
+            try:
+                logits = self.runner.run(chunks)
+            except Exception as error:  # a bug must fail this step's requests, not the engine
+                log.exception("engine step failed; failing its %d requests", len(ran))
+                for request, _ in ran:
+                    self._finish(request, "error", error)
+                return 0
+            for request, count in ran:
+                request.cached += count
+            sampled = [r for (r, _), c in zip(ran, chunks, strict=True) if c.logits_from is not None]
+            self._sample_all(sampled, logits)
             self.steps += 1
-            return int(batch.input_ids.numel())
+            return sum(len(c.token_ids) for c in chunks)
 
-    def _build_batch(self, decode: list[Request], prefill: list[Request]) -> BatchPlan:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[torch.Tensor] = []
-        token_slots: list[int] = []
-        segments: list[PrefillSegment] = []
-        gathers: list[torch.Tensor] = []
-        logits_index: list[int] = []
-        for request in decode:
-            position = request.total_tokens - 1
-            ids.append(request.output_ids[-1])
-            positions.append(position)
-            slots.append(self.cache.slot_indices(request.blocks, position, position + 1))
-            token_slots.append(self._slot(request))
-            gathers.append(self.cache.slot_indices(request.blocks, 0, position + 1))
-            logits_index.append(len(ids) - 1)
-        decode_count = len(ids)
-        for request in prefill:
-            start = len(ids)
-            length = len(request.prompt_ids)
-            ids.extend(request.prompt_ids)
-            positions.extend(range(length))
-            slots.append(self.cache.slot_indices(request.blocks, 0, length))
-            token_slots.extend([self._slot(request)] * length)
-            segments.append(PrefillSegment(start, length, 0, self.cache.slot_indices(request.blocks, 0, length)))
-            logits_index.append(start + length - 1)
-        device = self.device
-        width = max((g.numel() for g in gathers), default=0)
-        decode_gather = torch.zeros(decode_count, width, dtype=torch.int64)
-        decode_mask = torch.zeros(decode_count, width, dtype=torch.bool)
-        for row, gather in enumerate(gathers):
-            decode_gather[row, : gather.numel()] = gather
-            decode_mask[row, : gather.numel()] = True
-        token_slot_tensor = torch.tensor(token_slots, dtype=torch.int64, device=device)
-        return BatchPlan(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            write_slots=torch.cat(slots).to(device),
-            token_slots=token_slot_tensor,
-            lora_groups=token_groups(token_slot_tensor) if any(s >= 0 for s in token_slots) else [],
-            prefill=[dataclasses.replace(s, gather=s.gather.to(device)) for s in segments],
-            decode_tokens=torch.arange(decode_count, dtype=torch.int64, device=device),
-            decode_gather=decode_gather.to(device), decode_mask=decode_mask.to(device),
-            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
-        )
-
-    def _slot(self, request: Request) -> int:
+    def _slot(self, request: Request) -> int | None:
+        """The request's adapter slot, -1 for the base model, None if its adapter left the device."""
         if request.adapter_id is None:
             return -1
-        slot = self.adapters.slot_of(request.adapter_id)
-        return -1 if slot is None else slot
+        return self.adapters.slot_of(request.adapter_id)
 
     def _sample_all(self, requests: list[Request], logits: torch.Tensor) -> None:
+        if not requests:
+            return
         now = time.perf_counter()
-        for request, row in zip(requests, logits, strict=True):
-            if request.state is not State.RUNNING:
-                continue
-            if not bool(torch.isfinite(row).all()):
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        for request, ok in zip(requests, finite, strict=True):
+            if not ok:
                 self._finish(request, "error", NonFiniteLogits(request.request_id))
-                continue
-            token, logprob = sample(row, request.params, request.generator)
+        live = [(row, r) for row, (r, ok) in enumerate(zip(requests, finite, strict=True)) if ok]
+        if not live:
+            return
+        rows = torch.tensor([row for row, _ in live])
+        picks = sample_rows(logits[rows], [r.params for _, r in live], [r.generator for _, r in live])
+        for (_, request), (token, logprob) in zip(live, picks, strict=True):
             request.output_ids.append(token)
             if request.params.logprobs:
                 request.logprobs.append(logprob)
             if request.first_token_at is None:
                 request.first_token_at = now
             self._emit(request, StreamEvent(request.request_id, token, logprob))
-            if not request.params.ignore_eos and (token in self.eos_token_ids or token in request.params.stop_token_ids):
+            params = request.params
+            if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
                 self._finish(request, "stop")
-            elif len(request.output_ids) >= request.params.max_tokens:
-                self._finish(request, "length")
+            elif self._hit_stop_string(request):
+                self._finish(request, "stop")
+            elif len(request.output_ids) >= params.max_tokens:
+                self._finish_with_text(request, "length")
+
+    def _hit_stop_string(self, request: Request) -> bool:
+        """With a tokenizer: True (and the handle's text cut) when the decoded output holds a stop string."""
+        if self.tokenizer is None:
+            return False
+        handle = self._handles.get(request.request_id)
+        text = self.tokenizer.decode(request.output_ids)
+        cut = min((text.find(s) for s in request.params.stop if s in text), default=-1)
+        if handle is not None:
+            handle.text = text if cut < 0 else text[:cut]
+        return cut >= 0
+
+    def _finish_with_text(self, request: Request, reason: str) -> None:
+        handle = self._handles.get(request.request_id)
+        if handle is not None and self.tokenizer is not None and handle.text is None:
+            handle.text = self.tokenizer.decode(request.output_ids)
+        self._finish(request, reason)
 
     def score(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None) -> list[float]:
         """Log-probability of each output token after the prompt, under `adapter_id` (None = the base).
@@ -323,30 +375,24 @@ class Engine:
         One prefill-shaped forward; it holds the step lock, so it runs between two steps of the batch.
         The node uses it for adapter credit: the same output scored by the base model.
         """
-        tokens = [int(t) for t in prompt_ids] + [int(t) for t in output_ids]
+        # The last output token predicts nothing we score, so it is not run.
+        tokens = [int(t) for t in prompt_ids] + [int(t) for t in output_ids][:-1]
         if not output_ids:
             return []
+        if not prompt_ids:
+            raise PromptTooLong(0, len(output_ids), self.model_config.max_position_embeddings)
         with self._lock:
             slot = -1
             if adapter_id is not None:
                 slot = self.adapters.slot_of(adapter_id)
                 if slot is None:
                     raise UnknownAdapter(adapter_id)
-            blocks = self.cache.pool.allocate(self.cache.blocks_for(len(tokens)))
+            needed = self.cache.blocks_for(len(tokens))
+            if needed > self.cache.pool.free_blocks:
+                raise KvCacheTooSmall(f"scoring needs {needed} free KV blocks, {self.cache.pool.free_blocks} are free")
+            blocks = self.cache.pool.allocate(needed)
             try:
-                slots = self.cache.slot_indices(blocks, 0, len(tokens)).to(self.device)
-                token_slots = torch.full((len(tokens),), slot, dtype=torch.int64, device=self.device)
-                plan = BatchPlan(
-                    input_ids=torch.tensor(tokens, dtype=torch.int64, device=self.device),
-                    positions=torch.arange(len(tokens), device=self.device), write_slots=slots,
-                    token_slots=token_slots, lora_groups=token_groups(token_slots) if slot >= 0 else [],
-                    prefill=[PrefillSegment(0, len(tokens), 0, slots)],
-                    decode_tokens=torch.zeros(0, dtype=torch.int64, device=self.device),
-                    decode_gather=torch.zeros(0, 0, dtype=torch.int64, device=self.device),
-                    decode_mask=torch.zeros(0, 0, dtype=torch.bool, device=self.device),
-                    logits_index=torch.arange(len(prompt_ids) - 1, len(tokens) - 1, device=self.device))
-                with torch.inference_mode():
-                    logits = self.model.forward(plan, self.cache, self.lora_slots)
+                logits = self.runner.run([SequenceChunk(tokens, 0, blocks, slot, logits_from=len(prompt_ids) - 1)])
             finally:
                 self.cache.pool.release(blocks)
         log_probs = torch.log_softmax(logits, dim=-1)
@@ -357,17 +403,30 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
                  params: SamplingParams | Sequence[SamplingParams]) -> list[GenerationOutput]:
-        """Run a batch to completion; invalid requests raise before anything is queued."""
+        """Run requests to completion, outputs in prompt order.
+
+        A request with bad input (unknown adapter, too long, bad params) comes back with finish_reason
+        "error" and its typed error; the others run.
+        """
         if len(prompts) != len(adapters):
             raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
         all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        handles = [self.submit(p, a, sp) for p, a, sp in zip(prompts, adapters, all_params, strict=True)]
+        if len(all_params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(all_params)} sampling params")
+        handles: list[RequestHandle | GenerationOutput] = []
+        for prompt, adapter, sampling in zip(prompts, adapters, all_params, strict=True):
+            try:
+                handles.append(self.submit(prompt, adapter, sampling))
+            except EngineError as error:
+                handles.append(_failed_output(error, len(prompt)))
+        running = [h for h in handles if isinstance(h, RequestHandle)]
         if self._thread is None:
-            while not all(h.done.is_set() for h in handles):
-                self.step()
-        for handle in handles:
-            handle.done.wait()
-        return [h.output() for h in handles]
+            while not all(h.done.is_set() for h in running):
+                if not self.step():
+                    if not self.has_work():
+                        break
+                    time.sleep(0.001)  # waiting on an adapter load or on blocks: let the provider's thread run
+        return [h.wait() if isinstance(h, RequestHandle) else h for h in handles]
 
     def start(self) -> None:
         """Run steps on a background thread (the node's mode)."""
@@ -377,6 +436,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="longtail-engine", daemon=True)
         self._thread.start()
 
+    run_forever = start
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             if not self.has_work():
@@ -384,8 +445,12 @@ class Engine:
                 self._wake.clear()
                 continue
             try:
-                self.step()
+                if not self.step():
+                    # Waiting requests but nothing runnable (adapter loading, pool full): let the provider work.
+                    self._wake.wait(timeout=0.002)
+                    self._wake.clear()
             except Exception as error:  # a bug must not kill the node silently: fail what runs, go on
+                log.exception("engine loop step failed")
                 for request in list(self.scheduler.running):
                     self._finish(request, "error", error)
 
@@ -396,13 +461,17 @@ class Engine:
             self._thread.join(timeout=5)
             self._thread = None
 
-    async def stream(self, prompt_ids: Sequence[int], adapter_id: str | None,
-                     params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Yield this request's events as the background thread produces them; cancels on exit."""
+    async def stream(self, prompt_ids: Sequence[int], adapter_id: str | None, params: SamplingParams,
+                     client: str | None = None) -> AsyncIterator[StreamEvent]:
+        """Yield this request's events as the background thread produces them; leaving early cancels it.
+
+        A bad request raises its typed error before the first event; an error during generation
+        (e.g. NonFiniteLogits) is raised after the tokens before it.
+        """
         self.start()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        handle = self.submit(prompt_ids, adapter_id, params,
+        handle = self.submit(prompt_ids, adapter_id, params, client=client,
                              listener=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         finished = False
         try:

@@ -27,12 +27,31 @@ class PromptTooLong(EngineError, ValueError):
         self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
 
 
+class AdapterSlotsFull(EngineError, RuntimeError):
+    def __init__(self, adapter_id: str, max_adapters: int) -> None:
+        super().__init__(f"cannot load adapter {adapter_id}: all {max_adapters} device slots are in use; "
+                         "remove or evict an adapter first")
+        self.adapter_id, self.max_adapters = adapter_id, max_adapters
+
+
+class AdapterInUse(EngineError, RuntimeError):
+    def __init__(self, adapter_id: str, running: int) -> None:
+        super().__init__(f"adapter {adapter_id} is used by {running} running requests; remove it when they finish")
+        self.adapter_id, self.running = adapter_id, running
+
+
+class InvalidTokenIds(EngineError, ValueError):
+    def __init__(self, token_ids: list[int], vocab_size: int) -> None:
+        super().__init__(f"prompt holds token ids {token_ids} outside the vocabulary [0, {vocab_size})")
+        self.token_ids, self.vocab_size = token_ids, vocab_size
+
+
 class InvalidSamplingParams(EngineError, ValueError):
     """A sampling parameter is out of its range."""
 
 
 class KvCacheTooSmall(EngineError, ValueError):
-    """A single request needs more KV blocks than the whole pool holds."""
+    """A single request needs more KV blocks than the whole pool holds (or, to score, than are free)."""
 
 
 class NonFiniteLogits(EngineError, ArithmeticError):

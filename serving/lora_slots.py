@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from serving.config import ModelConfig
-from serving.errors import AdapterIncompatible
+from serving.errors import AdapterIncompatible, AdapterSlotsFull
 from serving.peft_format import AdapterWeights
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -113,7 +113,7 @@ class LoraSlots:
         if weights.adapter_id in self.slot_of:
             return self.slot_of[weights.adapter_id]
         if not self._free_slots:
-            raise AdapterIncompatible(f"all {self.max_adapters} device slots are in use; evict an adapter first")
+            raise AdapterSlotsFull(weights.adapter_id, self.max_adapters)
         shapes = self.config.module_shapes().shapes
         by_projection: dict[str, list] = {}
         for module in weights.modules:

@@ -2,9 +2,11 @@
 
 One forward runs a flat batch of tokens from many sequences: linear layers see
 every token at once (that is where batching pays), LoRA deltas are added per
-token by adapter slot through `kernels`, keys and values go to the paged cache,
-and attention reads each sequence's context from it: prefill segments one by
-one, all decode tokens in one padded, masked call.
+token by adapter slot through `kernels.add_lora`, keys and values go to the
+paged cache, and attention reads each sequence's context from it: prefill
+segments one by one, all decode tokens in one padded, masked call.
+q/k/v and gate/up are fused into one matmul each at load time; each adapter's
+delta is added into its projection's columns of the fused output.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class BatchPlan:
     positions: torch.Tensor        # [T]
     write_slots: torch.Tensor      # [T] cache slot of each token's key/value
     token_slots: torch.Tensor      # [T] LoRA slot, -1 = base only
-    lora_groups: list              # kernels.token_groups(token_slots), computed once per step
+    lora_groups: list              # kernels.token_groups(token_slots), computed once per step; [] = no adapter
     prefill: list[PrefillSegment]
     decode_tokens: torch.Tensor    # [B] batch indices of single-token decode rows
     decode_gather: torch.Tensor    # [B, C] cache slots, padded
@@ -46,7 +48,21 @@ class BatchPlan:
     logits_index: torch.Tensor     # [N] batch indices whose next-token logits are wanted
 
 
+@dataclasses.dataclass
+class LayerWeights:
+    """One decoder layer, with q/k/v and gate/up concatenated along the output dimension."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv: torch.Tensor                 # [q + 2 kv, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor             # [2 intermediate, hidden]
+    down: torch.Tensor
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As HF: normalise in fp32, cast back, then scale.
     hidden = x.float()
     hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
     return weight * hidden.to(x.dtype)
@@ -57,70 +73,108 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _load_tensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no .safetensors files")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                weights[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
+    return weights
+
+
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.w = weights
+        missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight") if k not in weights]
+        if missing:
+            raise KeyError(f"checkpoint lacks {missing}: not a Llama-family model")
+        self.embed = weights.pop("model.embed_tokens.weight")
+        self.norm = weights.pop("model.norm.weight")
+        head = weights.pop("lm_head.weight", None)
+        self.lm_head = self.embed if config.tie_word_embeddings or head is None else head
+        self.layers = [self._fuse(weights, layer) for layer in range(config.num_layers)]
         self.inv_freq = config.inverse_frequencies().to(device)
-        self.lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"]) \
-            if not config.tie_word_embeddings else weights["model.embed_tokens.weight"]
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        # Column where each projection's output starts inside the fused matmul's output.
+        self.qkv_columns = (("q_proj", 0), ("k_proj", q), ("v_proj", q + kv))
+        self.gate_up_columns = (("gate_proj", 0), ("up_proj", config.intermediate_size))
+
+    def _fuse(self, weights: dict[str, torch.Tensor], layer: int) -> LayerWeights:
+        prefix = f"model.layers.{layer}"
+
+        def take(name: str) -> torch.Tensor:
+            key = f"{prefix}.{name}"
+            if key not in weights:
+                raise KeyError(f"checkpoint lacks {key}")
+            return weights.pop(key)
+
+        attention = [take(f"self_attn.{p}.weight") for p in ("q_proj", "k_proj", "v_proj")]
+        biases = [weights.pop(f"{prefix}.self_attn.{p}.bias", None) for p in ("q_proj", "k_proj", "v_proj")]
+        if any(b is not None for b in biases):
+            biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                      for b, w in zip(biases, attention, strict=True)]
+            qkv_bias = torch.cat(biases)
+        else:
+            qkv_bias = None
+        return LayerWeights(
+            input_norm=take("input_layernorm.weight"), post_attention_norm=take("post_attention_layernorm.weight"),
+            qkv=torch.cat(attention), qkv_bias=qkv_bias, o=take("self_attn.o_proj.weight"),
+            gate_up=torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]),
+            down=take("mlp.down_proj.weight"))
 
     @classmethod
     def from_pretrained(cls, model_dir: Path | str, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> LlamaModel:
+        """Load config.json + *.safetensors; fp32 on CPU and bf16 on CUDA unless `dtype` says otherwise."""
         device = torch.device(device)
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         config = ModelConfig.from_model_dir(model_dir)
-        weights: dict[str, torch.Tensor] = {}
-        files = sorted(Path(model_dir).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{model_dir} has no .safetensors files")
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    weights[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
-        required = ["model.embed_tokens.weight", "model.norm.weight"]
-        missing = [k for k in required if k not in weights]
-        if missing:
-            raise KeyError(f"{model_dir} lacks {missing}: not a Llama-family checkpoint")
-        return cls(config, weights, device, dtype)
+        return cls(config, _load_tensors(Path(model_dir), device, dtype), device, dtype)
 
-    def _project(self, x: torch.Tensor, layer: int, parent: str, name: str, plan: BatchPlan,
-                 lora: LoraSlots | None) -> torch.Tensor:
-        prefix = f"model.layers.{layer}.{parent}.{name}"
-        out = F.linear(x, self.w[prefix + ".weight"], self.w.get(prefix + ".bias"))
-        if lora is not None and plan.lora_groups:
+    @staticmethod
+    def _add_lora(out: torch.Tensor, x: torch.Tensor, layer: int, columns, plan: BatchPlan,
+                  lora: LoraSlots | None) -> None:
+        if lora is None or not plan.lora_groups:
+            return
+        for name, column in columns:
             buffers = lora.buffers[name]
             max_rank = buffers.max_rank[layer]
             if max_rank:
                 add_lora(out, x, buffers.a_rows[layer], buffers.b_rows[layer], plan.token_slots, buffers.offsets,
-                         buffers.ranks[layer], buffers.scales[layer], max_rank, groups=plan.lora_groups)
-        return out
+                         buffers.ranks[layer], buffers.scales[layer], max_rank, out_col_start=column,
+                         groups=plan.lora_groups)
 
     def _attention(self, x: torch.Tensor, layer: int, plan: BatchPlan, cache: PagedKVCache,
                    cos: torch.Tensor, sin: torch.Tensor, lora: LoraSlots | None) -> torch.Tensor:
-        config = self.config
+        config, weights = self.config, self.layers[layer]
         tokens = x.shape[0]
-        q = self._project(x, layer, "self_attn", "q_proj", plan, lora).view(tokens, config.num_heads, config.head_dim)
-        k = self._project(x, layer, "self_attn", "k_proj", plan, lora).view(tokens, config.num_kv_heads, config.head_dim)
-        v = self._project(x, layer, "self_attn", "v_proj", plan, lora).view(tokens, config.num_kv_heads, config.head_dim)
+        qkv = F.linear(x, weights.qkv, weights.qkv_bias)
+        self._add_lora(qkv, x, layer, self.qkv_columns, plan, lora)
+        q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        q = qkv[:, :q_width].view(tokens, config.num_heads, config.head_dim)
+        k = qkv[:, q_width:q_width + kv_width].view(tokens, config.num_kv_heads, config.head_dim)
+        v = qkv[:, q_width + kv_width:].view(tokens, config.num_kv_heads, config.head_dim)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        cache.keys[layer].index_copy_(0, plan.write_slots, k)
-        cache.values[layer].index_copy_(0, plan.write_slots, v)
-        out = torch.empty_like(q)
         keys, values = cache.keys[layer], cache.values[layer]
+        keys.index_copy_(0, plan.write_slots, k)
+        values.index_copy_(0, plan.write_slots, v)
+        out = torch.empty_like(q)
         for segment in plan.prefill:
             rows = slice(segment.start, segment.start + segment.length)
-            seq_k = keys[segment.gather].transpose(0, 1)[None]
-            seq_v = values[segment.gather].transpose(0, 1)[None]
             seq_q = q[rows].transpose(0, 1)[None]
-            if segment.context == 0:
+            if segment.context == 0:  # a whole prompt: its keys are this batch's rows, no gather needed
+                seq_k, seq_v = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
                 attended = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, is_causal=True, enable_gqa=True)
-            else:
+            else:  # a later chunk of a prompt: causal, offset by what is already cached
+                seq_k = keys[segment.gather].transpose(0, 1)[None]
+                seq_v = values[segment.gather].transpose(0, 1)[None]
                 total = segment.context + segment.length
                 allowed = torch.arange(total, device=x.device)[None, :] <= (
                     segment.context + torch.arange(segment.length, device=x.device)[:, None])
@@ -133,22 +187,30 @@ class LlamaModel:
             mask = plan.decode_mask[:, None, None, :]
             attended = F.scaled_dot_product_attention(dec_q, dec_k, dec_v, attn_mask=mask, enable_gqa=True)
             out[plan.decode_tokens] = attended[:, :, 0]
-        return self._project(out.reshape(tokens, -1), layer, "self_attn", "o_proj", plan, lora)
+        flat = out.reshape(tokens, -1)
+        projected = F.linear(flat, weights.o)
+        self._add_lora(projected, flat, layer, (("o_proj", 0),), plan, lora)
+        return projected
+
+    def _mlp(self, x: torch.Tensor, layer: int, plan: BatchPlan, lora: LoraSlots | None) -> torch.Tensor:
+        weights = self.layers[layer]
+        gate_up = F.linear(x, weights.gate_up)
+        self._add_lora(gate_up, x, layer, self.gate_up_columns, plan, lora)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        down = F.linear(hidden, weights.down)
+        self._add_lora(down, hidden, layer, (("down_proj", 0),), plan, lora)
+        return down
 
     def forward(self, plan: BatchPlan, cache: PagedKVCache, lora: LoraSlots | None) -> torch.Tensor:
         """Next-token logits (fp32) for the tokens in `plan.logits_index`."""
-        config = self.config
-        x = F.embedding(plan.input_ids, self.w["model.embed_tokens.weight"])
+        eps = self.config.rms_norm_eps
+        x = F.embedding(plan.input_ids, self.embed)
         freqs = plan.positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
-        for layer in range(config.num_layers):
-            prefix = f"model.layers.{layer}"
-            normed = _rms_norm(x, self.w[f"{prefix}.input_layernorm.weight"], config.rms_norm_eps)
-            x = x + self._attention(normed, layer, plan, cache, cos, sin, lora)
-            normed = _rms_norm(x, self.w[f"{prefix}.post_attention_layernorm.weight"], config.rms_norm_eps)
-            gate = self._project(normed, layer, "mlp", "gate_proj", plan, lora)
-            up = self._project(normed, layer, "mlp", "up_proj", plan, lora)
-            x = x + self._project(F.silu(gate) * up, layer, "mlp", "down_proj", plan, lora)
-        last = _rms_norm(x[plan.logits_index], self.w["model.norm.weight"], config.rms_norm_eps)
+        for layer, weights in enumerate(self.layers):
+            x = x + self._attention(_rms_norm(x, weights.input_norm, eps), layer, plan, cache, cos, sin, lora)
+            x = x + self._mlp(_rms_norm(x, weights.post_attention_norm, eps), layer, plan, lora)
+        last = _rms_norm(x[plan.logits_index], self.norm, eps)
         return F.linear(last, self.lm_head).float()

@@ -11,6 +11,8 @@ from serving.errors import InvalidSamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How one request samples and stops. temperature 0 is greedy; `stop` strings need the engine's tokenizer."""
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -24,12 +26,18 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidSamplingParams(f"max_tokens must be >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
+        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0):
             raise InvalidSamplingParams(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidSamplingParams(f"top_k must be >= 0, got {self.top_k}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidSamplingParams(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InvalidSamplingParams(f"seed must be an int or None, got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidSamplingParams(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise InvalidSamplingParams(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
 
     def generator(self) -> torch.Generator | None:
         if self.seed is None:
@@ -58,3 +66,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probabilities = torch.softmax(scaled, dim=-1)
     token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
     return token, float(log_probs[token])
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[tuple[int, float | None]]:
+    """One token per row of fp32 logits [N, V]; greedy rows in one argmax, others one by one with their seed.
+
+    The log-probability is returned only for rows whose params ask for it.
+    """
+    greedy = logits.argmax(dim=-1).tolist()
+    wanted = [i for i, p in enumerate(params) if p.logprobs]
+    log_probs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
+    row_of = {index: row for row, index in enumerate(wanted)}
+    results: list[tuple[int, float | None]] = []
+    for index, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
+        if row_params.temperature == 0.0:
+            token = greedy[index]
+        else:
+            token, _ = sample(logits[index], row_params, generator)
+        logprob = float(log_probs[row_of[index], token]) if log_probs is not None and index in row_of else None
+        results.append((token, logprob))
+    return results

@@ -1,13 +1,17 @@
-"""Continuous batching policy: which requests run this step. No tensors here.
+"""Continuous batching policy: which requests run this step, and how many prompt tokens each. No tensors here.
 
-Policy (docs/serving.md): every running request decodes one token per step;
-then waiting requests are admitted round-robin across adapter queues (the
-base model is one queue), FCFS within a queue, while the step's token budget
-and the KV pool allow. The round-robin pointer moves past the last adapter
-served, so a popular adapter cannot starve a rare one: each adapter with a
-waiting request gets an admission chance at least once per cycle through the
-queues. A request reserves KV blocks for its prompt plus `max_tokens` at
-admission, so a running request is never preempted.
+Policy (docs/serving.md):
+- every running request that has finished its prompt decodes one token per step;
+- running requests still in their prompt continue it (chunked prefill) from the
+  step's token budget, oldest first;
+- then waiting requests are admitted round-robin across adapter queues (the
+  base model is one queue) and, inside a queue, round-robin across clients,
+  FCFS per client, while the budget, the running cap and the KV pool allow, and
+  only when the queue's adapter is ready on the device. Both round-robin
+  pointers move past the last one served, so a popular adapter cannot starve a
+  rare one and a client flooding one adapter cannot starve another client of it;
+- a request reserves KV blocks for its prompt plus `max_tokens` at admission,
+  so a running request is never preempted.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from serving.sampling import SamplingParams
 
@@ -25,12 +30,15 @@ class State(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
+    """One generation request as the engine tracks it (mutable: it advances every step)."""
+
     request_id: int
     prompt_ids: list[int]
     adapter_id: str | None
     params: SamplingParams
+    client: str | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     state: State = State.WAITING
@@ -41,73 +49,128 @@ class Request:
     generator: object = None
     arrival: float = 0.0
     first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def total_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def prefilled(self) -> bool:
+        return self.cached >= len(self.prompt_ids)
+
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    decode: list[Request]
-    prefill: list[Request]
+    decode: list[Request]                 # one token each
+    prefill: list[tuple[Request, int]]    # (request, prompt tokens this step), continuing prompts first
+
+
+class AdapterQueue:
+    """The waiting requests of one adapter: FCFS per client, round-robin across clients."""
+
+    def __init__(self) -> None:
+        self.by_client: OrderedDict[str | None, deque[Request]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.by_client.values())
+
+    def __iter__(self):
+        for queue in self.by_client.values():
+            yield from queue
+
+    def append(self, request: Request) -> None:
+        self.by_client.setdefault(request.client, deque()).append(request)
+
+    def head(self) -> Request:
+        return next(iter(self.by_client.values()))[0]
+
+    def pop_head(self) -> Request:
+        client, queue = next(iter(self.by_client.items()))
+        request = queue.popleft()
+        # The client just served goes to the back of the rotation.
+        del self.by_client[client]
+        if queue:
+            self.by_client[client] = queue
+        return request
+
+    def remove(self, request: Request) -> bool:
+        queue = self.by_client.get(request.client)
+        if queue is None or request not in queue:
+            return False
+        queue.remove(request)
+        if not queue:
+            del self.by_client[request.client]
+        return True
 
 
 class Scheduler:
-    def __init__(self, max_batch_tokens: int, max_running: int) -> None:
+    def __init__(self, max_batch_tokens: int, max_running: int, min_prefill_chunk: int = 32) -> None:
+        if max_batch_tokens < 1 or max_running < 1:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and max_running ({max_running}) must be >= 1")
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
-        self.queues: OrderedDict[str | None, deque[Request]] = OrderedDict()
+        # A new request is admitted with a partial prompt only if at least this many of its tokens fit now.
+        self.min_prefill_chunk = min_prefill_chunk
+        self.queues: OrderedDict[str | None, AdapterQueue] = OrderedDict()
         self.running: list[Request] = []
-        self._next_queue = 0
 
     def add(self, request: Request) -> None:
-        self.queues.setdefault(request.adapter_id, deque()).append(request)
+        self.queues.setdefault(request.adapter_id, AdapterQueue()).append(request)
 
     def waiting(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
+    def waiting_requests(self) -> list[Request]:
+        return [r for q in self.queues.values() for r in q]
+
     def remove_waiting(self, request: Request) -> bool:
         queue = self.queues.get(request.adapter_id)
-        if queue and request in queue:
-            queue.remove(request)
-            return True
-        return False
+        return bool(queue) and queue.remove(request)
 
-    def schedule(self, blocks_free: int, blocks_needed, adapter_ready) -> StepPlan:
+    def schedule(self, blocks_free: int, blocks_needed: Callable[[Request], int],
+                 adapter_ready: Callable[[str | None], bool]) -> StepPlan:
         """Pick this step's work. `blocks_needed(r)` and `adapter_ready(adapter_id)` come from the engine."""
-        decode = [r for r in self.running if r.state is State.RUNNING]
+        decode = [r for r in self.running if r.prefilled]
         budget = self.max_batch_tokens - len(decode)
-        prefill: list[Request] = []
-        keys = [k for k, q in self.queues.items() if q]
-        if not keys:
-            return StepPlan(decode, prefill)
-        start = self._next_queue % len(keys)
-        order = keys[start:] + keys[:start]
+        prefill: list[tuple[Request, int]] = []
+        for request in self.running:
+            if not request.prefilled and budget > 0:
+                chunk = min(len(request.prompt_ids) - request.cached, budget)
+                prefill.append((request, chunk))
+                budget -= chunk
+        admitted = self._admit(blocks_free, blocks_needed, adapter_ready, budget)
+        for key in [k for k, q in self.queues.items() if not q]:
+            del self.queues[key]
+        return StepPlan(decode, prefill + admitted)
+
+    def _admit(self, blocks_free, blocks_needed, adapter_ready, budget: int) -> list[tuple[Request, int]]:
+        order = [k for k, q in self.queues.items() if q]  # least recently served adapter first
+        admitted: list[tuple[Request, int]] = []
+        served: list[str | None] = []
         progressed = True
-        served_last = None
-        while progressed and len(self.running) + len(prefill) < self.max_running:
+        while progressed and budget > 0 and len(self.running) + len(admitted) < self.max_running:
             progressed = False
-            for key in order:
+            for key in order:  # one admission per queue per pass: that is the round-robin
                 queue = self.queues[key]
                 if not queue or not adapter_ready(key):
                     continue
-                request = queue[0]
+                request = queue.head()
                 need = blocks_needed(request)
                 prompt = len(request.prompt_ids)
-                fits_budget = prompt <= budget or (not decode and not prefill)
-                if need > blocks_free or not fits_budget:
+                chunk = min(prompt, budget)
+                if need > blocks_free or (chunk < prompt and chunk < self.min_prefill_chunk):
                     continue
-                queue.popleft()
+                queue.pop_head()
                 blocks_free -= need
-                budget -= prompt
-                prefill.append(request)
-                served_last = key
+                budget -= chunk
+                admitted.append((request, chunk))
+                if key in served:
+                    served.remove(key)
+                served.append(key)
                 progressed = True
-                if len(self.running) + len(prefill) >= self.max_running:
+                if budget <= 0 or len(self.running) + len(admitted) >= self.max_running:
                     break
-        if served_last is not None:
-            self._next_queue = (keys.index(served_last) + 1) % max(len(keys), 1)
-        for key in [k for k, q in self.queues.items() if not q]:
-            del self.queues[key]
-        return StepPlan(decode, prefill)
+        for key in served:  # served queues go to the back of the rotation, in the order served
+            self.queues.move_to_end(key)
+        return admitted

@@ -40,7 +40,7 @@ def prompts_for(kit, vocab=384):
             for name, length in zip(names, lengths, strict=True)]
 
 
-@pytest.mark.parametrize("kit_name", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("kit_name", ["tiny_llama", "tiny_qwen2", "sharp_llama", "sharp_qwen2"])
 def test_mixed_batch_matches_peft_for_every_adapter(kit_name, request):
     kit = request.getfixturevalue(kit_name)
     engine = Engine.from_pretrained(kit.base_dir, kv_cache_bytes=8 * 2**20)
@@ -56,8 +56,6 @@ def test_mixed_batch_matches_peft_for_every_adapter(kit_name, request):
 
 
 def test_logits_within_tolerance_of_peft(tiny_llama):
-    from serving.model import BatchPlan, PrefillSegment  # noqa: F401  (the plan is built by the engine)
-
     engine = Engine.from_pretrained(tiny_llama.base_dir, kv_cache_bytes=8 * 2**20)
     adapter = engine.add_adapter(tiny_llama.adapter_dirs["r64-qko"])
     prompt = [5, 9, 33, 2, 71, 100]
@@ -76,23 +74,27 @@ def test_logits_within_tolerance_of_peft(tiny_llama):
     assert (got - expected).abs().max() < 1e-4
 
 
-def test_requests_joining_and_cancelled_mid_decode_change_no_other_tokens(tiny_llama):
-    engine = Engine.from_pretrained(tiny_llama.base_dir, kv_cache_bytes=8 * 2**20)
-    a = engine.add_adapter(tiny_llama.adapter_dirs["r8-all"])
-    b = engine.add_adapter(tiny_llama.adapter_dirs["r16-mlp-rslora"])
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    alone = engine.generate([[4, 5, 6, 7]], [a], params)[0].token_ids
+def test_requests_joining_and_cancelled_mid_decode_change_no_other_tokens(sharp_llama):
+    engine = Engine.from_pretrained(sharp_llama.base_dir, kv_cache_bytes=8 * 2**20)
+    a = engine.add_adapter(sharp_llama.adapter_dirs["r8-all"])
+    b = engine.add_adapter(sharp_llama.adapter_dirs["r16-mlp-rslora"])
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=True)
+    alone = engine.generate([[4, 5, 6, 7]], [a], params)[0]
+    late_alone = engine.generate([[1, 2, 3, 4, 5, 6]], [b], params)[0]
 
     main = engine.submit([4, 5, 6, 7], a, params)
-    doomed = engine.submit([9, 9, 9], b, params)
+    doomed = engine.submit([9, 9, 9, 40, 41, 42, 43, 44], b, params)
     for _ in range(5):
         engine.step()
     doomed.cancel()
-    late = engine.submit([1, 2, 3, 4, 5, 6], None, params)
+    late = engine.submit([1, 2, 3, 4, 5, 6], b, params)
     while not (main.done.is_set() and late.done.is_set() and doomed.done.is_set()):
         engine.step()
-    assert main.output().token_ids == alone
+    for got, expected in ((main.output(), alone), (late.output(), late_alone)):
+        assert got.token_ids == expected.token_ids
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), atol=1e-5)
     assert doomed.output().finish_reason == "cancelled"
+    assert 0 < len(doomed.output().token_ids) < 20
     assert engine.cache.pool.free_blocks == engine.cache.pool.num_blocks, "every block returns to the pool"
 
 
