@@ -2,9 +2,12 @@
 
 from kernels.lora import (
     LoraShapeError,
+    Runs,
     Segments,
+    SlotWeights,
     TokenGroups,
     add_lora,
+    add_lora_runs,
     kernel_backend,
     lora_expand,
     lora_expand_ref,
@@ -15,12 +18,15 @@ from kernels.lora import (
     lora_shrink_sgmv,
     lora_shrink_sgmv_ref,
     prefers_segments,
+    runs_of,
     segments_from_token_slots,
+    slot_weights,
     token_groups,
 )
 
 __all__ = [
-    "LoraShapeError", "Segments", "TokenGroups", "add_lora", "kernel_backend", "lora_expand", "lora_expand_ref",
+    "LoraShapeError", "Runs", "Segments", "SlotWeights", "TokenGroups", "add_lora", "add_lora_runs", "kernel_backend", "lora_expand", "lora_expand_ref",
     "lora_expand_sgmv", "lora_expand_sgmv_ref", "lora_shrink", "lora_shrink_ref", "lora_shrink_sgmv",
-    "lora_shrink_sgmv_ref", "prefers_segments", "segments_from_token_slots", "token_groups",
+    "lora_shrink_sgmv_ref", "prefers_segments", "runs_of", "segments_from_token_slots",
+    "slot_weights", "token_groups",
 ]

@@ -321,3 +321,58 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: t
     shrunk = lora_triton.lora_shrink_triton(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank)
     lora_triton.lora_expand_triton(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales,
                                    out_col_start)
+
+
+# --- the CPU engine's path: runs of one slot, weights as per-slot views ---------------------------------------
+
+Runs = list[tuple[int, int, int]]   # (slot, begin, end): tokens begin:end all use `slot`; slot >= 0
+SlotWeights = tuple[torch.Tensor, torch.Tensor, float]  # (A^T [in, r], B^T [r, out], scale), views into the stacks
+
+
+def runs_of(token_slots: list[int]) -> Runs:
+    """Maximal runs of one adapter slot in token order, base-only tokens (-1) left out; host-side, no tensors."""
+    runs: Runs = []
+    begin = 0
+    for index in range(1, len(token_slots) + 1):
+        if index == len(token_slots) or token_slots[index] != token_slots[begin]:
+            if token_slots[begin] >= 0:
+                runs.append((token_slots[begin], begin, index))
+            begin = index
+    return runs
+
+
+def slot_weights(a_rows: torch.Tensor, b_rows: torch.Tensor, slot_offsets: list[int], slot_ranks: list[int],
+                 slot_scales: list[float]) -> list[SlotWeights | None]:
+    """Per slot, views of its rows in the stacked buffers (None where the slot does not target this projection).
+
+    Built once when adapters are loaded, so a step slices nothing but activations.
+    """
+    views: list[SlotWeights | None] = []
+    for offset, rank, scale in zip(slot_offsets, slot_ranks, slot_scales, strict=True):
+        views.append((a_rows[offset:offset + rank].T, b_rows[offset:offset + rank], float(scale)) if rank else None)
+    return views
+
+
+def add_lora_runs(out: torch.Tensor, x: torch.Tensor, runs: Runs, weights: list[SlotWeights | None],
+                  out_col_start: int = 0) -> None:
+    """out[t, start:start+W] += scale_s * (x[t] A_s^T) B_s^T for each run's slot s, in place; fp32 exact.
+
+    Same sum as `lora_shrink_ref` + `lora_expand_ref`, with two matmuls per run and no
+    intermediate buffer: on a CPU a decode step meets one small matmul pair per adapter
+    per projection, so the calls around them are what cost.
+    """
+    width = None
+    target = out
+    for slot, begin, end in runs:
+        held = weights[slot]
+        if held is None:
+            continue
+        a_t, b, scale = held
+        if width is None:
+            width = b.shape[1]
+            if out_col_start < 0 or out_col_start + width > out.shape[1]:
+                raise LoraShapeError(f"add_lora_runs: columns {out_col_start}:{out_col_start + width} "
+                                     f"outside an output of width {out.shape[1]}")
+            if out_col_start or width != out.shape[1]:
+                target = out[:, out_col_start:out_col_start + width]
+        target[begin:end].addmm_(x[begin:end] @ a_t, b, alpha=scale)

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from kernels import SlotWeights, slot_weights
 from serving.config import ModelConfig
 from serving.errors import AdapterIncompatible, AdapterSlotsFull
 from serving.peft_format import AdapterWeights
@@ -89,6 +90,20 @@ class LoraSlots:
         self.slot_of: dict[str, int] = {}
         self.nbytes_of: dict[str, int] = {}
         self._free_slots = list(range(max_adapters))
+        self._views: dict[str, list[list[SlotWeights | None]]] = {}
+
+    def views(self, name: str, layer: int) -> list[SlotWeights | None]:
+        """Per slot, (A^T, B^T, scale) views of projection `name` in `layer` for the CPU path; rebuilt after a
+        load, free or growth (which moves the buffers), never during a step."""
+        per_layer = self._views.get(name)
+        if per_layer is None:
+            buffers = self.buffers[name]
+            offsets = buffers.offsets.tolist()
+            ranks, scales = buffers.ranks.tolist(), buffers.scales.tolist()
+            per_layer = [slot_weights(buffers.a_rows[layer_], buffers.b_rows[layer_], offsets, ranks[layer_],
+                                      scales[layer_]) for layer_ in range(self.config.num_layers)]
+            self._views[name] = per_layer
+        return per_layer[layer]
 
     def __contains__(self, adapter_id: str) -> bool:
         return adapter_id in self.slot_of
@@ -107,6 +122,7 @@ class LoraSlots:
         b[:, :old] = buffers.b_rows
         buffers.a_rows, buffers.b_rows = a, b
         buffers.allocator.grow(new)
+        self._views.clear()
 
     def load(self, weights: AdapterWeights) -> int:
         """Copy an adapter into a free slot; returns the slot index."""
@@ -145,6 +161,7 @@ class LoraSlots:
                 buffers.max_rank[module.layer] = max(buffers.max_rank[module.layer], rank)
         self.slot_of[weights.adapter_id] = slot
         self.nbytes_of[weights.adapter_id] = weights.nbytes
+        self._views.clear()
         return slot
 
     def free(self, adapter_id: str) -> None:
@@ -160,3 +177,4 @@ class LoraSlots:
             buffers.max_rank = [int(r) for r in buffers.ranks.max(dim=1).values.tolist()]
         self._free_slots.append(slot)
         self._free_slots.sort()
+        self._views.clear()

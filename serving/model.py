@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from kernels import add_lora
+from kernels import Runs, add_lora, add_lora_runs, kernel_backend
 from serving.config import ModelConfig
 from serving.kv_cache import PagedKVCache
 from serving.lora_slots import LoraSlots
@@ -46,6 +46,7 @@ class BatchPlan:
     decode_gather: torch.Tensor    # [B, C] cache slots, padded
     decode_mask: torch.Tensor      # [B, C] True where the key is real
     logits_index: torch.Tensor     # [N] batch indices whose next-token logits are wanted
+    lora_runs: Runs = dataclasses.field(default_factory=list)  # (slot, begin, end) runs for the CPU path
 
 
 @dataclasses.dataclass
@@ -141,6 +142,10 @@ class LlamaModel:
     def _add_lora(out: torch.Tensor, x: torch.Tensor, layer: int, columns, plan: BatchPlan,
                   lora: LoraSlots | None) -> None:
         if lora is None or not plan.lora_groups:
+            return
+        if plan.lora_runs and kernel_backend() == "torch":
+            for name, column in columns:
+                add_lora_runs(out, x, plan.lora_runs, lora.views(name, layer), out_col_start=column)
             return
         for name, column in columns:
             buffers = lora.buffers[name]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import token_groups
+from kernels import runs_of, token_groups
 from serving.kv_cache import PagedKVCache
 from serving.lora_slots import LoraSlots
 from serving.model import BatchPlan, LlamaModel, PrefillSegment
@@ -91,6 +91,7 @@ class ModelRunner:
             write_slots=torch.cat(write_slots).to(device),
             token_slots=slot_tensor,
             lora_groups=token_groups(slot_tensor) if any(s >= 0 for s in token_slots) else [],
+            lora_runs=runs_of(token_slots),
             prefill=segments,
             decode_tokens=torch.arange(len(decode_order), dtype=torch.int64, device=device),
             decode_gather=decode_gather.to(device), decode_mask=decode_mask.to(device),

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kernels import (
     LoraShapeError,
     add_lora,
+    add_lora_runs,
     kernel_backend,
     lora_expand,
     lora_expand_ref,
@@ -27,7 +28,9 @@ from kernels import (
     lora_shrink_sgmv,
     lora_shrink_sgmv_ref,
     prefers_segments,
+    runs_of,
     segments_from_token_slots,
+    slot_weights,
     token_groups,
 )
 from kernels.lora_triton import (
@@ -164,6 +167,34 @@ def test_segment_references_equal_the_per_token_references(seed, sizes, ranks, h
     lora_expand_sgmv_ref(out, per_segment, case.b_rows, seg_starts, seg_slots_t, case.offsets, case.ranks,
                          case.scales, 1)
     torch.testing.assert_close(out.double(), naive_delta(case, width + 2, 1), **FP32)
+
+
+@REFERENCE_SETTINGS
+@given(seed=st.integers(0, 10_000), tokens=st.integers(0, 24), hidden=st.integers(1, 70),
+       width=st.integers(1, 70), ranks=rank_lists, start=st.integers(0, 9), extra=st.integers(0, 5),
+       base_only=st.sampled_from([0.0, 0.3, 1.0]), sort_tokens=st.booleans())
+def test_run_path_equals_a_naive_per_token_loop(seed, tokens, hidden, width, ranks, start, extra, base_only,
+                                                sort_tokens):
+    """The CPU engine's path: runs of one slot (a slot may own several runs), weights as per-slot views."""
+    case = make_case(seed, tokens, hidden, width, ranks, base_only)
+    if sort_tokens:
+        case = dataclasses.replace(case, token_slots=torch.sort(case.token_slots).values)
+    slots = case.token_slots.tolist()
+    runs = runs_of(slots)
+    assert [s for s, begin, end in runs for _ in range(begin, end)] == [s for s in slots if s >= 0]
+    assert all(a[0] != b[0] or a[2] != b[1] for a, b in zip(runs, runs[1:], strict=False)), "runs are maximal"
+    weights = slot_weights(case.a_rows, case.b_rows, case.offsets.tolist(), case.ranks.tolist(),
+                           case.scales.tolist())
+    out = torch.full((tokens, start + width + extra), 0.25)
+    add_lora_runs(out, case.x, runs, weights, out_col_start=start)
+    torch.testing.assert_close(out.double() - 0.25, naive_delta(case, start + width + extra, start), **FP32)
+
+
+def test_run_path_refuses_columns_outside_the_output():
+    case = make_case(1, 4, 8, 6, [2], base_only=0.0)
+    weights = slot_weights(case.a_rows, case.b_rows, case.offsets.tolist(), case.ranks.tolist(), case.scales.tolist())
+    with pytest.raises(LoraShapeError, match="columns 3:9"):
+        add_lora_runs(torch.zeros(4, 8), case.x, runs_of(case.token_slots.tolist()), weights, out_col_start=3)
 
 
 @given(slots=st.lists(st.integers(-1, 4), max_size=40))
