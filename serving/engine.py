@@ -216,6 +216,10 @@ class Engine:
         request.finish_reason = reason
         request.error = error
         if request.blocks:
+            if error is not None:
+                # A failed request may have left NaN keys/values; decode attention reads a reused block's
+                # unwritten tail (masked, but 0 * NaN is NaN), so its blocks go back clean.
+                self.cache.scrub(request.blocks)
             self.cache.pool.release(request.blocks)
             request.blocks = []
         if request in self.scheduler.running:

@@ -46,6 +46,13 @@ class PagedKVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pool = BlockPool(num_blocks)
 
+    def scrub(self, blocks: list[int]) -> None:
+        """Zero the keys and values of `blocks` in every layer."""
+        per_block = self.keys.view(self.keys.shape[0], -1, self.block_size, *self.keys.shape[2:])
+        index = torch.tensor(blocks, dtype=torch.int64, device=self.keys.device)
+        per_block.index_fill_(1, index, 0.0)
+        self.values.view_as(per_block).index_fill_(1, index, 0.0)
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 

@@ -43,8 +43,8 @@ class BatchPlan:
     lora_groups: list              # kernels.token_groups(token_slots), computed once per step; [] = no adapter
     prefill: list[PrefillSegment]
     decode_tokens: torch.Tensor    # [B] batch indices of single-token decode rows
-    decode_gather: torch.Tensor    # [B, C] cache slots, padded
-    decode_mask: torch.Tensor      # [B, C] True where the key is real
+    decode_gather: torch.Tensor    # [B, W] block tables of the decode rows, padded with each row's first block
+    decode_mask: torch.Tensor      # [B, W * block_size] True where the key is real
     logits_index: torch.Tensor     # [N] batch indices whose next-token logits are wanted
     lora_runs: Runs = dataclasses.field(default_factory=list)  # (slot, begin, end) runs for the CPU path
 
@@ -187,8 +187,11 @@ class LlamaModel:
             out[rows] = attended[0].transpose(0, 1)
         if plan.decode_tokens.numel():
             dec_q = q[plan.decode_tokens][:, :, None]                       # [B, H, 1, D]
-            dec_k = keys[plan.decode_gather].permute(0, 2, 1, 3)            # [B, KV, C, D]
-            dec_v = values[plan.decode_gather].permute(0, 2, 1, 3)
+            rows, width = plan.decode_mask.shape
+            blocks_k = keys.view(-1, cache.block_size, *keys.shape[1:])     # [blocks, block_size, KV, D]
+            blocks_v = values.view(-1, cache.block_size, *values.shape[1:])
+            dec_k = blocks_k[plan.decode_gather].view(rows, width, *keys.shape[1:]).permute(0, 2, 1, 3)  # [B,KV,C,D]
+            dec_v = blocks_v[plan.decode_gather].view(rows, width, *values.shape[1:]).permute(0, 2, 1, 3)
             mask = plan.decode_mask[:, None, None, :]
             attended = F.scaled_dot_product_attention(dec_q, dec_k, dec_v, attn_mask=mask, enable_gqa=True)
             out[plan.decode_tokens] = attended[:, :, 0]

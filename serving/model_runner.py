@@ -100,20 +100,17 @@ class ModelRunner:
 
     @staticmethod
     def _decode_gather(decode: list[SequenceChunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache slots of every decode row's context [B, C] (padded) and the mask of real keys."""
+        """Block tables of the decode rows [B, W] (padded) and the mask of real keys [B, W * block_size].
+
+        Attention gathers whole blocks (block_size keys in one contiguous copy), not single slots.
+        """
         if not decode:
             return torch.zeros(0, 0, dtype=torch.int64), torch.zeros(0, 0, dtype=torch.bool)
         lengths = torch.tensor([c.context + 1 for c in decode])
-        width = int(lengths.max())
-        table_width = -(-width // block_size)
-        table = torch.zeros(len(decode), table_width, dtype=torch.int64)
-        for row, chunk in enumerate(decode):
-            used = min(len(chunk.blocks), table_width)
-            table[row, :used] = torch.tensor(list(chunk.blocks[:used]), dtype=torch.int64)
-        offsets = torch.arange(width)
-        gather = table[:, offsets // block_size] * block_size + offsets % block_size
-        mask = offsets[None, :] < lengths[:, None]
-        # Padding reads the row's own first key, never another sequence's: a masked key still multiplies
+        table_width = -(-int(lengths.max()) // block_size)
+        # Padding repeats the row's own first block, never another sequence's: a masked key still multiplies
         # its value by 0, and 0 * NaN from a failed neighbour's (or a freed block's) value would be NaN.
-        gather = torch.where(mask, gather, gather[:, :1])
-        return gather, mask
+        table = torch.tensor([list(c.blocks[:table_width]) + [c.blocks[0]] * (table_width - len(c.blocks[:table_width]))
+                              for c in decode], dtype=torch.int64)
+        mask = torch.arange(table_width * block_size)[None, :] < lengths[:, None]
+        return table, mask
