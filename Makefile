@@ -55,7 +55,7 @@ $(STAMPS)/chromium:
 test: setup $(STAMPS)/chromium
 	@$(PY) -m pytest -q
 
-# `make demo TRAIN=1` retrains the shipped demo adapters first (about 3 minutes each on 2 cores).
+# `make demo TRAIN=1` retrains the shipped demo adapters first (70-90 s each on an idle 2-core machine; limit 3 minutes).
 demo: setup
 	@if [ "$(TRAIN)" = "1" ]; then $(PY) -m scripts.train_demo_adapters; fi
 	@$(PY) -m scripts.demo

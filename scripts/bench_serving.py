@@ -192,7 +192,7 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--cv", type=float, default=1.0)
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    parser.add_argument("--baseline-subset", type=int, default=16, help="requests timed for baseline (a)")
+    parser.add_argument("--baseline-subset", type=int, default=32, help="requests timed for baseline (a)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="8 adapters, 16 requests: a smoke run")

@@ -47,7 +47,7 @@ class DemoAdapter:
 
 
 # 16 steps of 8 x 128 tokens at a high rate: the templated Datanets are learnt fast, and
-# ~5 s per step on 2 cores keeps each run well inside 3 minutes. Ranks and targets
+# ~4-5 s per step on 2 cores keeps each run well inside 3 minutes (68-86 s measured). Ranks and targets
 # differ on purpose so the demo serves a mixed batch; every file stays under 4 MB.
 _COMMON = dict(steps=16, lr=5e-3, seq_len=128, batch_size=8, seed=0, checkpoint_every=4)
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
