@@ -1,8 +1,9 @@
 """The receipt log's SQL store and the `ReceiptLog` that signs, persists and proves receipts.
 
 Tables: `receipts` (one row per signed receipt, unique `(node, seq)`),
-`checkpoints` (tree sizes and roots the node committed to) and `channels`
-(payment channel state the node has seen). SQLite in WAL mode with
+`adapter_credits` (evidence computed after a receipt was served, an annex
+keyed like it), `checkpoints` (tree sizes and roots the node committed to) and
+`channels` (payment channel state the node has seen). SQLite in WAL mode with
 `synchronous=FULL` by default, PostgreSQL by URL, through the same models.
 
 The Merkle tree is not stored node by node: each receipt row carries its leaf
@@ -14,10 +15,12 @@ to save that second at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -33,13 +36,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from attribution.log import MerkleLog
 from attribution.merkle import leaf_hash
-from attribution.receipts import ReceiptDomain, ReceiptDraft, ReceiptSigner, SignedReceipt
+from attribution.receipts import AdapterCredit, ReceiptDomain, ReceiptDraft, ReceiptSigner, SignedReceipt
 
 
 class StoreError(RuntimeError):
@@ -66,6 +69,18 @@ class ReceiptRow(Base):
     digest: Mapped[bytes] = mapped_column(LargeBinary(32))
     leaf_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     body: Mapped[str] = mapped_column(Text)
+
+
+class AdapterCreditRow(Base):
+    """A receipt's adapter credit, computed after the answer left. It is not signed (not in the digest), so it
+    lives beside the append-only receipt row instead of rewriting it."""
+
+    __tablename__ = "adapter_credits"
+
+    node: Mapped[str] = mapped_column(String(42), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(66), index=True)
+    credit: Mapped[str] = mapped_column(Text)  # AdapterCredit.to_json(), compact
 
 
 class CheckpointRow(Base):
@@ -143,6 +158,16 @@ class ReceiptStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         Base.metadata.create_all(engine)
+        # SQLite has one writer at a time, and a writer that finds the database locked sleeps 1, 2, 5, 10 ms...
+        # before retrying: receipts, vouchers and credits written from several threads would queue that way.
+        # A lock in the process hands the turn over at once instead.
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One write transaction, committed on exit (durable when it returns)."""
+        with self._write_lock, self.engine.begin() as connection:
+            yield connection
 
     @classmethod
     def open(cls, url: str, schema: str | None = None) -> ReceiptStore:
@@ -160,7 +185,7 @@ class ReceiptStore:
             "leaf_hash": leaf_hash(s.digest), "body": s.to_canonical_json().decode(),
         } for s in signed]
         try:
-            with self.engine.begin() as connection:
+            with self._writing() as connection:
                 connection.execute(insert(ReceiptRow), rows)
         except IntegrityError as error:
             seqs = [r["seq"] for r in rows]
@@ -192,13 +217,36 @@ class ReceiptStore:
             return connection.scalar(select(ReceiptRow.body).where(ReceiptRow.node == node, ReceiptRow.seq == seq))
 
     def bodies_for_request(self, request_id: str) -> list[str]:
+        """Bodies as served: the stored body, with its adapter credit filled in once the annex holds one."""
         with self.engine.connect() as connection:
-            return list(connection.scalars(select(ReceiptRow.body).where(ReceiptRow.request_id == request_id.lower())))
+            rows = connection.execute(_with_credit(select(ReceiptRow.body, AdapterCreditRow.credit))
+                                      .where(ReceiptRow.request_id == request_id.lower()))
+            return [_served_body(body, credit) for body, credit in rows]
 
     def bodies(self, node: str, start: int = 0, limit: int = 100) -> list[str]:
+        """Bodies as served (see `bodies_for_request`), in `seq` order."""
         with self.engine.connect() as connection:
-            return list(connection.scalars(select(ReceiptRow.body).where(
-                ReceiptRow.node == node, ReceiptRow.seq >= start).order_by(ReceiptRow.seq).limit(limit)))
+            rows = connection.execute(_with_credit(select(ReceiptRow.body, AdapterCreditRow.credit)).where(
+                ReceiptRow.node == node, ReceiptRow.seq >= start).order_by(ReceiptRow.seq).limit(limit))
+            return [_served_body(body, credit) for body, credit in rows]
+
+    # adapter credit (an annex of the log: evidence, not covered by the signature)
+    def add_adapter_credit(self, node: str, seq: int, request_id: str, credit: AdapterCredit) -> bool:
+        """Keep the credit of receipt `(node, seq)`; the first one stored stays. Returns whether it was kept."""
+        text = json.dumps(credit.to_json(), sort_keys=True, separators=(",", ":"))
+        try:
+            with self._writing() as connection:
+                connection.execute(insert(AdapterCreditRow).values(node=node, seq=seq, request_id=request_id.lower(),
+                                                                   credit=text))
+        except IntegrityError:
+            return False
+        return True
+
+    def adapter_credit(self, node: str, seq: int) -> AdapterCredit | None:
+        with self.engine.connect() as connection:
+            text = connection.scalar(select(AdapterCreditRow.credit).where(
+                AdapterCreditRow.node == node, AdapterCreditRow.seq == seq))
+        return AdapterCredit.from_json(json.loads(text)) if text else None
 
     def channel_total(self, node: str, channel_id: str) -> int:
         """Sum of the prices of this node's receipts on a channel: what the client owes in total."""
@@ -209,13 +257,13 @@ class ReceiptStore:
 
     # checkpoints
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             connection.execute(insert(CheckpointRow).values(
                 node=checkpoint.node, tree_size=checkpoint.tree_size, root=bytes.fromhex(checkpoint.root[2:]),
                 created_at=checkpoint.created_at, epoch=checkpoint.epoch, tx_hash=checkpoint.tx_hash))
 
     def set_checkpoint_tx(self, node: str, tree_size: int, tx_hash: str) -> None:
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             connection.execute(update(CheckpointRow).where(
                 CheckpointRow.node == node, CheckpointRow.tree_size == tree_size).values(tx_hash=tx_hash))
 
@@ -238,7 +286,7 @@ class ReceiptStore:
     def _upsert_channel(self, channel_id: str, client: str, **values: Any) -> None:
         channel_id = channel_id.lower()
         values = {k: str(v) if isinstance(v, int) else v for k, v in values.items()}
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             exists = connection.scalar(select(func.count()).select_from(ChannelRow)
                                        .where(ChannelRow.channel_id == channel_id))
             if exists:
@@ -261,6 +309,20 @@ class ReceiptStore:
 
     def record_redeemed(self, channel_id: str, client: str, redeemed: int) -> None:
         self._upsert_channel(channel_id, client, redeemed=redeemed)
+
+
+def _with_credit(query):
+    return query.outerjoin(AdapterCreditRow, (AdapterCreditRow.node == ReceiptRow.node)
+                           & (AdapterCreditRow.seq == ReceiptRow.seq))
+
+
+def _served_body(body: str, credit: str | None) -> str:
+    """The canonical body with `adapterCredit` from the annex (the digest and signature do not cover it)."""
+    if credit is None:
+        return body
+    data = json.loads(body)
+    data["adapterCredit"] = json.loads(credit)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class ReceiptLog:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,6 +23,10 @@ from node.requests import (
     parse_payment_headers,
     parse_voucher,
 )
+from node.timing import HEADER as TIMING_HEADER
+
+if TYPE_CHECKING:
+    from node.service import Completion
 
 log = logging.getLogger("longtail.api")
 MAX_BODY_BYTES = 1 << 20
@@ -34,7 +38,7 @@ class NodeService(Protocol):
     max_tokens_limit: int
 
     def models(self) -> list[dict]: ...
-    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher) -> dict: ...
+    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher) -> Completion: ...
     def stream(self, request: CompletionRequest, channel_id: str | None, voucher) -> AsyncIterator[dict]: ...
     async def accept_voucher(self, voucher) -> dict: ...
     async def receipt(self, request_id: str) -> dict: ...
@@ -102,7 +106,8 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     parsed = parse_completion(await _json_body(request), chat=chat, max_tokens_limit=service.max_tokens_limit)
     channel_id, voucher = parse_payment_headers(request.headers)
     if not parsed.stream:
-        return web.json_response(await service.complete(parsed, channel_id, voucher))
+        completion = await service.complete(parsed, channel_id, voucher)
+        return web.json_response(completion.body, headers={TIMING_HEADER: completion.timing.header()})
     events = service.stream(parsed, channel_id, voucher)
     # The first event is produced before headers go out, so payment and model errors
     # still answer with their proper status instead of a broken stream.

@@ -19,8 +19,9 @@ from contracts.client import LongtailContracts
 from contracts.deployment import Deployment
 from contracts.ledger import CheckpointInfo, CheckpointRecord
 from contracts.payouts import Allocation, PayoutSplit
-from contracts.vouchers import SignedVoucher, recover_voucher_signer
+from contracts.vouchers import SignedVoucher
 from node.payments import ChannelState, Voucher
+from node.vouchers import VoucherDomain
 
 T = TypeVar("T")
 
@@ -38,6 +39,7 @@ class ChainGateway:
         self.account = account
         self._w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
         self._contracts: LongtailContracts | None = None
+        self.vouchers = VoucherDomain(deployment.chain_id, deployment.channels)
         self._lock = asyncio.Lock()  # one transaction at a time keeps nonces in order
 
     @property
@@ -66,7 +68,7 @@ class ChainGateway:
 
     def recover_voucher_signer(self, voucher: Voucher) -> str:
         signed = SignedVoucher(voucher.channel_id, voucher.cumulative_amount, voucher.signature)
-        return recover_voucher_signer(signed, self.deployment.chain_id, self.deployment.channels)
+        return self.vouchers.recover(signed)
 
     async def latest_checkpoint(self) -> CheckpointInfo:
         return await self._call(lambda: self.contracts.ledger.latest_checkpoint(self.account.address),

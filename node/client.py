@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import weakref
 from pathlib import Path
+from typing import TextIO
 
 import aiohttp
 from eth_account.signers.local import LocalAccount
@@ -22,8 +24,10 @@ from attribution.receipts import ReceiptDomain, SignedReceipt, verify_receipt
 from contracts.channels import channel_id_of
 from contracts.client import LongtailContracts
 from contracts.deployment import Deployment
-from contracts.vouchers import sign_voucher
 from node.requests import CHANNEL_HEADER, VOUCHER_AMOUNT_HEADER, VOUCHER_SIGNATURE_HEADER
+from node.timing import HEADER as TIMING_HEADER
+from node.timing import parse_server_timing
+from node.vouchers import VoucherDomain
 
 
 class ClientError(RuntimeError):
@@ -36,15 +40,29 @@ class ClientError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
+    """A verified answer. `latency_seconds` runs from sending the request to a verified receipt (voucher
+    signing, HTTP and receipt checks included); `server_timing` is the node's Server-Timing, in ms."""
+
     text: str
     receipt: SignedReceipt
     node_url: str
     model: str
     latency_seconds: float
+    server_timing: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _close_all(files: list[TextIO]) -> None:
+    for out in files:
+        out.close()
+    files.clear()
 
 
 class ClientState:
-    """Cumulative amounts per channel and the receipts received, in `folder`."""
+    """Cumulative amounts per channel and the receipts received, in `folder`.
+
+    Both files stay open: a client writes them after every answer, and reopening a file each time costs
+    more than the rest of its bookkeeping.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -52,18 +70,41 @@ class ClientState:
         self._channels_file = folder / "channels.json"
         self.channels: dict[str, int] = json.loads(self._channels_file.read_text()) \
             if self._channels_file.exists() else {}
+        self._channels_out: TextIO | None = None
+        self._receipts_out: TextIO | None = None
+        self._open: list[TextIO] = []
+        self._closer = weakref.finalize(self, _close_all, self._open)  # a client dropped without close()
 
     def paid(self, channel_id: str) -> int:
         return self.channels.get(channel_id, 0)
 
     def set_owed(self, channel_id: str, cumulative: int) -> None:
-        self.channels[channel_id] = max(cumulative, self.paid(channel_id))
-        self._channels_file.write_text(json.dumps(self.channels, indent=2))
+        owed = max(cumulative, self.paid(channel_id))
+        if owed == self.channels.get(channel_id):
+            return
+        self.channels[channel_id] = owed
+        if self._channels_out is None:
+            self._channels_out = self._keep_open(self._channels_file, "w")
+        self._channels_out.seek(0)
+        self._channels_out.write(json.dumps(self.channels, indent=2))
+        self._channels_out.truncate()
+        self._channels_out.flush()
 
     def remember(self, answer: Answer) -> None:
-        with (self.folder / "receipts.jsonl").open("a") as out:
-            out.write(json.dumps({"node_url": answer.node_url, "model": answer.model,
-                                  "body": answer.receipt.to_json()}) + "\n")
+        if self._receipts_out is None:
+            self._receipts_out = self._keep_open(self.folder / "receipts.jsonl", "a")
+        self._receipts_out.write(json.dumps({"node_url": answer.node_url, "model": answer.model,
+                                             "body": answer.receipt.to_json()}) + "\n")
+        self._receipts_out.flush()
+
+    def _keep_open(self, path: Path, mode: str) -> TextIO:
+        out = path.open(mode)
+        self._open.append(out)
+        return out
+
+    def close(self) -> None:
+        _close_all(self._open)  # the finalizer stays armed: writing again reopens the files
+        self._channels_out = self._receipts_out = None
 
     def receipts(self) -> list[tuple[str, SignedReceipt]]:
         path = self.folder / "receipts.jsonl"
@@ -80,6 +121,7 @@ class PayingClient:
         self.contracts = LongtailContracts.connect(Web3(Web3.HTTPProvider(rpc_url)), deployment)
         self.state = ClientState(state_dir)
         self.domain = ReceiptDomain(chain_id=deployment.chain_id, verifying_contract=deployment.ledger)
+        self.vouchers = VoucherDomain(deployment.chain_id, deployment.channels)
         self._addresses: dict[str, str] = {}
 
     def channel_for(self, node_address: str) -> str:
@@ -99,7 +141,7 @@ class PayingClient:
         amount = self.state.paid(channel_id)
         headers = {CHANNEL_HEADER: channel_id}
         if amount > 0:
-            voucher = sign_voucher(self.account, channel_id, amount, self.deployment.chain_id, self.deployment.channels)
+            voucher = self.vouchers.sign(self.account.key, channel_id, amount)
             headers[VOUCHER_AMOUNT_HEADER] = str(amount)
             headers[VOUCHER_SIGNATURE_HEADER] = voucher.signature
         return headers
@@ -125,7 +167,7 @@ class PayingClient:
             if response.status != 200:
                 message = payload.get("error", {}).get("message", str(payload))
                 raise ClientError(f"{url} answered {response.status}: {message}", response.status, payload)
-        latency = time.perf_counter() - started
+            timing = parse_server_timing(response.headers.get(TIMING_HEADER))
         signed = SignedReceipt.from_json(payload["longtail"])
         verify_receipt(signed, self.domain, expected_signer=node)
         text = payload["choices"][0]["message"]["content"]
@@ -135,9 +177,21 @@ class PayingClient:
         if "0x" + Web3.keccak(text=text).hex().removeprefix("0x") != receipt.output_hash:
             raise ClientError(f"receipt from {url} does not hash the answer it came with")
         self.state.set_owed(channel_id, int(payload["longtail"]["payCumulative"]))
-        answer = Answer(text=text, receipt=signed, node_url=url, model=model, latency_seconds=latency)
+        answer = Answer(text=text, receipt=signed, node_url=url, model=model,
+                        latency_seconds=time.perf_counter() - started, server_timing=timing)
         self.state.remember(answer)
         return answer
+
+    async def fetch_receipt(self, session: aiohttp.ClientSession, url: str, request_id: str) -> SignedReceipt:
+        """The node's current body of a receipt, verified; it carries the adapter credit once computed."""
+        node = await self.node_address(session, url)
+        async with session.get(f"{url}/v1/receipts/{request_id}") as response:
+            payload = await response.json()
+            if response.status != 200:
+                raise ClientError(f"{url} has no receipt {request_id}: {payload}", response.status, payload)
+        signed = SignedReceipt.from_json(payload)
+        verify_receipt(signed, self.domain, expected_signer=node)
+        return signed
 
     async def settle(self, session: aiohttp.ClientSession, url: str) -> int:
         """Send the voucher for everything served so far (the last answer's price included)."""
@@ -146,7 +200,7 @@ class PayingClient:
         amount = self.state.paid(channel_id)
         if amount == 0:
             return 0
-        voucher = sign_voucher(self.account, channel_id, amount, self.deployment.chain_id, self.deployment.channels)
+        voucher = self.vouchers.sign(self.account.key, channel_id, amount)
         async with session.post(f"{url}/v1/vouchers", json=voucher.to_json()) as response:
             if response.status != 200:
                 raise ClientError(f"{url} refused the voucher: {await response.text()}", response.status)

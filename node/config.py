@@ -53,6 +53,8 @@ class NodeConfig:
     kv_cache_bytes: int = 256 * 2**20
     announce_ttl_seconds: float = 30.0
     adapter_credit: bool = True
+    adapter_credit_backlog: int = 64
+    gil_switch_interval_ms: float = 0.5
 
     @property
     def node_home(self) -> Path:

@@ -14,6 +14,10 @@ from collections.abc import AsyncIterator
 from node.catalog import CatalogEntry
 from node.requests import CompletionRequest
 
+# Scoring for adapter credit queues as a client of its own: round-robin gives it one turn among the paid clients
+# instead of letting a backlog of scorings go first.
+CREDIT_CLIENT = "longtail:adapter-credit"
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
@@ -92,9 +96,9 @@ class GenerationGateway:
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
 
-    def base_logprobs(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
-        """The output scored by the bare base model (for adapter credit); blocking, run it in a thread."""
-        return self.engine.score(prompt_ids, output_ids, None)
+    async def base_logprobs(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+        """The output scored by the bare base model (for adapter credit), inside the engine's batch."""
+        return await self.engine.score_async(prompt_ids, output_ids, None, client=CREDIT_CLIENT)
 
     def engine_shutdown(self) -> None:
         """Stop the engine's background driver, if it runs one."""

@@ -5,17 +5,28 @@ The node serves only while `deposit - owed - reserved >= maxPrice(request)`
 (and within the per-client credit cap); the price of the answer is added to
 `owed`, which the next voucher must cover. `owed` is the sum of the prices in
 this node's receipts for the channel, so it survives restarts with the log.
+
+A voucher that pays more is written to the store in the background, in order
+per channel, while its request generates; the node awaits that write
+(`durable`) before the answer leaves, so a voucher is on disk before anything
+it paid for is handed out, without the write sitting on the request's path.
+The chain's view of a channel is cached and, once stale, refreshed in the
+background while the cached view keeps serving (a top-up that a request needs
+is read at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 
 from node.errors import ChainUnavailable, InvalidVoucherSignature, PaymentRequired
+
+log = logging.getLogger("longtail.payments")
 
 
 def price_for_tokens(price_per_1k_tokens: int, tokens: int) -> int:
@@ -53,6 +64,7 @@ class ChannelAccount:
     owed: int = 0
     reserved: int = 0
     best_voucher: Voucher | None = None
+    saving: asyncio.Task | None = None  # the latest voucher write; each waits for the one before
 
     @property
     def paid(self) -> int:
@@ -66,6 +78,7 @@ class Reservation:
     channel_id: str
     client: str
     max_price: int
+    voucher_saved: asyncio.Task | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 ChannelReader = Callable[[str], Awaitable[ChannelState]]
@@ -88,13 +101,22 @@ class PaymentIntake:
         self._credit_cap = credit_cap
         self._cache_seconds = channel_cache_seconds
         self._chain_cache: dict[str, tuple[float, ChannelState]] = {}
+        self._refreshing: dict[str, asyncio.Task] = {}
         self._accounts: dict[str, ChannelAccount] = {}
         self._lock = asyncio.Lock()
 
     async def channel(self, channel_id: str, refresh: bool = False) -> ChannelState:
         cached = self._chain_cache.get(channel_id)
-        if cached and not refresh and time.monotonic() - cached[0] < self._cache_seconds:
+        if cached and not refresh:
+            if time.monotonic() - cached[0] >= self._cache_seconds and channel_id not in self._refreshing:
+                # Stale: serve the cached view now (a chain read costs tens of ms) and refresh it meanwhile.
+                task = asyncio.ensure_future(self._read(channel_id, cached))
+                self._refreshing[channel_id] = task
+                task.add_done_callback(lambda _: self._refreshing.pop(channel_id, None))
             return cached[1]
+        return await self._read(channel_id, cached)
+
+    async def _read(self, channel_id: str, cached: tuple[float, ChannelState] | None) -> ChannelState:
         try:
             state = await self._read_channel(channel_id)
         except Exception as error:  # the chain client raises many kinds; callers get one typed error
@@ -113,7 +135,14 @@ class PaymentIntake:
         return account
 
     async def accept_voucher(self, voucher: Voucher) -> ChannelAccount:
-        """Check a voucher's signature against the channel's client and keep it if it pays more."""
+        """Check a voucher's signature against the channel's client and keep it if it pays more (durably)."""
+        account, saved = await self._accept(voucher)
+        if saved is not None:
+            await saved
+        return account
+
+    async def _accept(self, voucher: Voucher) -> tuple[ChannelAccount, asyncio.Task | None]:
+        """Check and keep a voucher; the store write runs in the background, returned to be awaited."""
         state = await self.channel(voucher.channel_id)
         self._check_channel_is_ours(state)
         try:
@@ -129,20 +158,52 @@ class PaymentIntake:
                                   deposit=str(state.deposit), cumulative_amount=str(voucher.cumulative_amount))
         async with self._lock:
             account = await self.account(voucher.channel_id, state.client)
-            if voucher.cumulative_amount > account.paid:
-                await self._save_voucher(voucher, state.client)
-                account.best_voucher = voucher
-        return account
+            if voucher.cumulative_amount <= account.paid:
+                return account, None
+            account.best_voucher = voucher
+            account.saving = self._save_after(account.saving, voucher, state.client)
+            return account, account.saving
+
+    def _save_after(self, previous: asyncio.Task | None, voucher: Voucher, client: str) -> asyncio.Task:
+        """Write `voucher` once the channel's previous write is done, so the store never goes back to a lower one."""
+        async def save() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])  # its failure is reported by its own awaiter
+            await self._save_voucher(voucher, client)
+
+        task = asyncio.ensure_future(save())
+        task.add_done_callback(_log_failed_save)
+        return task
+
+    async def durable(self, reservation: Reservation) -> None:
+        """Return once the voucher that came with the request is stored (raises if that write failed)."""
+        if reservation.voucher_saved is not None:
+            await reservation.voucher_saved
+
+    async def flush(self) -> None:
+        """Wait for every voucher write still running (at shutdown, before the store closes)."""
+        pending = [a.saving for a in self._accounts.values() if a.saving is not None and not a.saving.done()]
+        if pending:
+            await asyncio.wait(pending)
 
     async def reserve(self, channel_id: str | None, voucher: Voucher | None, max_price: int) -> Reservation:
         """Admit a request that may cost up to `max_price`, or raise PaymentRequired saying what to pay."""
         if not channel_id:
             raise PaymentRequired("a payment channel is required: send X-Longtail-Channel and a voucher",
                                   max_price=str(max_price))
+        saved = None
         if voucher is not None:
             if voucher.channel_id.lower() != channel_id.lower():
                 raise InvalidVoucherSignature("voucher is for another channel", channel_id=channel_id)
-            await self.accept_voucher(voucher)
+            _, saved = await self._accept(voucher)
+        try:
+            return await self._reserve(channel_id, max_price, saved)
+        except BaseException:
+            if saved is not None:  # even a refusal leaves only after the voucher it kept is stored
+                await asyncio.wait([saved])
+            raise
+
+    async def _reserve(self, channel_id: str, max_price: int, saved: asyncio.Task | None) -> Reservation:
         state = await self.channel(channel_id)
         self._check_channel_is_ours(state)
         async with self._lock:
@@ -160,7 +221,7 @@ class PaymentIntake:
                                           channel_id=channel_id, deposit=str(state.deposit), owed=str(account.owed),
                                           max_price=str(max_price), top_up=str(max_price - available))
             account.reserved += max_price
-        return Reservation(channel_id=channel_id, client=state.client, max_price=max_price)
+        return Reservation(channel_id=channel_id, client=state.client, max_price=max_price, voucher_saved=saved)
 
     async def settle(self, reservation: Reservation, price: int) -> int:
         """Charge `price` (<= the reservation) and return the cumulative amount the next voucher must cover."""
@@ -171,9 +232,11 @@ class PaymentIntake:
             return account.owed
 
     async def release(self, reservation: Reservation) -> None:
-        """The request failed before an answer: nothing is charged."""
+        """The request failed before an answer: nothing is charged (the voucher it brought is still stored)."""
         async with self._lock:
             self._accounts[reservation.channel_id].reserved -= reservation.max_price
+        if reservation.voucher_saved is not None:
+            await asyncio.wait([reservation.voucher_saved])
 
     def _available(self, state: ChannelState, account: ChannelAccount) -> int:
         available = state.deposit - account.owed - account.reserved
@@ -189,3 +252,8 @@ class PaymentIntake:
             raise PaymentRequired("the channel pays another node", channel_id=state.channel_id, node=state.node)
         if state.closing:
             raise PaymentRequired("the channel is closing; open a new one", channel_id=state.channel_id)
+
+
+def _log_failed_save(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("voucher could not be stored: %s", task.exception())

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -109,6 +110,7 @@ class RunningNode:
         await self.runner.cleanup()
         if self.p2p is not None:
             await asyncio.to_thread(self.p2p.stop)
+        await self.node.drain()  # voucher writes and credits use the engine and the store: both still open
         await asyncio.to_thread(self.node.generation.engine_shutdown)
         self.node.receipt_log.close()
 
@@ -125,6 +127,10 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     from transformers import AutoTokenizer
 
     key = unlock_key(config, private_key)
+    if config.gil_switch_interval_ms > 0:
+        # The engine thread holds the GIL between tensor ops; every hand-off to the event loop or a worker
+        # thread waits up to this long for it (Python's default, 5 ms, would dominate a request's overhead).
+        sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     model_dir = resolve_model(config.base_model)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
     engine = engine or await asyncio.to_thread(build_engine, config, model_dir)

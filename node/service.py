@@ -4,12 +4,15 @@ It owns no policy of its own: payments decide admission (`node.payments`),
 the engine generates (`serving`), the attributor weighs Datanets
 (`node.attributor`), the receipt log signs and persists (`attribution.store`).
 The order of one request is fixed by DESIGN.md: check payment, generate,
-attribute, sign + append (durable), settle, answer.
+attribute, sign + append (durable), settle, answer. Adapter credit is evidence
+outside the signed receipt: it is computed after the answer left, in the
+engine's batch, and stored as an annex of the receipt (docs/node.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ from node.generation import GenerationGateway, GenerationResult
 from node.metrics import NodeMetrics
 from node.payments import PaymentIntake, Voucher, price_for_tokens
 from node.requests import CompletionRequest
+from node.timing import StageTimes
 
 log = logging.getLogger("longtail.node")
 
@@ -46,6 +50,14 @@ def prompt_text_as_received(request: CompletionRequest) -> str:
     if request.prompt is not None:
         return request.prompt
     return json.dumps(list(request.messages or ()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """A non-streamed answer: the OpenAI-shaped body, and where the node's time went (Server-Timing)."""
+
+    body: dict
+    timing: StageTimes
 
 
 class Node:
@@ -73,6 +85,7 @@ class Node:
         self.adapter_store = None
         self._fetch_lock = asyncio.Lock()
         self.checkpointer = None  # set by the runner when a chain is configured
+        self._credits: set[asyncio.Task] = set()
         self.stats.log_size.set(receipt_log.size)
 
     # --- inference ------------------------------------------------------------------------------
@@ -90,28 +103,60 @@ class Node:
                 self.catalog.add(entry)
         return self.catalog.resolve(model)
 
-    def _prepare(self, request: CompletionRequest, entry: CatalogEntry) -> tuple[CatalogEntry, list[int]]:
-        prompt_ids = self.generation.encode(request)
+    def _prepare(self, request: CompletionRequest, times: StageTimes) -> list[int]:
+        # Tokenizing is the engine's side of the work: the unpaid baseline of bench_node times it too.
+        with times.stage("engine"):
+            prompt_ids = self.generation.encode(request)
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise PromptTooLarge(f"prompt is {len(prompt_ids)} tokens; this node accepts at most "
                                  f"{self.config.max_prompt_tokens}", param="prompt",
                                  prompt_tokens=len(prompt_ids), limit=self.config.max_prompt_tokens)
         if self._in_flight >= self.config.max_waiting_requests:
             raise NodeBusy(f"{self._in_flight} requests in flight; retry shortly", retry_after_seconds=1)
-        return entry, prompt_ids
+        return prompt_ids
 
-    async def _admit(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None):
-        entry, prompt_ids = self._prepare(request, await self._resolve(request.model))
+    async def _admit(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None,
+                     times: StageTimes):
+        entry = await self._resolve(request.model)
+        prompt_ids = self._prepare(request, times)
         max_price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + request.max_tokens)
-        reservation = await self.payments.reserve(channel_id, voucher, max_price)
+        with times.stage("payment"):
+            reservation = await self.payments.reserve(channel_id, voucher, max_price)
         return entry, prompt_ids, reservation
 
     async def _finish(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
-                      result: GenerationResult, reservation, request_id: str) -> SignedReceipt:
-        """Attribute, sign and durably append the receipt, then charge the channel."""
+                      result: GenerationResult, reservation, request_id: str, times: StageTimes) -> SignedReceipt:
+        """Attribute, sign and durably append the receipt, then charge the channel; credit follows later."""
         price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(result.token_ids))
-        attribution: Attribution = await asyncio.to_thread(self.attributor.attribute, entry, result.token_ids)
-        credit = await self._adapter_credit(entry, prompt_ids, result)
+        with times.stage("payment"):
+            try:  # the voucher this request brought was written while it generated; it is durable first
+                await self.payments.durable(reservation)
+            except Exception:
+                await self.payments.release(reservation)
+                raise
+        with times.stage("receipt"):
+            # One hand-off to a worker thread for all of it: each hop waits for the GIL the engine holds.
+            signed, attribution = await asyncio.to_thread(self._attribute_and_append, request, entry, prompt_ids,
+                                                          result, reservation, request_id, price)
+        with times.stage("payment"):
+            owed = await self.payments.settle(reservation, price)
+        self.stats.receipts.inc()
+        self.stats.earnings.inc(price)
+        self.stats.log_size.set(self.receipt_log.size)
+        self.stats.tokens.labels("prompt").inc(len(prompt_ids))
+        self.stats.tokens.labels("output").inc(len(result.token_ids))
+        self._remember(entry, signed, attribution)
+        if self.checkpointer is not None:
+            self.checkpointer.notify_receipt()
+        self._owed_after[signed.receipt.request_id] = owed
+        self._start_credit(entry, prompt_ids, result, signed)
+        return signed
+
+    def _attribute_and_append(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
+                              result: GenerationResult, reservation, request_id: str,
+                              price: int) -> tuple[SignedReceipt, Attribution]:
+        """Blocking: weigh the Datanets, then sign and commit the receipt (durable when this returns)."""
+        attribution = self.attributor.attribute(entry, result.token_ids)
         draft = ReceiptDraft(
             request_id=request_id,
             client=reservation.client,
@@ -126,35 +171,56 @@ class Node:
             timestamp=int(time.time()),
             attribution=attribution.vector,
             spans=attribution.spans,
-            adapter_credit=credit,
         )
         # The commit happens before the answer leaves: a receipt handed out is durable.
-        signed = await asyncio.to_thread(self.receipt_log.append, draft)
-        owed = await self.payments.settle(reservation, price)
-        self.stats.receipts.inc()
-        self.stats.earnings.inc(price)
-        self.stats.log_size.set(self.receipt_log.size)
-        self.stats.tokens.labels("prompt").inc(len(prompt_ids))
-        self.stats.tokens.labels("output").inc(len(result.token_ids))
-        self._remember(entry, signed, attribution)
-        if self.checkpointer is not None:
-            self.checkpointer.notify_receipt()
-        self._owed_after[signed.receipt.request_id] = owed
-        return signed
+        return self.receipt_log.append(draft), attribution
 
-    async def _adapter_credit(self, entry: CatalogEntry, prompt_ids: list[int],
-                              result: GenerationResult) -> AdapterCredit | None:
-        """Per-token log-probability gain of the answer under the adapter over the base model."""
+    # --- adapter credit (evidence after the answer) ---------------------------------------------
+
+    def _start_credit(self, entry: CatalogEntry, prompt_ids: list[int], result: GenerationResult,
+                      signed: SignedReceipt) -> None:
+        """Score the answer under the base model in the background; a full backlog skips it (it is optional)."""
         if not self.config.adapter_credit or entry.adapter_id is None or not result.token_ids \
                 or len(result.logprobs) != len(result.token_ids):
-            return None
+            return
+        if len(self._credits) >= self.config.adapter_credit_backlog:
+            self.stats.adapter_credits.labels("skipped").inc()
+            log.info("adapter credit of request %s skipped: %d credits already pending",
+                     signed.receipt.request_id, len(self._credits))
+            return
+        task = asyncio.create_task(self._adapter_credit(prompt_ids, result, signed),
+                                   name=f"credit-{signed.receipt.seq}")
+        self._credits.add(task)
+        task.add_done_callback(self._credits.discard)
+
+    async def _adapter_credit(self, prompt_ids: list[int], result: GenerationResult, signed: SignedReceipt) -> None:
+        """Per-token log-probability gain of the answer under the adapter over the base model, stored durably."""
+        receipt = signed.receipt
         try:
-            base = await asyncio.to_thread(self.generation.base_logprobs, prompt_ids, result.token_ids)
+            base = await self.generation.base_logprobs(prompt_ids, result.token_ids)
+            credit = AdapterCredit(tokens=len(result.token_ids), adapter_logprob=float(sum(result.logprobs)),
+                                   base_logprob=float(sum(base)))
+            await asyncio.to_thread(self.receipt_log.store.add_adapter_credit, receipt.node, receipt.seq,
+                                    receipt.request_id, credit)
         except Exception as error:  # credit is evidence, not a condition of service
-            log.warning("adapter credit skipped: %s", error)
-            return None
-        return AdapterCredit(tokens=len(result.token_ids), adapter_logprob=float(sum(result.logprobs)),
-                             base_logprob=float(sum(base)))
+            self.stats.adapter_credits.labels("failed").inc()
+            log.warning("adapter credit of request %s failed: %s", receipt.request_id, error)
+            return
+        self.stats.adapter_credits.labels("stored").inc()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """At shutdown, before the engine stops and the store closes: finish voucher writes and pending credits
+        (those still running after `timeout` are cancelled: credit is optional evidence)."""
+        await self.payments.flush()
+        pending = set(self._credits)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%d adapter credits cancelled at shutdown", len(late))
+            await asyncio.gather(*late, return_exceptions=True)
 
     def _longtail_field(self, signed: SignedReceipt) -> dict:
         """The receipt body, plus the cumulative amount the client's next voucher must cover."""
@@ -162,14 +228,17 @@ class Node:
         body["payCumulative"] = str(self._owed_after.pop(signed.receipt.request_id, signed.receipt.price))
         return body
 
-    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None) -> dict:
+    async def complete(self, request: CompletionRequest, channel_id: str | None,
+                       voucher: Voucher | None) -> Completion:
         started = time.perf_counter()
+        times = StageTimes()
         endpoint = "chat" if request.chat else "completions"
-        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher)
+        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times)
         request_id = hex32(os.urandom(32))
         self._in_flight += 1
         try:
-            result = await self.generation.generate(request, entry, prompt_ids)
+            with times.stage("engine"):
+                result = await self.generation.generate(request, entry, prompt_ids)
         except BaseException:
             await self.payments.release(reservation)
             self.stats.requests.labels(endpoint, "error").inc()
@@ -178,15 +247,19 @@ class Node:
             self._in_flight -= 1
         if result.first_token_seconds is not None:
             self.stats.ttft.observe(result.first_token_seconds)
-        signed = await self._finish(request, entry, prompt_ids, result, reservation, request_id)
+        signed = await self._finish(request, entry, prompt_ids, result, reservation, request_id, times)
+        body = self._openai_body(request, entry, request_id, result, prompt_ids, signed)
         self.stats.requests.labels(endpoint, "ok").inc()
-        self.stats.latency.observe(time.perf_counter() - started)
-        return self._openai_body(request, entry, request_id, result, prompt_ids, signed)
+        elapsed = time.perf_counter() - started
+        self.stats.latency.observe(elapsed)
+        times.add("total", elapsed)
+        return Completion(body, times)
 
     async def stream(self, request: CompletionRequest, channel_id: str | None,
                      voucher: Voucher | None) -> AsyncIterator[dict]:
         started = time.perf_counter()
-        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher)
+        times = StageTimes()  # headers leave before these are known: a stream carries no Server-Timing
+        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times)
         request_id = hex32(os.urandom(32))
         # First event: consumed by the HTTP edge before headers go out (carries the receipt's id).
         yield {"receipt_pending": request_id}
@@ -206,7 +279,7 @@ class Node:
             raise
         finally:
             self._in_flight -= 1
-        signed = await self._finish(request, entry, prompt_ids, result, reservation, request_id)
+        signed = await self._finish(request, entry, prompt_ids, result, reservation, request_id, times)
         final = self._chunk(request, entry, request_id, "", result.finish_reason)
         final["usage"] = self._usage(prompt_ids, pieces)
         final["longtail"] = self._longtail_field(signed)
@@ -263,7 +336,7 @@ class Node:
             if request.stream:
                 raise BadRequest("streaming is not offered over libp2p; send stream=false", param="stream")
             channel_id, voucher = parse_payment_headers(message.get("headers") or {})
-            return {"status": 200, "body": await self.complete(request, channel_id, voucher)}
+            return {"status": 200, "body": (await self.complete(request, channel_id, voucher)).body}
         except NodeError as error:
             return {"status": mapping_for(error).status, "body": error_body(error)}
 

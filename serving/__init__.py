@@ -1,6 +1,6 @@
 """The serving engine: a shared base model with many LoRA adapters in one continuous batch."""
 
-from serving.engine import Engine, GenerationOutput, StreamEvent
+from serving.engine import Engine, GenerationOutput, ScoreHandle, StreamEvent
 from serving.errors import (
     AdapterIncompatible,
     AdapterInUse,
@@ -18,5 +18,5 @@ from serving.sampling import SamplingParams
 
 __all__ = [
     "AdapterIncompatible", "AdapterInUse", "AdapterSlotsFull", "Engine", "EngineError", "GenerationOutput", "InvalidSamplingParams", "InvalidTokenIds", "KvCacheTooSmall",
-    "NonFiniteLogits", "PromptTooLong", "RequestCancelled", "SamplingParams", "StreamEvent", "UnknownAdapter",
+    "NonFiniteLogits", "PromptTooLong", "ScoreHandle", "RequestCancelled", "SamplingParams", "StreamEvent", "UnknownAdapter",
 ]

@@ -5,7 +5,9 @@ thread-safe inbox, asks the scheduler what runs, hands the model runner one
 flat batch of decode tokens and prompt chunks, samples, and emits events.
 `start()` runs steps on a background thread (the node's mode); `stream()`
 bridges one request's events to asyncio; `generate()` drives steps itself
-when no thread runs.
+when no thread runs. Scoring (`submit_score`, `score`) rides the same batch: a
+scoring request is prefilled in chunks like any prompt, its logit rows become
+the log-probabilities of the scored tokens, and it ends without decoding.
 """
 
 from __future__ import annotations
@@ -106,6 +108,28 @@ class RequestHandle:
                                 (r.finished_at - r.arrival) if r.finished_at else None)
 
 
+@dataclasses.dataclass(eq=False)
+class ScoreRequest(Request):
+    """A request that only prefills prompt + output[:-1]; its logprobs are those of the output tokens."""
+
+    targets: list[int] = dataclasses.field(default_factory=list)  # the output tokens being scored
+
+    @property
+    def first_scored(self) -> int:
+        """Index in `prompt_ids` of the row whose logits predict targets[0] (the prompt's last token)."""
+        return len(self.prompt_ids) - len(self.targets)
+
+
+class ScoreHandle(RequestHandle):
+    """What `submit_score` returns: wait for the log-probability of each scored token."""
+
+    def scores(self, timeout: float | None = None) -> list[float]:
+        output = self.wait(timeout)
+        if output.error is not None:
+            raise output.error
+        return list(self.request.logprobs)
+
+
 def _failed_output(error: EngineError, prompt_tokens: int) -> GenerationOutput:
     return GenerationOutput(-1, prompt_tokens, [], "error", None, error)
 
@@ -185,12 +209,16 @@ class Engine:
         self._validate(prompt, adapter_id, params)
         request = Request(next(self._ids), prompt, adapter_id, params, client=client, generator=params.generator(),
                           arrival=time.perf_counter())
-        handle = RequestHandle(self, request)
+        return self._enqueue(RequestHandle(self, request), listener)
+
+    def _enqueue(self, handle: RequestHandle, listener: Callable[[StreamEvent], None] | None):
+        """Hand a validated request to the step loop; its adapter is prefetched meanwhile."""
+        request = handle.request
         self._handles[request.request_id] = handle
         if listener is not None:
             self._listeners[request.request_id] = listener
-        if adapter_id is not None:
-            self.adapters.prefetch(adapter_id)
+        if request.adapter_id is not None:
+            self.adapters.prefetch(request.adapter_id)
         self._inbox.put(request)
         self._wake.set()
         return handle
@@ -270,6 +298,8 @@ class Engine:
         return self.adapters.slot_of(adapter_id) is not None
 
     def _blocks_needed(self, request: Request) -> int:
+        if isinstance(request, ScoreRequest):  # it never decodes: its prompt is all it keeps
+            return self.cache.blocks_for(len(request.prompt_ids))
         return self.cache.blocks_for(len(request.prompt_ids) + request.params.max_tokens)
 
     def _admit(self, request: Request) -> bool:
@@ -300,11 +330,11 @@ class Engine:
                     self._finish(request, "error", UnknownAdapter(request.adapter_id))
                     continue
                 if request.prefilled:
-                    tokens, last = [request.output_ids[-1]], True
+                    tokens, logits_from = [request.output_ids[-1]], -1
                 else:
                     tokens = request.prompt_ids[request.cached:request.cached + count]
-                    last = request.cached + count == len(request.prompt_ids)
-                chunks.append(SequenceChunk(tokens, request.cached, request.blocks, slot, -1 if last else None))
+                    logits_from = self._logits_from(request, len(tokens))
+                chunks.append(SequenceChunk(tokens, request.cached, request.blocks, slot, logits_from))
                 ran.append((request, len(tokens)))
             if not chunks:
                 return 0
@@ -317,10 +347,65 @@ class Engine:
                 return 0
             for request, count in ran:
                 request.cached += count
-            sampled = [r for (r, _), c in zip(ran, chunks, strict=True) if c.logits_from is not None]
-            self._sample_all(sampled, logits)
+            self._route_logits([r for r, _ in ran], chunks, logits)
             self.steps += 1
             return sum(len(c.token_ids) for c in chunks)
+
+    @staticmethod
+    def _logits_from(request: Request, count: int) -> int | None:
+        """Which logit rows a prompt chunk of `count` tokens wants: the last one when the prompt ends here;
+        for a scoring request, every row from the one that predicts its first scored token."""
+        if isinstance(request, ScoreRequest):
+            if request.cached + count <= request.first_scored:
+                return None
+            return max(0, request.first_scored - request.cached)
+        return -1 if request.cached + count == len(request.prompt_ids) else None
+
+    def _route_logits(self, requests: list[Request], chunks: list[SequenceChunk], logits: torch.Tensor) -> None:
+        """One sampled row per generating request; a scoring request's rows go to `_score_rows`."""
+        sampled: list[Request] = []
+        sampled_rows: list[int] = []
+        scored: list[tuple[ScoreRequest, int, int]] = []
+        offset = 0
+        for request, chunk in zip(requests, chunks, strict=True):
+            rows = chunk.logit_rows
+            if isinstance(request, ScoreRequest):
+                scored.append((request, offset, rows))
+            elif rows:
+                sampled.append(request)
+                sampled_rows.append(offset)
+            offset += rows
+        if scored:
+            self._score_rows(scored, logits)
+            logits = logits[torch.tensor(sampled_rows, dtype=torch.int64, device=logits.device)]
+        self._sample_all(sampled, logits)
+
+    def _score_rows(self, scored: list[tuple[ScoreRequest, int, int]], logits: torch.Tensor) -> None:
+        """Log-softmax + gather of each scoring request's target tokens; a request ends once its prompt has run."""
+        index: list[int] = []
+        targets: list[int] = []
+        values: list[float] = []
+        finite_rows: list[bool] = []
+        for request, offset, rows in scored:
+            done = len(request.logprobs)
+            index.extend(range(offset, offset + rows))
+            targets.extend(request.targets[done:done + rows])
+        if index:
+            rows_index = torch.tensor(index, dtype=torch.int64, device=logits.device)
+            wanted = logits[rows_index]
+            finite = torch.isfinite(wanted.sum(dim=-1))
+            target_ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+            picked = torch.log_softmax(wanted, dim=-1).gather(1, target_ids[:, None])[:, 0]
+            values, finite_rows = picked.tolist(), finite.tolist()
+        position = 0
+        for request, _, rows in scored:
+            if not all(finite_rows[position:position + rows]):
+                self._finish(request, "error", NonFiniteLogits(request.request_id))
+            else:
+                request.logprobs.extend(values[position:position + rows])
+                if request.prefilled:
+                    self._finish(request, "stop")
+            position += rows
 
     def _slot(self, request: Request) -> int | None:
         """The request's adapter slot, -1 for the base model, None if its adapter left the device."""
@@ -374,35 +459,76 @@ class Engine:
             handle.text = self.tokenizer.decode(request.output_ids)
         self._finish(request, reason)
 
+    def submit_score(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
+                     listener: Callable[[StreamEvent], None] | None = None,
+                     client: str | None = None) -> ScoreHandle:
+        """Queue the scoring of `output_ids` after `prompt_ids` under `adapter_id` (None = the base); thread-safe.
+
+        It runs inside the continuous batch like a prompt (chunked, fair, never holding the step lock between
+        steps), so it neither waits for the engine to go idle nor changes other requests' tokens. The
+        listener gets only the finish event. The node uses it for adapter credit.
+        """
+        prompt = [int(t) for t in prompt_ids]
+        targets = [int(t) for t in output_ids]
+        if not targets:
+            raise ValueError("nothing to score: output_ids is empty")
+        # The last output token predicts nothing we score, so it is not run.
+        tokens = prompt + targets[:-1]
+        context = self.model_config.max_position_embeddings
+        if not prompt or len(tokens) > context:
+            raise PromptTooLong(len(prompt), len(targets), context)
+        bad = [t for t in tokens if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidTokenIds(bad[:5], self.model_config.vocab_size)
+        if adapter_id is not None and not self.adapters.knows(adapter_id):
+            raise UnknownAdapter(adapter_id)
+        needed = self.cache.blocks_for(len(tokens))
+        if needed > self.cache.pool.num_blocks:
+            raise KvCacheTooSmall(f"scoring needs {needed} KV blocks, the pool has {self.cache.pool.num_blocks}")
+        request = ScoreRequest(next(self._ids), tokens, adapter_id, SamplingParams(max_tokens=1, logprobs=True),
+                               client=client, arrival=time.perf_counter(), targets=targets)
+        return self._enqueue(ScoreHandle(self, request), listener)
+
     def score(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None) -> list[float]:
         """Log-probability of each output token after the prompt, under `adapter_id` (None = the base).
 
-        One prefill-shaped forward; it holds the step lock, so it runs between two steps of the batch.
-        The node uses it for adapter credit: the same output scored by the base model.
+        Blocking: `submit_score`, then wait (driving steps itself when no engine thread runs).
         """
-        # The last output token predicts nothing we score, so it is not run.
-        tokens = [int(t) for t in prompt_ids] + [int(t) for t in output_ids][:-1]
         if not output_ids:
             return []
-        if not prompt_ids:
-            raise PromptTooLong(0, len(output_ids), self.model_config.max_position_embeddings)
-        with self._lock:
-            slot = -1
-            if adapter_id is not None:
-                slot = self.adapters.slot_of(adapter_id)
-                if slot is None:
-                    raise UnknownAdapter(adapter_id)
-            needed = self.cache.blocks_for(len(tokens))
-            if needed > self.cache.pool.free_blocks:
-                raise KvCacheTooSmall(f"scoring needs {needed} free KV blocks, {self.cache.pool.free_blocks} are free")
-            blocks = self.cache.pool.allocate(needed)
+        handle = self.submit_score(prompt_ids, output_ids, adapter_id)
+        if self._thread is None:
+            while not handle.done.is_set():
+                if not self.step():
+                    if not self.has_work():
+                        break
+                    time.sleep(0.001)  # waiting on an adapter load or on blocks: let the provider's thread run
+        return handle.scores()
+
+    async def score_async(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
+                          client: str | None = None) -> list[float]:
+        """`score` for asyncio: runs on the background thread (started if needed); cancelling cancels it."""
+        if not output_ids:
+            return []
+        self.start()
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def on_event(event: StreamEvent) -> None:
+            if event.finish_reason is None:
+                return
             try:
-                logits = self.runner.run([SequenceChunk(tokens, 0, blocks, slot, logits_from=len(prompt_ids) - 1)])
-            finally:
-                self.cache.pool.release(blocks)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        targets = torch.tensor([int(t) for t in output_ids])
-        return log_probs[torch.arange(len(output_ids)), targets].tolist()
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            except RuntimeError:  # the loop closed while scoring: nobody waits for the answer
+                pass
+
+        handle = self.submit_score(prompt_ids, output_ids, adapter_id, listener=on_event, client=client)
+        try:
+            await finished
+        except BaseException:
+            handle.cancel()
+            raise
+        return handle.scores()
 
     # --- drivers ---------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ def test_first_request_needs_no_voucher_then_the_next_must_cover_it():
             await intake.reserve(CHANNEL, voucher(39), max_price=100)
         assert short.value.details["pay_cumulative"] == "40"
         second = await intake.reserve(CHANNEL, voucher(40), max_price=100)
+        await intake.durable(second)  # the node awaits this before the answer leaves
         await intake.settle(second, 60)
         # A short voucher is still money the node keeps; it just does not admit the request.
         assert [v.cumulative_amount for v in saved] == [39, 40]
@@ -121,4 +122,62 @@ def test_missing_channel_says_what_to_send():
         intake, _, _ = make_intake()
         with pytest.raises(PaymentRequired, match="X-Longtail-Channel"):
             await intake.reserve(None, None, max_price=7)
+    run(scenario())
+
+
+def test_voucher_writes_overlap_the_request_but_land_in_order_before_its_answer():
+    async def scenario():
+        written: list[int] = []
+        first_write_may_finish = asyncio.Event()
+
+        async def slow_save(voucher, client):
+            if voucher.cumulative_amount == 10:
+                await first_write_may_finish.wait()
+            written.append(voucher.cumulative_amount)
+
+        async def read_channel(channel_id):
+            return ChannelState(channel_id, CLIENT, NODE, 1000, 0, False)
+
+        async def load_account(channel_id):
+            return 0, None
+
+        intake = PaymentIntake(NODE, read_channel, lambda v: CLIENT, load_account, slow_save)
+        first = await intake.reserve(CHANNEL, voucher(10), max_price=5)  # admitted while its voucher is written
+        second = await intake.reserve(CHANNEL, voucher(20), max_price=5)
+        durable = asyncio.ensure_future(intake.durable(second))
+        await asyncio.sleep(0.01)
+        assert written == [] and not durable.done(), "the later voucher waits for the earlier write"
+        first_write_may_finish.set()
+        await durable
+        await intake.durable(first)
+        assert written == [10, 20]
+    run(scenario())
+
+
+def test_a_stale_channel_view_serves_while_it_is_refreshed():
+    async def scenario():
+        reads: list[float] = []
+        chain_answers = asyncio.Event()
+        chain_answers.set()
+
+        async def read_channel(channel_id):
+            reads.append(asyncio.get_running_loop().time())
+            await chain_answers.wait()
+            return ChannelState(channel_id, CLIENT, NODE, 1000, 0, False)
+
+        async def load_account(channel_id):
+            return 0, None
+
+        async def save_voucher(voucher, client):
+            pass
+
+        intake = PaymentIntake(NODE, read_channel, lambda v: CLIENT, load_account, save_voucher,
+                               channel_cache_seconds=0.0)
+        await intake.reserve(CHANNEL, None, max_price=1)  # no view yet: read at once
+        chain_answers.clear()  # the chain is now slow; a stale view must not make requests wait for it
+        await asyncio.wait_for(intake.reserve(CHANNEL, None, max_price=1), timeout=1)
+        assert len(reads) == 2, "the stale view started one background refresh"
+        chain_answers.set()
+        await asyncio.sleep(0.01)
+        assert not intake._refreshing
     run(scenario())

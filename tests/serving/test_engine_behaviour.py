@@ -217,3 +217,49 @@ def test_adapters_hot_add_and_remove(tiny_llama, tmp_path):
     with pytest.raises(AdapterRejected):
         engine.add_adapter(folder)
     assert engine.generate([[1, 2, 3]], [None], GREEDY)[0].finish_reason == "length"
+
+
+def test_scoring_rides_the_batch_and_changes_no_other_request(sharp_llama):
+    engine = engine_for(sharp_llama, max_batch_tokens=16, min_prefill_chunk=4)
+    adapter = engine.add_adapter(sharp_llama.adapter_dirs["r8-all"])
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 384, (n,), generator=generator).tolist() for n in (12, 7, 20)]
+    adapters = [adapter, None, adapter]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True)
+    expected = engine.generate(prompts, adapters, params)
+    # 30 prompt + 9 output tokens: more than one step's budget, so the scoring is chunked across steps.
+    long_prompt = torch.randint(3, 384, (30,), generator=generator).tolist()
+    jobs = [(long_prompt, expected[1].token_ids, None), (prompts[0], expected[0].token_ids, adapter)]
+    alone = [engine.score(*job) for job in jobs]
+    assert torch.allclose(torch.tensor(alone[1]), torch.tensor(expected[0].logprobs), atol=1e-4), \
+        "scoring a generation under its adapter gives the logprobs it was generated with"
+
+    handles = [engine.submit(p, a, params) for p, a in zip(prompts, adapters, strict=True)]
+    while not any(h.request.output_ids for h in handles):
+        engine.step()
+    scoring = [engine.submit_score(*job) for job in jobs]
+    while not all(h.done.is_set() for h in handles + scoring):
+        assert engine.step(), "the engine stalled"
+    for handle, want in zip(handles, expected, strict=True):
+        got = handle.wait()
+        assert got.token_ids == want.token_ids
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4)
+    for handle, want in zip(scoring, alone, strict=True):
+        assert torch.allclose(torch.tensor(handle.scores()), torch.tensor(want), atol=1e-4)
+    assert all_blocks_free(engine)
+
+    async def tokens_of(prompt, adapter_id):
+        return [e.token_id async for e in engine.stream(prompt, adapter_id, params) if e.token_id is not None]
+
+    async def score_while_serving():
+        # On the background thread: the scoring is submitted while the three requests run.
+        *tokens, scores = await asyncio.gather(*(tokens_of(p, a) for p, a in zip(prompts, adapters, strict=True)),
+                                               engine.score_async(*jobs[0]))
+        return tokens, scores
+
+    try:
+        tokens, scores = asyncio.run(score_while_serving())
+    finally:
+        engine.shutdown()
+    assert tokens == [o.token_ids for o in expected]
+    assert torch.allclose(torch.tensor(scores), torch.tensor(alone[0]), atol=1e-4)
