@@ -187,16 +187,23 @@ class Engine:
         context = self.model_config.max_position_embeddings
         if not prompt:
             raise PromptTooLong(0, params.max_tokens, context)
-        bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InvalidTokenIds(bad[:5], self.model_config.vocab_size)
+        self._check_token_ids(prompt)
         if len(prompt) + params.max_tokens > context:
             raise PromptTooLong(len(prompt), params.max_tokens, context)
+        self._check_adapter_and_pool(adapter_id, len(prompt) + params.max_tokens, "request")
+
+    def _check_token_ids(self, tokens: list[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidTokenIds(bad[:5], self.model_config.vocab_size)
+
+    def _check_adapter_and_pool(self, adapter_id: str | None, cached_tokens: int, what: str) -> None:
+        """The adapter is known and `cached_tokens` fit in the whole KV pool (else it could never be admitted)."""
         if adapter_id is not None and not self.adapters.knows(adapter_id):
             raise UnknownAdapter(adapter_id)
-        needed = self.cache.blocks_for(len(prompt) + params.max_tokens)
+        needed = self.cache.blocks_for(cached_tokens)
         if needed > self.cache.pool.num_blocks:
-            raise KvCacheTooSmall(f"request needs {needed} KV blocks, the pool has {self.cache.pool.num_blocks}")
+            raise KvCacheTooSmall(f"{what} needs {needed} KV blocks, the pool has {self.cache.pool.num_blocks}")
 
     def submit(self, prompt_ids: Sequence[int], adapter_id: str | None, params: SamplingParams,
                listener: Callable[[StreamEvent], None] | None = None, client: str | None = None) -> RequestHandle:
@@ -477,14 +484,8 @@ class Engine:
         context = self.model_config.max_position_embeddings
         if not prompt or len(tokens) > context:
             raise PromptTooLong(len(prompt), len(targets), context)
-        bad = [t for t in tokens if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InvalidTokenIds(bad[:5], self.model_config.vocab_size)
-        if adapter_id is not None and not self.adapters.knows(adapter_id):
-            raise UnknownAdapter(adapter_id)
-        needed = self.cache.blocks_for(len(tokens))
-        if needed > self.cache.pool.num_blocks:
-            raise KvCacheTooSmall(f"scoring needs {needed} KV blocks, the pool has {self.cache.pool.num_blocks}")
+        self._check_token_ids(tokens)
+        self._check_adapter_and_pool(adapter_id, len(tokens), "scoring")
         request = ScoreRequest(next(self._ids), tokens, adapter_id, SamplingParams(max_tokens=1, logprobs=True),
                                client=client, arrival=time.perf_counter(), targets=targets)
         return self._enqueue(ScoreHandle(self, request), listener)
