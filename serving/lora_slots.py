@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from kernels import SlotWeights, slot_weights
+from kernels.lora_cpu import RunTable, run_table
 from serving.config import ModelConfig
 from serving.errors import AdapterIncompatible, AdapterSlotsFull
 from serving.peft_format import AdapterWeights
@@ -91,6 +92,7 @@ class LoraSlots:
         self.nbytes_of: dict[str, int] = {}
         self._free_slots = list(range(max_adapters))
         self._views: dict[str, list[list[SlotWeights | None]]] = {}
+        self._tables: dict[tuple, RunTable] = {}
 
     def views(self, name: str, layer: int) -> list[SlotWeights | None]:
         """Per slot, (A^T, B^T, scale) views of projection `name` in `layer` for the CPU path; rebuilt after a
@@ -104,6 +106,24 @@ class LoraSlots:
                                       scales[layer_]) for layer_ in range(self.config.num_layers)]
             self._views[name] = per_layer
         return per_layer[layer]
+
+    def run_table(self, columns: tuple[tuple[str, int], ...], layer: int) -> RunTable:
+        """The C kernel's table for a group of projections that share an input (`columns`: (name, first output
+        column) each) in `layer`; rebuilt after a load, free or growth, never during a step."""
+        key = (columns, layer)
+        table = self._tables.get(key)
+        if table is None:
+            parts = []
+            for name, column in columns:
+                buffers = self.buffers[name]
+                parts.append((buffers.a_rows[layer], buffers.b_rows[layer], buffers.offsets.tolist(),
+                              buffers.ranks[layer].tolist(), buffers.scales[layer].tolist(), column))
+            table = self._tables[key] = run_table(parts)
+        return table
+
+    def _forget_views(self) -> None:
+        self._views.clear()
+        self._tables.clear()
 
     def __contains__(self, adapter_id: str) -> bool:
         return adapter_id in self.slot_of
@@ -122,7 +142,7 @@ class LoraSlots:
         b[:, :old] = buffers.b_rows
         buffers.a_rows, buffers.b_rows = a, b
         buffers.allocator.grow(new)
-        self._views.clear()
+        self._forget_views()
 
     def load(self, weights: AdapterWeights) -> int:
         """Copy an adapter into a free slot; returns the slot index."""
@@ -161,7 +181,7 @@ class LoraSlots:
                 buffers.max_rank[module.layer] = max(buffers.max_rank[module.layer], rank)
         self.slot_of[weights.adapter_id] = slot
         self.nbytes_of[weights.adapter_id] = weights.nbytes
-        self._views.clear()
+        self._forget_views()
         return slot
 
     def free(self, adapter_id: str) -> None:
@@ -177,4 +197,4 @@ class LoraSlots:
             buffers.max_rank = [int(r) for r in buffers.ranks.max(dim=1).values.tolist()]
         self._free_slots.append(slot)
         self._free_slots.sort()
-        self._views.clear()
+        self._forget_views()

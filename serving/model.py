@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from kernels import Runs, add_lora, add_lora_runs, kernel_backend
+from kernels.lora_cpu import add_lora_runs_native
 from serving.config import ModelConfig
 from serving.kv_cache import PagedKVCache
 from serving.lora_slots import LoraSlots
@@ -46,7 +47,8 @@ class BatchPlan:
     decode_gather: torch.Tensor    # [B, W] block tables of the decode rows, padded with each row's first block
     decode_mask: torch.Tensor      # [B, W * block_size] True where the key is real
     logits_index: torch.Tensor     # [N] batch indices whose next-token logits are wanted
-    lora_runs: Runs = dataclasses.field(default_factory=list)  # (slot, begin, end) runs for the CPU path
+    lora_runs: Runs = dataclasses.field(default_factory=list)  # (slot, begin, end) runs for the CPU torch path
+    native_runs: torch.Tensor | None = None  # [n, 3] short runs for the CPU C kernel (kernels.lora_cpu)
 
 
 @dataclasses.dataclass
@@ -143,9 +145,12 @@ class LlamaModel:
                   lora: LoraSlots | None) -> None:
         if lora is None or not plan.lora_groups:
             return
-        if plan.lora_runs and kernel_backend() == "torch":
+        if (plan.lora_runs or plan.native_runs is not None) and kernel_backend() == "torch":
+            if plan.native_runs is not None:  # decode: one C call for the whole projection group
+                add_lora_runs_native(out, x, plan.native_runs, lora.run_table(columns, layer))
             for name, column in columns:
-                add_lora_runs(out, x, plan.lora_runs, lora.views(name, layer), out_col_start=column)
+                if plan.lora_runs:
+                    add_lora_runs(out, x, plan.lora_runs, lora.views(name, layer), out_col_start=column)
             return
         for name, column in columns:
             buffers = lora.buffers[name]

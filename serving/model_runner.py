@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from kernels import runs_of, token_groups
+from kernels.lora_cpu import native_available, split_runs
 from serving.kv_cache import PagedKVCache
 from serving.lora_slots import LoraSlots
 from serving.model import BatchPlan, LlamaModel, PrefillSegment
@@ -85,13 +86,17 @@ class ModelRunner:
             first = length - 1 if chunk.logits_from == -1 else chunk.logits_from
             logits_index.extend(range(start + first, start + length))
         slot_tensor = torch.tensor(token_slots, dtype=torch.int64, device=device)
+        runs = runs_of(token_slots)
+        native_runs = None
+        if runs and device.type == "cpu" and self.model.dtype == torch.float32 and native_available():
+            native_runs, runs = split_runs(runs)
         return BatchPlan(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             write_slots=torch.cat(write_slots).to(device),
             token_slots=slot_tensor,
             lora_groups=token_groups(slot_tensor) if any(s >= 0 for s in token_slots) else [],
-            lora_runs=runs_of(token_slots),
+            lora_runs=runs, native_runs=native_runs,
             prefill=segments,
             decode_tokens=torch.arange(len(decode_order), dtype=torch.int64, device=device),
             decode_gather=decode_gather.to(device), decode_mask=decode_mask.to(device),

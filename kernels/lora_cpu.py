@@ -1,0 +1,199 @@
+"""The CPU engine's LoRA for short runs of tokens: a C kernel (`csrc/lora_runs.c`) beside its torch reference.
+
+A decode step on a CPU holds one run of a few tokens per adapter, and every
+run meets one small matmul pair per projection per layer. As torch calls each
+pair costs ~13 us of dispatch whatever its size, which made half of the LoRA
+time; the kernel applies a layer's whole projection group (q/k/v, o, gate/up,
+down) to every run in one call, so what remains is reading each adapter's rows
+once. Long runs (prompt chunks) stay on torch's matmul, which tiles them well.
+
+The reference is `kernels.lora.add_lora_runs` (same math, one torch matmul pair
+per run); tests compare the two. The kernel is compiled with the system C
+compiler on first use into `$LONGTAIL_HOME/kernels/` (keyed by source, flags and
+CPU), and ctypes releases the GIL while it runs. Without a compiler, or with
+`LONGTAIL_KERNELS=torch`, `native_available()` is False and callers use the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from kernels.lora import LoraShapeError, Runs
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "lora_runs.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
+# Runs longer than this go to torch: a prompt chunk is a real matmul, where a tiled BLAS beats a plain loop.
+MAX_NATIVE_RUN = 16
+
+_ERRORS = {-1: "a run names a slot outside the table", -2: "a projection's columns fall outside the output",
+           -3: "a run's tokens fall outside the batch"}
+
+_library: ctypes.CDLL | None = None
+_library_tried = False
+
+
+def _home() -> Path:
+    return Path(os.environ.get("LONGTAIL_HOME") or Path.home() / ".cache" / "longtail")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path() -> Path:
+    """Where the compiled kernel lives: one file per (source, flags, CPU), so a stale build is never loaded."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    return _home() / "kernels" / f"lora_runs-{key}.so"
+
+
+def build(target: Path) -> Path:
+    """Compile the kernel into `target` (atomically: concurrent builders never see half a file)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+    result = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[:2000]}")
+    os.replace(partial, target)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _library_tried
+    if _library_tried:
+        return _library
+    _library_tried = True
+    try:
+        path = library_path()
+        if not path.exists():
+            build(path)
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("CPU LoRA kernel unavailable, using the torch reference: %s", error)
+        return None
+    function = library.longtail_lora_runs_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p]
+    _library = library
+    return library
+
+
+def native_available() -> bool:
+    """True when the C kernel is built (or builds now) and `LONGTAIL_KERNELS` does not force the torch reference."""
+    if os.environ.get("LONGTAIL_KERNELS", "").strip().lower() == "torch":
+        return False
+    return _load() is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTable:
+    """One layer's projection group as the kernel reads it: per (projection, slot) the rows' addresses.
+
+    Holds the weight buffers it points into, so they outlive the table; rebuild it whenever
+    the buffers move (an adapter loaded or freed, a buffer grown).
+    """
+
+    in_dim: int
+    slot_count: int
+    out_cols: torch.Tensor   # [P, 2] int64: first column, width
+    a_addr: torch.Tensor     # [P, S] int64
+    b_addr: torch.Tensor     # [P, S] int64
+    ranks: torch.Tensor      # [P, S] int64
+    scales: torch.Tensor     # [P, S] float32
+    holds: tuple[torch.Tensor, ...]
+
+
+def run_table(projections: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[float], int]]
+              ) -> RunTable:
+    """A table from (a_rows [rows, in], b_rows [rows, width], slot offsets, slot ranks, slot scales, first column)
+    per projection; every projection reads the same input, so `in` must agree."""
+    if not projections:
+        raise LoraShapeError("run_table: no projections")
+    in_dim = projections[0][0].shape[1]
+    slot_count = len(projections[0][2])
+    cols, a_addr, b_addr, ranks, scales, holds = [], [], [], [], [], []
+    for a_rows, b_rows, offsets, slot_ranks, slot_scales, column in projections:
+        if a_rows.dtype != torch.float32 or b_rows.dtype != torch.float32 or a_rows.device.type != "cpu":
+            raise LoraShapeError("run_table: the CPU kernel takes fp32 CPU buffers")
+        if not (a_rows.is_contiguous() and b_rows.is_contiguous()):
+            raise LoraShapeError("run_table: weight buffers must be contiguous")
+        if a_rows.shape[1] != in_dim or a_rows.shape[0] != b_rows.shape[0]:
+            raise LoraShapeError(f"run_table: A {tuple(a_rows.shape)} and B {tuple(b_rows.shape)} disagree "
+                                 f"(input width {in_dim})")
+        if len(offsets) != slot_count or len(slot_ranks) != slot_count or len(slot_scales) != slot_count:
+            raise LoraShapeError("run_table: every projection needs one offset, rank and scale per slot")
+        width = b_rows.shape[1]
+        for offset, rank in zip(offsets, slot_ranks, strict=True):  # the kernel trusts these rows
+            if rank and not 0 <= offset <= offset + rank <= a_rows.shape[0]:
+                raise LoraShapeError(f"run_table: rows {offset}:{offset + rank} outside a buffer of "
+                                     f"{a_rows.shape[0]} rows")
+        a_base, b_base = a_rows.data_ptr(), b_rows.data_ptr()
+        placed = list(zip(offsets, slot_ranks, strict=True))
+        cols.append([column, width])
+        a_addr.append([a_base + offset * in_dim * 4 if rank else 0 for offset, rank in placed])
+        b_addr.append([b_base + offset * width * 4 if rank else 0 for offset, rank in placed])
+        ranks.append(list(slot_ranks))
+        scales.append([float(s) for s in slot_scales])
+        holds += [a_rows, b_rows]
+    return RunTable(in_dim, slot_count, torch.tensor(cols, dtype=torch.int64), torch.tensor(a_addr, dtype=torch.int64),
+                    torch.tensor(b_addr, dtype=torch.int64), torch.tensor(ranks, dtype=torch.int64),
+                    torch.tensor(scales, dtype=torch.float32), tuple(holds))
+
+
+def split_runs(runs: Runs) -> tuple[torch.Tensor | None, Runs]:
+    """(short runs as the kernel's [n, 3] int64 table or None, long runs for the torch reference)."""
+    short = [run for run in runs if run[2] - run[1] <= MAX_NATIVE_RUN]
+    long = [run for run in runs if run[2] - run[1] > MAX_NATIVE_RUN]
+    return (torch.tensor(short, dtype=torch.int64) if short else None), long
+
+
+def add_lora_runs_native(out: torch.Tensor, x: torch.Tensor, runs: torch.Tensor, table: RunTable) -> None:
+    """out[t, cols_p] += scale_{p,s} * (x[t] A_{p,s}^T) B_{p,s}^T for every projection p and run (s, begin, end).
+
+    `runs` comes from `split_runs`; `table` from `run_table`. Raises LoraShapeError on a
+    mismatch instead of touching memory it does not own.
+    """
+    library = _load()
+    if library is None:
+        raise RuntimeError("the CPU LoRA kernel is not available (see native_available)")
+    if x.dtype != torch.float32 or out.dtype != torch.float32 or x.device.type != "cpu" or out.device.type != "cpu":
+        raise LoraShapeError("add_lora_runs_native: fp32 CPU tensors only")
+    if x.dim() != 2 or out.dim() != 2 or x.stride(1) != 1 or out.stride(1) != 1:
+        raise LoraShapeError("add_lora_runs_native: x and out must be 2-D with contiguous rows")
+    if x.shape[1] != table.in_dim or x.shape[0] != out.shape[0]:
+        raise LoraShapeError(f"add_lora_runs_native: x {tuple(x.shape)} and out {tuple(out.shape)} do not fit a "
+                             f"table of input width {table.in_dim}")
+    if runs.dtype != torch.int64 or runs.dim() != 2 or runs.shape[1] != 3 or not runs.is_contiguous():
+        raise LoraShapeError("add_lora_runs_native: runs must be a contiguous [n, 3] int64 tensor")
+    code = library.longtail_lora_runs_f32(
+        x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(), out.stride(0), out.shape[1], out.shape[0],
+        runs.data_ptr(), runs.shape[0], table.out_cols.shape[0], table.slot_count, table.out_cols.data_ptr(),
+        table.a_addr.data_ptr(), table.b_addr.data_ptr(), table.ranks.data_ptr(), table.scales.data_ptr())
+    if code:
+        raise LoraShapeError(f"add_lora_runs_native: {_ERRORS.get(code, f'error {code}')}")
