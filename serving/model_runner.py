@@ -98,7 +98,7 @@ class ModelRunner:
             lora_groups=token_groups(slot_tensor) if any(s >= 0 for s in token_slots) else [],
             lora_runs=runs, native_runs=native_runs,
             prefill=segments,
-            decode_tokens=torch.arange(len(decode_order), dtype=torch.int64, device=device),
+            decode_count=len(decode_order),
             decode_gather=decode_gather.to(device), decode_mask=decode_mask.to(device),
             logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
         )
