@@ -55,6 +55,7 @@ class NodeConfig:
     adapter_credit: bool = True
     adapter_credit_backlog: int = 64
     gil_switch_interval_ms: float = 0.5
+    engine_process: bool = True
 
     @property
     def node_home(self) -> Path:

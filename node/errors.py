@@ -54,6 +54,12 @@ class NotFound(NodeError):
     code = "not_found"
 
 
+class EngineDown(NodeError):
+    """The engine's process is gone: nothing can generate until the operator restarts the node."""
+
+    code = "engine_unavailable"
+
+
 @dataclasses.dataclass(frozen=True)
 class ErrorMapping:
     status: int
@@ -70,6 +76,7 @@ HTTP_ERRORS: dict[type[NodeError], ErrorMapping] = {
     NotFound: ErrorMapping(404, "invalid_request_error"),
     NodeBusy: ErrorMapping(429, "rate_limit_error"),
     ChainUnavailable: ErrorMapping(503, "service_unavailable"),
+    EngineDown: ErrorMapping(503, "service_unavailable"),
 }
 
 

@@ -7,12 +7,15 @@ text) so the service never touches tokens except to count and attribute them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from node.catalog import CatalogEntry
+from node.errors import EngineDown
 from node.requests import CompletionRequest
+from serving.errors import EngineUnavailable
 
 # Scoring for adapter credit queues as a client of its own: round-robin gives it one turn among the paid clients
 # instead of letting a backlog of scorings go first.
@@ -56,13 +59,23 @@ class GenerationGateway:
                      prompt_ids: list[int]) -> AsyncIterator[GenerationResult]:
         """Yield a cumulative result after each token; the last one carries the finish reason."""
         started = time.perf_counter()
+        # An adapter's answer needs its token log-probabilities: they are its credit against the base model.
+        params = self.sampling_params(request, logprobs=entry.adapter_id is not None)
+        try:
+            # aclosing: a client that leaves early cancels the engine request now, not when garbage is collected.
+            async with contextlib.aclosing(self._results(request, entry, prompt_ids, params, started)) as results:
+                async for result in results:
+                    yield result
+        except EngineUnavailable as error:
+            raise EngineDown(str(error)) from error
+
+    async def _results(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int], params,
+                       started: float) -> AsyncIterator[GenerationResult]:
         first_token: float | None = None
         token_ids: list[int] = []
         logprobs: list[float] = []
         text = ""
         finish_reason = None
-        # An adapter's answer needs its token log-probabilities: they are its credit against the base model.
-        params = self.sampling_params(request, logprobs=entry.adapter_id is not None)
         async for event in self.engine.stream(prompt_ids, entry.adapter_id, params):
             new_ids = list(getattr(event, "token_ids", None) or
                            ([event.token_id] if getattr(event, "token_id", None) is not None else []))
@@ -98,7 +111,10 @@ class GenerationGateway:
 
     async def base_logprobs(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
         """The output scored by the bare base model (for adapter credit), inside the engine's batch."""
-        return await self.engine.score_async(prompt_ids, output_ids, None, client=CREDIT_CLIENT)
+        try:
+            return await self.engine.score_async(prompt_ids, output_ids, None, client=CREDIT_CLIENT)
+        except EngineUnavailable as error:
+            raise EngineDown(str(error)) from error
 
     def engine_shutdown(self) -> None:
         """Stop the engine's background driver, if it runs one."""

@@ -99,6 +99,7 @@ class RunningNode:
     checkpointer: Checkpointer | None
     p2p: P2PNode | None = None
     announcer: asyncio.Task | None = None
+    owns_engine: bool = True  # False when the caller passed in an engine shared with other nodes
 
     async def stop(self) -> None:
         if self.announcer is not None:
@@ -111,11 +112,17 @@ class RunningNode:
         if self.p2p is not None:
             await asyncio.to_thread(self.p2p.stop)
         await self.node.drain()  # voucher writes and credits use the engine and the store: both still open
-        await asyncio.to_thread(self.node.generation.engine_shutdown)
+        if self.owns_engine:
+            await asyncio.to_thread(self.node.generation.engine_shutdown)
         self.node.receipt_log.close()
 
 
 def build_engine(config: NodeConfig, model_dir: Path):
+    """The engine in its own process (`engine_process`, the default: docs/node.md says why) or on a thread here."""
+    if config.engine_process:
+        from serving.engine_process import EngineProcess
+
+        return EngineProcess(model_dir, device=config.device, kv_cache_bytes=config.kv_cache_bytes)
     from serving import Engine
 
     return Engine.from_pretrained(model_dir, device=config.device, kv_cache_bytes=config.kv_cache_bytes)
@@ -131,14 +138,15 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
         # The engine thread holds the GIL between tensor ops; every hand-off to the event loop or a worker
         # thread waits up to this long for it (Python's default, 5 ms, would dominate a request's overhead).
         sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
-    model_dir = resolve_model(config.base_model)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
-    engine = engine or await asyncio.to_thread(build_engine, config, model_dir)
-    generation = GenerationGateway(engine, tokenizer)
-
     if not (config.chain_rpc and config.deployment):
         raise NodeStartError("a node needs chain_rpc and deployment (the contracts' addresses): "
                              "see `longtail devnet up` for a local chain")
+    model_dir = resolve_model(config.base_model)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+    owns_engine = engine is None
+    engine = engine or await asyncio.to_thread(build_engine, config, model_dir)
+    generation = GenerationGateway(engine, tokenizer)
+
     deployment = Deployment.load(Path(config.deployment))
     account = Account.from_key(key.private_key)
     chain = ChainGateway(config.chain_rpc, deployment, account)
@@ -220,7 +228,8 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     port = runner.addresses[0][1]
     running_url[0] = f"http://{config.http_host}:{port}"
     checkpointer.start()
-    running = RunningNode(node=node, runner=runner, url=running_url[0], checkpointer=checkpointer)
+    running = RunningNode(node=node, runner=runner, url=running_url[0], checkpointer=checkpointer,
+                          owns_engine=owns_engine)
     if config.p2p_listen:
         running.p2p, running.announcer = await start_p2p(config, key.private_key, node, engine, running_url[0])
         sources_from_peers.append(running.p2p)
@@ -271,7 +280,8 @@ async def start_p2p(config: NodeConfig, private_key: bytes, node: Node, engine, 
             try:
                 await p2p.announce(http_endpoint=http_url, adapters_hot=tuple(adapters),
                                    adapters_stored=tuple(adapters), price_per_1k_tokens=config.price_per_1k_tokens,
-                                   load=node.health()["in_flight"], free_kv_blocks=_free_blocks(engine))
+                                   load=node.health()["in_flight"],
+                                   free_kv_blocks=await asyncio.to_thread(_free_blocks, engine))
             except Exception as error:  # peers come and go; the next round tries again
                 log.info("announcement failed: %s", error)
             await asyncio.sleep(max(config.announce_ttl_seconds / 3, 0.5))
@@ -280,6 +290,10 @@ async def start_p2p(config: NodeConfig, private_key: bytes, node: Node, engine, 
 
 
 def _free_blocks(engine) -> int:
+    """Free KV blocks, from an in-process engine's pool or by asking the engine process (blocking)."""
+    asking = getattr(engine, "free_kv_blocks", None)
+    if asking is not None:
+        return asking()
     cache = getattr(engine, "cache", None)
     return cache.pool.free_blocks if cache is not None else 0
 

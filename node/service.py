@@ -135,9 +135,10 @@ class Node:
                 await self.payments.release(reservation)
                 raise
         with times.stage("receipt"):
-            # One hand-off to a worker thread for all of it: each hop waits for the GIL the engine holds.
-            signed, attribution = await asyncio.to_thread(self._attribute_and_append, request, entry, prompt_ids,
-                                                          result, reservation, request_id, price)
+            # On the event loop, not a worker thread: it is ~1-2 ms of work, and under load each of a worker's two
+            # hand-offs (there and back) waited about as long as the work itself (docs/node.md, "Latency").
+            signed, attribution = self._attribute_and_append(request, entry, prompt_ids, result, reservation,
+                                                             request_id, price)
         with times.stage("payment"):
             owed = await self.payments.settle(reservation, price)
         self.stats.receipts.inc()

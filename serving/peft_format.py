@@ -92,6 +92,13 @@ class AdapterRejected(ValueError):
         self.path = str(path) if path is not None else None
         super().__init__(f"{path}: {reason}" if path is not None else reason)
 
+    def __reduce__(self):  # keyword-only `path`: pickled as a call that passes it (the engine process's pipe)
+        return _rebuild_rejected, (self.reason, self.path)
+
+
+def _rebuild_rejected(reason: str, path: str | None) -> AdapterRejected:
+    return AdapterRejected(reason, path=path)
+
 
 @dataclass(frozen=True)
 class ModuleShapes:
