@@ -199,6 +199,15 @@ class EngineProcess:
         with self._calls_lock:
             self._calls.pop(call_id, None)
 
+    def _end(self, call_id: int, cancel: bool) -> None:
+        """Forget a call; one its caller left before the answer (`cancel`) is also cancelled in the child."""
+        self._close(call_id)
+        if cancel and self._dead is None:
+            try:
+                self._send(("cancel", call_id))
+            except EngineUnavailable:
+                pass
+
     def _send(self, message: tuple) -> None:
         try:
             with self._send_lock:
@@ -270,12 +279,7 @@ class EngineProcess:
                     return
                 yield value
         finally:
-            self._close(call_id)
-            if not finished and self._dead is None:
-                try:
-                    self._send(("cancel", call_id))
-                except EngineUnavailable:
-                    pass
+            self._end(call_id, cancel=not finished)
 
     async def score_async(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
                           client: str | None = None) -> list[float]:
@@ -294,12 +298,7 @@ class EngineProcess:
                 raise value
             return value
         finally:
-            self._close(call_id)
-            if not answered and self._dead is None:
-                try:
-                    self._send(("cancel", call_id))
-                except EngineUnavailable:
-                    pass
+            self._end(call_id, cancel=not answered)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the child's engine and wait for it to exit (killed if it does not)."""
