@@ -1,47 +1,81 @@
-"""`longtail node run`: start a node from a config file, environment and flags."""
+"""`longtail node run`: start a node from a config file, environment and flags.
+
+The flags are made from `NodeConfig`'s fields, so every key of the `[node]`
+table is a flag too, with the same name in kebab case (lists repeat the flag).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
+import typing
 from pathlib import Path
 
 import typer
 
-from node.config import ConfigError, load_config
+from node.config import ConfigError, NodeConfig, load_config
 from node.output import fail
 
 app = typer.Typer(help="Run a Longtail node.", no_args_is_help=True)
 
+FLAG_HELP = {
+    "name": "node name (its folder under $LONGTAIL_HOME/nodes)",
+    "home": "the node's folder (default: $LONGTAIL_HOME/nodes/<name>)",
+    "keystore": "encrypted key file (default: keystore.json in the node's folder)",
+    "key_password_env": "environment variable that holds the keystore password",
+    "base_model": "base model name or folder",
+    "adapters": "PEFT adapter folder to serve (repeatable)",
+    "database_url": "SQLAlchemy URL (default: SQLite in the node's folder)",
+    "chain_rpc": "EVM JSON-RPC URL",
+    "deployment": "deployment.json with the contracts' addresses",
+    "http_host": "HTTP listen host",
+    "http_port": "HTTP listen port",
+    "public_url": "URL peers should use for HTTP (default: http://host:port)",
+    "p2p_listen": "libp2p listen multiaddr ('' turns libp2p off)",
+    "bootstrap": "libp2p multiaddr of a peer to join through (repeatable)",
+    "peers": "libp2p multiaddr of a peer to dial directly (repeatable)",
+    "fetch_from_registry_peers": "fetch registered adapters this node lacks from peers that announce them",
+    "price_per_1k_tokens": "OPEN base units per 1,000 tokens",
+    "checkpoint_every_receipts": "post a checkpoint after this many receipts",
+    "checkpoint_every_seconds": "... or after this many seconds",
+    "redeem_min_amount": "redeem a channel's vouchers only once this much is owed (gas is worth it)",
+    "max_prompt_tokens": "longest prompt accepted (400 beyond)",
+    "max_tokens_limit": "largest max_tokens accepted",
+    "max_waiting_requests": "requests in flight before answering 429",
+    "device": "cpu or cuda",
+    "kv_cache_bytes": "bytes of the paged KV cache pool",
+    "announce_ttl_seconds": "lifetime of a gossip announcement",
+    "adapter_credit": "score adapter answers under the base model for adapter credit",
+    "adapter_credit_backlog": "scorings pending at most; beyond, credit is skipped",
+    "gil_switch_interval_ms": "CPython's GIL switch interval in this process",
+    "engine_process": "run the engine in its own process (default) or on a thread of the node's",
+}
+REPEATED_FLAG = {"adapters": "--adapter", "bootstrap": "--bootstrap", "peers": "--peer"}
 
-@app.command("run")
-def run_command(
-    config: Path = typer.Option(None, "--config", help="node.toml ([node] table); every key is also a flag and "
-                                                       "a LONGTAIL_<KEY> variable"),
-    name: str = typer.Option(None, help="node name (its folder under $LONGTAIL_HOME/nodes)"),
-    base_model: str = typer.Option(None, help="base model name or folder"),
-    adapter: list[str] = typer.Option(None, "--adapter", help="PEFT adapter folder to serve (repeatable)"),
-    database_url: str = typer.Option(None, help="SQLAlchemy URL (default: SQLite in the node's folder)"),
-    chain_rpc: str = typer.Option(None, help="EVM JSON-RPC URL"),
-    deployment: Path = typer.Option(None, help="deployment.json with the contracts' addresses"),
-    http_host: str = typer.Option(None, help="HTTP listen host"),
-    http_port: int = typer.Option(None, help="HTTP listen port"),
-    price_per_1k_tokens: int = typer.Option(None, help="OPEN base units per 1,000 tokens"),
-    checkpoint_every_receipts: int = typer.Option(None, help="post a checkpoint after this many receipts"),
-    checkpoint_every_seconds: float = typer.Option(None, help="... or after this many seconds"),
-    device: str = typer.Option(None, help="cpu or cuda"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level"),
-) -> None:
+
+def _option(field: dataclasses.Field, hint: object) -> tuple[object, object]:
+    """(annotation, typer.Option) for one config field; every default is None (= not given on the command line)."""
+    dashed = field.name.replace("_", "-")
+    help_text = FLAG_HELP.get(field.name, field.name.replace("_", " "))
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = arguments[0] if arguments and typing.get_origin(hint) is not tuple else hint
+    if typing.get_origin(hint) is tuple:
+        return list[str] | None, typer.Option(None, REPEATED_FLAG.get(field.name, f"--{dashed}"), help=help_text)
+    if base is bool:
+        return bool | None, typer.Option(None, f"--{dashed}/--no-{dashed}", help=help_text, show_default=False)
+    return base | None, typer.Option(None, f"--{dashed}", help=help_text)
+
+
+def run_command(config: Path | None = None, verbose: bool = False, **flags) -> None:
     """Serve paid, receipted inference until Ctrl-C (exit 2 on a configuration error)."""
     from node.runner import NodeStartError, serve_forever
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    overrides = {"name": name, "base_model": base_model, "adapters": tuple(adapter) if adapter else None,
-                 "database_url": database_url, "chain_rpc": chain_rpc, "deployment": deployment,
-                 "http_host": http_host, "http_port": http_port, "price_per_1k_tokens": price_per_1k_tokens,
-                 "checkpoint_every_receipts": checkpoint_every_receipts,
-                 "checkpoint_every_seconds": checkpoint_every_seconds, "device": device}
+    overrides = {name: (tuple(value) if isinstance(value, list) else value) for name, value in flags.items()}
+    overrides = {name: (value if value != () else None) for name, value in overrides.items()}
     try:
         node_config = load_config(config, overrides)
         asyncio.run(serve_forever(node_config))
@@ -49,3 +83,22 @@ def run_command(
         fail(str(error), code=2)
     except KeyboardInterrupt:
         pass
+
+
+def _signature() -> inspect.Signature:
+    hints = typing.get_type_hints(NodeConfig)
+    parameters = [inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+        default=typer.Option(None, "--config", help="node.toml ([node] table); every key is also a flag and a "
+                                                    "LONGTAIL_<KEY> variable"))]
+    for field in dataclasses.fields(NodeConfig):
+        annotation, option = _option(field, hints[field.name])
+        parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=option))
+    parameters.append(inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                        default=typer.Option(False, "--verbose", "-v", help="log at INFO level")))
+    return inspect.Signature(parameters)
+
+
+run_command.__signature__ = _signature()
+app.command("run")(run_command)

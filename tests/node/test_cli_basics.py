@@ -94,3 +94,30 @@ def test_embedded_base_model_loads_and_peft_wraps_it():
     wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert trainable == 30 * 2 * 4 * (576 + 576) - 30 * 4 * (576 - 192)
+
+
+def test_every_node_config_key_is_a_flag_of_node_run(monkeypatch):
+    """The issue's promise: every option is a file key, an env variable and a flag (lists repeat the flag)."""
+    import dataclasses
+
+    import typer
+
+    import node.commands.node as node_command
+    from node.config import ConfigError, NodeConfig
+
+    run = typer.main.get_command(app).commands["node"].commands["run"]
+    flags = {opt for param in run.params for opt in [*param.opts, *param.secondary_opts]}
+    for field in dataclasses.fields(NodeConfig):
+        assert node_command.REPEATED_FLAG.get(field.name, "--" + field.name.replace("_", "-")) in flags, field.name
+    seen = {}
+
+    def capture(config, overrides):
+        seen.update({k: v for k, v in overrides.items() if v is not None})
+        raise ConfigError("captured")
+
+    monkeypatch.setattr(node_command, "load_config", capture)
+    result = runner.invoke(app, ["node", "run", "--adapter", "a", "--adapter", "b", "--kv-cache-bytes", "1024",
+                                 "--no-engine-process", "--gil-switch-interval-ms", "0.2", "--peer", "/ip4/1.2.3.4/tcp/1"])
+    assert result.exit_code == 2 and "captured" in result.output
+    assert seen == {"adapters": ("a", "b"), "peers": ("/ip4/1.2.3.4/tcp/1",), "kv_cache_bytes": 1024,
+                    "gil_switch_interval_ms": 0.2, "engine_process": False}
