@@ -15,7 +15,8 @@ The mechanism is one `multiprocessing` pipe, pickled tuples both ways:
 A reader thread in the parent hands each message to its call: an asyncio queue (streams, scorings, via
 `call_soon_threadsafe`) or a waiting thread (adapter loads). Typed engine errors cross the pipe as themselves
 (serving.errors defines how they pickle), so callers catch the same classes either way. If the child dies,
-every open call and every later one fails with `EngineUnavailable`.
+every call open at that moment fails with `EngineUnavailable`, and a new
+child is started with the same model and the adapters the old one held.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import multiprocessing
 import pickle
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,38 +133,30 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
 class EngineProcess:
     """An `Engine` in a child process: `add_adapter`, `stream`, `score_async`, `free_kv_blocks`, `shutdown`.
 
-    Blocks in the constructor until the model is loaded (or raises what the child raised).
+    Blocks in the constructor until the model is loaded (or raises what the child raised). If the child dies,
+    the calls open at that moment fail with `EngineUnavailable`, and a new child is started with the adapters
+    the old one held (up to `max_restarts` within `restart_window_seconds`, so a crash loop ends in a clear
+    error instead of a spin); calls made while it loads fail fast with the same error.
     """
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", dtype=None, start_timeout: float = 600.0,
-                 **options) -> None:
-        context = multiprocessing.get_context("spawn")  # fork would copy the parent's threads' locks mid-use
-        self._connection, child_end = context.Pipe(duplex=True)
-        self._process = context.Process(target=_serve, name="longtail-engine", daemon=True,
-                                        args=(child_end, str(model_dir), device, dtype, options))
-        self._process.start()
-        child_end.close()
+                 max_restarts: int = 3, restart_window_seconds: float = 300.0, **options) -> None:
+        self._spawn_arguments = (str(model_dir), device, dtype, options)
+        self._start_timeout = start_timeout
+        self._max_restarts, self._restart_window = max_restarts, restart_window_seconds
+        self._restart_times: list[float] = []
+        self.restarts = 0
         self._send_lock = threading.Lock()
         self._calls: dict[int, Deliver] = {}
         self._calls_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._dead: EngineUnavailable | None = None
-        if not self._connection.poll(start_timeout):
-            self._process.kill()
-            raise EngineUnavailable(f"the engine process did not load {model_dir} within {start_timeout:.0f} s")
-        try:
-            kind, _, value = self._connection.recv()
-        except EOFError:
-            self._process.join(5)
-            raise EngineUnavailable(f"the engine process exited with code {self._process.exitcode} while "
-                                    f"loading {model_dir}") from None
-        if kind == "error":
-            self._process.join(5)
-            raise value
-        self.model_config = value["model_config"]
-        self.kv_blocks: int = value["kv_blocks"]
-        self._reader = threading.Thread(target=self._read, name="longtail-engine-reader", daemon=True)
-        self._reader.start()
+        self._closing = False
+        self._adapter_paths: dict[str, str] = {}   # adapterId -> folder, replayed into a restarted child
+        self._process, self._connection, ready = self._spawn()
+        self.model_config = ready["model_config"]
+        self.kv_blocks: int = ready["kv_blocks"]
+        self._start_reader()
 
     @property
     def pid(self) -> int | None:
@@ -170,22 +164,80 @@ class EngineProcess:
 
     # --- plumbing --------------------------------------------------------------------------------
 
-    def _read(self) -> None:
+    def _spawn(self):
+        """Start a child and wait until its engine is loaded: (process, connection, what it reported)."""
+        model_dir, device, dtype, options = self._spawn_arguments
+        context = multiprocessing.get_context("spawn")  # fork would copy the parent's threads' locks mid-use
+        connection, child_end = context.Pipe(duplex=True)
+        process = context.Process(target=_serve, name="longtail-engine", daemon=True,
+                                  args=(child_end, model_dir, device, dtype, options))
+        process.start()
+        child_end.close()
+        if not connection.poll(self._start_timeout):
+            process.kill()
+            raise EngineUnavailable(f"the engine process did not load {model_dir} within {self._start_timeout:.0f} s")
+        try:
+            kind, _, value = connection.recv()
+        except EOFError:
+            process.join(5)
+            raise EngineUnavailable(f"the engine process exited with code {process.exitcode} while "
+                                    f"loading {model_dir}") from None
+        if kind == "error":
+            process.join(5)
+            raise value
+        return process, connection, value
+
+    def _start_reader(self) -> None:
+        threading.Thread(target=self._read, args=(self._connection, self._process), name="longtail-engine-reader",
+                         daemon=True).start()
+
+    def _read(self, connection, process) -> None:
         while True:
             try:
-                kind, call_id, value = self._connection.recv()
+                kind, call_id, value = connection.recv()
             except (EOFError, OSError):
                 break
             with self._calls_lock:
                 deliver = self._calls.get(call_id)
             if deliver is not None:
                 deliver(kind, value)
-        self._process.join(1)
+        process.join(1)
         with self._calls_lock:
-            self._dead = EngineUnavailable(f"the engine process exited (code {self._process.exitcode})")
+            self._dead = EngineUnavailable(f"the engine process exited (code {process.exitcode})")
             open_calls, self._calls = list(self._calls.values()), {}
         for deliver in open_calls:
             deliver("error", self._dead)
+        if not self._closing:
+            self._restart()
+
+    def _restart(self) -> None:
+        """A new child with the same model and adapters; the old one's exit is logged, not hidden."""
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < self._restart_window] + [now]
+        if len(self._restart_times) > self._max_restarts:
+            log.error("engine process died %d times within %.0f s: not restarting it",
+                      len(self._restart_times), self._restart_window)
+            self._dead = EngineUnavailable(f"the engine process keeps exiting ({len(self._restart_times)} times "
+                                           f"within {self._restart_window:.0f} s); restart the node")
+            return
+        log.warning("engine process exited (code %s): starting a new one", self._process.exitcode)
+        self._dead = EngineUnavailable("the engine process is restarting; retry shortly")
+        try:
+            process, connection, _ = self._spawn()
+            for path in list(self._adapter_paths.values()):  # before anyone can reach it: no request sees a gap
+                connection.send(("add_adapter", 0, path))
+                kind, _, value = connection.recv()
+                if kind == "error":
+                    log.error("adapter %s could not be loaded into the new engine process: %s", path, value)
+        except Exception as error:
+            log.exception("engine process restart failed")
+            self._dead = EngineUnavailable(f"the engine process could not be restarted: {error}")
+            return
+        with self._send_lock, self._calls_lock:
+            self._process, self._connection = process, connection
+            self.restarts += 1
+            self._dead = None
+        self._start_reader()
 
     def _open(self, deliver: Deliver) -> int:
         call_id = next(self._ids)
@@ -249,10 +301,13 @@ class EngineProcess:
 
     def add_adapter(self, peft_dir: Path | str) -> str:
         """Validate and load a PEFT adapter in the child; its adapterId (blocking)."""
-        return self._call("add_adapter", str(peft_dir))
+        adapter_id = self._call("add_adapter", str(peft_dir))
+        self._adapter_paths[adapter_id] = str(peft_dir)
+        return adapter_id
 
     def remove_adapter(self, adapter_id: str) -> None:
         self._call("remove_adapter", adapter_id)
+        self._adapter_paths.pop(adapter_id, None)
 
     def free_kv_blocks(self) -> int:
         return self._call("free_kv_blocks", timeout=30)
@@ -301,7 +356,8 @@ class EngineProcess:
             self._end(call_id, cancel=not answered)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the child's engine and wait for it to exit (killed if it does not)."""
+        """Stop the child's engine and wait for it to exit (killed if it does not); no restart follows."""
+        self._closing = True
         if self._process.is_alive() and self._dead is None:
             try:
                 self._call("shutdown", timeout=timeout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -101,23 +102,46 @@ def test_leaving_a_stream_early_cancels_it_in_the_child(engines):
     assert remote.free_kv_blocks() == free
 
 
-def test_a_dead_child_fails_open_and_later_calls_clearly(tiny_llama):
-    remote = EngineProcess(tiny_llama.base_dir, kv_cache_bytes=KV)
+def kill_during_a_stream(remote, adapter_id=None):
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
     async def stream_then_kill():
         tokens = []
-        async for event in remote.stream([3, 7, 11], None, long):
+        async for event in remote.stream([3, 7, 11], adapter_id, long):
             tokens.append(event.token_id)
             if len(tokens) == 2:
                 os.kill(remote.pid, signal.SIGKILL)
         return tokens
 
+    with pytest.raises(EngineUnavailable, match="exited"):
+        asyncio.run(stream_then_kill())
+
+
+def test_a_dead_child_fails_what_was_open_and_comes_back_with_its_adapters(tiny_llama):
+    remote = EngineProcess(tiny_llama.base_dir, kv_cache_bytes=KV)
     try:
-        with pytest.raises(EngineUnavailable, match="exited"):
-            asyncio.run(stream_then_kill())
-        with pytest.raises(EngineUnavailable):
+        adapter = remote.add_adapter(tiny_llama.adapter_dirs["r4-attn"])
+        before = asyncio.run(tokens_and_logprobs(remote, [5, 9, 2], adapter))[0]
+        first_pid = remote.pid
+        kill_during_a_stream(remote, adapter)
+        deadline = time.monotonic() + 120
+        while remote.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert remote.restarts == 1 and remote.pid != first_pid
+        # The new child holds the adapter the old one had: the same request gives the same tokens.
+        assert asyncio.run(tokens_and_logprobs(remote, [5, 9, 2], adapter))[0] == before
+    finally:
+        remote.shutdown()
+
+
+def test_a_child_that_keeps_dying_is_not_restarted_forever(tiny_llama):
+    remote = EngineProcess(tiny_llama.base_dir, kv_cache_bytes=KV, max_restarts=0)
+    try:
+        kill_during_a_stream(remote)
+        time.sleep(0.5)
+        with pytest.raises(EngineUnavailable, match="keeps exiting"):
             remote.add_adapter(tiny_llama.adapter_dirs["r4-attn"])
+        assert remote.restarts == 0
     finally:
         remote.shutdown()
 
