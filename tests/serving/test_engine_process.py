@@ -17,6 +17,7 @@ from serving.errors import EngineUnavailable
 from serving.peft_format import AdapterRejected
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True)
+LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 KV = 4 * 2**20
 
 
@@ -84,11 +85,10 @@ def test_typed_errors_cross_the_pipe_with_their_values(engines, tiny_llama, tmp_
 def test_leaving_a_stream_early_cancels_it_in_the_child(engines):
     _, remote = engines
     free = remote.free_kv_blocks()
-    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
     async def take_three():
         tokens = []
-        async for event in remote.stream([3, 7, 11], None, long):
+        async for event in remote.stream([3, 7, 11], None, LONG):
             tokens.append(event.token_id)
             if len(tokens) == 3:
                 break
@@ -103,11 +103,9 @@ def test_leaving_a_stream_early_cancels_it_in_the_child(engines):
 
 
 def kill_during_a_stream(remote, adapter_id=None):
-    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-
     async def stream_then_kill():
         tokens = []
-        async for event in remote.stream([3, 7, 11], adapter_id, long):
+        async for event in remote.stream([3, 7, 11], adapter_id, LONG):
             tokens.append(event.token_id)
             if len(tokens) == 2:
                 os.kill(remote.pid, signal.SIGKILL)
