@@ -2,12 +2,21 @@
 
 Domain {name "Longtail", version "1", chainId, verifyingContract = PaymentChannels}: a voucher signed for
 one chain or one PaymentChannels deployment never verifies on another. Pure functions; no chain access.
+
+One digest: every paid request carries a voucher, so `VoucherDomain` computes the EIP-712 digest directly
+(the struct is two static words: one keccak once the domain separator is cached) and signs it with
+libsecp256k1, about 0.1 ms against eth-account's generic typed-data encoder's 0.4 ms. `voucher_typed_data`
+is the same message as the document a wallet shows and signs; the tests hold eth-account's encoding of it
+and `recover_voucher_signer` (eth-account's recovery, kept as the independent check) equal to the direct path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import coincurve
+from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
@@ -72,20 +81,49 @@ def voucher_typed_data(channel_id: str | bytes, cumulative_amount: int, chain_id
     }
 
 
+DOMAIN_TYPEHASH = keccak(text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+VOUCHER_TYPEHASH = keccak(text="Voucher(bytes32 channelId,uint256 cumulativeAmount)")
+
+
+@dataclasses.dataclass(frozen=True)
+class VoucherDomain:
+    """Vouchers of one PaymentChannels deployment: the digest and the client's signature."""
+
+    chain_id: int
+    channels_address: str
+
+    @functools.cached_property
+    def separator(self) -> bytes:
+        return keccak(abi_encode(["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                                 [DOMAIN_TYPEHASH, keccak(text=DOMAIN_NAME), keccak(text=DOMAIN_VERSION),
+                                  int(self.chain_id), to_checksum_address(self.channels_address)]))
+
+    def digest(self, channel_id: str | bytes, cumulative_amount: int) -> bytes:
+        """keccak256(0x1901 || domainSeparator || hashStruct(voucher)); equals PaymentChannels.voucherDigest."""
+        if not 0 <= cumulative_amount < 2**256:
+            raise InvalidVoucher(f"cumulative amount {cumulative_amount} is not a uint256")
+        struct = keccak(VOUCHER_TYPEHASH + _bytes32(channel_id) + int(cumulative_amount).to_bytes(32, "big"))
+        return keccak(b"\x19\x01" + self.separator + struct)
+
+    def sign(self, private_key: bytes | str, channel_id: str | bytes, cumulative_amount: int) -> SignedVoucher:
+        """The client's signature (r || s || v, v in {27, 28}): RFC 6979 low-s, byte for byte eth-account's."""
+        raw_key = bytes(HexBytes(private_key))
+        recoverable = coincurve.PrivateKey(raw_key).sign_recoverable(self.digest(channel_id, cumulative_amount),
+                                                                     hasher=None)
+        signature = recoverable[:64] + bytes([recoverable[64] + 27])
+        return SignedVoucher(channel_id="0x" + _bytes32(channel_id).hex(), cumulative_amount=int(cumulative_amount),
+                             signature="0x" + signature.hex())
+
+
 def voucher_digest(channel_id: str | bytes, cumulative_amount: int, chain_id: int, channels_address: str) -> bytes:
     """The 32-byte EIP-712 digest; equals PaymentChannels.voucherDigest on chain."""
-    signable = encode_typed_data(full_message=voucher_typed_data(channel_id, cumulative_amount, chain_id,
-                                                                 channels_address))
-    return keccak(b"\x19" + signable.version + signable.header + signable.body)
+    return VoucherDomain(chain_id, channels_address).digest(channel_id, cumulative_amount)
 
 
 def sign_voucher(signer: LocalAccount | str, channel_id: str | bytes, cumulative_amount: int, chain_id: int,
                  channels_address: str) -> SignedVoucher:
     """Sign a voucher with the client's key (an eth-account account or a hex private key)."""
-    typed = voucher_typed_data(channel_id, cumulative_amount, chain_id, channels_address)
-    signed = Account.sign_message(encode_typed_data(full_message=typed), _key(signer))
-    return SignedVoucher(channel_id="0x" + _bytes32(channel_id).hex(), cumulative_amount=int(cumulative_amount),
-                         signature="0x" + bytes(signed.signature).hex())
+    return VoucherDomain(chain_id, channels_address).sign(_key(signer), channel_id, cumulative_amount)
 
 
 def recover_voucher_signer(voucher: SignedVoucher, chain_id: int, channels_address: str) -> str:

@@ -1,4 +1,4 @@
-"""The node's direct voucher digest, signature and recovery equal contracts.vouchers (eth-account) byte for byte."""
+"""The direct voucher digest, signature and recovery equal eth-account's typed-data path byte for byte."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import os
 
 import pytest
 from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_utils import keccak
 
 from attribution.receipts import InvalidSignature
-from contracts.vouchers import SignedVoucher, recover_voucher_signer, sign_voucher, voucher_digest
+from contracts.vouchers import SignedVoucher, recover_voucher_signer, sign_voucher, voucher_typed_data
 from node.vouchers import VoucherDomain
 
 CHANNELS = "0x" + "5f" * 20
@@ -20,8 +22,10 @@ def test_digest_signature_and_signer_match_eth_account(chain_id):
     for amount in (0, 1, 10**16 + 7, 2**256 - 1):
         account = Account.from_key(os.urandom(32))
         channel = "0x" + os.urandom(32).hex()
-        assert domain.digest(channel, amount) == voucher_digest(channel, amount, chain_id, CHANNELS)
+        typed = encode_typed_data(full_message=voucher_typed_data(channel, amount, chain_id, CHANNELS))
+        assert domain.digest(channel, amount) == keccak(b"\x19" + typed.version + typed.header + typed.body)
         fast = domain.sign(account.key, channel, amount)
+        assert fast.signature == "0x" + bytes(Account.sign_message(typed, account.key).signature).hex()
         assert fast == sign_voucher(account, channel, amount, chain_id, CHANNELS)
         assert domain.recover(fast) == recover_voucher_signer(fast, chain_id, CHANNELS) == account.address
 
