@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,7 +49,7 @@ PROMPTS = ["Draft a short clause.", "Name one duty of a tenant.", "What is an in
 
 @dataclasses.dataclass(frozen=True)
 class Timed:
-    """One paid answer as the client process measured it; `server_timing` is the node's Server-Timing, in ms."""
+    """One answer as the client process measured it; `server_timing` is the node's Server-Timing, in ms."""
 
     latency_seconds: float
     server_timing: dict[str, float]
@@ -58,6 +60,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def chat_body(prompt: str) -> dict:
+    """The request every phase sends: one user message, 8 greedy tokens."""
+    return {"model": "legal-r8", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
+            "temperature": 0.0}
+
+
 async def unpaid_baseline(generation, catalog_entry, requests, concurrency: int) -> list[float]:
     from node.requests import parse_completion
 
@@ -66,9 +74,7 @@ async def unpaid_baseline(generation, catalog_entry, requests, concurrency: int)
 
     async def worker():
         while queue:
-            prompt = queue.pop()
-            request = parse_completion({"model": "x", "messages": [{"role": "user", "content": prompt}],
-                                        "max_tokens": 8, "temperature": 0}, chat=True, max_tokens_limit=64)
+            request = parse_completion(chat_body(queue.pop()), chat=True, max_tokens_limit=64)
             started = time.perf_counter()
             ids = generation.encode(request)
             await generation.generate(request, catalog_entry, ids)
@@ -77,80 +83,67 @@ async def unpaid_baseline(generation, catalog_entry, requests, concurrency: int)
     return latencies
 
 
-async def warm_up(clients, url: str) -> None:
-    """One untimed paid request per client, as the baseline has its warm-up: it opens the node's view of the
-    channel (a chain read and two store reads, once per channel) and the client's HTTP connection."""
-    import aiohttp
-
-    async def first(client, index):
-        async with aiohttp.ClientSession() as session:
-            await client.ask(session, url, "legal-r8", PROMPTS[index % len(PROMPTS)], 8)
-    await asyncio.gather(*(first(c, i) for i, c in enumerate(clients)))
-
-
-async def paid_load(clients, url: str, seconds: float) -> tuple[list, int]:
-    import aiohttp
-
+async def timed_load(askers: list[Callable[[str], Awaitable]], seconds: float) -> tuple[list, int]:
+    """One untimed request per client (it opens the HTTP connection and, when paid, the node's view of the
+    channel: a chain read and two store reads), then every client asks in turn for `seconds`."""
+    await asyncio.gather(*(ask(PROMPTS[i % len(PROMPTS)]) for i, ask in enumerate(askers)))
     answers: list = []
     errors = 0
     deadline = time.monotonic() + seconds
 
-    async def worker(client, index):
+    async def worker(index: int, ask) -> None:
         nonlocal errors
-        async with aiohttp.ClientSession() as session:
-            n = 0
-            while time.monotonic() < deadline:
-                try:
-                    answers.append(await client.ask(session, url, "legal-r8", PROMPTS[(index + n) % len(PROMPTS)], 8))
-                except Exception as error:  # counted, reported; the load goes on
-                    errors += 1
-                    print(f"error: {error}", file=sys.stderr)
-                n += 1
-            await client.settle(session, url)
-    await asyncio.gather(*(worker(c, i) for i, c in enumerate(clients)))
+        n = 0
+        while time.monotonic() < deadline:
+            try:
+                answers.append(await ask(PROMPTS[(index + n) % len(PROMPTS)]))
+            except Exception as error:  # counted, reported; the load goes on
+                errors += 1
+                print(f"error: {error}", file=sys.stderr)
+            n += 1
+    await asyncio.gather(*(worker(i, ask) for i, ask in enumerate(askers)))
     return answers, errors
 
 
 async def unpaid_http_load(url: str, clients: int, seconds: float) -> tuple[list[Timed], int]:
-    """The same chat requests to the bench's unpaid endpoint: one untimed request per client, then `seconds`."""
+    """The same chat requests to the bench's unpaid endpoint."""
     import aiohttp
 
     from node.timing import HEADER as TIMING_HEADER
     from node.timing import parse_server_timing
 
     async def ask(session, prompt: str) -> Timed:
-        body = {"model": "legal-r8", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
-                "temperature": 0.0}
         started = time.perf_counter()
-        async with session.post(url, json=body) as response:
+        async with session.post(url, json=chat_body(prompt)) as response:
             payload = await response.json()
             if response.status != 200:
                 raise RuntimeError(f"unpaid endpoint answered {response.status}: {payload}")
             timing = parse_server_timing(response.headers.get(TIMING_HEADER))
         return Timed(time.perf_counter() - started, timing)
 
-    answers: list[Timed] = []
-    errors = 0
     sessions = [aiohttp.ClientSession() for _ in range(clients)]
     try:
-        await asyncio.gather(*(ask(session, PROMPTS[i % len(PROMPTS)]) for i, session in enumerate(sessions)))
-        deadline = time.monotonic() + seconds
-
-        async def worker(index: int, session) -> None:
-            nonlocal errors
-            n = 0
-            while time.monotonic() < deadline:
-                try:
-                    answers.append(await ask(session, PROMPTS[(index + n) % len(PROMPTS)]))
-                except Exception as error:  # counted, reported; the load goes on
-                    errors += 1
-                    print(f"error: {error}", file=sys.stderr)
-                n += 1
-        await asyncio.gather(*(worker(i, session) for i, session in enumerate(sessions)))
+        return await timed_load([functools.partial(ask, session) for session in sessions], seconds)
     finally:
         for session in sessions:
             await session.close()
-    return answers, errors
+
+
+async def paid_load(clients, url: str, seconds: float) -> tuple[list, int]:
+    """Paying clients against the node; each settles what it owes at the end."""
+    import aiohttp
+
+    sessions = [aiohttp.ClientSession() for _ in clients]
+    try:
+        askers = [functools.partial(client.ask, session, url, "legal-r8", max_tokens=8)
+                  for client, session in zip(clients, sessions, strict=True)]
+        answers, errors = await timed_load(askers, seconds)
+        for client, session in zip(clients, sessions, strict=True):
+            await client.settle(session, url)
+        return answers, errors
+    finally:
+        for session in sessions:
+            await session.close()
 
 
 def client_process(anvil_url: str, deployment_path: str, node_url: str, keys: list[bytes], state_root: str,
@@ -159,23 +152,17 @@ def client_process(anvil_url: str, deployment_path: str, node_url: str, keys: li
     `unpaid_url`, as many plain clients of the unpaid endpoint). Sends back plain data only,
     `([(latency_seconds, server_timing), ...], errors)`, as this module is `__mp_main__` here."""
     if unpaid_url is not None:
-        timed, errors = asyncio.run(unpaid_http_load(unpaid_url, len(keys), seconds))
-        sender.send(([(t.latency_seconds, t.server_timing) for t in timed], errors))
-        sender.close()
-        return
-    from eth_account import Account
+        answers, errors = asyncio.run(unpaid_http_load(unpaid_url, len(keys), seconds))
+    else:
+        from eth_account import Account
 
-    from contracts.deployment import Deployment
-    from node.client import PayingClient
+        from contracts.deployment import Deployment
+        from node.client import PayingClient
 
-    deployment = Deployment.load(Path(deployment_path))
-    clients = [PayingClient(Account.from_key(key), anvil_url, deployment, Path(state_root) / f"client-{i}")
-               for i, key in enumerate(keys)]
-
-    async def run() -> tuple[list, int]:
-        await warm_up(clients, node_url)
-        return await paid_load(clients, node_url, seconds)
-    answers, errors = asyncio.run(run())
+        deployment = Deployment.load(Path(deployment_path))
+        clients = [PayingClient(Account.from_key(key), anvil_url, deployment, Path(state_root) / f"client-{i}")
+                   for i, key in enumerate(keys)]
+        answers, errors = asyncio.run(paid_load(clients, node_url, seconds))
     sender.send(([(a.latency_seconds, a.server_timing) for a in answers], errors))
     sender.close()
 
