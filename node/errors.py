@@ -55,7 +55,7 @@ class NotFound(NodeError):
 
 
 class EngineDown(NodeError):
-    """The engine's process is gone: nothing can generate until the operator restarts the node."""
+    """The engine's process is gone or restarting: nothing generates until a new one is up (serving.engine_process)."""
 
     code = "engine_unavailable"
 

@@ -135,8 +135,9 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
 
     key = unlock_key(config, private_key)
     if config.gil_switch_interval_ms > 0:
-        # The engine thread holds the GIL between tensor ops; every hand-off to the event loop or a worker
-        # thread waits up to this long for it (Python's default, 5 ms, would dominate a request's overhead).
+        # Any thread running Python here (the engine's, when `engine_process` is off; SQLAlchemy in a worker) holds
+        # the GIL; each hand-off to the event loop waits up to this long for it (Python's default, 5 ms, would
+        # dominate a request's overhead).
         sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     if not (config.chain_rpc and config.deployment):
         raise NodeStartError("a node needs chain_rpc and deployment (the contracts' addresses): "
