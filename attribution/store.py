@@ -36,6 +36,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -234,10 +236,15 @@ class ReceiptStore:
     def add_adapter_credit(self, node: str, seq: int, request_id: str, credit: AdapterCredit) -> bool:
         """Keep the credit of receipt `(node, seq)`; the first one stored stays. Returns whether it was kept."""
         text = json.dumps(credit.to_json(), sort_keys=True, separators=(",", ":"))
+        values = {"node": node, "seq": seq, "request_id": request_id.lower(), "credit": text}
+        # ON CONFLICT DO NOTHING: a duplicate is a normal outcome, not an error raised and caught.
+        upsert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}.get(self.engine.dialect.name)
         try:
             with self._writing() as connection:
-                connection.execute(insert(AdapterCreditRow).values(node=node, seq=seq, request_id=request_id.lower(),
-                                                                   credit=text))
+                if upsert is not None:  # RETURNING: psycopg reports no rowcount for this statement
+                    return connection.execute(upsert(AdapterCreditRow).values(**values).on_conflict_do_nothing()
+                                              .returning(AdapterCreditRow.seq)).first() is not None
+                connection.execute(insert(AdapterCreditRow).values(**values))
         except IntegrityError:
             return False
         return True
@@ -300,11 +307,26 @@ class ReceiptStore:
         self._upsert_channel(channel_id, client, deposit_seen=deposit)
 
     def record_voucher(self, channel_id: str, client: str, cumulative_amount: int, signature: str) -> bool:
-        """Keep the voucher if it is the highest seen; returns whether it was kept."""
-        current = self.channel(channel_id)
-        if current is not None and current.voucher_amount >= cumulative_amount:
-            return False
-        self._upsert_channel(channel_id, client, voucher_amount=cumulative_amount, voucher_signature=signature)
+        """Keep the voucher if it is the highest seen; returns whether it was kept.
+
+        One transaction, usually one UPDATE that applies only to a lower stored amount, so the check and the
+        write cannot interleave with another writer's. Amounts are decimal strings (uint256 outgrows SQL
+        integers); without leading zeros a longer string is the larger number, and equal lengths compare as text.
+        """
+        channel_id = channel_id.lower()
+        amount = str(cumulative_amount)
+        stored = ChannelRow.voucher_amount
+        raises = (func.length(stored) < len(amount)) | ((func.length(stored) == len(amount)) & (stored < amount))
+        with self._writing() as connection:
+            raised = connection.execute(update(ChannelRow).where(ChannelRow.channel_id == channel_id, raises).values(
+                voucher_amount=amount, voucher_signature=signature, updated_at=int(time.time())))
+            if raised.rowcount:
+                return True
+            if connection.scalar(select(func.count()).select_from(ChannelRow)
+                                 .where(ChannelRow.channel_id == channel_id)):
+                return False  # the stored amount is at least as high
+            connection.execute(insert(ChannelRow).values(channel_id=channel_id, client=client, voucher_amount=amount,
+                                                         voucher_signature=signature, updated_at=int(time.time())))
         return True
 
     def record_redeemed(self, channel_id: str, client: str, redeemed: int) -> None:

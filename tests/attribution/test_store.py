@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from attribution.merkle import leaf_hash, verify_consistency, verify_inclusion
-from attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft, SignedReceipt, verify_receipt
+from attribution.receipts import (
+    AdapterCredit,
+    AttributionVector,
+    ReceiptDomain,
+    ReceiptDraft,
+    SignedReceipt,
+    verify_receipt,
+)
 from attribution.store import Checkpoint, LogConflict, ReceiptLog, ReceiptStore, StoreError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,9 +94,40 @@ def test_channel_state_keeps_the_highest_voucher(database):
     store.close()
 
 
+@pytest.mark.parametrize("first, second, kept", [
+    (999, 1000, True),      # more digits: larger, though "1000" < "999" as text
+    (1000, 999, False),     # fewer digits: smaller, though "999" > "1000" as text
+    (1234, 1235, True),
+    (1235, 1234, False),
+    (1234, 1234, False),    # the same amount again changes nothing
+    (2**200, 2**255, True),
+])
+def test_a_voucher_is_kept_only_when_it_pays_more(database, first, second, kept):
+    url, schema = database
+    store = ReceiptStore.open(url, schema)
+    channel, client = "0x" + "ce" * 32, "0x" + "c1" * 20
+    assert store.record_voucher(channel, client, first, "0x" + "aa" * 65)  # a new channel row
+    assert store.record_voucher(channel, client, second, "0x" + "bb" * 65) is kept
+    state = store.channel(channel)
+    assert (state.voucher_amount, state.voucher_signature) == (
+        (second, "0x" + "bb" * 65) if kept else (first, "0x" + "aa" * 65))
+    store.close()
+
+
+def test_the_first_adapter_credit_of_a_receipt_stays(database):
+    url, schema = database
+    log = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
+    signed = log.append(draft(0))
+    first, second = AdapterCredit(8, -4.0, -9.0), AdapterCredit(8, -1.0, -2.0)
+    assert log.store.add_adapter_credit(log.node, 0, signed.receipt.request_id, first)
+    assert not log.store.add_adapter_credit(log.node, 0, signed.receipt.request_id, second)
+    assert log.store.adapter_credit(log.node, 0) == first
+    log.close()
+
+
 WRITER = textwrap.dedent("""
     import sys
-    from attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft
+    from attribution.receipts import AdapterCredit, AttributionVector, ReceiptDomain, ReceiptDraft
     from attribution.store import ReceiptLog
     url, schema = sys.argv[1], (sys.argv[2] or None)
     domain = ReceiptDomain(31337, "0x5fbdb2315678afecb367f032d93f642f64180aa3")
