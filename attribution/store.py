@@ -290,18 +290,22 @@ class ReceiptStore:
         return ChannelRecord(row.channel_id, row.client, int(row.deposit_seen), int(row.voucher_amount),
                              row.voucher_signature, int(row.redeemed))
 
-    def _upsert_channel(self, channel_id: str, client: str, **values: Any) -> None:
+    def _upsert_channel(self, channel_id: str, client: str, only_if: Any = None, **values: Any) -> bool:
+        """Write `values` to the channel's row (created if missing) in one transaction; with `only_if`, an existing
+        row is changed only where that condition holds. Returns whether anything was written."""
         channel_id = channel_id.lower()
         values = {k: str(v) if isinstance(v, int) else v for k, v in values.items()}
+        matches = ChannelRow.channel_id == channel_id
         with self._writing() as connection:
-            exists = connection.scalar(select(func.count()).select_from(ChannelRow)
-                                       .where(ChannelRow.channel_id == channel_id))
-            if exists:
-                connection.execute(update(ChannelRow).where(ChannelRow.channel_id == channel_id)
-                                   .values(updated_at=int(time.time()), **values))
-            else:
-                connection.execute(insert(ChannelRow).values(channel_id=channel_id, client=client,
-                                                             updated_at=int(time.time()), **values))
+            changed = connection.execute(update(ChannelRow).where(matches, *(() if only_if is None else (only_if,)))
+                                         .values(updated_at=int(time.time()), **values))
+            if changed.rowcount:
+                return True
+            if connection.scalar(select(func.count()).select_from(ChannelRow).where(matches)):
+                return False  # the row exists and `only_if` kept it as it was
+            connection.execute(insert(ChannelRow).values(channel_id=channel_id, client=client,
+                                                         updated_at=int(time.time()), **values))
+            return True
 
     def record_deposit(self, channel_id: str, client: str, deposit: int) -> None:
         self._upsert_channel(channel_id, client, deposit_seen=deposit)
@@ -313,21 +317,11 @@ class ReceiptStore:
         write cannot interleave with another writer's. Amounts are decimal strings (uint256 outgrows SQL
         integers); without leading zeros a longer string is the larger number, and equal lengths compare as text.
         """
-        channel_id = channel_id.lower()
         amount = str(cumulative_amount)
         stored = ChannelRow.voucher_amount
         raises = (func.length(stored) < len(amount)) | ((func.length(stored) == len(amount)) & (stored < amount))
-        with self._writing() as connection:
-            raised = connection.execute(update(ChannelRow).where(ChannelRow.channel_id == channel_id, raises).values(
-                voucher_amount=amount, voucher_signature=signature, updated_at=int(time.time())))
-            if raised.rowcount:
-                return True
-            if connection.scalar(select(func.count()).select_from(ChannelRow)
-                                 .where(ChannelRow.channel_id == channel_id)):
-                return False  # the stored amount is at least as high
-            connection.execute(insert(ChannelRow).values(channel_id=channel_id, client=client, voucher_amount=amount,
-                                                         voucher_signature=signature, updated_at=int(time.time())))
-        return True
+        return self._upsert_channel(channel_id, client, only_if=raises, voucher_amount=amount,
+                                    voucher_signature=signature)
 
     def record_redeemed(self, channel_id: str, client: str, redeemed: int) -> None:
         self._upsert_channel(channel_id, client, redeemed=redeemed)
