@@ -121,6 +121,16 @@ class Checkpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChannelVoucher:
+    """A client's voucher on a channel, to keep if it pays more than the one stored."""
+
+    channel_id: str
+    client: str
+    cumulative_amount: int
+    signature: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ChannelRecord:
     """The node's durable view of one payment channel."""
 
@@ -179,8 +189,9 @@ class ReceiptStore:
         self.engine.dispose()
 
     # receipts
-    def insert_receipts(self, signed: Sequence[SignedReceipt]) -> None:
-        """Insert all in one transaction; returns once committed (durable)."""
+    def insert_receipts(self, signed: Sequence[SignedReceipt], vouchers: Sequence[ChannelVoucher] = ()) -> None:
+        """Insert all in one transaction, with `vouchers` kept as `record_voucher` would; returns once committed
+        (durable). A paid request's voucher rides in its receipt's transaction: one commit instead of two."""
         rows = [{
             "node": s.receipt.node, "seq": s.receipt.seq, "request_id": s.receipt.request_id,
             "channel_id": s.receipt.channel_id, "price": str(s.receipt.price), "digest": s.digest,
@@ -189,6 +200,8 @@ class ReceiptStore:
         try:
             with self._writing() as connection:
                 connection.execute(insert(ReceiptRow), rows)
+                for voucher in vouchers:
+                    self._keep_voucher(connection, voucher)
         except IntegrityError as error:
             seqs = [r["seq"] for r in rows]
             raise LogConflict(f"seq {min(seqs)}..{max(seqs)} already taken for node {rows[0]['node']}: "
@@ -237,17 +250,24 @@ class ReceiptStore:
         """Keep the credit of receipt `(node, seq)`; the first one stored stays. Returns whether it was kept."""
         text = json.dumps(credit.to_json(), sort_keys=True, separators=(",", ":"))
         values = {"node": node, "seq": seq, "request_id": request_id.lower(), "credit": text}
-        # ON CONFLICT DO NOTHING: a duplicate is a normal outcome, not an error raised and caught.
+        with self._writing() as connection:
+            return self._insert_new(connection, AdapterCreditRow, values)
+
+    def _insert_new(self, connection: Connection, table: type[Base], values: dict[str, Any]) -> bool:
+        """Insert a row unless its key is taken (then nothing changes); returns whether it was inserted."""
+        # ON CONFLICT DO NOTHING: a taken key is a normal outcome, not an error that would end the transaction.
         upsert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}.get(self.engine.dialect.name)
-        try:
-            with self._writing() as connection:
-                if upsert is not None:  # RETURNING: psycopg reports no rowcount for this statement
-                    return connection.execute(upsert(AdapterCreditRow).values(**values).on_conflict_do_nothing()
-                                              .returning(AdapterCreditRow.seq)).first() is not None
-                connection.execute(insert(AdapterCreditRow).values(**values))
-        except IntegrityError:
-            return False
-        return True
+        if upsert is None:
+            try:
+                with connection.begin_nested():
+                    connection.execute(insert(table).values(**values))
+            except IntegrityError:
+                return False
+            return True
+        key = table.__table__.primary_key.columns.values()[0]
+        # RETURNING: psycopg reports no rowcount for this statement
+        return connection.execute(upsert(table).values(**values).on_conflict_do_nothing().returning(key)).first() \
+            is not None
 
     def adapter_credit(self, node: str, seq: int) -> AdapterCredit | None:
         with self.engine.connect() as connection:
@@ -290,41 +310,45 @@ class ReceiptStore:
         return ChannelRecord(row.channel_id, row.client, int(row.deposit_seen), int(row.voucher_amount),
                              row.voucher_signature, int(row.redeemed))
 
-    def _upsert_channel(self, channel_id: str, client: str, only_if: Any = None, **values: Any) -> bool:
-        """Write `values` to the channel's row (created if missing) in one transaction; with `only_if`, an existing
-        row is changed only where that condition holds. Returns whether anything was written."""
+    def _upsert_channel(self, connection: Connection, channel_id: str, client: str, only_if: Any = None,
+                        **values: Any) -> bool:
+        """Write `values` to the channel's row (created if missing) within `connection`'s transaction; with
+        `only_if`, an existing row is changed only where that condition holds. Returns whether anything was
+        written."""
         channel_id = channel_id.lower()
         values = {k: str(v) if isinstance(v, int) else v for k, v in values.items()}
-        matches = ChannelRow.channel_id == channel_id
-        with self._writing() as connection:
-            changed = connection.execute(update(ChannelRow).where(matches, *(() if only_if is None else (only_if,)))
-                                         .values(updated_at=int(time.time()), **values))
-            if changed.rowcount:
-                return True
-            if connection.scalar(select(func.count()).select_from(ChannelRow).where(matches)):
-                return False  # the row exists and `only_if` kept it as it was
-            connection.execute(insert(ChannelRow).values(channel_id=channel_id, client=client,
-                                                         updated_at=int(time.time()), **values))
+        update_row = update(ChannelRow).where(ChannelRow.channel_id == channel_id,
+                                              *(() if only_if is None else (only_if,)))
+        if connection.execute(update_row.values(updated_at=int(time.time()), **values)).rowcount:
             return True
+        if self._insert_new(connection, ChannelRow, {"channel_id": channel_id, "client": client,
+                                                     "updated_at": int(time.time()), **values}):
+            return True
+        # The row exists after all (another writer made it meanwhile, or `only_if` kept it): update it as asked.
+        return bool(connection.execute(update_row.values(updated_at=int(time.time()), **values)).rowcount)
 
     def record_deposit(self, channel_id: str, client: str, deposit: int) -> None:
-        self._upsert_channel(channel_id, client, deposit_seen=deposit)
+        with self._writing() as connection:
+            self._upsert_channel(connection, channel_id, client, deposit_seen=deposit)
 
     def record_voucher(self, channel_id: str, client: str, cumulative_amount: int, signature: str) -> bool:
-        """Keep the voucher if it is the highest seen; returns whether it was kept.
+        """Keep the voucher if it is the highest seen; returns whether it was kept (one transaction)."""
+        with self._writing() as connection:
+            return self._keep_voucher(connection, ChannelVoucher(channel_id, client, cumulative_amount, signature))
 
-        One transaction, usually one UPDATE that applies only to a lower stored amount, so the check and the
-        write cannot interleave with another writer's. Amounts are decimal strings (uint256 outgrows SQL
-        integers); without leading zeros a longer string is the larger number, and equal lengths compare as text.
-        """
-        amount = str(cumulative_amount)
+    def _keep_voucher(self, connection: Connection, voucher: ChannelVoucher) -> bool:
+        """Usually one UPDATE that applies only to a lower stored amount, so the check and the write cannot
+        interleave with another writer's. Amounts are decimal strings (uint256 outgrows SQL integers); without
+        leading zeros a longer string is the larger number, and equal lengths compare as text."""
+        amount = str(voucher.cumulative_amount)
         stored = ChannelRow.voucher_amount
         raises = (func.length(stored) < len(amount)) | ((func.length(stored) == len(amount)) & (stored < amount))
-        return self._upsert_channel(channel_id, client, only_if=raises, voucher_amount=amount,
-                                    voucher_signature=signature)
+        return self._upsert_channel(connection, voucher.channel_id, voucher.client, only_if=raises,
+                                    voucher_amount=amount, voucher_signature=voucher.signature)
 
     def record_redeemed(self, channel_id: str, client: str, redeemed: int) -> None:
-        self._upsert_channel(channel_id, client, redeemed=redeemed)
+        with self._writing() as connection:
+            self._upsert_channel(connection, channel_id, client, redeemed=redeemed)
 
 
 def _with_credit(query):
@@ -371,19 +395,21 @@ class ReceiptLog:
     def domain(self) -> ReceiptDomain:
         return self.signer.domain
 
-    def append(self, draft: ReceiptDraft) -> SignedReceipt:
-        """Sign and durably store one receipt; returns it with its `seq`."""
-        return self.append_many([draft])[0]
+    def append(self, draft: ReceiptDraft, vouchers: Sequence[ChannelVoucher] = ()) -> SignedReceipt:
+        """Sign and durably store one receipt (and keep `vouchers` in the same commit); returns it with its `seq`."""
+        return self.append_many([draft], vouchers)[0]
 
-    def append_many(self, drafts: Sequence[ReceiptDraft]) -> list[SignedReceipt]:
-        """Sign a batch with consecutive `seq`s and commit it once (group commit); durable on return."""
+    def append_many(self, drafts: Sequence[ReceiptDraft],
+                    vouchers: Sequence[ChannelVoucher] = ()) -> list[SignedReceipt]:
+        """Sign a batch with consecutive `seq`s and commit it once (group commit), `vouchers` with it; durable on
+        return."""
         if not drafts:
             return []
         with self._lock:
             start = self.tree.size
             signed = [self.signer.sign(d.to_receipt(self.node, start + i), d.attribution, d.spans, d.adapter_credit)
                       for i, d in enumerate(drafts)]
-            self.store.insert_receipts(signed)
+            self.store.insert_receipts(signed, vouchers)
             # Only a committed batch enters the in-memory tree, so a failed commit leaves no trace.
             for s in signed:
                 self.tree.append(leaf_hash(s.digest))

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
+from web3.types import RPCEndpoint
 
 from contracts.client import LongtailContracts
 from contracts.deployment import Deployment
@@ -37,7 +38,12 @@ class ChainGateway:
         self.rpc_url = rpc_url
         self.deployment = deployment
         self.account = account
-        self._w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        # web3's validation middleware asks for the chain id before every eth_call; a chain's id does not change
+        # under a running node, so the first answer is kept (per thread, web3's cache key): a channel read is one
+        # round trip instead of two.
+        self._w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}, cache_allowed_requests=True,
+                                          cacheable_requests={RPCEndpoint("eth_chainId")},
+                                          request_cache_validation_threshold=None))
         self._contracts: LongtailContracts | None = None
         self.vouchers = VoucherDomain(deployment.chain_id, deployment.channels)
         self._lock = asyncio.Lock()  # one transaction at a time keeps nonces in order

@@ -46,6 +46,7 @@ class NodeConfig:
     checkpoint_every_receipts: int = 100
     checkpoint_every_seconds: float = 60.0
     redeem_min_amount: int = 10**16
+    channel_refresh_seconds: float = 30.0
     max_prompt_tokens: int = 1024
     max_tokens_limit: int = 256
     max_waiting_requests: int = 64

@@ -6,11 +6,13 @@ The node serves only while `deposit - owed - reserved >= maxPrice(request)`
 `owed`, which the next voucher must cover. `owed` is the sum of the prices in
 this node's receipts for the channel, so it survives restarts with the log.
 
-A voucher that pays more is written to the store in the background, in order
-per channel, while its request generates; the node awaits that write
-(`durable`) before the answer leaves, so a voucher is on disk before anything
-it paid for is handed out, without the write sitting on the request's path.
-The chain's view of a channel is cached and, once stale, refreshed in the
+A voucher that comes with a request and pays more is kept in memory at once and
+handed back on the `Reservation`: the node writes it in the same transaction
+as that request's receipt, so it is on disk before the answer leaves at the
+cost of one statement, not a second commit. A request that ends without a
+receipt (refused, failed) writes its voucher on its own before it returns, as
+does a voucher sent alone (`accept_voucher`). Writes need no ordering here:
+the store keeps a voucher only over a lower one. The chain's view of a channel is cached and, once stale, refreshed in the
 background while the cached view keeps serving (a top-up that a request needs
 is read at once).
 """
@@ -64,7 +66,6 @@ class ChannelAccount:
     owed: int = 0
     reserved: int = 0
     best_voucher: Voucher | None = None
-    saving: asyncio.Task | None = None  # the latest voucher write; each waits for the one before
 
     @property
     def paid(self) -> int:
@@ -78,7 +79,7 @@ class Reservation:
     channel_id: str
     client: str
     max_price: int
-    voucher_saved: asyncio.Task | None = dataclasses.field(default=None, compare=False, repr=False)
+    voucher: Voucher | None = None  # came with the request and raised the channel's best: the node must store it
 
 
 ChannelReader = Callable[[str], Awaitable[ChannelState]]
@@ -92,7 +93,7 @@ class PaymentIntake:
 
     def __init__(self, node_address: str, read_channel: ChannelReader, recover_signer: VoucherSignerRecovery,
                  load_account: OwedLoader, save_voucher: VoucherSaver, credit_cap: int | None = None,
-                 channel_cache_seconds: float = 5.0) -> None:
+                 channel_cache_seconds: float = 30.0) -> None:
         self._node = node_address.lower()
         self._read_channel = read_channel
         self._recover_signer = recover_signer
@@ -136,13 +137,14 @@ class PaymentIntake:
 
     async def accept_voucher(self, voucher: Voucher) -> ChannelAccount:
         """Check a voucher's signature against the channel's client and keep it if it pays more (durably)."""
-        account, saved = await self._accept(voucher)
-        if saved is not None:
-            await saved
+        account, kept = await self._accept(voucher)
+        if kept:
+            await self._save_voucher(voucher, account.client)
         return account
 
-    async def _accept(self, voucher: Voucher) -> tuple[ChannelAccount, asyncio.Task | None]:
-        """Check and keep a voucher; the store write runs in the background, returned to be awaited."""
+    async def _accept(self, voucher: Voucher) -> tuple[ChannelAccount, bool]:
+        """Check a voucher and keep it in memory if it pays more; returns whether it did (then the caller stores
+        it)."""
         state = await self.channel(voucher.channel_id)
         self._check_channel_is_ours(state)
         try:
@@ -159,51 +161,36 @@ class PaymentIntake:
         async with self._lock:
             account = await self.account(voucher.channel_id, state.client)
             if voucher.cumulative_amount <= account.paid:
-                return account, None
+                return account, False
             account.best_voucher = voucher
-            account.saving = self._save_after(account.saving, voucher, state.client)
-            return account, account.saving
+            return account, True
 
-    def _save_after(self, previous: asyncio.Task | None, voucher: Voucher, client: str) -> asyncio.Task:
-        """Write `voucher` once the channel's previous write is done, so the store never goes back to a lower one."""
-        async def save() -> None:
-            if previous is not None:
-                await asyncio.wait([previous])  # its failure is reported by its own awaiter
+    async def _save_quietly(self, voucher: Voucher, client: str) -> None:
+        """Store a voucher on a path that is already failing: a failed write is logged, the first error stands."""
+        try:
             await self._save_voucher(voucher, client)
-
-        task = asyncio.ensure_future(save())
-        task.add_done_callback(_log_failed_save)
-        return task
-
-    async def durable(self, reservation: Reservation) -> None:
-        """Return once the voucher that came with the request is stored (raises if that write failed)."""
-        if reservation.voucher_saved is not None:
-            await reservation.voucher_saved
-
-    async def flush(self) -> None:
-        """Wait for every voucher write still running (at shutdown, before the store closes)."""
-        pending = [a.saving for a in self._accounts.values() if a.saving is not None and not a.saving.done()]
-        if pending:
-            await asyncio.wait(pending)
+        except Exception as error:  # the store's own error; the request's error is the one to report
+            log.error("voucher on channel %s could not be stored: %s", voucher.channel_id, error)
 
     async def reserve(self, channel_id: str | None, voucher: Voucher | None, max_price: int) -> Reservation:
         """Admit a request that may cost up to `max_price`, or raise PaymentRequired saying what to pay."""
         if not channel_id:
             raise PaymentRequired("a payment channel is required: send X-Longtail-Channel and a voucher",
                                   max_price=str(max_price))
-        saved = None
+        kept = None
         if voucher is not None:
             if voucher.channel_id.lower() != channel_id.lower():
                 raise InvalidVoucherSignature("voucher is for another channel", channel_id=channel_id)
-            _, saved = await self._accept(voucher)
+            account, accepted = await self._accept(voucher)
+            kept = voucher if accepted else None
         try:
-            return await self._reserve(channel_id, max_price, saved)
+            return await self._reserve(channel_id, max_price, kept)
         except BaseException:
-            if saved is not None:  # even a refusal leaves only after the voucher it kept is stored
-                await asyncio.wait([saved])
+            if kept is not None:  # even a refusal leaves only after the voucher it kept is stored
+                await self._save_quietly(kept, account.client)
             raise
 
-    async def _reserve(self, channel_id: str, max_price: int, saved: asyncio.Task | None) -> Reservation:
+    async def _reserve(self, channel_id: str, max_price: int, kept: Voucher | None) -> Reservation:
         state = await self.channel(channel_id)
         self._check_channel_is_ours(state)
         async with self._lock:
@@ -221,7 +208,7 @@ class PaymentIntake:
                                           channel_id=channel_id, deposit=str(state.deposit), owed=str(account.owed),
                                           max_price=str(max_price), top_up=str(max_price - available))
             account.reserved += max_price
-        return Reservation(channel_id=channel_id, client=state.client, max_price=max_price, voucher_saved=saved)
+        return Reservation(channel_id=channel_id, client=state.client, max_price=max_price, voucher=kept)
 
     async def settle(self, reservation: Reservation, price: int) -> int:
         """Charge `price` (<= the reservation) and return the cumulative amount the next voucher must cover."""
@@ -232,11 +219,11 @@ class PaymentIntake:
             return account.owed
 
     async def release(self, reservation: Reservation) -> None:
-        """The request failed before an answer: nothing is charged (the voucher it brought is still stored)."""
+        """The request failed before its receipt: nothing is charged, and the voucher it brought is stored."""
         async with self._lock:
             self._accounts[reservation.channel_id].reserved -= reservation.max_price
-        if reservation.voucher_saved is not None:
-            await asyncio.wait([reservation.voucher_saved])
+        if reservation.voucher is not None:
+            await self._save_quietly(reservation.voucher, reservation.client)
 
     def _available(self, state: ChannelState, account: ChannelAccount) -> int:
         available = state.deposit - account.owed - account.reserved
@@ -252,8 +239,3 @@ class PaymentIntake:
             raise PaymentRequired("the channel pays another node", channel_id=state.channel_id, node=state.node)
         if state.closing:
             raise PaymentRequired("the channel is closing; open a new one", channel_id=state.channel_id)
-
-
-def _log_failed_save(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("voucher could not be stored: %s", task.exception())

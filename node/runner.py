@@ -184,7 +184,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
                                 voucher.signature)
 
     payments = PaymentIntake(key.address, chain.read_channel, chain.recover_voucher_signer, load_account,
-                             save_voucher)
+                             save_voucher, channel_cache_seconds=config.channel_refresh_seconds)
     node = Node(config, key.address, catalog, generation, receipt_log, payments, attributor, base_id)
     node.adapter_store = adapter_store
 

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from eth_utils import keccak
 
 from attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt
-from attribution.store import ReceiptLog
+from attribution.store import ChannelVoucher, ReceiptLog
 from node.attributor import Attribution, Attributor
 from node.catalog import Catalog, CatalogEntry
 from node.config import NodeConfig
@@ -128,17 +128,15 @@ class Node:
                       result: GenerationResult, reservation, request_id: str, times: StageTimes) -> SignedReceipt:
         """Attribute, sign and durably append the receipt, then charge the channel; credit follows later."""
         price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(result.token_ids))
-        with times.stage("payment"):
-            try:  # the voucher this request brought was written while it generated; it is durable first
-                await self.payments.durable(reservation)
-            except Exception:
-                await self.payments.release(reservation)
-                raise
         with times.stage("receipt"):
             # On the event loop, not a worker thread: it is ~1-2 ms of work, and under load each of a worker's two
             # hand-offs (there and back) waited about as long as the work itself (docs/node.md, "Latency").
-            signed, attribution = self._attribute_and_append(request, entry, prompt_ids, result, reservation,
-                                                             request_id, price)
+            try:
+                signed, attribution = self._attribute_and_append(request, entry, prompt_ids, result, reservation,
+                                                                 request_id, price)
+            except Exception:
+                await self.payments.release(reservation)
+                raise
         with times.stage("payment"):
             owed = await self.payments.settle(reservation, price)
         self.stats.receipts.inc()
@@ -173,8 +171,12 @@ class Node:
             attribution=attribution.vector,
             spans=attribution.spans,
         )
-        # The commit happens before the answer leaves: a receipt handed out is durable.
-        return self.receipt_log.append(draft), attribution
+        # The commit happens before the answer leaves: a receipt handed out is durable, and so is the voucher
+        # that came with the request (same transaction).
+        vouchers = () if reservation.voucher is None else (ChannelVoucher(
+            reservation.channel_id, reservation.client, reservation.voucher.cumulative_amount,
+            reservation.voucher.signature),)
+        return self.receipt_log.append(draft, vouchers), attribution
 
     # --- adapter credit (evidence after the answer) ---------------------------------------------
 
@@ -210,9 +212,8 @@ class Node:
         self.stats.adapter_credits.labels("stored").inc()
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """At shutdown, before the engine stops and the store closes: finish voucher writes and pending credits
-        (those still running after `timeout` are cancelled: credit is optional evidence)."""
-        await self.payments.flush()
+        """At shutdown, before the engine stops and the store closes: finish pending credits (those still running
+        after `timeout` are cancelled: credit is optional evidence)."""
         pending = set(self._credits)
         if not pending:
             return

@@ -41,6 +41,7 @@ FLAG_HELP = {
     "checkpoint_every_receipts": "post a checkpoint after this many receipts",
     "checkpoint_every_seconds": "... or after this many seconds",
     "redeem_min_amount": "redeem a channel's vouchers only once this much is owed (gas is worth it)",
+    "channel_refresh_seconds": "re-read a channel from the chain in the background once its view is this old",
     "max_prompt_tokens": "longest prompt accepted (400 beyond)",
     "max_tokens_limit": "largest max_tokens accepted",
     "max_waiting_requests": "requests in flight before answering 429",

@@ -21,7 +21,7 @@ from attribution.receipts import (
     SignedReceipt,
     verify_receipt,
 )
-from attribution.store import Checkpoint, LogConflict, ReceiptLog, ReceiptStore, StoreError
+from attribution.store import ChannelVoucher, Checkpoint, LogConflict, ReceiptLog, ReceiptStore, StoreError
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_KEY = "0x" + "4c" * 32
@@ -112,6 +112,23 @@ def test_a_voucher_is_kept_only_when_it_pays_more(database, first, second, kept)
     assert (state.voucher_amount, state.voucher_signature) == (
         (second, "0x" + "bb" * 65) if kept else (first, "0x" + "aa" * 65))
     store.close()
+
+
+def test_a_voucher_rides_in_its_receipts_commit_and_falls_with_it(database):
+    url, schema = database
+    log = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
+    rival = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
+    channel, client = "0x" + "ce" * 32, "0x" + "c1" * 20
+    log.append(draft(0), [ChannelVoucher(channel, client, 700, "0x" + "aa" * 65)])  # a new channel row
+    log.append(draft(1), [ChannelVoucher(channel, client, 600, "0x" + "bb" * 65)])  # lower: the receipt only
+    assert log.size == 2
+    state = log.store.channel(channel)
+    assert (state.voucher_amount, state.voucher_signature) == (700, "0x" + "aa" * 65)
+    with pytest.raises(LogConflict):  # seq 0 is taken: the receipt and its voucher are refused together
+        rival.append(draft(9), [ChannelVoucher(channel, client, 900, "0x" + "cc" * 65)])
+    assert log.store.channel(channel).voucher_amount == 700
+    log.close()
+    rival.close()
 
 
 def test_the_first_adapter_credit_of_a_receipt_stays(database):

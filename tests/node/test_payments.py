@@ -56,11 +56,14 @@ def test_first_request_needs_no_voucher_then_the_next_must_cover_it():
         with pytest.raises(PaymentRequired) as short:
             await intake.reserve(CHANNEL, voucher(39), max_price=100)
         assert short.value.details["pay_cumulative"] == "40"
+        # A short voucher is still money the node keeps (stored before the refusal); it just does not admit.
+        assert [v.cumulative_amount for v in saved] == [39]
         second = await intake.reserve(CHANNEL, voucher(40), max_price=100)
-        await intake.durable(second)  # the node awaits this before the answer leaves
+        # An admitted request hands its voucher to the node, which stores it with the request's receipt.
+        assert second.voucher == voucher(40) and len(saved) == 1
         await intake.settle(second, 60)
-        # A short voucher is still money the node keeps; it just does not admit the request.
-        assert [v.cumulative_amount for v in saved] == [39, 40]
+        third = await intake.reserve(CHANNEL, voucher(100), max_price=100)
+        assert third.voucher == voucher(100)
     run(scenario())
 
 
@@ -125,32 +128,36 @@ def test_missing_channel_says_what_to_send():
     run(scenario())
 
 
-def test_voucher_writes_overlap_the_request_but_land_in_order_before_its_answer():
+def test_a_request_that_ends_without_a_receipt_stores_its_voucher_itself():
     async def scenario():
-        written: list[int] = []
-        first_write_may_finish = asyncio.Event()
+        intake, saved, _ = make_intake()
+        first = await intake.reserve(CHANNEL, voucher(10), max_price=5)
+        assert first.voucher == voucher(10) and saved == []
+        await intake.release(first)  # the engine failed: no receipt will carry the voucher
+        assert [v.cumulative_amount for v in saved] == [10]
+        replay = await intake.reserve(CHANNEL, voucher(10), max_price=5)
+        assert replay.voucher is None, "a voucher that pays nothing more needs no write"
+        await intake.release(replay)
+        assert len(saved) == 1
+    run(scenario())
 
-        async def slow_save(voucher, client):
-            if voucher.cumulative_amount == 10:
-                await first_write_may_finish.wait()
-            written.append(voucher.cumulative_amount)
 
+def test_a_failed_voucher_write_on_a_failing_request_keeps_the_first_error():
+    async def scenario():
         async def read_channel(channel_id):
-            return ChannelState(channel_id, CLIENT, NODE, 1000, 0, False)
+            return ChannelState(channel_id, CLIENT, NODE, 50, 0, False)
 
         async def load_account(channel_id):
             return 0, None
 
-        intake = PaymentIntake(NODE, read_channel, lambda v: CLIENT, load_account, slow_save)
-        first = await intake.reserve(CHANNEL, voucher(10), max_price=5)  # admitted while its voucher is written
-        second = await intake.reserve(CHANNEL, voucher(20), max_price=5)
-        durable = asyncio.ensure_future(intake.durable(second))
-        await asyncio.sleep(0.01)
-        assert written == [] and not durable.done(), "the later voucher waits for the earlier write"
-        first_write_may_finish.set()
-        await durable
-        await intake.durable(first)
-        assert written == [10, 20]
+        async def broken_save(voucher, client):
+            raise OSError("disk full")
+
+        intake = PaymentIntake(NODE, read_channel, lambda v: CLIENT, load_account, broken_save)
+        with pytest.raises(PaymentRequired, match="deposit does not cover"):
+            await intake.reserve(CHANNEL, voucher(10), max_price=100)
+        with pytest.raises(OSError, match="disk full"):
+            await intake.accept_voucher(voucher(20))  # a voucher sent alone reports its own write
     run(scenario())
 
 
