@@ -19,6 +19,8 @@ import coincurve
 from eth_abi import encode as abi_encode
 from eth_utils import is_hex_address, keccak, to_checksum_address
 
+from attribution.merkle import leaf_hash
+
 DOMAIN_NAME = "Longtail"
 DOMAIN_VERSION = "1"
 TOTAL_BPS = 10_000
@@ -266,6 +268,11 @@ class SignedReceipt:
     def digest(self) -> bytes:
         return receipt_digest(self.receipt, self.domain)
 
+    @functools.cached_property
+    def leaf_hash(self) -> bytes:
+        """The receipt's leaf in the node's Merkle log (attribution/merkle.py)."""
+        return leaf_hash(self.digest)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": BODY_VERSION,
@@ -436,8 +443,11 @@ class ReceiptSigner:
         if attribution.hash != receipt.attribution_hash:
             raise AttributionMismatch(f"attribution vector hashes to {attribution.hash}, "
                                       f"receipt carries {receipt.attribution_hash}")
-        signature = self.sign_digest(receipt_digest(receipt, self.domain))
-        return SignedReceipt(receipt, signature, self.domain, attribution, tuple(spans), adapter_credit)
+        digest = receipt_digest(receipt, self.domain)
+        signed = SignedReceipt(receipt, self.sign_digest(digest), self.domain, attribution, tuple(spans),
+                               adapter_credit)
+        signed.__dict__["digest"] = digest  # the cached property's own slot: the digest is hashed once per receipt
+        return signed
 
 
 def sign_receipt(receipt: Receipt, private_key: bytes | str, domain: ReceiptDomain,

@@ -29,6 +29,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -41,6 +42,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from attribution.log import MerkleLog
 from attribution.merkle import leaf_hash
@@ -174,6 +176,7 @@ class ReceiptStore:
         # before retrying: receipts, vouchers and credits written from several threads would queue that way.
         # A lock in the process hands the turn over at once instead.
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        self._insert_new_statements: dict[type[Base], Any] = {}
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Connection]:
@@ -195,7 +198,7 @@ class ReceiptStore:
         rows = [{
             "node": s.receipt.node, "seq": s.receipt.seq, "request_id": s.receipt.request_id,
             "channel_id": s.receipt.channel_id, "price": str(s.receipt.price), "digest": s.digest,
-            "leaf_hash": leaf_hash(s.digest), "body": s.to_canonical_json().decode(),
+            "leaf_hash": s.leaf_hash, "body": s.to_canonical_json().decode(),
         } for s in signed]
         try:
             with self._writing() as connection:
@@ -255,19 +258,22 @@ class ReceiptStore:
 
     def _insert_new(self, connection: Connection, table: type[Base], values: dict[str, Any]) -> bool:
         """Insert a row unless its key is taken (then nothing changes); returns whether it was inserted."""
-        # ON CONFLICT DO NOTHING: a taken key is a normal outcome, not an error that would end the transaction.
         upsert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}.get(self.engine.dialect.name)
         if upsert is None:
             try:
                 with connection.begin_nested():
-                    connection.execute(insert(table).values(**values))
+                    connection.execute(insert(table), values)
             except IntegrityError:
                 return False
             return True
-        key = table.__table__.primary_key.columns.values()[0]
-        # RETURNING: psycopg reports no rowcount for this statement
-        return connection.execute(upsert(table).values(**values).on_conflict_do_nothing().returning(key)).first() \
-            is not None
+        # ON CONFLICT DO NOTHING: a taken key is a normal outcome, not an error that would end the transaction.
+        # RETURNING: psycopg reports no rowcount for this statement. Built once per table (see _RAISE_VOUCHER).
+        statement = self._insert_new_statements.get(table)
+        if statement is None:
+            key = table.__table__.primary_key.columns.values()[0]
+            statement = upsert(table).on_conflict_do_nothing().returning(key)
+            self._insert_new_statements[table] = statement
+        return connection.execute(statement, values).first() is not None
 
     def adapter_credit(self, node: str, seq: int) -> AdapterCredit | None:
         with self.engine.connect() as connection:
@@ -338,17 +344,34 @@ class ReceiptStore:
 
     def _keep_voucher(self, connection: Connection, voucher: ChannelVoucher) -> bool:
         """Usually one UPDATE that applies only to a lower stored amount, so the check and the write cannot
-        interleave with another writer's. Amounts are decimal strings (uint256 outgrows SQL integers); without
-        leading zeros a longer string is the larger number, and equal lengths compare as text."""
+        interleave with another writer's (then an insert for a new channel)."""
         amount = str(voucher.cumulative_amount)
-        stored = ChannelRow.voucher_amount
-        raises = (func.length(stored) < len(amount)) | ((func.length(stored) == len(amount)) & (stored < amount))
-        return self._upsert_channel(connection, voucher.channel_id, voucher.client, only_if=raises,
+        channel_id = voucher.channel_id.lower()
+        raised = connection.execute(_RAISE_VOUCHER, {
+            "channel": channel_id, "amount": amount, "signature": voucher.signature, "now": int(time.time())}).rowcount
+        if raised:
+            return True
+        return self._upsert_channel(connection, channel_id, voucher.client, only_if=_pays_more(amount),
                                     voucher_amount=amount, voucher_signature=voucher.signature)
 
     def record_redeemed(self, channel_id: str, client: str, redeemed: int) -> None:
         with self._writing() as connection:
             self._upsert_channel(connection, channel_id, client, redeemed=redeemed)
+
+
+def _pays_more(amount: str | BindParameter) -> ColumnElement[bool]:
+    """The stored voucher is lower than `amount`. Amounts are decimal strings (uint256 outgrows SQL integers):
+    without leading zeros a longer string is the larger number, and equal lengths compare as text."""
+    stored = ChannelRow.voucher_amount
+    digits = func.length(amount) if isinstance(amount, BindParameter) else len(amount)
+    return (func.length(stored) < digits) | ((func.length(stored) == digits) & (stored < amount))
+
+
+# Built once: a voucher is stored with every paid request, and building the statement costs more CPU on the event
+# loop than running it (SQLAlchemy's coercions for each operator).
+_RAISE_VOUCHER = update(ChannelRow).where(
+    ChannelRow.channel_id == bindparam("channel"), _pays_more(bindparam("amount", type_=String))).values(
+    voucher_amount=bindparam("amount"), voucher_signature=bindparam("signature"), updated_at=bindparam("now"))
 
 
 def _with_credit(query):
@@ -412,7 +435,7 @@ class ReceiptLog:
             self.store.insert_receipts(signed, vouchers)
             # Only a committed batch enters the in-memory tree, so a failed commit leaves no trace.
             for s in signed:
-                self.tree.append(leaf_hash(s.digest))
+                self.tree.append(s.leaf_hash)
             return signed
 
     def get(self, seq: int) -> SignedReceipt:

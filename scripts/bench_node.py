@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -197,6 +198,12 @@ async def paid_load_elsewhere(anvil_url: str, deployment_path: Path, node_url: s
     return [Timed(latency, timing) for latency, timing in timed], errors
 
 
+def node_cpu_seconds() -> float:
+    """User + system CPU of this process (the node's loop, its threads; not the engine's or clients' processes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def start_unpaid_endpoint(generation, entry, max_tokens_limit: int):
     """A bare aiohttp route on the node's loop that runs a chat request on the node's engine with no payment and
     no receipt: the baseline that separates what payment + receipt add from what HTTP adds."""
@@ -286,11 +293,15 @@ async def main_async(args) -> int:
             keys.append(bytes(account.key))
         unpaid_runner, unpaid_url = await start_unpaid_endpoint(running.node.generation, entry,
                                                                 config.max_tokens_limit)
+        cpu_before = node_cpu_seconds()
         plain, plain_errors = await paid_load_elsewhere(anvil.url, tmp / "deployment.json", running.url, keys, tmp,
                                                         args.seconds, unpaid_url=unpaid_url)
+        plain_cpu = node_cpu_seconds() - cpu_before
         await unpaid_runner.cleanup()
+        cpu_before = node_cpu_seconds()
         answers, errors = await paid_load_elsewhere(anvil.url, tmp / "deployment.json", running.url, keys, tmp,
                                                     args.seconds)
+        paid_cpu = node_cpu_seconds() - cpu_before
         await running.node.drain()  # the credits still pending after the last answer count too
         registry = running.node.stats.registry
         credits = {outcome: registry.get_sample_value("longtail_adapter_credits_total", {"outcome": outcome}) or 0
@@ -340,6 +351,11 @@ async def main_async(args) -> int:
         f"steps. Adapter credits: {credits['stored']:.0f} stored, {credits['skipped']:.0f} skipped (backlog "
         f"full), {credits['failed']:.0f} failed. Audit after the run: "
         f"{'clean' if report.clean else f'{len(report.findings)} findings'} ({report.receipts_checked} receipts).",
+        "",
+        f"CPU of the node's process per request (getrusage over each HTTP phase, warm-up included; the engine and "
+        f"the clients are other processes): {1000 * plain_cpu / max(1, len(plain) + args.clients):.1f} ms unpaid, "
+        f"{1000 * paid_cpu / max(1, len(paid) + args.clients):.1f} ms paid. On two cores that an engine keeps "
+        "busy, each ms of it waits for a core.",
     ])
     print(table)
     write_section(DOC, "node", table)
