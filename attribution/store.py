@@ -123,6 +123,20 @@ class Checkpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReceiptCredit:
+    """The adapter credit of receipt `(node, seq)`, to keep unless one is stored already."""
+
+    node: str
+    seq: int
+    request_id: str
+    credit: AdapterCredit
+
+    def row(self) -> dict[str, Any]:
+        return {"node": self.node, "seq": self.seq, "request_id": self.request_id.lower(),
+                "credit": json.dumps(self.credit.to_json(), sort_keys=True, separators=(",", ":"))}
+
+
+@dataclasses.dataclass(frozen=True)
 class ChannelVoucher:
     """A client's voucher on a channel, to keep if it pays more than the one stored."""
 
@@ -192,9 +206,11 @@ class ReceiptStore:
         self.engine.dispose()
 
     # receipts
-    def insert_receipts(self, signed: Sequence[SignedReceipt], vouchers: Sequence[ChannelVoucher] = ()) -> None:
-        """Insert all in one transaction, with `vouchers` kept as `record_voucher` would; returns once committed
-        (durable). A paid request's voucher rides in its receipt's transaction: one commit instead of two."""
+    def insert_receipts(self, signed: Sequence[SignedReceipt], vouchers: Sequence[ChannelVoucher] = (),
+                        credits: Sequence[ReceiptCredit] = ()) -> None:
+        """Insert all in one transaction, with `vouchers` and `credits` kept as `record_voucher` and
+        `add_adapter_credits` would; returns once committed (durable). A paid request's voucher and the credits
+        computed since the last receipt ride in its transaction: one commit instead of three."""
         rows = [{
             "node": s.receipt.node, "seq": s.receipt.seq, "request_id": s.receipt.request_id,
             "channel_id": s.receipt.channel_id, "price": str(s.receipt.price), "digest": s.digest,
@@ -205,6 +221,8 @@ class ReceiptStore:
                 connection.execute(insert(ReceiptRow), rows)
                 for voucher in vouchers:
                     self._keep_voucher(connection, voucher)
+                for credit in credits:
+                    self._insert_new(connection, AdapterCreditRow, credit.row())
         except IntegrityError as error:
             seqs = [r["seq"] for r in rows]
             raise LogConflict(f"seq {min(seqs)}..{max(seqs)} already taken for node {rows[0]['node']}: "
@@ -251,10 +269,12 @@ class ReceiptStore:
     # adapter credit (an annex of the log: evidence, not covered by the signature)
     def add_adapter_credit(self, node: str, seq: int, request_id: str, credit: AdapterCredit) -> bool:
         """Keep the credit of receipt `(node, seq)`; the first one stored stays. Returns whether it was kept."""
-        text = json.dumps(credit.to_json(), sort_keys=True, separators=(",", ":"))
-        values = {"node": node, "seq": seq, "request_id": request_id.lower(), "credit": text}
+        return self.add_adapter_credits([ReceiptCredit(node, seq, request_id, credit)]) == 1
+
+    def add_adapter_credits(self, credits: Sequence[ReceiptCredit]) -> int:
+        """Keep each credit unless its receipt has one already, in one transaction; returns how many were kept."""
         with self._writing() as connection:
-            return self._insert_new(connection, AdapterCreditRow, values)
+            return sum(self._insert_new(connection, AdapterCreditRow, credit.row()) for credit in credits)
 
     def _insert_new(self, connection: Connection, table: type[Base], values: dict[str, Any]) -> bool:
         """Insert a row unless its key is taken (then nothing changes); returns whether it was inserted."""
@@ -418,21 +438,23 @@ class ReceiptLog:
     def domain(self) -> ReceiptDomain:
         return self.signer.domain
 
-    def append(self, draft: ReceiptDraft, vouchers: Sequence[ChannelVoucher] = ()) -> SignedReceipt:
-        """Sign and durably store one receipt (and keep `vouchers` in the same commit); returns it with its `seq`."""
-        return self.append_many([draft], vouchers)[0]
+    def append(self, draft: ReceiptDraft, vouchers: Sequence[ChannelVoucher] = (),
+               credits: Sequence[ReceiptCredit] = ()) -> SignedReceipt:
+        """Sign and durably store one receipt (`vouchers` and `credits` in the same commit); returns it with its
+        `seq`."""
+        return self.append_many([draft], vouchers, credits)[0]
 
-    def append_many(self, drafts: Sequence[ReceiptDraft],
-                    vouchers: Sequence[ChannelVoucher] = ()) -> list[SignedReceipt]:
-        """Sign a batch with consecutive `seq`s and commit it once (group commit), `vouchers` with it; durable on
-        return."""
+    def append_many(self, drafts: Sequence[ReceiptDraft], vouchers: Sequence[ChannelVoucher] = (),
+                    credits: Sequence[ReceiptCredit] = ()) -> list[SignedReceipt]:
+        """Sign a batch with consecutive `seq`s and commit it once (group commit), `vouchers` and `credits` with
+        it; durable on return."""
         if not drafts:
             return []
         with self._lock:
             start = self.tree.size
             signed = [self.signer.sign(d.to_receipt(self.node, start + i), d.attribution, d.spans, d.adapter_credit)
                       for i, d in enumerate(drafts)]
-            self.store.insert_receipts(signed, vouchers)
+            self.store.insert_receipts(signed, vouchers, credits)
             # Only a committed batch enters the in-memory tree, so a failed commit leaves no trace.
             for s in signed:
                 self.tree.append(s.leaf_hash)

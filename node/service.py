@@ -6,7 +6,10 @@ the engine generates (`serving`), the attributor weighs Datanets
 The order of one request is fixed by DESIGN.md: check payment, generate,
 attribute, sign + append (durable), settle, answer. Adapter credit is evidence
 outside the signed receipt: it is computed after the answer left, in the
-engine's batch, and stored as an annex of the receipt (docs/node.md).
+engine's batch, and stored as an annex of the receipt in the transaction of
+the next receipt (or on its own within CREDIT_FLUSH_SECONDS when no receipt
+comes), so storing it costs no commit and no worker thread of its own
+(docs/node.md).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import AsyncIterator
 from eth_utils import keccak
 
 from attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt
-from attribution.store import ChannelVoucher, ReceiptLog
+from attribution.store import ChannelVoucher, ReceiptCredit, ReceiptLog
 from node.attributor import Attribution, Attributor
 from node.catalog import Catalog, CatalogEntry
 from node.config import NodeConfig
@@ -35,6 +38,9 @@ from node.requests import CompletionRequest
 from node.timing import StageTimes
 
 log = logging.getLogger("longtail.node")
+
+# How long a computed adapter credit waits for a receipt's commit to ride in before it is stored on its own.
+CREDIT_FLUSH_SECONDS = 1.0
 
 
 def hex32(data: bytes) -> str:
@@ -86,6 +92,8 @@ class Node:
         self._fetch_lock = asyncio.Lock()
         self.checkpointer = None  # set by the runner when a chain is configured
         self._credits: set[asyncio.Task] = set()
+        self._credits_to_store: list[ReceiptCredit] = []  # computed, waiting for the next receipt's commit
+        self._credit_flush: asyncio.TimerHandle | None = None
         self.stats.log_size.set(receipt_log.size)
 
     # --- inference ------------------------------------------------------------------------------
@@ -176,7 +184,15 @@ class Node:
         vouchers = () if reservation.voucher is None else (ChannelVoucher(
             reservation.channel_id, reservation.client, reservation.voucher.cumulative_amount,
             reservation.voucher.signature),)
-        return self.receipt_log.append(draft, vouchers), attribution
+        credits, self._credits_to_store = self._credits_to_store, []
+        try:
+            signed = self.receipt_log.append(draft, vouchers, credits)
+        except BaseException:
+            self._credits_to_store[:0] = credits  # not stored: they wait for the next commit
+            raise
+        if credits:
+            self.stats.adapter_credits.labels("stored").inc(len(credits))
+        return signed, attribution
 
     # --- adapter credit (evidence after the answer) ---------------------------------------------
 
@@ -197,32 +213,55 @@ class Node:
         task.add_done_callback(self._credits.discard)
 
     async def _adapter_credit(self, prompt_ids: list[int], result: GenerationResult, signed: SignedReceipt) -> None:
-        """Per-token log-probability gain of the answer under the adapter over the base model, stored durably."""
+        """Per-token log-probability gain of the answer under the adapter over the base model, queued to store."""
         receipt = signed.receipt
         try:
             base = await self.generation.base_logprobs(prompt_ids, result.token_ids)
-            credit = AdapterCredit(tokens=len(result.token_ids), adapter_logprob=float(sum(result.logprobs)),
-                                   base_logprob=float(sum(base)))
-            await asyncio.to_thread(self.receipt_log.store.add_adapter_credit, receipt.node, receipt.seq,
-                                    receipt.request_id, credit)
         except Exception as error:  # credit is evidence, not a condition of service
             self.stats.adapter_credits.labels("failed").inc()
             log.warning("adapter credit of request %s failed: %s", receipt.request_id, error)
             return
-        self.stats.adapter_credits.labels("stored").inc()
+        credit = AdapterCredit(tokens=len(result.token_ids), adapter_logprob=float(sum(result.logprobs)),
+                               base_logprob=float(sum(base)))
+        self._credits_to_store.append(ReceiptCredit(receipt.node, receipt.seq, receipt.request_id, credit))
+        if self._credit_flush is None:
+            self._credit_flush = asyncio.get_running_loop().call_later(CREDIT_FLUSH_SECONDS, self._flush_credits_soon)
+
+    def _flush_credits_soon(self) -> None:
+        """No receipt took the queued credits within CREDIT_FLUSH_SECONDS: store them on their own."""
+        self._credit_flush = None
+        if self._credits_to_store:
+            task = asyncio.create_task(self._flush_credits(), name="credit-flush")
+            self._credits.add(task)
+            task.add_done_callback(self._credits.discard)
+
+    async def _flush_credits(self) -> None:
+        credits, self._credits_to_store = self._credits_to_store, []
+        if not credits:
+            return
+        try:
+            await asyncio.to_thread(self.receipt_log.store.add_adapter_credits, credits)
+        except Exception as error:  # the store is failing; the receipts themselves will report it
+            self.stats.adapter_credits.labels("failed").inc(len(credits))
+            log.warning("%d adapter credits could not be stored: %s", len(credits), error)
+            return
+        self.stats.adapter_credits.labels("stored").inc(len(credits))
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """At shutdown, before the engine stops and the store closes: finish pending credits (those still running
-        after `timeout` are cancelled: credit is optional evidence)."""
+        """At shutdown, before the engine stops and the store closes: finish pending credits and store them
+        (those still computing after `timeout` are cancelled: credit is optional evidence)."""
         pending = set(self._credits)
-        if not pending:
-            return
-        _, late = await asyncio.wait(pending, timeout=timeout)
-        for task in late:
-            task.cancel()
-        if late:
-            log.warning("%d adapter credits cancelled at shutdown", len(late))
-            await asyncio.gather(*late, return_exceptions=True)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("%d adapter credits cancelled at shutdown", len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+        if self._credit_flush is not None:
+            self._credit_flush.cancel()
+            self._credit_flush = None
+        await self._flush_credits()
 
     def _longtail_field(self, signed: SignedReceipt) -> dict:
         """The receipt body, plus the cumulative amount the client's next voucher must cover."""

@@ -198,10 +198,15 @@ async def paid_load_elsewhere(anvil_url: str, deployment_path: Path, node_url: s
     return [Timed(latency, timing) for latency, timing in timed], errors
 
 
-def node_cpu_seconds() -> float:
-    """User + system CPU of this process (the node's loop, its threads; not the engine's or clients' processes)."""
+def node_usage() -> tuple[float, int]:
+    """CPU seconds (user + system) and voluntary context switches of this process: the node's loop and threads,
+    not the engine's or the clients' processes."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime, usage.ru_nvcsw
+
+
+def usage_per_request(before: tuple[float, int], after: tuple[float, int], requests: int) -> str:
+    return f"{1000 * (after[0] - before[0]) / requests:.1f} ms ({(after[1] - before[1]) / requests:.0f} switches)"
 
 
 async def start_unpaid_endpoint(generation, entry, max_tokens_limit: int):
@@ -293,15 +298,15 @@ async def main_async(args) -> int:
             keys.append(bytes(account.key))
         unpaid_runner, unpaid_url = await start_unpaid_endpoint(running.node.generation, entry,
                                                                 config.max_tokens_limit)
-        cpu_before = node_cpu_seconds()
+        before = node_usage()
         plain, plain_errors = await paid_load_elsewhere(anvil.url, tmp / "deployment.json", running.url, keys, tmp,
                                                         args.seconds, unpaid_url=unpaid_url)
-        plain_cpu = node_cpu_seconds() - cpu_before
+        plain_usage = usage_per_request(before, node_usage(), len(plain) + args.clients)
         await unpaid_runner.cleanup()
-        cpu_before = node_cpu_seconds()
+        before = node_usage()
         answers, errors = await paid_load_elsewhere(anvil.url, tmp / "deployment.json", running.url, keys, tmp,
                                                     args.seconds)
-        paid_cpu = node_cpu_seconds() - cpu_before
+        paid_usage = usage_per_request(before, node_usage(), len(answers) + args.clients)
         await running.node.drain()  # the credits still pending after the last answer count too
         registry = running.node.stats.registry
         credits = {outcome: registry.get_sample_value("longtail_adapter_credits_total", {"outcome": outcome}) or 0
@@ -352,10 +357,9 @@ async def main_async(args) -> int:
         f"full), {credits['failed']:.0f} failed. Audit after the run: "
         f"{'clean' if report.clean else f'{len(report.findings)} findings'} ({report.receipts_checked} receipts).",
         "",
-        f"CPU of the node's process per request (getrusage over each HTTP phase, warm-up included; the engine and "
-        f"the clients are other processes): {1000 * plain_cpu / max(1, len(plain) + args.clients):.1f} ms unpaid, "
-        f"{1000 * paid_cpu / max(1, len(paid) + args.clients):.1f} ms paid. On two cores that an engine keeps "
-        "busy, each ms of it waits for a core.",
+        f"CPU and voluntary context switches of the node's process per request (getrusage over each HTTP phase, "
+        f"warm-up included; the engine and the clients are other processes): {plain_usage} unpaid, {paid_usage} "
+        "paid. On two cores that an engine keeps busy, each ms of it and each wake-up waits for a core.",
     ])
     print(table)
     write_section(DOC, "node", table)

@@ -21,7 +21,15 @@ from attribution.receipts import (
     SignedReceipt,
     verify_receipt,
 )
-from attribution.store import ChannelVoucher, Checkpoint, LogConflict, ReceiptLog, ReceiptStore, StoreError
+from attribution.store import (
+    ChannelVoucher,
+    Checkpoint,
+    LogConflict,
+    ReceiptCredit,
+    ReceiptLog,
+    ReceiptStore,
+    StoreError,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_KEY = "0x" + "4c" * 32
@@ -114,19 +122,26 @@ def test_a_voucher_is_kept_only_when_it_pays_more(database, first, second, kept)
     store.close()
 
 
-def test_a_voucher_rides_in_its_receipts_commit_and_falls_with_it(database):
+def test_a_voucher_and_credits_ride_in_a_receipts_commit_and_fall_with_it(database):
     url, schema = database
     log = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
     rival = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
     channel, client = "0x" + "ce" * 32, "0x" + "c1" * 20
-    log.append(draft(0), [ChannelVoucher(channel, client, 700, "0x" + "aa" * 65)])  # a new channel row
-    log.append(draft(1), [ChannelVoucher(channel, client, 600, "0x" + "bb" * 65)])  # lower: the receipt only
+    first = log.append(draft(0), [ChannelVoucher(channel, client, 700, "0x" + "aa" * 65)])  # a new channel row
+    credit = AdapterCredit(tokens=3, adapter_logprob=-1.5, base_logprob=-4.0)
+    # Lower voucher: the receipt only; the credit of receipt 0 (computed after it was served) rides along.
+    log.append(draft(1), [ChannelVoucher(channel, client, 600, "0x" + "bb" * 65)],
+               [ReceiptCredit(log.node, 0, first.receipt.request_id, credit)])
     assert log.size == 2
     state = log.store.channel(channel)
     assert (state.voucher_amount, state.voucher_signature) == (700, "0x" + "aa" * 65)
-    with pytest.raises(LogConflict):  # seq 0 is taken: the receipt and its voucher are refused together
-        rival.append(draft(9), [ChannelVoucher(channel, client, 900, "0x" + "cc" * 65)])
+    assert log.store.adapter_credit(log.node, 0) == credit
+    late = ReceiptCredit(log.node, 1, draft(1).request_id, credit)
+    with pytest.raises(LogConflict):  # seq 0 is taken: the receipt, its voucher and credit are refused together
+        rival.append(draft(9), [ChannelVoucher(channel, client, 900, "0x" + "cc" * 65)], [late])
     assert log.store.channel(channel).voucher_amount == 700
+    assert log.store.adapter_credit(log.node, 1) is None
+    assert log.store.add_adapter_credits([late, ReceiptCredit(log.node, 0, first.receipt.request_id, credit)]) == 1
     log.close()
     rival.close()
 
