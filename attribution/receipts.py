@@ -471,7 +471,13 @@ def recover_signer(digest: bytes, signature: bytes) -> str:
         public = coincurve.PublicKey.from_signature_and_message(signature[:64] + bytes([v - 27]), digest, hasher=None)
     except Exception as error:  # coincurve raises plain Exception for unrecoverable signatures
         raise InvalidSignature(f"signature does not recover a public key: {error}") from error
-    return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
+    return _address_of(public.format(compressed=False)[1:])
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_of(public_key: bytes) -> str:
+    # A node's receipts and a client's vouchers recover the same few keys: two keccaks saved per signature.
+    return to_checksum_address(keccak(public_key)[-20:])
 
 
 def verify_receipt(signed: SignedReceipt, domain: ReceiptDomain, expected_signer: str | None = None) -> str:
@@ -494,7 +500,8 @@ def verify_receipt(signed: SignedReceipt, domain: ReceiptDomain, expected_signer
         if span.datanet_id not in signed.attribution.datanet_ids:
             raise AttributionMismatch(f"span [{span.start}, {span.end}) names datanet {span.datanet_id}, "
                                       "which has no weight in the attribution vector")
-    recovered = recover_signer(receipt_digest(signed.receipt, domain), signed.signature)
+    # The domain equals the body's (checked above), so the body's digest is the one to recover from.
+    recovered = recover_signer(signed.digest, signed.signature)
     if recovered != signed.receipt.node:
         raise InvalidSignature(f"signature recovers {recovered}, but the receipt names node {signed.receipt.node}: "
                                "a field was changed after signing, or another key signed it")

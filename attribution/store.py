@@ -4,7 +4,9 @@ Tables: `receipts` (one row per signed receipt, unique `(node, seq)`),
 `adapter_credits` (evidence computed after a receipt was served, an annex
 keyed like it), `checkpoints` (tree sizes and roots the node committed to) and
 `channels` (payment channel state the node has seen). SQLite in WAL mode with
-`synchronous=FULL` by default, PostgreSQL by URL, through the same models.
+`synchronous=FULL` by default, PostgreSQL by URL, through the same models and
+the same statements: PostgreSQL runs them through SQLAlchemy's execution,
+SQLite's writes run them compiled once on the driver (`_DriverWrites`).
 
 The Merkle tree is not stored node by node: each receipt row carries its leaf
 hash, and opening a log reads that one column and rebuilds the tree in memory

@@ -176,9 +176,10 @@ class PayingClient:
             raise ClientError(f"receipt from {url} names another channel or client")
         if "0x" + Web3.keccak(text=text).hex().removeprefix("0x") != receipt.output_hash:
             raise ClientError(f"receipt from {url} does not hash the answer it came with")
-        self.state.set_owed(channel_id, int(payload["longtail"]["payCumulative"]))
         answer = Answer(text=text, receipt=signed, node_url=url, model=model,
                         latency_seconds=time.perf_counter() - started, server_timing=timing)
+        # Bookkeeping of a verified answer (files on disk), after its latency is taken.
+        self.state.set_owed(channel_id, int(payload["longtail"]["payCumulative"]))
         self.state.remember(answer)
         return answer
 
