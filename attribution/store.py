@@ -214,7 +214,8 @@ class ReceiptStore:
 
     def close(self) -> None:
         if self._driver is not None:
-            self._driver.close()
+            with self._write_lock:  # a write still running on another thread finishes first
+                self._driver.close()
         self.engine.dispose()
 
     # receipts
@@ -462,13 +463,18 @@ class _DriverWrites:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """The driver begins a transaction before the first write; commit on exit, roll back on error."""
+        """The driver begins a transaction before the first write; commit on exit, roll back on any error, a
+        failed commit's included (else the next writer's commit would carry this one's rows)."""
         try:
             yield
+            self._connection.commit()
         except BaseException:
-            self._connection.rollback()
+            if self._connection.in_transaction:
+                try:
+                    self._connection.rollback()
+                except sqlite3.Error:  # the connection is broken; the first error is the one to report
+                    pass
             raise
-        self._connection.commit()
 
     def run(self, statement: Executable, params: dict[str, Any]) -> int:
         sql, names, defaults = self._compile(statement, params)

@@ -109,18 +109,21 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
         completion = await service.complete(parsed, channel_id, voucher)
         return web.json_response(completion.body, headers={TIMING_HEADER: completion.timing.header()})
     events = service.stream(parsed, channel_id, voucher)
-    # The first event is produced before headers go out, so payment and model errors
-    # still answer with their proper status instead of a broken stream.
-    first = await anext(events)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    if "receipt_pending" in first:
-        response.headers[RECEIPT_HEADER] = first["receipt_pending"]
-    await response.prepare(request)
-    async for event in events:
-        await response.write(f"data: {json.dumps(event)}\n\n".encode())
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+    try:
+        # The first event is produced before headers go out, so payment and model errors
+        # still answer with their proper status instead of a broken stream.
+        first = await anext(events)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        if "receipt_pending" in first:
+            response.headers[RECEIPT_HEADER] = first["receipt_pending"]
+        await response.prepare(request)
+        async for event in events:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    finally:
+        await events.aclose()  # a client gone mid-stream: the request releases its credit now, not at GC
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

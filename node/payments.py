@@ -6,13 +6,15 @@ The node serves only while `deposit - owed - reserved >= maxPrice(request)`
 `owed`, which the next voucher must cover. `owed` is the sum of the prices in
 this node's receipts for the channel, so it survives restarts with the log.
 
-A voucher that comes with a request and pays more is kept in memory at once and
-handed back on the `Reservation`: the node writes it in the same transaction
-as that request's receipt, so it is on disk before the answer leaves at the
-cost of one statement, not a second commit. A request that ends without a
-receipt (refused, failed) writes its voucher on its own before it returns, as
-does a voucher sent alone (`accept_voucher`). Writes need no ordering here:
-the store keeps a voucher only over a lower one. The chain's view of a channel is cached and, once stale, refreshed in the
+A voucher that comes with a request and pays more is kept in memory at once;
+the channel's best voucher not yet on disk (`unstored_voucher`) is written in
+the transaction of the next receipt on that channel, whichever request it
+belongs to, so no answer leaves while a voucher the node holds is only in
+memory, at the cost of one statement, not a second commit. A request that
+ends without a receipt (refused, failed) writes it on its own before it
+returns, as does a voucher sent alone (`accept_voucher`); a failed write
+leaves it unstored, so the next receipt or write tries again. Writes need no
+ordering here: the store keeps a voucher only over a lower one. The chain's view of a channel is cached and, once stale, refreshed in the
 background while the cached view keeps serving (a top-up that a request needs
 is read at once).
 """
@@ -66,10 +68,15 @@ class ChannelAccount:
     owed: int = 0
     reserved: int = 0
     best_voucher: Voucher | None = None
+    stored: int = 0  # the highest voucher amount known to be on disk
 
     @property
     def paid(self) -> int:
         return self.best_voucher.cumulative_amount if self.best_voucher else 0
+
+    @property
+    def unstored_voucher(self) -> Voucher | None:
+        return self.best_voucher if self.paid > self.stored else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +86,6 @@ class Reservation:
     channel_id: str
     client: str
     max_price: int
-    voucher: Voucher | None = None  # came with the request and raised the channel's best: the node must store it
 
 
 ChannelReader = Callable[[str], Awaitable[ChannelState]]
@@ -131,15 +137,15 @@ class PaymentIntake:
         account = self._accounts.get(channel_id)
         if account is None:
             owed, voucher = await self._load_account(channel_id)
-            account = ChannelAccount(channel_id=channel_id, client=client, owed=owed, best_voucher=voucher)
+            account = ChannelAccount(channel_id=channel_id, client=client, owed=owed, best_voucher=voucher,
+                                     stored=voucher.cumulative_amount if voucher else 0)
             self._accounts[channel_id] = account
         return account
 
     async def accept_voucher(self, voucher: Voucher) -> ChannelAccount:
         """Check a voucher's signature against the channel's client and keep it if it pays more (durably)."""
-        account, kept = await self._accept(voucher)
-        if kept:
-            await self._save_voucher(voucher, account.client)
+        account, _ = await self._accept(voucher)
+        await self._store(account)
         return account
 
     async def _accept(self, voucher: Voucher) -> tuple[ChannelAccount, bool]:
@@ -165,32 +171,49 @@ class PaymentIntake:
             account.best_voucher = voucher
             return account, True
 
-    async def _save_quietly(self, voucher: Voucher, client: str) -> None:
-        """Store a voucher on a path that is already failing: a failed write is logged, the first error stands."""
+    def unstored_voucher(self, channel_id: str) -> Voucher | None:
+        """The channel's best voucher if it is not on disk yet: the node writes it with its next receipt."""
+        account = self._accounts.get(channel_id)
+        return account.unstored_voucher if account else None
+
+    def mark_stored(self, channel_id: str, voucher: Voucher) -> None:
+        """`voucher` was committed (with a receipt)."""
+        account = self._accounts[channel_id]
+        account.stored = max(account.stored, voucher.cumulative_amount)
+
+    async def _store(self, account: ChannelAccount) -> None:
+        """Write the channel's unstored voucher, if any, on its own (raises if the write fails)."""
+        voucher = account.unstored_voucher
+        if voucher is not None:
+            await self._save_voucher(voucher, account.client)
+            account.stored = max(account.stored, voucher.cumulative_amount)
+
+    async def _store_quietly(self, account: ChannelAccount) -> None:
+        """`_store` on a path that is already failing: a failed write is logged (and left for the next try), the
+        first error stands."""
         try:
-            await self._save_voucher(voucher, client)
+            await self._store(account)
         except Exception as error:  # the store's own error; the request's error is the one to report
-            log.error("voucher on channel %s could not be stored: %s", voucher.channel_id, error)
+            log.error("voucher on channel %s could not be stored: %s", account.channel_id, error)
 
     async def reserve(self, channel_id: str | None, voucher: Voucher | None, max_price: int) -> Reservation:
         """Admit a request that may cost up to `max_price`, or raise PaymentRequired saying what to pay."""
         if not channel_id:
             raise PaymentRequired("a payment channel is required: send X-Longtail-Channel and a voucher",
                                   max_price=str(max_price))
-        kept = None
+        account = None
         if voucher is not None:
             if voucher.channel_id.lower() != channel_id.lower():
                 raise InvalidVoucherSignature("voucher is for another channel", channel_id=channel_id)
-            account, accepted = await self._accept(voucher)
-            kept = voucher if accepted else None
+            account, _ = await self._accept(voucher)
         try:
-            return await self._reserve(channel_id, max_price, kept)
+            return await self._reserve(channel_id, max_price)
         except BaseException:
-            if kept is not None:  # even a refusal leaves only after the voucher it kept is stored
-                await self._save_quietly(kept, account.client)
+            if account is not None:  # even a refusal leaves only after the voucher it kept is stored
+                await self._store_quietly(account)
             raise
 
-    async def _reserve(self, channel_id: str, max_price: int, kept: Voucher | None) -> Reservation:
+    async def _reserve(self, channel_id: str, max_price: int) -> Reservation:
         state = await self.channel(channel_id)
         self._check_channel_is_ours(state)
         async with self._lock:
@@ -208,7 +231,7 @@ class PaymentIntake:
                                           channel_id=channel_id, deposit=str(state.deposit), owed=str(account.owed),
                                           max_price=str(max_price), top_up=str(max_price - available))
             account.reserved += max_price
-        return Reservation(channel_id=channel_id, client=state.client, max_price=max_price, voucher=kept)
+        return Reservation(channel_id=channel_id, client=state.client, max_price=max_price)
 
     async def settle(self, reservation: Reservation, price: int) -> int:
         """Charge `price` (<= the reservation) and return the cumulative amount the next voucher must cover."""
@@ -219,11 +242,11 @@ class PaymentIntake:
             return account.owed
 
     async def release(self, reservation: Reservation) -> None:
-        """The request failed before its receipt: nothing is charged, and the voucher it brought is stored."""
+        """The request failed before its receipt: nothing is charged, and the channel's voucher is stored."""
         async with self._lock:
-            self._accounts[reservation.channel_id].reserved -= reservation.max_price
-        if reservation.voucher is not None:
-            await self._save_quietly(reservation.voucher, reservation.client)
+            account = self._accounts[reservation.channel_id]
+            account.reserved -= reservation.max_price
+        await self._store_quietly(account)
 
     def _available(self, state: ChannelState, account: ChannelAccount) -> int:
         available = state.deposit - account.owed - account.reserved

@@ -181,15 +181,20 @@ class Node:
         )
         # The commit happens before the answer leaves: a receipt handed out is durable, and so is the voucher
         # that came with the request (same transaction).
-        vouchers = () if reservation.voucher is None else (ChannelVoucher(
-            reservation.channel_id, reservation.client, reservation.voucher.cumulative_amount,
-            reservation.voucher.signature),)
+        # Any voucher of the channel still only in memory (this request's, or one a concurrent request brought)
+        # goes in too: no answer leaves while the node holds a voucher it has not stored.
+        voucher = self.payments.unstored_voucher(reservation.channel_id)
+        vouchers = () if voucher is None else (ChannelVoucher(
+            reservation.channel_id, reservation.client, voucher.cumulative_amount, voucher.signature),)
         credits, self._credits_to_store = self._credits_to_store, []
         try:
             signed = self.receipt_log.append(draft, vouchers, credits)
         except BaseException:
-            self._credits_to_store[:0] = credits  # not stored: they wait for the next commit
+            self._credits_to_store[:0] = credits  # not stored: they wait for the next commit or the flush
+            self._schedule_credit_flush()
             raise
+        if voucher is not None:
+            self.payments.mark_stored(reservation.channel_id, voucher)
         if credits:
             self.stats.adapter_credits.labels("stored").inc(len(credits))
         return signed, attribution
@@ -224,7 +229,10 @@ class Node:
         credit = AdapterCredit(tokens=len(result.token_ids), adapter_logprob=float(sum(result.logprobs)),
                                base_logprob=float(sum(base)))
         self._credits_to_store.append(ReceiptCredit(receipt.node, receipt.seq, receipt.request_id, credit))
-        if self._credit_flush is None:
+        self._schedule_credit_flush()
+
+    def _schedule_credit_flush(self) -> None:
+        if self._credit_flush is None and self._credits_to_store:
             self._credit_flush = asyncio.get_running_loop().call_later(CREDIT_FLUSH_SECONDS, self._flush_credits_soon)
 
     def _flush_credits_soon(self) -> None:
@@ -250,12 +258,13 @@ class Node:
     async def drain(self, timeout: float = 30.0) -> None:
         """At shutdown, before the engine stops and the store closes: finish pending credits and store them
         (those still computing after `timeout` are cancelled: credit is optional evidence)."""
-        pending = set(self._credits)
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=timeout)
-            for task in late:
-                task.cancel()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._credits:  # a flush the timer starts meanwhile is waited for too
+            pending = set(self._credits)
+            _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
             if late:
+                for task in late:
+                    task.cancel()
                 log.warning("%d adapter credits cancelled at shutdown", len(late))
                 await asyncio.gather(*late, return_exceptions=True)
         if self._credit_flush is not None:
@@ -302,11 +311,12 @@ class Node:
         times = StageTimes()  # headers leave before these are known: a stream carries no Server-Timing
         entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times)
         request_id = hex32(os.urandom(32))
-        # First event: consumed by the HTTP edge before headers go out (carries the receipt's id).
-        yield {"receipt_pending": request_id}
         self._in_flight += 1
         pieces: list[int] = []
         try:
+            # First event: consumed by the HTTP edge before headers go out (carries the receipt's id). Inside the
+            # try: an edge that fails before the headers closes the stream here, and the reservation is released.
+            yield {"receipt_pending": request_id}
             result = None
             async for partial in self.generation.stream(request, entry, prompt_ids):
                 if partial.delta:

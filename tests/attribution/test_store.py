@@ -146,6 +146,38 @@ def test_a_voucher_and_credits_ride_in_a_receipts_commit_and_fall_with_it(databa
     rival.close()
 
 
+def test_a_failed_commit_leaves_nothing_for_the_next_write(tmp_path):
+    """SQLite's write path: a commit that fails (a full disk, a lock) is rolled back, so the next transaction
+    does not carry its rows, and the log appends the same seq again without a conflict."""
+    import sqlite3
+
+    log = ReceiptLog.open(f"sqlite:///{tmp_path / 'log.sqlite'}", NODE_KEY, DOMAIN)
+    real = log.store._driver._connection
+
+    class CommitFailsOnce:
+        failed = False
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def commit(self):
+            if not CommitFailsOnce.failed:
+                CommitFailsOnce.failed = True
+                raise sqlite3.OperationalError("disk I/O error")
+            real.commit()
+
+    log.store._driver._connection = CommitFailsOnce()
+    channel, client = "0x" + "ce" * 32, "0x" + "c1" * 20
+    with pytest.raises(sqlite3.OperationalError):
+        log.append(draft(0), [ChannelVoucher(channel, client, 700, "0x" + "aa" * 65)])
+    assert log.size == 0 and not real.in_transaction
+    log.store.record_deposit("0x" + "dd" * 32, client, 5)  # an unrelated write commits only its own row
+    assert log.store.channel(channel) is None
+    assert log.append(draft(1)).receipt.seq == 0
+    log.close()
+    assert ReceiptLog.open(f"sqlite:///{tmp_path / 'log.sqlite'}", NODE_KEY, DOMAIN).verify() == 1
+
+
 def test_the_first_adapter_credit_of_a_receipt_stays(database):
     url, schema = database
     log = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)

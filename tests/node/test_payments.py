@@ -59,11 +59,13 @@ def test_first_request_needs_no_voucher_then_the_next_must_cover_it():
         # A short voucher is still money the node keeps (stored before the refusal); it just does not admit.
         assert [v.cumulative_amount for v in saved] == [39]
         second = await intake.reserve(CHANNEL, voucher(40), max_price=100)
-        # An admitted request hands its voucher to the node, which stores it with the request's receipt.
-        assert second.voucher == voucher(40) and len(saved) == 1
+        # An admitted request's voucher waits for the channel's next receipt, which stores it in its commit.
+        assert intake.unstored_voucher(CHANNEL) == voucher(40) and len(saved) == 1
+        intake.mark_stored(CHANNEL, voucher(40))
+        assert intake.unstored_voucher(CHANNEL) is None
         await intake.settle(second, 60)
-        third = await intake.reserve(CHANNEL, voucher(100), max_price=100)
-        assert third.voucher == voucher(100)
+        await intake.reserve(CHANNEL, voucher(100), max_price=100)
+        assert intake.unstored_voucher(CHANNEL) == voucher(100)
     run(scenario())
 
 
@@ -132,13 +134,50 @@ def test_a_request_that_ends_without_a_receipt_stores_its_voucher_itself():
     async def scenario():
         intake, saved, _ = make_intake()
         first = await intake.reserve(CHANNEL, voucher(10), max_price=5)
-        assert first.voucher == voucher(10) and saved == []
+        assert intake.unstored_voucher(CHANNEL) == voucher(10) and saved == []
         await intake.release(first)  # the engine failed: no receipt will carry the voucher
         assert [v.cumulative_amount for v in saved] == [10]
         replay = await intake.reserve(CHANNEL, voucher(10), max_price=5)
-        assert replay.voucher is None, "a voucher that pays nothing more needs no write"
+        assert intake.unstored_voucher(CHANNEL) is None, "a voucher that pays nothing more needs no write"
         await intake.release(replay)
         assert len(saved) == 1
+    run(scenario())
+
+
+def test_a_voucher_another_request_brought_goes_with_the_next_receipt_on_the_channel():
+    async def scenario():
+        intake, _, _ = make_intake()
+        await intake.reserve(CHANNEL, voucher(10), max_price=5)  # still generating: its receipt is far off
+        # A second request admitted meanwhile answers first: its receipt must carry the voucher held in memory.
+        await intake.reserve(CHANNEL, None, max_price=5)
+        assert intake.unstored_voucher(CHANNEL) == voucher(10)
+    run(scenario())
+
+
+def test_a_voucher_whose_write_failed_is_written_again_later():
+    async def scenario():
+        attempts: list[int] = []
+        disk_full = True
+
+        async def read_channel(channel_id):
+            return ChannelState(channel_id, CLIENT, NODE, 1000, 0, False)
+
+        async def load_account(channel_id):
+            return 0, None
+
+        async def flaky_save(voucher, client):
+            attempts.append(voucher.cumulative_amount)
+            if disk_full:
+                raise OSError("disk full")
+
+        intake = PaymentIntake(NODE, read_channel, lambda v: CLIENT, load_account, flaky_save)
+        first = await intake.reserve(CHANNEL, voucher(10), max_price=5)
+        await intake.release(first)  # the write fails and is logged; the voucher stays unstored
+        assert intake.unstored_voucher(CHANNEL) == voucher(10)
+        disk_full = False
+        second = await intake.reserve(CHANNEL, voucher(10), max_price=5)  # the same voucher again
+        await intake.release(second)
+        assert attempts == [10, 10] and intake.unstored_voucher(CHANNEL) is None
     run(scenario())
 
 
@@ -187,4 +226,26 @@ def test_a_stale_channel_view_serves_while_it_is_refreshed():
         chain_answers.set()
         await asyncio.sleep(0.01)
         assert not intake._refreshing
+    run(scenario())
+
+
+def test_a_stream_closed_before_its_headers_releases_its_credit_and_keeps_its_voucher():
+    from node.service import Node
+
+    async def scenario():
+        intake, saved, _ = make_intake()
+        first = await intake.reserve(CHANNEL, None, max_price=100)
+        await intake.settle(first, 40)
+        node = Node.__new__(Node)  # only the stream's own bookkeeping runs: admission is the intake's
+        node.payments, node._in_flight = intake, 0
+
+        async def admit(request, channel_id, paying_voucher, times):
+            return None, [], await intake.reserve(channel_id, paying_voucher, 100)
+
+        node._admit = admit
+        events = node.stream(None, CHANNEL, voucher(40))
+        assert "receipt_pending" in await anext(events)
+        await events.aclose()  # the HTTP edge failed before the headers went out (client gone)
+        assert intake._accounts[CHANNEL].reserved == 0 and node._in_flight == 0
+        assert [v.cumulative_amount for v in saved] == [40]
     run(scenario())
