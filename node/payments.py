@@ -14,7 +14,9 @@ memory, at the cost of one statement, not a second commit. A request that
 ends without a receipt (refused, failed) writes it on its own before it
 returns, as does a voucher sent alone (`accept_voucher`); a failed write
 leaves it unstored, so the next receipt or write tries again. Writes need no
-ordering here: the store keeps a voucher only over a lower one. The chain's view of a channel is cached and, once stale, refreshed in the
+ordering here: the store keeps a voucher only over a lower one.
+
+The chain's view of a channel is cached and, once stale, refreshed in the
 background while the cached view keeps serving (a top-up that a request needs
 is read at once).
 """
@@ -77,6 +79,9 @@ class ChannelAccount:
     @property
     def unstored_voucher(self) -> Voucher | None:
         return self.best_voucher if self.paid > self.stored else None
+
+    def mark_stored(self, voucher: Voucher) -> None:
+        self.stored = max(self.stored, voucher.cumulative_amount)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +149,12 @@ class PaymentIntake:
 
     async def accept_voucher(self, voucher: Voucher) -> ChannelAccount:
         """Check a voucher's signature against the channel's client and keep it if it pays more (durably)."""
-        account, _ = await self._accept(voucher)
+        account = await self._accept(voucher)
         await self._store(account)
         return account
 
-    async def _accept(self, voucher: Voucher) -> tuple[ChannelAccount, bool]:
-        """Check a voucher and keep it in memory if it pays more; returns whether it did (then the caller stores
-        it)."""
+    async def _accept(self, voucher: Voucher) -> ChannelAccount:
+        """Check a voucher and keep it in memory if it pays more (`unstored_voucher` then says it is not stored)."""
         state = await self.channel(voucher.channel_id)
         self._check_channel_is_ours(state)
         try:
@@ -166,10 +170,9 @@ class PaymentIntake:
                                   deposit=str(state.deposit), cumulative_amount=str(voucher.cumulative_amount))
         async with self._lock:
             account = await self.account(voucher.channel_id, state.client)
-            if voucher.cumulative_amount <= account.paid:
-                return account, False
-            account.best_voucher = voucher
-            return account, True
+            if voucher.cumulative_amount > account.paid:
+                account.best_voucher = voucher
+            return account
 
     def unstored_voucher(self, channel_id: str) -> Voucher | None:
         """The channel's best voucher if it is not on disk yet: the node writes it with its next receipt."""
@@ -178,15 +181,14 @@ class PaymentIntake:
 
     def mark_stored(self, channel_id: str, voucher: Voucher) -> None:
         """`voucher` was committed (with a receipt)."""
-        account = self._accounts[channel_id]
-        account.stored = max(account.stored, voucher.cumulative_amount)
+        self._accounts[channel_id].mark_stored(voucher)
 
     async def _store(self, account: ChannelAccount) -> None:
         """Write the channel's unstored voucher, if any, on its own (raises if the write fails)."""
         voucher = account.unstored_voucher
         if voucher is not None:
             await self._save_voucher(voucher, account.client)
-            account.stored = max(account.stored, voucher.cumulative_amount)
+            account.mark_stored(voucher)
 
     async def _store_quietly(self, account: ChannelAccount) -> None:
         """`_store` on a path that is already failing: a failed write is logged (and left for the next try), the
@@ -205,7 +207,7 @@ class PaymentIntake:
         if voucher is not None:
             if voucher.channel_id.lower() != channel_id.lower():
                 raise InvalidVoucherSignature("voucher is for another channel", channel_id=channel_id)
-            account, _ = await self._accept(voucher)
+            account = await self._accept(voucher)
         try:
             return await self._reserve(channel_id, max_price)
         except BaseException:

@@ -179,10 +179,9 @@ class Node:
             attribution=attribution.vector,
             spans=attribution.spans,
         )
-        # The commit happens before the answer leaves: a receipt handed out is durable, and so is the voucher
-        # that came with the request (same transaction).
-        # Any voucher of the channel still only in memory (this request's, or one a concurrent request brought)
-        # goes in too: no answer leaves while the node holds a voucher it has not stored.
+        # The commit happens before the answer leaves: a receipt handed out is durable. The channel's voucher still
+        # only in memory (this request's, or one a concurrent request brought) goes in the same transaction: no
+        # answer leaves while the node holds a voucher it has not stored.
         voucher = self.payments.unstored_voucher(reservation.channel_id)
         vouchers = () if voucher is None else (ChannelVoucher(
             reservation.channel_id, reservation.client, voucher.cumulative_amount, voucher.signature),)
