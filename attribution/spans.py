@@ -8,14 +8,20 @@ that occur in each of the adapter's Datanets, credit each output token to the
 Datanets holding the longest span over it, and discount tokens whose longest
 span several Datanets share.
 
-Search is vectorized binary search over the suffix array: one pass finds which
-k-grams of the output occur at all, a second finds the longest match at those
-positions (the classic "LCP with the neighbours of the insertion point"), a
-third finds each span's occurrence interval, hence its records.
+Search is binary search over the suffix array: one pass finds which k-grams of
+the output occur at all, a second finds the longest match at those positions
+(the classic "LCP with the neighbours of the insertion point"), a third finds
+each span's occurrence interval, hence its records. Long outputs take the
+vectorized numpy search, every query at once; short ones (a node's typical
+answer) take the scalar one, Python's bisect over the text as big-endian bytes,
+because the numpy path's ~100 array calls cost more than the search itself at
+that size (docs/attribution.md). Each is tested against the other and against
+the brute-force definition.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -32,6 +38,11 @@ SEPARATOR = 0  # the compact alphabet's code between records; real tokens are 1.
 UNKNOWN = -1  # query tokens absent from a Datanet, and query padding: equal to nothing
 MAX_SPAN = 1024  # longest span reported in one piece (longer ones are truncated)
 DEFAULT_MIN_SPAN = 8
+# Where the scalar search beats the vectorized one (measured, docs/attribution.md): the k-gram filter up to this many
+# output tokens, the search itself up to this many k-grams that passed the filter.
+SCALAR_FILTER_MAX_TOKENS = 256
+SCALAR_SEARCH_MAX_HITS = 64
+_HASH_MASK = (1 << 64) - 1
 
 
 class SpanIndexError(ValueError):
@@ -89,6 +100,11 @@ class SpanIndex:
             prefix |= self._text[self.suffix_array + j].astype(np.uint64) << np.uint64(shift * (self._prefix_tokens - 1 - j))
         self._prefix = prefix
         self._gram_hashes: dict[int, np.ndarray] = {}
+        # The scalar search compares suffixes as byte strings: codes big-endian and of one width sort as the
+        # codes do, and the padding separators sort below every real code, as in the arrays above.
+        self._code_bytes = 2 if len(self.vocabulary) < 2**16 - 1 else 4
+        self._text_bytes = self._text.astype(f">u{self._code_bytes}").tobytes()
+        self._suffix_starts = memoryview(np.ascontiguousarray(self.suffix_array))
 
     @property
     def size(self) -> int:
@@ -210,21 +226,75 @@ class SpanIndex:
         return np.where(valid, lcp, 0)
 
     def find_spans(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
-        """Maximal spans of the output, at least `min_span` tokens long, that occur in this Datanet."""
+        """Maximal spans of the output, at least `min_span` tokens long, that occur in this Datanet.
+
+        Each stage takes whichever of the scalar and the vectorized search is faster at its size (docs/attribution.md).
+        """
         query = self.encode(token_ids)
-        length = len(query)
-        if length < min_span:
+        if len(query) < min_span:
             return []
-        padded = np.concatenate([query, np.full(MAX_SPAN, UNKNOWN, np.int32)])
-        # 1. Which k-grams occur at all (a hash set, exact after stage 2): most of an output usually
-        #    does not, and is dropped here without touching the suffix array.
-        gram_hashes = _rolling_hashes(padded[:length], min_span)
+        if len(query) <= SCALAR_FILTER_MAX_TOKENS:
+            hits = self._gram_hits_scalar(query.tolist(), min_span)
+        else:
+            hits = self._gram_hits_vectorized(query, min_span).tolist()
+        if len(hits) <= SCALAR_SEARCH_MAX_HITS:
+            return self._spans_scalar(query.tolist(), hits, min_span)
+        return self._spans_vectorized(query, np.asarray(hits, np.int64), min_span)
+
+    def find_spans_vectorized(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
+        """`find_spans` with every stage in numpy, all positions at once."""
+        query = self.encode(token_ids)
+        if len(query) < min_span:
+            return []
+        return self._spans_vectorized(query, self._gram_hits_vectorized(query, min_span), min_span)
+
+    def find_spans_scalar(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
+        """`find_spans` with every stage in Python, one position at a time (bisect over byte strings)."""
+        codes = self.encode(token_ids).tolist()
+        if len(codes) < min_span:
+            return []
+        return self._spans_scalar(codes, self._gram_hits_scalar(codes, min_span), min_span)
+
+    # Stage 1: which k-grams occur at all (a hash set, exact after stage 2). Most of an output usually does not,
+    # and is dropped here without touching the suffix array.
+
+    def _gram_hits_vectorized(self, query: np.ndarray, min_span: int) -> np.ndarray:
+        gram_hashes = _rolling_hashes(query, min_span)
         known = self._gram_set(min_span)
         found = known[np.minimum(np.searchsorted(known, gram_hashes), len(known) - 1)] == gram_hashes
-        hits = np.flatnonzero(found & (_rolling_min(padded[:length], min_span) > 0))
+        return np.flatnonzero(found & (_rolling_min(query, min_span) > 0))
+
+    def _gram_hits_scalar(self, codes: list[int], min_span: int) -> list[int]:
+        """The same hashes as `_rolling_hashes`, rolled in Python: one multiply-add per token."""
+        multiplier = int(_HASH_MULTIPLIER)
+        leading = pow(multiplier, min_span - 1, 1 << 64)
+        starts, hashes = [], []
+        value, clean_from = 0, 0
+        for position, code in enumerate(codes):
+            if code <= 0:
+                clean_from = position + 1
+            if position >= min_span:
+                value -= (codes[position - min_span] + 1) * leading
+            value = (value * multiplier + code + 1) & _HASH_MASK
+            start = position - min_span + 1
+            if start >= clean_from:  # a k-gram with no unknown token
+                starts.append(start)
+                hashes.append(value)
+        if not starts:
+            return []
+        known = self._gram_set(min_span)
+        probes = np.array(hashes, np.uint64)
+        found = known[np.minimum(np.searchsorted(known, probes), len(known) - 1)] == probes
+        return [start for start, present in zip(starts, found.tolist(), strict=True) if present]
+
+    # Stages 2 and 3: the longest match at each hit (a run of consecutive hits bounds how far it can reach), then
+    # the maximal spans (a span is not maximal when the one starting a token earlier covers it) and their
+    # suffix-array intervals.
+
+    def _spans_vectorized(self, query: np.ndarray, hits: np.ndarray, min_span: int) -> list[SpanHit]:
         if not len(hits):
             return []
-        # 2. Longest match at each hit; a run of consecutive hits bounds how far it can reach.
+        padded = np.concatenate([query, np.full(MAX_SPAN, UNKNOWN, np.int32)])
         run_id = np.concatenate([[0], np.cumsum(np.diff(hits) != 1)])
         run_end = np.zeros(run_id[-1] + 1, np.int64)
         np.maximum.at(run_end, run_id, hits + min_span)
@@ -238,7 +308,6 @@ class SpanIndex:
         hits, longest = hits[real], longest[real]
         if not len(hits):
             return []
-        # 3. Keep the maximal ones: a span is not maximal when the one starting a token earlier covers it.
         ends = hits + longest
         keep = np.ones(len(hits), bool)
         keep[1:] = ~((hits[1:] - 1 == hits[:-1]) & (ends[:-1] >= ends[1:]))
@@ -249,6 +318,61 @@ class SpanIndex:
                            upper=np.repeat([False, True], len(hits)))
         lo, hi = both[:len(hits)], both[len(hits):]
         return [SpanHit(int(s), int(s + n), int(a), int(b)) for s, n, a, b in zip(hits, longest, lo, hi, strict=True)]
+
+    def _spans_scalar(self, codes: list[int], hits: list[int], min_span: int) -> list[SpanHit]:
+        if not hits:
+            return []
+        width = self._code_bytes
+        # A hit's window never holds an unknown token (each of its k-grams is clean), so their bytes are never read.
+        query = b"".join(code.to_bytes(width, "big") if code > 0 else bytes(width) for code in codes)
+        run_ends: list[int] = []
+        for index in range(len(hits) - 1, -1, -1):
+            last_of_run = index == len(hits) - 1 or hits[index + 1] != hits[index] + 1
+            run_ends.append(hits[index] + min_span if last_of_run else run_ends[-1])
+        run_ends.reverse()
+        matches: list[tuple[int, int]] = []
+        for start, run_end in zip(hits, run_ends, strict=True):
+            pattern = query[width * start:width * (start + min(run_end - start, MAX_SPAN))]
+            rank = self._lower_bound(pattern)
+            longest = max(self._common_codes(rank - 1, pattern), self._common_codes(rank, pattern))
+            if longest >= min_span:  # hash collisions end here
+                matches.append((start, longest))
+        spans: list[SpanHit] = []
+        for index, (start, longest) in enumerate(matches):
+            if index and matches[index - 1][0] == start - 1 and sum(matches[index - 1]) >= start + longest:
+                continue
+            pattern = query[width * start:width * (start + longest)]
+            spans.append(SpanHit(start, start + longest, self._lower_bound(pattern), self._upper_bound(pattern)))
+        return spans
+
+    def _suffix_key(self, length: int):
+        text, starts, width = self._text_bytes, self._suffix_starts, self._code_bytes
+        return lambda rank: text[width * starts[rank]:width * starts[rank] + length]
+
+    def _lower_bound(self, pattern: bytes) -> int:
+        """First suffix rank whose first len(pattern) bytes are >= pattern."""
+        return bisect.bisect_left(range(self.size), pattern, key=self._suffix_key(len(pattern)))
+
+    def _upper_bound(self, pattern: bytes) -> int:
+        """First suffix rank whose first len(pattern) bytes are > pattern."""
+        return bisect.bisect_right(range(self.size), pattern, key=self._suffix_key(len(pattern)))
+
+    def _common_codes(self, rank: int, pattern: bytes) -> int:
+        """How many leading codes of `pattern` the suffix at `rank` shares (0 outside the array)."""
+        if not 0 <= rank < self.size:
+            return 0
+        width = self._code_bytes
+        offset = width * self._suffix_starts[rank]
+        text = self._text_bytes
+        # Binary search on the prefix length: each probe is one bytes comparison in C.
+        shared, longest = 0, len(pattern) // width
+        while shared < longest:
+            middle = (shared + longest + 1) // 2
+            if text[offset:offset + width * middle] == pattern[:width * middle]:
+                shared = middle
+            else:
+                longest = middle - 1
+        return shared
 
     def _gram_set(self, k: int) -> np.ndarray:
         """Sorted hashes of every k-gram of the text that holds no separator, built once per k."""
@@ -350,13 +474,13 @@ def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min
     length = len(token_ids)
     if length == 0 or not indexes:
         return SpanAttribution(AttributionVector(), (), (), (), 0, length)
-    per_datanet: dict[str, list[SpanHit]] = {}
+    per_datanet = {index.datanet_id: index.find_spans(token_ids, min_span) for index in indexes}
+    if not any(per_datanet.values()):  # most answers: no verbatim span, nothing to weigh
+        return SpanAttribution(AttributionVector(), (), (), (), 0, length)
     best = np.zeros((len(indexes), length), np.int64)  # longest span of each Datanet over each token
     owner = np.full((len(indexes), length), -1, np.int64)  # which of that Datanet's spans it is
     for d, index in enumerate(indexes):
-        hits = index.find_spans(token_ids, min_span)
-        per_datanet[index.datanet_id] = hits
-        for h, hit in enumerate(hits):
+        for h, hit in enumerate(per_datanet[index.datanet_id]):
             segment = slice(hit.start, hit.end)
             longer = best[d, segment] < hit.length
             owner[d, segment] = np.where(longer, h, owner[d, segment])

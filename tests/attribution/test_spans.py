@@ -42,9 +42,13 @@ def brute_force_spans(records: list[IndexedRecord], query: list[int], k: int) ->
     return spans
 
 
+SEARCHES = ("find_spans", "find_spans_scalar", "find_spans_vectorized")
+
+
+@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("seed, alphabet, k", [(1, range(3, 7), 3), (2, range(100, 104), 4), (3, range(50), 2),
                                                (4, range(70000, 70005), 3)])
-def test_spans_equal_the_brute_force_definition(seed, alphabet, k):
+def test_spans_equal_the_brute_force_definition(seed, alphabet, k, search):
     rng = random.Random(seed)
     records = random_records(rng, 40, alphabet, "r")
     index = SpanIndex.build(A, records)
@@ -54,12 +58,33 @@ def test_spans_equal_the_brute_force_definition(seed, alphabet, k):
             source = rng.choice(records).token_ids
             cut = rng.randrange(len(source))
             query[len(query) // 2:len(query) // 2] = source[cut:cut + 20]
-        hits = index.find_spans(query, k)
+        hits = getattr(index, search)(query, k)
         assert [(h.start, h.end, h.occurrences) for h in hits] == brute_force_spans(records, query, k)
         for hit in hits:
             holders = {records[r].record_id for r in index.records_of(hit, max_occurrences=10_000)}
             expected = {r.record_id for r in records if occurrences([r], query[hit.start:hit.end])}
             assert holders == expected
+
+
+@pytest.mark.parametrize("code_bytes", [2, 4])
+def test_scalar_and_vectorized_searches_agree_at_every_size(code_bytes):
+    """The node takes the scalar search for short answers and the vectorized one for long ones (or many hits):
+    both give the same spans and suffix-array intervals, unknown tokens and hash-filter survivors included."""
+    rng = random.Random(11)
+    records = random_records(rng, 80, range(1, 9), "r")
+    if code_bytes == 4:  # a Datanet with more distinct tokens than two bytes can code
+        records.append(IndexedRecord("wide", "0x" + "05" * 20, rng.sample(range(100, 70_000), 66_000)))
+    index = SpanIndex.build(A, records)
+    assert index._code_bytes == code_bytes
+    for length in (0, 3, 8, 9, 30, 120, 300):
+        for _ in range(4):
+            query = [rng.randrange(1, 9) if rng.random() < 0.9 else 99 for _ in range(length)]  # 99: unknown
+            for record in rng.sample(records, 3):
+                at = rng.randrange(len(query) + 1)
+                query[at:at] = list(record.token_ids[:rng.randrange(min(len(record.token_ids), 80) + 1)])
+            for k in (1, 4, 8):
+                scalar = index.find_spans_scalar(query, k)
+                assert scalar == index.find_spans_vectorized(query, k) == index.find_spans(query, k)
 
 
 def test_spans_never_cross_record_boundaries():
