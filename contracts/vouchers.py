@@ -20,8 +20,9 @@ from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 from hexbytes import HexBytes
+from sha3 import keccak_256
 
 DOMAIN_NAME = "Longtail"
 DOMAIN_VERSION = "1"
@@ -81,8 +82,13 @@ def voucher_typed_data(channel_id: str | bytes, cumulative_amount: int, chain_id
     }
 
 
-DOMAIN_TYPEHASH = keccak(text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
-VOUCHER_TYPEHASH = keccak(text="Voucher(bytes32 channelId,uint256 cumulativeAmount)")
+def keccak(data: bytes) -> bytes:
+    """Keccak-256 in C (a voucher is hashed twice per paid request, on the client and on the node)."""
+    return keccak_256(data).digest()
+
+
+DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +101,7 @@ class VoucherDomain:
     @functools.cached_property
     def separator(self) -> bytes:
         return keccak(abi_encode(["bytes32", "bytes32", "bytes32", "uint256", "address"],
-                                 [DOMAIN_TYPEHASH, keccak(text=DOMAIN_NAME), keccak(text=DOMAIN_VERSION),
+                                 [DOMAIN_TYPEHASH, keccak(DOMAIN_NAME.encode()), keccak(DOMAIN_VERSION.encode()),
                                   int(self.chain_id), to_checksum_address(self.channels_address)]))
 
     def digest(self, channel_id: str | bytes, cumulative_amount: int) -> bytes:
@@ -107,9 +113,19 @@ class VoucherDomain:
 
     def sign(self, private_key: bytes | str, channel_id: str | bytes, cumulative_amount: int) -> SignedVoucher:
         """The client's signature (r || s || v, v in {27, 28}): RFC 6979 low-s, byte for byte eth-account's."""
-        raw_key = bytes(HexBytes(private_key))
-        recoverable = coincurve.PrivateKey(raw_key).sign_recoverable(self.digest(channel_id, cumulative_amount),
-                                                                     hasher=None)
+        return VoucherSigner(self, private_key).sign(channel_id, cumulative_amount)
+
+
+class VoucherSigner:
+    """One client key's vouchers for one deployment; holds the parsed key, so each voucher is one libsecp256k1
+    call (parsing a key derives its public key: as long again as the signature)."""
+
+    def __init__(self, domain: VoucherDomain, private_key: bytes | str) -> None:
+        self.domain = domain
+        self._key = coincurve.PrivateKey(bytes(HexBytes(private_key)))
+
+    def sign(self, channel_id: str | bytes, cumulative_amount: int) -> SignedVoucher:
+        recoverable = self._key.sign_recoverable(self.domain.digest(channel_id, cumulative_amount), hasher=None)
         signature = recoverable[:64] + bytes([recoverable[64] + 27])
         return SignedVoucher(channel_id="0x" + _bytes32(channel_id).hex(), cumulative_amount=int(cumulative_amount),
                              signature="0x" + signature.hex())

@@ -20,10 +20,11 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from attribution.merkle import leaf_hash, verify_inclusion
-from attribution.receipts import ReceiptDomain, SignedReceipt, verify_receipt
+from attribution.receipts import ReceiptDomain, SignedReceipt, keccak, verify_receipt
 from contracts.channels import channel_id_of
 from contracts.client import LongtailContracts
 from contracts.deployment import Deployment
+from contracts.vouchers import VoucherSigner
 from node.requests import CHANNEL_HEADER, VOUCHER_AMOUNT_HEADER, VOUCHER_SIGNATURE_HEADER
 from node.timing import HEADER as TIMING_HEADER
 from node.timing import parse_server_timing
@@ -122,6 +123,7 @@ class PayingClient:
         self.state = ClientState(state_dir)
         self.domain = ReceiptDomain(chain_id=deployment.chain_id, verifying_contract=deployment.ledger)
         self.vouchers = VoucherDomain(deployment.chain_id, deployment.channels)
+        self._voucher_signer = VoucherSigner(self.vouchers, account.key)
         self._addresses: dict[str, str] = {}
 
     def channel_for(self, node_address: str) -> str:
@@ -141,7 +143,7 @@ class PayingClient:
         amount = self.state.paid(channel_id)
         headers = {CHANNEL_HEADER: channel_id}
         if amount > 0:
-            voucher = self.vouchers.sign(self.account.key, channel_id, amount)
+            voucher = self._voucher_signer.sign(channel_id, amount)
             headers[VOUCHER_AMOUNT_HEADER] = str(amount)
             headers[VOUCHER_SIGNATURE_HEADER] = voucher.signature
         return headers
@@ -174,7 +176,7 @@ class PayingClient:
         receipt = signed.receipt
         if receipt.channel_id != channel_id or receipt.client.lower() != self.account.address.lower():
             raise ClientError(f"receipt from {url} names another channel or client")
-        if "0x" + Web3.keccak(text=text).hex().removeprefix("0x") != receipt.output_hash:
+        if "0x" + keccak(text.encode("utf-8")).hex() != receipt.output_hash:
             raise ClientError(f"receipt from {url} does not hash the answer it came with")
         answer = Answer(text=text, receipt=signed, node_url=url, model=model,
                         latency_seconds=time.perf_counter() - started, server_timing=timing)
@@ -201,7 +203,7 @@ class PayingClient:
         amount = self.state.paid(channel_id)
         if amount == 0:
             return 0
-        voucher = self.vouchers.sign(self.account.key, channel_id, amount)
+        voucher = self._voucher_signer.sign(channel_id, amount)
         async with session.post(f"{url}/v1/vouchers", json=voucher.to_json()) as response:
             if response.status != 200:
                 raise ClientError(f"{url} refused the voucher: {await response.text()}", response.status)

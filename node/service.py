@@ -22,9 +22,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-from eth_utils import keccak
-
-from attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt
+from attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt, keccak
 from attribution.store import ChannelVoucher, ReceiptCredit, ReceiptLog
 from node.attributor import Attribution, Attributor
 from node.catalog import Catalog, CatalogEntry

@@ -10,6 +10,8 @@ from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
 from eth_utils import keccak
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attribution.receipts import (
     AdapterCredit,
@@ -171,6 +173,17 @@ def test_attribution_hash_is_abi_encoded_and_validated():
         attribution_hash([DATANET_A, DATANET_B], [10000, 0])
     with pytest.raises(AttributionMismatch, match="2 datanet ids but 1"):
         attribution_hash([DATANET_A, DATANET_B], [10000])
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=24, unique=True), st.data())
+def test_attribution_hash_matches_eth_abi_for_any_vector(ids, data):
+    """The hash is built word by word for speed; eth-abi's generic encoder is the definition it must equal."""
+    ids = sorted(ids)
+    cuts = sorted(data.draw(st.lists(st.integers(1, 9999), min_size=len(ids) - 1, max_size=len(ids) - 1,
+                                     unique=True)))
+    weights = [b - a for a, b in zip([0, *cuts], [*cuts, 10_000], strict=True)]
+    expected = keccak(abi_encode(["bytes32[]", "uint16[]"], [ids, weights]))
+    assert attribution_hash(["0x" + i.hex() for i in ids], weights) == "0x" + expected.hex()
 
 
 @pytest.mark.parametrize("changes, field", [
