@@ -20,6 +20,7 @@ and never work padded to the largest rank.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,12 +37,18 @@ class LoraShapeError(ValueError):
     """The tensors handed to a LoRA kernel disagree on a dimension."""
 
 
+@functools.cache
+def _has_cuda() -> bool:
+    # Asked on every LoRA call (thousands per engine step); a process's devices do not change.
+    return torch.cuda.is_available()
+
+
 def kernel_backend() -> str:
     """"triton" on CUDA, "torch" elsewhere; LONGTAIL_KERNELS=torch|triton forces one."""
     forced = os.environ.get("LONGTAIL_KERNELS", "").strip().lower()
     if forced in ("torch", "triton"):
         return forced
-    return "triton" if torch.cuda.is_available() else "torch"
+    return "triton" if _has_cuda() else "torch"
 
 
 class TokenGroups(list):
