@@ -1,14 +1,15 @@
 """Load on one paid node over HTTP on loopback: requests/s, latency, and what payment + receipt add.
 
 In one run: (a) the same engine driven directly, unpaid, with the same
-concurrency and requests (the baseline), (b) the same requests over HTTP to a
-bare route on the node's own loop that runs them on the node's engine with no
-payment and no receipt, for `--seconds`, then (c) concurrent paid clients over
-HTTP against the node on a real anvil for `--seconds`, with the node's
-defaults (adapter credit on). The clients of (b) and (c) run in one separate
-process (real clients live on other machines), so their signing, JSON and
-HTTP work does not compete with the node for its GIL. It prints requests/s, p50/p99 latency,
-errors, and runs the audit afterwards.
+concurrency and requests (the baseline), then `--rounds` rounds of (b) the same
+requests over HTTP to a bare route on the node's own loop that runs them on the
+node's engine with no payment and no receipt, and (c) concurrent paid clients
+over HTTP against the node on a real anvil, with the node's defaults (adapter
+credit on); each round gives (b) and (c) `--seconds / --rounds` seconds, so
+both see the same drift of a shared machine. The clients of (b) and (c) run in
+one separate process (real clients live on other machines), so their signing,
+JSON and HTTP work does not compete with the node for its GIL. It prints
+requests/s, p50/p99 latency, errors, and runs the audit afterwards.
 
 What payment + receipt add is measured per request, not as a difference of
 medians (each latency is mostly engine steps of 100+ ms, which would swamp a
@@ -17,7 +18,8 @@ generate) took for that request, and `added = client latency - engine` is
 everything else: HTTP, payment, signing and committing the receipt, and the
 client's own voucher signing and receipt checks. The same difference for (b)
 is HTTP alone, so payment + receipt add the paid p50 less the unpaid one
-(target <= 5 ms at p50). The tables go to docs/benchmarks.md between `<!-- node:start -->` and `<!-- node:end -->`.
+(target <= 5 ms at p50), over all rounds and per round. The tables go to
+docs/benchmarks.md between `<!-- node:start -->` and `<!-- node:end -->`.
 """
 
 from __future__ import annotations
@@ -106,96 +108,123 @@ async def timed_load(askers: list[Callable[[str], Awaitable]], seconds: float) -
     return answers, errors
 
 
-async def unpaid_http_load(url: str, clients: int, seconds: float) -> tuple[list[Timed], int]:
-    """The same chat requests to the bench's unpaid endpoint."""
+KINDS = ("unpaid", "paid")
+
+
+async def alternate_loads(clients, node_url: str, unpaid_url: str, rounds: int, seconds: float,
+                          mark: Callable[[tuple], None]) -> tuple[dict[str, list[list[tuple]]], dict[str, int]]:
+    """`rounds` times: the unpaid endpoint for `seconds`, then the paying clients for `seconds`. `mark` tells the
+    node's process where each phase starts and ends (it takes the node's CPU use there). The paying clients
+    settle what they owe at the end."""
     import aiohttp
 
     from node.timing import HEADER as TIMING_HEADER
     from node.timing import parse_server_timing
 
-    async def ask(session, prompt: str) -> Timed:
+    async def ask_unpaid(session, prompt: str) -> Timed:
         started = time.perf_counter()
-        async with session.post(url, json=chat_body(prompt)) as response:
+        async with session.post(unpaid_url, json=chat_body(prompt)) as response:
             payload = await response.json()
             if response.status != 200:
                 raise RuntimeError(f"unpaid endpoint answered {response.status}: {payload}")
             timing = parse_server_timing(response.headers.get(TIMING_HEADER))
         return Timed(time.perf_counter() - started, timing)
 
-    sessions = [aiohttp.ClientSession() for _ in range(clients)]
-    try:
-        return await timed_load([functools.partial(ask, session) for session in sessions], seconds)
-    finally:
-        for session in sessions:
-            await session.close()
-
-
-async def paid_load(clients, url: str, seconds: float) -> tuple[list, int]:
-    """Paying clients against the node; each settles what it owes at the end."""
-    import aiohttp
-
     sessions = [aiohttp.ClientSession() for _ in clients]
+    askers = {"unpaid": [functools.partial(ask_unpaid, session) for session in sessions],
+              "paid": [functools.partial(client.ask, session, node_url, "legal-r8", max_tokens=8)
+                       for client, session in zip(clients, sessions, strict=True)]}
+    timed: dict[str, list[list[tuple]]] = {kind: [] for kind in KINDS}
+    errors = dict.fromkeys(KINDS, 0)
     try:
-        askers = [functools.partial(client.ask, session, url, "legal-r8", max_tokens=8)
-                  for client, session in zip(clients, sessions, strict=True)]
-        answers, errors = await timed_load(askers, seconds)
+        for _ in range(rounds):
+            for kind in KINDS:
+                mark(("start", kind))
+                answers, failed = await timed_load(askers[kind], seconds)
+                mark(("end", kind))
+                timed[kind].append([(a.latency_seconds, a.server_timing) for a in answers])
+                errors[kind] += failed
         for client, session in zip(clients, sessions, strict=True):
-            await client.settle(session, url)
-        return answers, errors
+            await client.settle(session, node_url)
+        return timed, errors
     finally:
         for session in sessions:
             await session.close()
 
 
-def client_process(anvil_url: str, deployment_path: str, node_url: str, keys: list[bytes], state_root: str,
-                   seconds: float, sender, unpaid_url: str | None = None) -> None:
-    """Entry point of the client process: one paying client per key, the warm-up, then the timed load (or, with
-    `unpaid_url`, as many plain clients of the unpaid endpoint). Sends back plain data only,
-    `([(latency_seconds, server_timing), ...], errors)`, as this module is `__mp_main__` here."""
-    if unpaid_url is not None:
-        answers, errors = asyncio.run(unpaid_http_load(unpaid_url, len(keys), seconds))
-    else:
-        from eth_account import Account
+def client_process(anvil_url: str, deployment_path: str, node_url: str, unpaid_url: str, keys: list[bytes],
+                   state_root: str, rounds: int, seconds: float, sender) -> None:
+    """Entry point of the client process: one paying client per key, the alternating rounds. Sends back plain
+    data only (this module is `__mp_main__` here): phase marks, then ("done", timed, errors)."""
+    from eth_account import Account
 
-        from contracts.deployment import Deployment
-        from node.client import PayingClient
+    from contracts.deployment import Deployment
+    from node.client import PayingClient
 
-        deployment = Deployment.load(Path(deployment_path))
-        clients = [PayingClient(Account.from_key(key), anvil_url, deployment, Path(state_root) / f"client-{i}")
-                   for i, key in enumerate(keys)]
-        answers, errors = asyncio.run(paid_load(clients, node_url, seconds))
-    sender.send(([(a.latency_seconds, a.server_timing) for a in answers], errors))
+    deployment = Deployment.load(Path(deployment_path))
+    clients = [PayingClient(Account.from_key(key), anvil_url, deployment, Path(state_root) / f"client-{i}")
+               for i, key in enumerate(keys)]
+    timed, errors = asyncio.run(alternate_loads(clients, node_url, unpaid_url, rounds, seconds, sender.send))
+    sender.send(("done", timed, errors))
     sender.close()
 
 
-async def paid_load_elsewhere(anvil_url: str, deployment_path: Path, node_url: str, keys: list[bytes],
-                              state_root: Path, seconds: float,
-                              unpaid_url: str | None = None) -> tuple[list[Timed], int]:
+@dataclasses.dataclass
+class Phases:
+    """What the client process measured, per kind and round, and the node process's CPU use in those phases."""
+
+    answers: dict[str, list[list[Timed]]]
+    errors: dict[str, int]
+    cpu_seconds: dict[str, float]
+    switches: dict[str, int]
+
+    def pooled(self, kind: str) -> list[Timed]:
+        return [answer for round_answers in self.answers[kind] for answer in round_answers]
+
+
+async def alternate_loads_elsewhere(anvil_url: str, deployment_path: Path, node_url: str, unpaid_url: str,
+                                    keys: list[bytes], state_root: Path, rounds: int, seconds: float) -> Phases:
     """`client_process` in a spawned process, while this event loop keeps serving the node."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=client_process, name="bench-clients",
-                              args=(anvil_url, str(deployment_path), node_url, keys, str(state_root), seconds, sender,
-                                    unpaid_url))
+                              args=(anvil_url, str(deployment_path), node_url, unpaid_url, keys, str(state_root),
+                                    rounds, seconds, sender))
     process.start()
     sender.close()  # else a child that dies before sending would leave recv waiting forever
     loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-    # Waiting on the pipe in the loop, not in a thread: the node's own to_thread work needs the default pool.
-    loop.add_reader(receiver.fileno(), lambda: readable.done() or readable.set_result(None))
+    finished: asyncio.Future = loop.create_future()
+    cpu_seconds, switches = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0)
+    started: dict[str, tuple[float, int]] = {}
+
+    def on_message() -> None:
+        # Read in the loop, not in a thread: the node's own to_thread work needs the default pool.
+        try:
+            message = receiver.recv()
+        except EOFError:
+            message = ("gone",)
+        if message[0] == "start":
+            started[message[1]] = node_usage()
+        elif message[0] == "end":
+            cpu, switched = node_usage()
+            cpu_seconds[message[1]] += cpu - started[message[1]][0]
+            switches[message[1]] += switched - started[message[1]][1]
+        elif not finished.done():
+            finished.set_result(message)
+
+    loop.add_reader(receiver.fileno(), on_message)
     try:
-        await readable
+        message = await finished
     finally:
         loop.remove_reader(receiver.fileno())
-    try:
-        timed, errors = receiver.recv()
-    except EOFError:
-        timed = None
     receiver.close()
     await asyncio.to_thread(process.join)
-    if timed is None:
+    if message[0] != "done":
         raise RuntimeError(f"the client process exited with {process.exitcode} before sending its answers")
-    return [Timed(latency, timing) for latency, timing in timed], errors
+    _, timed, errors = message
+    answers = {kind: [[Timed(latency, timing) for latency, timing in round_answers] for round_answers in rounds_]
+               for kind, rounds_ in timed.items()}
+    return Phases(answers, errors, cpu_seconds, switches)
 
 
 def node_usage() -> tuple[float, int]:
@@ -205,8 +234,15 @@ def node_usage() -> tuple[float, int]:
     return usage.ru_utime + usage.ru_stime, usage.ru_nvcsw
 
 
-def usage_per_request(before: tuple[float, int], after: tuple[float, int], requests: int) -> str:
-    return f"{1000 * (after[0] - before[0]) / requests:.1f} ms ({(after[1] - before[1]) / requests:.0f} switches)"
+def usage_per_request(phases: Phases, kind: str, clients: int) -> str:
+    """The node process's CPU and voluntary switches per request of `kind`, its warm-up requests counted."""
+    requests = len(phases.pooled(kind)) + clients * len(phases.answers[kind])
+    return f"{1000 * phases.cpu_seconds[kind] / requests:.1f} ms ({phases.switches[kind] / requests:.0f} switches)"
+
+
+def added_ms(answers: list[Timed]) -> list[float]:
+    """Per request: client latency less the node's engine time, in ms."""
+    return [1000 * answer.latency_seconds - answer.server_timing["engine"] for answer in answers]
 
 
 async def start_unpaid_endpoint(generation, entry, max_tokens_limit: int):
@@ -281,7 +317,7 @@ async def main_async(args) -> int:
         config = NodeConfig(name="bench", home=tmp / "node", http_port=0, chain_rpc=anvil.url,
                             deployment=tmp / "deployment.json", adapters=(str(ADAPTERS / "legal-r8"),),
                             checkpoint_every_receipts=10**9, checkpoint_every_seconds=10**6,
-                            max_waiting_requests=256)
+                            max_waiting_requests=256, adapter_credit=args.adapter_credit)
         running = await open_node(config, bytes(DEV_ACCOUNTS[1].key))
         entry = running.node.catalog.resolve("legal-r8")
         requests = [PROMPTS[i % len(PROMPTS)] for i in range(args.baseline_requests)]
@@ -298,15 +334,9 @@ async def main_async(args) -> int:
             keys.append(bytes(account.key))
         unpaid_runner, unpaid_url = await start_unpaid_endpoint(running.node.generation, entry,
                                                                 config.max_tokens_limit)
-        before = node_usage()
-        plain, plain_errors = await paid_load_elsewhere(anvil.url, tmp / "deployment.json", running.url, keys, tmp,
-                                                        args.seconds, unpaid_url=unpaid_url)
-        plain_usage = usage_per_request(before, node_usage(), len(plain) + args.clients)
+        phases = await alternate_loads_elsewhere(anvil.url, tmp / "deployment.json", running.url, unpaid_url, keys,
+                                                 tmp, args.rounds, args.seconds / args.rounds)
         await unpaid_runner.cleanup()
-        before = node_usage()
-        answers, errors = await paid_load_elsewhere(anvil.url, tmp / "deployment.json", running.url, keys, tmp,
-                                                    args.seconds)
-        paid_usage = usage_per_request(before, node_usage(), len(answers) + args.clients)
         await running.node.drain()  # the credits still pending after the last answer count too
         registry = running.node.stats.registry
         credits = {outcome: registry.get_sample_value("longtail_adapter_credits_total", {"outcome": outcome}) or 0
@@ -316,6 +346,8 @@ async def main_async(args) -> int:
         await running.stop()
     finally:
         anvil.stop()
+    answers, plain = phases.pooled("paid"), phases.pooled("unpaid")
+    errors, plain_errors = phases.errors["paid"], phases.errors["unpaid"]
     paid = [a.latency_seconds for a in answers]
     added = statistics.median(paid) - statistics.median(base)
     plain_latency = [t.latency_seconds for t in plain]
@@ -329,14 +361,21 @@ async def main_async(args) -> int:
          f"{1000 * percentile(paid, 0.5):.0f}", f"{1000 * percentile(paid, 0.99):.0f}", errors),
     ]
     stages = overhead_rows(answers)
-    http_only = [t.latency_seconds * 1000 - t.server_timing["engine"] for t in plain]
+    http_only = added_ms(plain)
     paid_extra = percentile(stages[0][1], 0.5) - percentile(http_only, 0.5)
+    per_round = [percentile(added_ms(paid_round), 0.5) - percentile(added_ms(plain_round), 0.5)
+                 for plain_round, paid_round in zip(phases.answers["unpaid"], phases.answers["paid"], strict=True)]
+    plain_usage = usage_per_request(phases, "unpaid", args.clients)
+    paid_usage = usage_per_request(phases, "paid", args.clients)
     table = "\n".join([
         f"## Node under load ({args.clients} concurrent clients, 8 output tokens, embedded model, this CPU)",
         "",
-        f"`python scripts/bench_node.py` ({args.seconds:.0f} s paid run after one untimed request per client; "
-        "node defaults: adapter credit on, computed after the answer inside the engine's batch; the clients run in "
-        "a separate process, node and engine share another, on the same two cores).",
+        f"`python scripts/bench_node.py` ({args.seconds:.0f} s paid and {args.seconds:.0f} s unpaid over HTTP, "
+        f"alternating in {args.rounds} rounds of {args.seconds / args.rounds:.0f} s each, every phase after one "
+        "untimed request per client; node defaults, "
+        + ("adapter credit on (computed after the answer inside the engine's batch)" if args.adapter_credit
+           else "but adapter credit off (`--no-adapter-credit`)")
+        + "; the clients run in a separate process, node and engine share another, on the same two cores).",
         "", "| run | requests | req/s | p50 ms | p99 ms | errors |", "| --- | ---: | ---: | ---: | ---: | ---: |",
         *[f"| {' | '.join(str(c) for c in row)} |" for row in rows], "",
         "Per paid request, from the node's `Server-Timing` (engine = tokenize + generate for that request):",
@@ -348,7 +387,8 @@ async def main_async(args) -> int:
         f"**Payment + receipt add {paid_extra:.2f} ms at p50** per request (target ≤ 5 ms): the paid requests' "
         f"added time ({percentile(stages[0][1], 0.5):.2f} ms) less that of the same requests over HTTP without "
         f"payment or receipt ({percentile(http_only, 0.5):.2f} ms), both measured per request as client latency "
-        f"minus the node's engine time, under the same load. Counting HTTP too, against the engine called "
+        f"minus the node's engine time, under the same load; round by round: "
+        f"{', '.join(f'{value:.2f}' for value in per_round)} ms. Counting HTTP too, against the engine called "
         f"directly: {percentile(stages[0][1], 0.5):.2f} ms (p99 {percentile(stages[0][1], 0.99):.2f} ms). "
         "Difference of the medians, paid − "
         f"unpaid: {1000 * added:.1f} ms (ratio {statistics.median(paid) / statistics.median(base):.3f}), which also "
@@ -357,7 +397,7 @@ async def main_async(args) -> int:
         f"full), {credits['failed']:.0f} failed. Audit after the run: "
         f"{'clean' if report.clean else f'{len(report.findings)} findings'} ({report.receipts_checked} receipts).",
         "",
-        f"CPU and voluntary context switches of the node's process per request (getrusage over each HTTP phase, "
+        f"CPU and voluntary context switches of the node's process per request (getrusage over the phases, "
         f"warm-up included; the engine and the clients are other processes): {plain_usage} unpaid, {paid_usage} "
         "paid. On two cores that an engine keeps busy, each ms of it and each wake-up waits for a core.",
     ])
@@ -368,8 +408,11 @@ async def main_async(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seconds", type=float, default=60.0, help="paid seconds in all (and as many unpaid)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations of an unpaid and a paid phase")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--adapter-credit", action=argparse.BooleanOptionalAction, default=True,
+                        help="score each answer under the base model after it left (the node's default: on)")
     parser.add_argument("--baseline-requests", type=int, default=24)
     return asyncio.run(main_async(parser.parse_args()))
 
