@@ -17,8 +17,8 @@ from node.errors import EngineDown
 from node.requests import CompletionRequest
 from serving.errors import EngineUnavailable
 
-# Scoring for adapter credit queues as a client of its own: round-robin gives it one turn among the paid clients
-# instead of letting a backlog of scorings go first.
+# Scoring for adapter credit is background work in the engine (serving.scheduler): it joins steps that answers run
+# anyway, so it neither starts a step that competes for the CPU with the node's receipts nor delays an answer.
 CREDIT_CLIENT = "longtail:adapter-credit"
 
 
@@ -110,9 +110,11 @@ class GenerationGateway:
         return (text[:cut], True) if cut >= 0 else (text, False)
 
     async def base_logprobs(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
-        """The output scored by the bare base model (for adapter credit), inside the engine's batch."""
+        """The output scored by the bare base model (for adapter credit), inside the engine's batch as background
+        work: beside answers, never instead of them."""
         try:
-            return await self.engine.score_async(prompt_ids, output_ids, None, client=CREDIT_CLIENT)
+            return await self.engine.score_async(prompt_ids, output_ids, None, client=CREDIT_CLIENT,
+                                                 background=True)
         except EngineUnavailable as error:
             raise EngineDown(str(error)) from error
 

@@ -138,7 +138,7 @@ class Engine:
     def __init__(self, model: LlamaModel, kv_cache_bytes: int = 256 * 2**20, max_batch_tokens: int = 2048,
                  max_running: int = 256, max_adapters: int = 64, block_size: int = 16, max_rank: int = 256,
                  adapter_provider: AdapterProvider | None = None, tokenizer: Detokenizer | None = None,
-                 min_prefill_chunk: int = 32) -> None:
+                 min_prefill_chunk: int = 32, background_idle_seconds: float = 0.02) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         self.device = model.device
@@ -146,7 +146,7 @@ class Engine:
         self.lora_slots = LoraSlots(model.config, max_adapters, device=model.device, dtype=model.dtype)
         self.runner = ModelRunner(model, self.cache, self.lora_slots)
         self.adapters = adapter_provider or ResidentAdapters(self.lora_slots, max_rank)
-        self.scheduler = Scheduler(max_batch_tokens, max_running, min_prefill_chunk)
+        self.scheduler = Scheduler(max_batch_tokens, max_running, min_prefill_chunk, background_idle_seconds)
         self.tokenizer = tokenizer
         self.eos_token_ids = set(model.config.eos_token_ids)
         self._ids = itertools.count()
@@ -468,12 +468,13 @@ class Engine:
 
     def submit_score(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
                      listener: Callable[[StreamEvent], None] | None = None,
-                     client: str | None = None) -> ScoreHandle:
+                     client: str | None = None, background: bool = False) -> ScoreHandle:
         """Queue the scoring of `output_ids` after `prompt_ids` under `adapter_id` (None = the base); thread-safe.
 
         It runs inside the continuous batch like a prompt (chunked, fair, never holding the step lock between
         steps), so it neither waits for the engine to go idle nor changes other requests' tokens. The
-        listener gets only the finish event. The node uses it for adapter credit.
+        listener gets only the finish event. The node uses it for adapter credit, as `background` work: it
+        joins steps that run anyway and starts one alone only after the engine idled (serving.scheduler).
         """
         prompt = [int(t) for t in prompt_ids]
         targets = [int(t) for t in output_ids]
@@ -487,7 +488,8 @@ class Engine:
         self._check_token_ids(tokens)
         self._check_adapter_and_pool(adapter_id, len(tokens), "scoring")
         request = ScoreRequest(next(self._ids), tokens, adapter_id, SamplingParams(max_tokens=1, logprobs=True),
-                               client=client, arrival=time.perf_counter(), targets=targets)
+                               client=client, arrival=self.scheduler.clock(), targets=targets,
+                               background=background)
         return self._enqueue(ScoreHandle(self, request), listener)
 
     def score(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None) -> list[float]:
@@ -507,8 +509,8 @@ class Engine:
         return handle.scores()
 
     async def score_async(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
-                          client: str | None = None) -> list[float]:
-        """`score` for asyncio: runs on the background thread (started if needed); cancelling cancels it."""
+                          client: str | None = None, background: bool = False) -> list[float]:
+        """`score` for asyncio: runs on the engine's thread (started if needed); cancelling cancels it."""
         if not output_ids:
             return []
         self.start()
@@ -523,7 +525,8 @@ class Engine:
             except RuntimeError:  # the loop closed while scoring: nobody waits for the answer
                 pass
 
-        handle = self.submit_score(prompt_ids, output_ids, adapter_id, listener=on_event, client=client)
+        handle = self.submit_score(prompt_ids, output_ids, adapter_id, listener=on_event, client=client,
+                                   background=background)
         try:
             await finished
         except BaseException:

@@ -79,7 +79,7 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
             send(("event", call_id, event))
         return listener
 
-    def submit_score(call_id: int, prompt, output, adapter_id, client) -> None:
+    def submit_score(call_id: int, prompt, output, adapter_id, client, background) -> None:
         submitted = threading.Event()
         box: list = []
 
@@ -93,7 +93,8 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
             else:
                 send(("result", call_id, list(box[0].request.logprobs)))
 
-        box.append(engine.submit_score(prompt, output, adapter_id, listener=on_finish, client=client))
+        box.append(engine.submit_score(prompt, output, adapter_id, listener=on_finish, client=client,
+                                       background=background))
         handles[call_id] = box[0]
         submitted.set()
 
@@ -337,7 +338,7 @@ class EngineProcess:
             self._end(call_id, cancel=not finished)
 
     async def score_async(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
-                          client: str | None = None) -> list[float]:
+                          client: str | None = None, background: bool = False) -> list[float]:
         """As `Engine.score_async`: log-probabilities of `output_ids`, scored inside the child's batch."""
         if not output_ids:
             return []
@@ -346,7 +347,7 @@ class EngineProcess:
         answered = False
         try:
             self._send(("score", call_id, [int(t) for t in prompt_ids], [int(t) for t in output_ids], adapter_id,
-                        client))
+                        client, background))
             kind, value = await queue.get()
             answered = True
             if kind == "error":

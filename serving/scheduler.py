@@ -11,13 +11,20 @@ Policy (docs/serving.md):
   pointers move past the last one served, so a popular adapter cannot starve a
   rare one and a client flooding one adapter cannot starve another client of it;
 - a request reserves KV blocks for its prompt plus `max_tokens` at admission,
-  so a running request is never preempted.
+  so a running request is never preempted;
+- background requests (the node's adapter-credit scorings: evidence, not
+  answers) wait in a queue of their own, FCFS, and are admitted only into a
+  step that runs other work anyway, or once the oldest has waited
+  `background_idle_seconds` with nothing else to run. They never start a step
+  of their own while answers may be about to arrive, and they never delay one
+  (they take the budget the step's other work leaves).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
@@ -48,6 +55,7 @@ class Request:
     error: Exception | None = None
     generator: object = None
     arrival: float = 0.0
+    background: bool = False        # admitted only beside other work, or after an idle wait (module docstring)
     first_token_at: float | None = None
     finished_at: float | None = None
 
@@ -105,26 +113,38 @@ class AdapterQueue:
 
 
 class Scheduler:
-    def __init__(self, max_batch_tokens: int, max_running: int, min_prefill_chunk: int = 32) -> None:
+    def __init__(self, max_batch_tokens: int, max_running: int, min_prefill_chunk: int = 32,
+                 background_idle_seconds: float = 0.02, clock: Callable[[], float] = time.perf_counter) -> None:
         if max_batch_tokens < 1 or max_running < 1:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and max_running ({max_running}) must be >= 1")
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         # A new request is admitted with a partial prompt only if at least this many of its tokens fit now.
         self.min_prefill_chunk = min_prefill_chunk
+        self.background_idle_seconds = background_idle_seconds
+        self.clock = clock  # the clock of Request.arrival
         self.queues: OrderedDict[str | None, AdapterQueue] = OrderedDict()
+        self.background: deque[Request] = deque()
         self.running: list[Request] = []
 
     def add(self, request: Request) -> None:
-        self.queues.setdefault(request.adapter_id, AdapterQueue()).append(request)
+        if request.background:
+            self.background.append(request)
+        else:
+            self.queues.setdefault(request.adapter_id, AdapterQueue()).append(request)
 
     def waiting(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return sum(len(q) for q in self.queues.values()) + len(self.background)
 
     def waiting_requests(self) -> list[Request]:
-        return [r for q in self.queues.values() for r in q]
+        return [r for q in self.queues.values() for r in q] + list(self.background)
 
     def remove_waiting(self, request: Request) -> bool:
+        if request.background:
+            if request in self.background:
+                self.background.remove(request)
+                return True
+            return False
         queue = self.queues.get(request.adapter_id)
         return bool(queue) and queue.remove(request)
 
@@ -142,7 +162,30 @@ class Scheduler:
         admitted = self._admit(blocks_free, blocks_needed, adapter_ready, budget)
         for key in [k for k, q in self.queues.items() if not q]:
             del self.queues[key]
+        budget -= sum(chunk for _, chunk in admitted)
+        blocks_free -= sum(blocks_needed(request) for request, _ in admitted)
+        if self.background and (decode or prefill or admitted or
+                                self.clock() - self.background[0].arrival >= self.background_idle_seconds):
+            admitted += self._admit_background(blocks_free, blocks_needed, adapter_ready, budget,
+                                               len(self.running) + len(admitted))
         return StepPlan(decode, prefill + admitted)
+
+    def _admit_background(self, blocks_free, blocks_needed, adapter_ready, budget: int,
+                          running: int) -> list[tuple[Request, int]]:
+        """FCFS from the background queue into what the step leaves; the head waits if it does not fit."""
+        admitted: list[tuple[Request, int]] = []
+        while self.background and budget > 0 and running + len(admitted) < self.max_running:
+            request = self.background[0]
+            need, prompt = blocks_needed(request), len(request.prompt_ids)
+            chunk = min(prompt, budget)
+            if not adapter_ready(request.adapter_id) or need > blocks_free or \
+                    (chunk < prompt and chunk < self.min_prefill_chunk):
+                break
+            self.background.popleft()
+            blocks_free -= need
+            budget -= chunk
+            admitted.append((request, chunk))
+        return admitted
 
     def _admit(self, blocks_free, blocks_needed, adapter_ready, budget: int) -> list[tuple[Request, int]]:
         order = [k for k, q in self.queues.items() if q]  # least recently served adapter first

@@ -109,3 +109,40 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
         chunks += [n for r, n in plan.prefill if r is long]
     assert chunks == [63, 63, 24]
     assert long in admit(scheduler).decode
+
+
+def background(i, arrival, prompt=4):
+    return Request(i, [1] * prompt, None, SamplingParams(max_tokens=1), client="credit", arrival=arrival,
+                   background=True)
+
+
+def test_background_work_joins_steps_that_run_anyway_and_waits_while_the_engine_idles():
+    """Adapter-credit scoring must not start a step of its own right after answers leave (it would take the
+    CPU from the node's receipts), nor take budget that answers need; after an idle wait it runs alone."""
+    now = [100.0]
+    scheduler = Scheduler(max_batch_tokens=8, max_running=10, background_idle_seconds=0.02, clock=lambda: now[0])
+    scheduler.add(background(1, arrival=100.0))
+    assert admit(scheduler).prefill == [], "idle engine, fresh background request: wait"
+    now[0] = 100.019
+    assert admit(scheduler).prefill == []
+    scheduler.add(request(2, "a", prompt=6))
+    plan = admit(scheduler)
+    assert [(r.request_id, n) for r, n in plan.prefill] == [(2, 6)], "the answer first; 2 tokens left, under 4"
+    now[0] = 100.5
+    scheduler.add(background(3, arrival=100.5))
+    plan = admit(scheduler)  # request 2 still prefills nothing (done) but decodes: the step runs anyway
+    assert [r.request_id for r in plan.decode] == [2]
+    assert [r.request_id for r, _ in plan.prefill] == [1], "FCFS: the oldest background request first"
+    scheduler.running.clear()
+    assert admit(scheduler).prefill == [], "request 3 is fresh and nothing else runs"
+    now[0] = 100.53
+    assert [r.request_id for r, _ in admit(scheduler).prefill] == [3], "after the idle wait it runs alone"
+
+
+def test_background_requests_count_as_waiting_and_can_be_withdrawn():
+    scheduler = Scheduler(max_batch_tokens=8, max_running=10)
+    waiting = background(1, arrival=0.0)
+    scheduler.add(waiting)
+    assert scheduler.waiting() == 1 and scheduler.waiting_requests() == [waiting]
+    assert scheduler.remove_waiting(waiting) and not scheduler.remove_waiting(waiting)
+    assert scheduler.waiting() == 0
