@@ -233,12 +233,13 @@ class SpanIndex:
         query = self.encode(token_ids)
         if len(query) < min_span:
             return []
+        codes = query.tolist()
         if len(query) <= SCALAR_FILTER_MAX_TOKENS:
-            hits = self._gram_hits_scalar(query.tolist(), min_span)
+            hits = self._gram_hits_scalar(codes, min_span)
         else:
             hits = self._gram_hits_vectorized(query, min_span).tolist()
         if len(hits) <= SCALAR_SEARCH_MAX_HITS:
-            return self._spans_scalar(query.tolist(), hits, min_span)
+            return self._spans_scalar(codes, hits, min_span)
         return self._spans_vectorized(query, np.asarray(hits, np.int64), min_span)
 
     def find_spans_vectorized(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
@@ -259,9 +260,7 @@ class SpanIndex:
     # and is dropped here without touching the suffix array.
 
     def _gram_hits_vectorized(self, query: np.ndarray, min_span: int) -> np.ndarray:
-        gram_hashes = _rolling_hashes(query, min_span)
-        known = self._gram_set(min_span)
-        found = known[np.minimum(np.searchsorted(known, gram_hashes), len(known) - 1)] == gram_hashes
+        found = self._known_grams(_rolling_hashes(query, min_span), min_span)
         return np.flatnonzero(found & (_rolling_min(query, min_span) > 0))
 
     def _gram_hits_scalar(self, codes: list[int], min_span: int) -> list[int]:
@@ -282,10 +281,13 @@ class SpanIndex:
                 hashes.append(value)
         if not starts:
             return []
-        known = self._gram_set(min_span)
-        probes = np.array(hashes, np.uint64)
-        found = known[np.minimum(np.searchsorted(known, probes), len(known) - 1)] == probes
+        found = self._known_grams(np.array(hashes, np.uint64), min_span)
         return [start for start, present in zip(starts, found.tolist(), strict=True) if present]
+
+    def _known_grams(self, hashes: np.ndarray, k: int) -> np.ndarray:
+        """Whether each k-gram hash is one of the text's (sorted-array membership by searchsorted)."""
+        known = self._gram_set(k)
+        return known[np.minimum(np.searchsorted(known, hashes), len(known) - 1)] == hashes
 
     # Stages 2 and 3: the longest match at each hit (a run of consecutive hits bounds how far it can reach), then
     # the maximal spans (a span is not maximal when the one starting a token earlier covers it) and their
