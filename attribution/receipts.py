@@ -112,9 +112,8 @@ class ReceiptDomain:
     version: str = DOMAIN_VERSION
 
     def __post_init__(self) -> None:
-        if not is_hex_address(self.verifying_contract):
-            raise MalformedReceipt("verifyingContract", self.verifying_contract, "not an address")
-        object.__setattr__(self, "verifying_contract", _checksum(self.verifying_contract))
+        object.__setattr__(self, "verifying_contract",
+                           _address("verifyingContract", self.verifying_contract, "not an address"))
 
     @property
     def separator(self) -> bytes:
@@ -536,10 +535,7 @@ _UINT_BITS = {"uint32": 32, "uint64": 64, "uint256": 256}
 
 def _normalize(field: str, value: object, kind: str) -> str | int:
     if kind == "address":
-        checksummed = _checksum_if_address(value) if isinstance(value, str) else None
-        if checksummed is None:
-            raise MalformedReceipt(field, value, "not a 20-byte 0x-hex address")
-        return checksummed
+        return _address(field, value, "not a 20-byte 0x-hex address")
     if kind == "bytes32":
         return _hex32(field, value)
     if isinstance(value, bool):
@@ -557,6 +553,14 @@ def _normalize(field: str, value: object, kind: str) -> str | int:
 def _checksum(address: str) -> str:
     # Nodes and clients repeat across receipts; the keccak behind checksumming is the costly part.
     return to_checksum_address(address)
+
+
+def _address(field: str, value: object, why: str) -> str:
+    """`value` checksummed, or MalformedReceipt(field, value, why) when it is not a 0x-hex address."""
+    checksummed = _checksum_if_address(value) if isinstance(value, str) else None
+    if checksummed is None:
+        raise MalformedReceipt(field, value, why)
+    return checksummed
 
 
 @functools.lru_cache(maxsize=4096)
