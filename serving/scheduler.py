@@ -112,6 +112,27 @@ class AdapterQueue:
         return True
 
 
+@dataclasses.dataclass
+class _Room:
+    """What is left of one step for new requests: KV blocks and prompt tokens."""
+
+    blocks_free: int
+    budget: int
+    blocks_needed: Callable[[Request], int]
+    min_prefill_chunk: int
+
+    def take(self, request: Request) -> int | None:
+        """Admit `request` if its KV blocks fit and its whole prompt, or at least `min_prefill_chunk` tokens of it,
+        fit in the budget: returns the tokens it prefills now (and holds its room), else None."""
+        need, prompt = self.blocks_needed(request), len(request.prompt_ids)
+        chunk = min(prompt, self.budget)
+        if need > self.blocks_free or (chunk < prompt and chunk < self.min_prefill_chunk):
+            return None
+        self.blocks_free -= need
+        self.budget -= chunk
+        return chunk
+
+
 class Scheduler:
     def __init__(self, max_batch_tokens: int, max_running: int, min_prefill_chunk: int = 32,
                  background_idle_seconds: float = 0.02, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -159,60 +180,49 @@ class Scheduler:
                 chunk = min(len(request.prompt_ids) - request.cached, budget)
                 prefill.append((request, chunk))
                 budget -= chunk
-        admitted = self._admit(blocks_free, blocks_needed, adapter_ready, budget)
+        room = _Room(blocks_free, budget, blocks_needed, self.min_prefill_chunk)
+        admitted = self._admit(room, adapter_ready)
         for key in [k for k, q in self.queues.items() if not q]:
             del self.queues[key]
-        budget -= sum(chunk for _, chunk in admitted)
-        blocks_free -= sum(blocks_needed(request) for request, _ in admitted)
         if self.background and (decode or prefill or admitted or
                                 self.clock() - self.background[0].arrival >= self.background_idle_seconds):
-            admitted += self._admit_background(blocks_free, blocks_needed, adapter_ready, budget,
-                                               len(self.running) + len(admitted))
+            admitted += self._admit_background(room, adapter_ready, len(self.running) + len(admitted))
         return StepPlan(decode, prefill + admitted)
 
-    def _admit_background(self, blocks_free, blocks_needed, adapter_ready, budget: int,
-                          running: int) -> list[tuple[Request, int]]:
+    def _admit_background(self, room: _Room, adapter_ready, running: int) -> list[tuple[Request, int]]:
         """FCFS from the background queue into what the step leaves; the head waits if it does not fit."""
         admitted: list[tuple[Request, int]] = []
-        while self.background and budget > 0 and running + len(admitted) < self.max_running:
+        while self.background and room.budget > 0 and running + len(admitted) < self.max_running:
             request = self.background[0]
-            need, prompt = blocks_needed(request), len(request.prompt_ids)
-            chunk = min(prompt, budget)
-            if not adapter_ready(request.adapter_id) or need > blocks_free or \
-                    (chunk < prompt and chunk < self.min_prefill_chunk):
+            chunk = room.take(request) if adapter_ready(request.adapter_id) else None
+            if chunk is None:
                 break
             self.background.popleft()
-            blocks_free -= need
-            budget -= chunk
             admitted.append((request, chunk))
         return admitted
 
-    def _admit(self, blocks_free, blocks_needed, adapter_ready, budget: int) -> list[tuple[Request, int]]:
+    def _admit(self, room: _Room, adapter_ready) -> list[tuple[Request, int]]:
         order = [k for k, q in self.queues.items() if q]  # least recently served adapter first
         admitted: list[tuple[Request, int]] = []
         served: list[str | None] = []
         progressed = True
-        while progressed and budget > 0 and len(self.running) + len(admitted) < self.max_running:
+        while progressed and room.budget > 0 and len(self.running) + len(admitted) < self.max_running:
             progressed = False
             for key in order:  # one admission per queue per pass: that is the round-robin
                 queue = self.queues[key]
                 if not queue or not adapter_ready(key):
                     continue
                 request = queue.head()
-                need = blocks_needed(request)
-                prompt = len(request.prompt_ids)
-                chunk = min(prompt, budget)
-                if need > blocks_free or (chunk < prompt and chunk < self.min_prefill_chunk):
+                chunk = room.take(request)
+                if chunk is None:
                     continue
                 queue.pop_head()
-                blocks_free -= need
-                budget -= chunk
                 admitted.append((request, chunk))
                 if key in served:
                     served.remove(key)
                 served.append(key)
                 progressed = True
-                if budget <= 0 or len(self.running) + len(admitted) >= self.max_running:
+                if room.budget <= 0 or len(self.running) + len(admitted) >= self.max_running:
                     break
         for key in served:  # served queues go to the back of the rotation, in the order served
             self.queues.move_to_end(key)
