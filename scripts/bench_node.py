@@ -280,17 +280,16 @@ async def start_unpaid_endpoint(generation, entry, max_tokens_limit: int):
 
 def overhead_rows(answers: list[Timed]) -> list[tuple[str, list[float]]]:
     """Per request, in ms: what the paid path adds to the engine's own time, and its parts."""
-    added, payment, receipt, node_rest, outside = [], [], [], [], []
+    payment, receipt, node_rest, outside = [], [], [], []
     for answer in answers:
         timing = answer.server_timing
         latency = 1000 * answer.latency_seconds
-        added.append(latency - timing["engine"])
         payment.append(timing["payment"])
         receipt.append(timing["receipt"])
         node_rest.append(timing["total"] - timing["engine"] - timing["payment"] - timing["receipt"])
         outside.append(latency - timing["total"])
     return [
-        ("**added: client latency − engine**", added),
+        ("**added: client latency − engine**", added_ms(answers)),
         ("payment (reserve with voucher check, settle)", payment),
         ("receipt (attribute, sign, durable commit)", receipt),
         ("rest of the node (routing, catalog, JSON body)", node_rest),
