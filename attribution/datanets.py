@@ -15,7 +15,7 @@ from pathlib import Path
 from eth_abi import encode as abi_encode
 from eth_utils import is_checksum_address, is_hex_address, keccak, to_checksum_address
 
-from attribution.merkle import root_hash
+from longtail.attribution.merkle import root_hash
 
 RECORDS_FILE = "records.jsonl"
 MANIFEST_FILE = "manifest.json"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 
-from attribution.merkle import EMPTY_ROOT, consistency_path, inclusion_path, node_hash, split_point
+from longtail.attribution.merkle import EMPTY_ROOT, consistency_path, inclusion_path, node_hash, split_point
 
 
 class MerkleLog:

@@ -20,7 +20,7 @@ from eth_abi import encode as abi_encode
 from eth_utils import is_hex_address, to_checksum_address
 from sha3 import keccak_256
 
-from attribution.merkle import leaf_hash
+from longtail.attribution.merkle import leaf_hash
 
 DOMAIN_NAME = "Longtail"
 DOMAIN_VERSION = "1"

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from pydivsufsort import divsufsort
 
-from attribution.receipts import TOTAL_BPS, AttributionVector, MatchedSpan, RecordCredit
+from longtail.attribution.receipts import TOTAL_BPS, AttributionVector, MatchedSpan, RecordCredit
 
 SEPARATOR = 0  # the compact alphabet's code between records; real tokens are 1..V
 UNKNOWN = -1  # query tokens absent from a Datanet, and query padding: equal to nothing
@@ -540,7 +540,7 @@ def tokenize_records(texts: Sequence[str], tokenizer, batch_size: int = 512) -> 
 
 def build_datanet_index(folder: Path, tokenizer, out: Path | None = None) -> Path:
     """Tokenize a Datanet folder's records and write its span index (default `<folder>/span_index.npz`)."""
-    from attribution.datanets import load_manifest, read_records
+    from longtail.attribution.datanets import load_manifest, read_records
 
     folder = Path(folder)
     manifest = load_manifest(folder)
@@ -561,7 +561,7 @@ def index_summary(index: SpanIndex) -> dict:
 
 def load_datanet_index(folder: Path) -> SpanIndex:
     """The index saved beside a Datanet, checked against its manifest's id."""
-    from attribution.datanets import load_manifest
+    from longtail.attribution.datanets import load_manifest
 
     manifest = load_manifest(Path(folder))
     return SpanIndex.load(Path(folder) / INDEX_FILE, manifest.datanet_id)

@@ -48,9 +48,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from attribution.log import MerkleLog
-from attribution.merkle import leaf_hash
-from attribution.receipts import AdapterCredit, ReceiptDomain, ReceiptDraft, ReceiptSigner, SignedReceipt
+from longtail.attribution.log import MerkleLog
+from longtail.attribution.merkle import leaf_hash
+from longtail.attribution.receipts import (
+    AdapterCredit,
+    ReceiptDomain,
+    ReceiptDraft,
+    ReceiptSigner,
+    SignedReceipt,
+)
 
 
 class StoreError(RuntimeError):
@@ -605,7 +611,7 @@ class ReceiptLog:
 
     def verify(self) -> int:
         """Re-read every body, check its signature and that it hashes to the stored leaf; returns the count."""
-        from attribution.receipts import verify_receipt
+        from longtail.attribution.receipts import verify_receipt
 
         for seq in range(self.size):
             signed = self.get(seq)

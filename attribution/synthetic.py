@@ -17,7 +17,7 @@ from pathlib import Path
 from eth_account import Account
 from eth_utils import keccak
 
-from attribution.datanets import Record, build_manifest, write_datanet
+from longtail.attribution.datanets import Record, build_manifest, write_datanet
 
 DEFAULT_OUT = Path("data") / "datanets"
 DEFAULT_SEED = 20261128

@@ -10,10 +10,10 @@ from eth_utils import keccak
 from hexbytes import HexBytes
 from web3 import Web3
 
-from contracts.artifacts import load_artifact
-from contracts.chain import call_view, event_args, hex32, send, to_bytes32
-from contracts.token import OpenToken
-from contracts.vouchers import SignedVoucher, sign_voucher
+from longtail.contracts.artifacts import load_artifact
+from longtail.contracts.chain import call_view, event_args, hex32, send, to_bytes32
+from longtail.contracts.token import OpenToken
+from longtail.contracts.vouchers import SignedVoucher, sign_voucher
 
 
 @dataclasses.dataclass(frozen=True)

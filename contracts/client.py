@@ -6,11 +6,11 @@ import dataclasses
 
 from web3 import Web3
 
-from contracts.channels import PaymentChannels
-from contracts.deployment import Deployment
-from contracts.ledger import AttributionLedger
-from contracts.registry import Registry
-from contracts.token import OpenToken
+from longtail.contracts.channels import PaymentChannels
+from longtail.contracts.deployment import Deployment
+from longtail.contracts.ledger import AttributionLedger
+from longtail.contracts.registry import Registry
+from longtail.contracts.token import OpenToken
 
 
 class WrongChain(RuntimeError):

@@ -15,8 +15,8 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import Web3
 
-from contracts.artifacts import load_artifact
-from contracts.chain import ChainError, send
+from longtail.contracts.artifacts import load_artifact
+from longtail.contracts.chain import ChainError, send
 
 OPEN = 10**18  # base units per OPEN
 

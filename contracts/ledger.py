@@ -12,10 +12,10 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
 
-from contracts.artifacts import load_artifact
-from contracts.chain import call_view, event_args, hex32, send, to_bytes32
-from contracts.payouts import Allocation, PayoutSplit
-from contracts.token import OpenToken
+from longtail.contracts.artifacts import load_artifact
+from longtail.contracts.chain import call_view, event_args, hex32, send, to_bytes32
+from longtail.contracts.payouts import Allocation, PayoutSplit
+from longtail.contracts.token import OpenToken
 
 DISPUTE_STATUS = ("none", "open", "answered", "slashed")
 

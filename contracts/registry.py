@@ -9,9 +9,9 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
-from contracts.artifacts import load_artifact
-from contracts.chain import call_view, hex32, send, to_bytes32
-from contracts.token import OpenToken
+from longtail.contracts.artifacts import load_artifact
+from longtail.contracts.chain import call_view, hex32, send, to_bytes32
+from longtail.contracts.token import OpenToken
 
 ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 

@@ -9,9 +9,9 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from contracts.artifacts import load_artifact
-from contracts.chain import send
-from contracts.vouchers import EIP712_DOMAIN_FIELDS
+from longtail.contracts.artifacts import load_artifact
+from longtail.contracts.chain import send
+from longtail.contracts.vouchers import EIP712_DOMAIN_FIELDS
 
 PERMIT_FIELDS = [
     {"name": "owner", "type": "address"},

@@ -243,7 +243,7 @@ def lora_shrink(x: torch.Tensor, a_rows: torch.Tensor, token_slots: torch.Tensor
                 slot_ranks: torch.Tensor, max_rank: int, groups: Groups | None = None) -> torch.Tensor:
     """Per-token shrink on the chosen backend (see `kernel_backend`)."""
     if kernel_backend() == "triton":
-        from kernels.lora_triton import lora_shrink_triton
+        from longtail.kernels.lora_triton import lora_shrink_triton
 
         return lora_shrink_triton(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank)
     return lora_shrink_ref(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank, groups)
@@ -254,7 +254,7 @@ def lora_expand(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Tensor, t
                 out_col_start: int = 0, groups: Groups | None = None) -> None:
     """Per-token expand, added in place into out[:, start:start+W], on the chosen backend."""
     if kernel_backend() == "triton":
-        from kernels.lora_triton import lora_expand_triton
+        from longtail.kernels.lora_triton import lora_expand_triton
 
         lora_expand_triton(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start)
         return
@@ -265,7 +265,7 @@ def lora_shrink_sgmv(x: torch.Tensor, a_rows: torch.Tensor, seg_starts: torch.Te
                      slot_offsets: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
     """Per-segment shrink on the chosen backend."""
     if kernel_backend() == "triton":
-        from kernels.lora_triton import lora_shrink_sgmv_triton
+        from longtail.kernels.lora_triton import lora_shrink_sgmv_triton
 
         return lora_shrink_sgmv_triton(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, max_rank)
     return lora_shrink_sgmv_ref(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, max_rank)
@@ -276,7 +276,7 @@ def lora_expand_sgmv(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Tens
                      slot_scales: torch.Tensor, out_col_start: int = 0) -> None:
     """Per-segment expand, added in place, on the chosen backend."""
     if kernel_backend() == "triton":
-        from kernels.lora_triton import lora_expand_sgmv_triton
+        from longtail.kernels.lora_triton import lora_expand_sgmv_triton
 
         lora_expand_sgmv_triton(out, shrunk, b_rows, seg_starts, seg_slots, slot_offsets, slot_ranks, slot_scales,
                                 out_col_start)
@@ -311,7 +311,7 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: t
         lora_expand_ref(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales, out_col_start,
                         groups)
         return
-    from kernels import lora_triton
+    from longtail.kernels import lora_triton
 
     if segments is None and token_count >= SGMV_MIN_TOKENS:
         if isinstance(groups, TokenGroups):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.lora import LoraShapeError, Runs
+from longtail.kernels.lora import LoraShapeError, Runs
 
 log = logging.getLogger(__name__)
 

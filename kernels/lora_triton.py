@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import LoraShapeError
+from longtail.kernels.lora import LoraShapeError
 
 
 @triton.jit

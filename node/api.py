@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from node.errors import BadRequest, NodeError, error_body, mapping_for
-from node.requests import (
+from longtail.node.errors import BadRequest, NodeError, error_body, mapping_for
+from longtail.node.requests import (
     RECEIPT_HEADER,
     CompletionRequest,
     parse_completion,
     parse_payment_headers,
     parse_voucher,
 )
-from node.timing import HEADER as TIMING_HEADER
+from longtail.node.timing import HEADER as TIMING_HEADER
 
 if TYPE_CHECKING:
-    from node.service import Completion
+    from longtail.node.service import Completion
 
 log = logging.getLogger("longtail.api")
 MAX_BODY_BYTES = 1 << 20

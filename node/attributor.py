@@ -13,9 +13,9 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from attribution.receipts import AttributionVector, MatchedSpan
-from attribution.spans import SpanIndex, attribute_output, load_datanet_index, to_basis_points
-from node.catalog import CatalogEntry
+from longtail.attribution.receipts import AttributionVector, MatchedSpan
+from longtail.attribution.spans import SpanIndex, attribute_output, load_datanet_index, to_basis_points
+from longtail.node.catalog import CatalogEntry
 
 SPAN_WEIGHT = 0.5
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from attribution.log import MerkleLog
-from attribution.merkle import leaf_hash, verify_consistency
-from attribution.receipts import ReceiptDomain, ReceiptError, SignedReceipt, verify_receipt
+from longtail.attribution.log import MerkleLog
+from longtail.attribution.merkle import leaf_hash, verify_consistency
+from longtail.attribution.receipts import ReceiptDomain, ReceiptError, SignedReceipt, verify_receipt
 
 
 @dataclasses.dataclass(frozen=True)

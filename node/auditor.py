@@ -5,12 +5,12 @@ from __future__ import annotations
 import aiohttp
 from web3 import Web3
 
-from attribution.receipts import DigestMismatch, ReceiptDomain, ReceiptError, SignedReceipt
-from contracts.client import LongtailContracts
-from contracts.deployment import Deployment
-from contracts.payouts import CheckpointPayouts
-from node.audit import AuditReport, CheckpointView, Finding, audit_node
-from node.checkpoints import epoch_payouts
+from longtail.attribution.receipts import DigestMismatch, ReceiptDomain, ReceiptError, SignedReceipt
+from longtail.contracts.client import LongtailContracts
+from longtail.contracts.deployment import Deployment
+from longtail.contracts.payouts import CheckpointPayouts
+from longtail.node.audit import AuditReport, CheckpointView, Finding, audit_node
+from longtail.node.checkpoints import epoch_payouts
 
 PAGE = 500
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from node.errors import UnknownModel
+from longtail.node.errors import UnknownModel
 
 ZERO_ID = "0x" + "00" * 32
 DATANETS_METADATA_KEY = "longtail.datanets"

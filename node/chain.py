@@ -16,13 +16,13 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.types import RPCEndpoint
 
-from contracts.client import LongtailContracts
-from contracts.deployment import Deployment
-from contracts.ledger import CheckpointInfo, CheckpointRecord
-from contracts.payouts import Allocation, PayoutSplit
-from contracts.vouchers import SignedVoucher
-from node.payments import ChannelState, Voucher
-from node.vouchers import VoucherDomain
+from longtail.contracts.client import LongtailContracts
+from longtail.contracts.deployment import Deployment
+from longtail.contracts.ledger import CheckpointInfo, CheckpointRecord
+from longtail.contracts.payouts import Allocation, PayoutSplit
+from longtail.contracts.vouchers import SignedVoucher
+from longtail.node.payments import ChannelState, Voucher
+from longtail.node.vouchers import VoucherDomain
 
 T = TypeVar("T")
 

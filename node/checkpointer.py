@@ -15,9 +15,9 @@ import dataclasses
 import logging
 import time
 
-from attribution.receipts import SignedReceipt
-from node.chain import ChainError, ChainGateway
-from node.checkpoints import epoch_payouts, payable_size
+from longtail.attribution.receipts import SignedReceipt
+from longtail.node.chain import ChainError, ChainGateway
+from longtail.node.checkpoints import epoch_payouts, payable_size
 
 log = logging.getLogger("longtail.checkpointer")
 
@@ -122,6 +122,6 @@ class Checkpointer:
 
 
 def _checkpoint_row(node: str, size: int, root: bytes, epoch: int):
-    from attribution.store import Checkpoint
+    from longtail.attribution.store import Checkpoint
 
     return Checkpoint(node=node, tree_size=size, root="0x" + root.hex(), created_at=int(time.time()), epoch=epoch)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from attribution.receipts import SignedReceipt
-from contracts.payouts import Charge, CheckpointPayouts, PayoutSplit, plan_payouts
+from longtail.attribution.receipts import SignedReceipt
+from longtail.contracts.payouts import Charge, CheckpointPayouts, PayoutSplit, plan_payouts
 
 
 def charges_of(receipts: Sequence[SignedReceipt]) -> list[Charge]:

@@ -6,9 +6,9 @@ import importlib.metadata
 
 import typer
 
-from node.commands import adapter, client, datanet, devnet, model, receipts, train
-from node.commands import node as node_commands
-from node.output import console, print_json, print_table
+from longtail.node.commands import adapter, client, datanet, devnet, model, receipts, train
+from longtail.node.commands import node as node_commands
+from longtail.node.output import console, print_json, print_table
 
 app = typer.Typer(
     help="Longtail: a decentralized inference node serving thousands of LoRA adapters with signed receipts.",
@@ -41,7 +41,7 @@ def version(as_json: bool = typer.Option(False, "--json", help="print JSON for s
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")) -> None:
     """Check every part a node needs; exit 1 when a required part is missing."""
-    from node.doctor import run_checks
+    from longtail.node.doctor import run_checks
 
     checks = run_checks()
     if as_json:

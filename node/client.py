@@ -19,16 +19,16 @@ import aiohttp
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from attribution.merkle import leaf_hash, verify_inclusion
-from attribution.receipts import ReceiptDomain, SignedReceipt, keccak, verify_receipt
-from contracts.channels import channel_id_of
-from contracts.client import LongtailContracts
-from contracts.deployment import Deployment
-from contracts.vouchers import VoucherSigner
-from node.requests import CHANNEL_HEADER, VOUCHER_AMOUNT_HEADER, VOUCHER_SIGNATURE_HEADER
-from node.timing import HEADER as TIMING_HEADER
-from node.timing import parse_server_timing
-from node.vouchers import VoucherDomain
+from longtail.attribution.merkle import leaf_hash, verify_inclusion
+from longtail.attribution.receipts import ReceiptDomain, SignedReceipt, keccak, verify_receipt
+from longtail.contracts.channels import channel_id_of
+from longtail.contracts.client import LongtailContracts
+from longtail.contracts.deployment import Deployment
+from longtail.contracts.vouchers import VoucherSigner
+from longtail.node.requests import CHANNEL_HEADER, VOUCHER_AMOUNT_HEADER, VOUCHER_SIGNATURE_HEADER
+from longtail.node.timing import HEADER as TIMING_HEADER
+from longtail.node.timing import parse_server_timing
+from longtail.node.vouchers import VoucherDomain
 
 
 class ClientError(RuntimeError):

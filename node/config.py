@@ -13,7 +13,7 @@ import tomllib
 import typing
 from pathlib import Path
 
-from serving.base_models import EMBEDDED_MODEL_NAME, longtail_home
+from longtail.serving.base_models import EMBEDDED_MODEL_NAME, longtail_home
 
 ENV_PREFIX = "LONGTAIL_"
 

@@ -20,15 +20,15 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
-from attribution.datanets import load_manifest
-from contracts.anvil import DEV_ACCOUNTS, anvil_binary
-from contracts.client import LongtailContracts
-from contracts.deployment import OPEN, Deployment, deploy_all
-from contracts.registry import AdapterRegistration
-from node.catalog import read_datanet_shares
-from node.keys import create_keystore
-from node.processes import ProcessGroup, free_port, wait_for_port
-from serving.base_models import base_model_id, embedded_model_dir, longtail_home
+from longtail.attribution.datanets import load_manifest
+from longtail.contracts.anvil import DEV_ACCOUNTS, anvil_binary
+from longtail.contracts.client import LongtailContracts
+from longtail.contracts.deployment import OPEN, Deployment, deploy_all
+from longtail.contracts.registry import AdapterRegistration
+from longtail.node.catalog import read_datanet_shares
+from longtail.node.keys import create_keystore
+from longtail.node.processes import ProcessGroup, free_port, wait_for_port
+from longtail.serving.base_models import base_model_id, embedded_model_dir, longtail_home
 
 REPO = Path(__file__).resolve().parent.parent
 DATANETS = REPO / "data" / "datanets"
@@ -113,7 +113,7 @@ def _peer_id_bytes(private_key: bytes) -> bytes:
 def setup_chain(w3: Web3, adapters_dir: Path = ADAPTERS, datanets_dir: Path = DATANETS,
                 node_urls: dict[str, str] | None = None, log=print) -> tuple[Deployment, dict[str, str]]:
     """Deploy, mint, register Datanets, adapters and nodes; returns the deployment and adapter ids by name."""
-    from serving.peft_format import adapter_id_of
+    from longtail.serving.peft_format import adapter_id_of
 
     deployer = DEV_ACCOUNTS[0]
     deployment = deploy_all(w3, deployer)
@@ -195,7 +195,7 @@ def up(home: Path | None = None, log=print, node_timeout: float = 240.0) -> Devn
         processes = {}
         for name, port in ports.items():
             config = write_node_config(home, name, port, rpc_url, deployment_file)
-            processes[name] = group.start(name, [sys.executable, "-m", "node.cli", "node", "run", "--config",
+            processes[name] = group.start(name, [sys.executable, "-P", "-m", "longtail.node.cli", "node", "run", "--config",
                                                  str(config)], home / name / "node.log", env=env, url=urls[name])
         for name, port in ports.items():
             wait_for_port("127.0.0.1", port, node_timeout, processes[name])

@@ -97,7 +97,7 @@ def _redact(url: str) -> str:
 
 
 def check_base_model() -> Check:
-    from serving.base_models import BaseModelError, describe, embedded_model_dir, find_embedded_gguf
+    from longtail.serving.base_models import BaseModelError, describe, embedded_model_dir, find_embedded_gguf
 
     folder = embedded_model_dir()
     try:
@@ -121,7 +121,7 @@ def run_checks() -> list[Check]:
 
 
 def _default_sqlite_path() -> Path:
-    from serving.base_models import longtail_home
+    from longtail.serving.base_models import longtail_home
 
     home = longtail_home()
     home.mkdir(parents=True, exist_ok=True)

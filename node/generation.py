@@ -12,10 +12,10 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
-from node.catalog import CatalogEntry
-from node.errors import EngineDown
-from node.requests import CompletionRequest
-from serving.errors import EngineUnavailable
+from longtail.node.catalog import CatalogEntry
+from longtail.node.errors import EngineDown
+from longtail.node.requests import CompletionRequest
+from longtail.serving.errors import EngineUnavailable
 
 # Scoring for adapter credit is background work in the engine (serving.scheduler): it joins steps that answers run
 # anyway, so it neither starts a step that competes for the CPU with the node's receipts nor delays an answer.
@@ -49,7 +49,7 @@ class GenerationGateway:
         return list(self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
 
     def sampling_params(self, request: CompletionRequest, logprobs: bool = False):
-        from serving import SamplingParams
+        from longtail.serving.sampling import SamplingParams
 
         return SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                               top_k=request.top_k, seed=request.seed, stop=list(request.stop),

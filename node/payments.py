@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from node.errors import ChainUnavailable, InvalidVoucherSignature, PaymentRequired
+from longtail.node.errors import ChainUnavailable, InvalidVoucherSignature, PaymentRequired
 
 log = logging.getLogger("longtail.payments")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from node.errors import BadRequest
-from node.payments import Voucher
+from longtail.node.errors import BadRequest
+from longtail.node.payments import Voucher
 
 CHANNEL_HEADER = "X-Longtail-Channel"
 VOUCHER_AMOUNT_HEADER = "X-Longtail-Voucher-Amount"

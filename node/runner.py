@@ -18,26 +18,26 @@ from pathlib import Path
 from aiohttp import web
 from eth_account import Account
 
-from attribution.datanets import load_manifest
-from attribution.receipts import ReceiptDomain
-from attribution.spans import INDEX_FILE, build_datanet_index
-from attribution.store import ReceiptLog
-from contracts.deployment import Deployment
-from node.api import build_app
-from node.attributor import Attributor
-from node.catalog import Catalog, CatalogEntry, read_datanet_shares
-from node.chain import ChainGateway
-from node.checkpointer import Checkpointer
-from node.config import NodeConfig
-from node.errors import UnknownModel
-from node.generation import GenerationGateway
-from node.keys import KeystoreError, NodeKey, load_or_create
-from node.p2p import P2PNode
-from node.payments import PaymentIntake, Voucher
-from node.service import Node
-from serving.adapter_store import AdapterStore, AdapterStoreError, HttpSource
-from serving.base_models import base_model_id, resolve_model
-from serving.peft_format import ModuleShapes
+from longtail.attribution.datanets import load_manifest
+from longtail.attribution.receipts import ReceiptDomain
+from longtail.attribution.spans import INDEX_FILE, build_datanet_index
+from longtail.attribution.store import ReceiptLog
+from longtail.contracts.deployment import Deployment
+from longtail.node.api import build_app
+from longtail.node.attributor import Attributor
+from longtail.node.catalog import Catalog, CatalogEntry, read_datanet_shares
+from longtail.node.chain import ChainGateway
+from longtail.node.checkpointer import Checkpointer
+from longtail.node.config import NodeConfig
+from longtail.node.errors import UnknownModel
+from longtail.node.generation import GenerationGateway
+from longtail.node.keys import KeystoreError, NodeKey, load_or_create
+from longtail.node.p2p import P2PNode
+from longtail.node.payments import PaymentIntake, Voucher
+from longtail.node.service import Node
+from longtail.serving.adapter_store import AdapterStore, AdapterStoreError, HttpSource
+from longtail.serving.base_models import base_model_id, resolve_model
+from longtail.serving.peft_format import ModuleShapes
 
 log = logging.getLogger("longtail.node")
 REPO_DATANETS = Path(__file__).resolve().parent.parent / "data" / "datanets"
@@ -120,10 +120,10 @@ class RunningNode:
 def build_engine(config: NodeConfig, model_dir: Path):
     """The engine in its own process (`engine_process`, the default: docs/node.md says why) or on a thread here."""
     if config.engine_process:
-        from serving.engine_process import EngineProcess
+        from longtail.serving.engine_process import EngineProcess
 
         return EngineProcess(model_dir, device=config.device, kv_cache_bytes=config.kv_cache_bytes)
-    from serving import Engine
+    from longtail.serving.engine import Engine
 
     return Engine.from_pretrained(model_dir, device=config.device, kv_cache_bytes=config.kv_cache_bytes)
 
@@ -247,7 +247,7 @@ class PeerSource:
         return f"libp2p peers of {self.p2p.peer_id.to_base58()}"
 
     def fetch(self, adapter_id: str) -> bytes:
-        from serving.adapter_store import FetchFailed
+        from longtail.serving.adapter_store import FetchFailed
 
         failures = []
         for peer in self.p2p.directory.find_peers(adapter_id):

@@ -22,18 +22,18 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-from attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt, keccak
-from attribution.store import ChannelVoucher, ReceiptCredit, ReceiptLog
-from node.attributor import Attribution, Attributor
-from node.catalog import Catalog, CatalogEntry
-from node.config import NodeConfig
-from node.dashboard import render_dashboard
-from node.errors import BadRequest, NodeBusy, NotFound, PromptTooLarge, UnknownModel
-from node.generation import GenerationGateway, GenerationResult
-from node.metrics import NodeMetrics
-from node.payments import PaymentIntake, Voucher, price_for_tokens
-from node.requests import CompletionRequest
-from node.timing import StageTimes
+from longtail.attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt, keccak
+from longtail.attribution.store import ChannelVoucher, ReceiptCredit, ReceiptLog
+from longtail.node.attributor import Attribution, Attributor
+from longtail.node.catalog import Catalog, CatalogEntry
+from longtail.node.config import NodeConfig
+from longtail.node.dashboard import render_dashboard
+from longtail.node.errors import BadRequest, NodeBusy, NotFound, PromptTooLarge, UnknownModel
+from longtail.node.generation import GenerationGateway, GenerationResult
+from longtail.node.metrics import NodeMetrics
+from longtail.node.payments import PaymentIntake, Voucher, price_for_tokens
+from longtail.node.requests import CompletionRequest
+from longtail.node.timing import StageTimes
 
 log = logging.getLogger("longtail.node")
 
@@ -372,8 +372,8 @@ class Node:
 
     async def handle_peer_request(self, message: dict) -> dict:
         """An inference request that arrived over libp2p: same body and payment headers as over HTTP."""
-        from node.errors import NodeError, error_body, mapping_for
-        from node.requests import parse_completion, parse_payment_headers
+        from longtail.node.errors import NodeError, error_body, mapping_for
+        from longtail.node.requests import parse_completion, parse_payment_headers
 
         path = message.get("path", "/v1/chat/completions")
         if path not in ("/v1/chat/completions", "/v1/completions"):

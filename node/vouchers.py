@@ -6,9 +6,9 @@ signature are `contracts.vouchers`' own.
 
 from __future__ import annotations
 
-from attribution.receipts import recover_signer
-from contracts.vouchers import InvalidVoucher, SignedVoucher
-from contracts.vouchers import VoucherDomain as _Domain
+from longtail.attribution.receipts import recover_signer
+from longtail.contracts.vouchers import InvalidVoucher, SignedVoucher
+from longtail.contracts.vouchers import VoucherDomain as _Domain
 
 
 class VoucherDomain(_Domain):

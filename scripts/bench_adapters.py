@@ -25,7 +25,6 @@ import json
 import os
 import random
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +33,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from scripts.docs_section import write_section  # noqa: E402
-from serving.adapter_metrics import AdapterMetrics, quantile  # noqa: E402
-from serving.adapter_store import AdapterStore  # noqa: E402
-from serving.adapter_tiers import SlotsFull, TieredAdapters  # noqa: E402
-from serving.base_models import embedded_model_dir, longtail_home  # noqa: E402
-from serving.peft_format import AdapterWeights, ModuleShapes, write_random_adapter  # noqa: E402
+from longtail.scripts.docs_section import write_section  # noqa: E402
+from longtail.serving.adapter_metrics import AdapterMetrics, quantile  # noqa: E402
+from longtail.serving.adapter_store import AdapterStore  # noqa: E402
+from longtail.serving.adapter_tiers import SlotsFull, TieredAdapters  # noqa: E402
+from longtail.serving.base_models import embedded_model_dir, longtail_home  # noqa: E402
+from longtail.serving.peft_format import AdapterWeights, ModuleShapes, write_random_adapter  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
 RANK_WEIGHTS = (0.3, 0.3, 0.2, 0.12, 0.08)  # small ranks are the common case in practice
@@ -253,8 +251,8 @@ class EngineResult:
 def run_engine(model_dir: Path, store: AdapterStore, ids: list[str], trace: list[Request], *, device_budget: int,
                host_budget: int, max_running: int, device: str, kv_mib: int) -> EngineResult:
     """The real engine over the trace: all requests submitted at once, steps until every one finished."""
-    from serving.engine import Engine
-    from serving.sampling import SamplingParams
+    from longtail.serving.engine import Engine
+    from longtail.serving.sampling import SamplingParams
 
     engine = Engine.from_pretrained(model_dir, device=device, kv_cache_bytes=kv_mib * MIB,
                                     max_running=max_running, max_adapters=256)

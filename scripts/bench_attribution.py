@@ -20,14 +20,13 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from attribution.datanets import build_manifest  # noqa: E402
-from attribution.spans import IndexedRecord, SpanIndex, attribute_output, tokenize_records  # noqa: E402
-from attribution.synthetic import DEFAULT_SEED, DOMAINS, generate_records  # noqa: E402
-from scripts.docs_section import write_section  # noqa: E402
+from longtail.attribution.datanets import build_manifest  # noqa: E402
+from longtail.attribution.spans import IndexedRecord, SpanIndex, attribute_output, tokenize_records  # noqa: E402
+from longtail.attribution.synthetic import DEFAULT_SEED, DOMAINS, generate_records  # noqa: E402
+from longtail.scripts.docs_section import write_section  # noqa: E402
 
 MODEL = Path(os.environ.get("LONGTAIL_HOME", Path.home() / ".cache" / "longtail")) / "models" / "smollm2-135m-instruct"
 FILLER_WORDS = ("river window quietly orange seven bicycle whisper mountain paper yellow engine garden softly "

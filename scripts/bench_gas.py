@@ -17,17 +17,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from eth_utils import keccak  # noqa: E402
 
-from attribution.merkle import consistency_proof, root_from_leaf_hashes  # noqa: E402
-from contracts.anvil import Anvil  # noqa: E402
-from contracts.chain import send  # noqa: E402
-from contracts.client import LongtailContracts  # noqa: E402
-from contracts.deployment import OPEN, DeployParams, deploy_all  # noqa: E402
-from contracts.payouts import Charge, plan_payouts  # noqa: E402
-from contracts.registry import AdapterRegistration  # noqa: E402
+from longtail.attribution.merkle import consistency_proof, root_from_leaf_hashes  # noqa: E402
+from longtail.contracts.anvil import Anvil  # noqa: E402
+from longtail.contracts.chain import send  # noqa: E402
+from longtail.contracts.client import LongtailContracts  # noqa: E402
+from longtail.contracts.deployment import OPEN, DeployParams, deploy_all  # noqa: E402
+from longtail.contracts.payouts import Charge, plan_payouts  # noqa: E402
+from longtail.contracts.registry import AdapterRegistration  # noqa: E402
 
 RECEIPTS_PER_EPOCH = 1_000
 PREVIOUS_SIZE = 99_000

@@ -42,10 +42,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "benchmarks.md"
 
-from scripts.docs_section import write_section  # noqa: E402
+from longtail.scripts.docs_section import write_section  # noqa: E402
 
 PROMPTS = ["Draft a short clause.", "Name one duty of a tenant.", "What is an indemnity?", "Define venue."]
 
@@ -70,7 +69,7 @@ def chat_body(prompt: str) -> dict:
 
 
 async def unpaid_baseline(generation, catalog_entry, requests, concurrency: int) -> list[float]:
-    from node.requests import parse_completion
+    from longtail.node.requests import parse_completion
 
     latencies: list[float] = []
     queue = list(requests)
@@ -118,8 +117,8 @@ async def alternate_loads(clients, node_url: str, unpaid_url: str, rounds: int, 
     settle what they owe at the end."""
     import aiohttp
 
-    from node.timing import HEADER as TIMING_HEADER
-    from node.timing import parse_server_timing
+    from longtail.node.timing import HEADER as TIMING_HEADER
+    from longtail.node.timing import parse_server_timing
 
     async def ask_unpaid(session, prompt: str) -> Timed:
         started = time.perf_counter()
@@ -158,8 +157,8 @@ def client_process(anvil_url: str, deployment_path: str, node_url: str, unpaid_u
     data only (this module is `__mp_main__` here): phase marks, then ("done", timed, errors)."""
     from eth_account import Account
 
-    from contracts.deployment import Deployment
-    from node.client import PayingClient
+    from longtail.contracts.deployment import Deployment
+    from longtail.node.client import PayingClient
 
     deployment = Deployment.load(Path(deployment_path))
     clients = [PayingClient(Account.from_key(key), anvil_url, deployment, Path(state_root) / f"client-{i}")
@@ -250,9 +249,9 @@ async def start_unpaid_endpoint(generation, entry, max_tokens_limit: int):
     no receipt: the baseline that separates what payment + receipt add from what HTTP adds."""
     from aiohttp import web
 
-    from node.requests import parse_completion
-    from node.timing import HEADER as TIMING_HEADER
-    from node.timing import StageTimes
+    from longtail.node.requests import parse_completion
+    from longtail.node.timing import HEADER as TIMING_HEADER
+    from longtail.node.timing import StageTimes
 
     async def chat(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -298,14 +297,14 @@ def overhead_rows(answers: list[Timed]) -> list[tuple[str, list[float]]]:
 
 
 async def main_async(args) -> int:
-    from contracts.anvil import DEV_ACCOUNTS, Anvil
-    from contracts.client import LongtailContracts
-    from contracts.deployment import OPEN
-    from node.auditor import audit
-    from node.client import PayingClient
-    from node.config import NodeConfig
-    from node.devnet import ADAPTERS, setup_chain
-    from node.runner import open_node
+    from longtail.contracts.anvil import DEV_ACCOUNTS, Anvil
+    from longtail.contracts.client import LongtailContracts
+    from longtail.contracts.deployment import OPEN
+    from longtail.node.auditor import audit
+    from longtail.node.client import PayingClient
+    from longtail.node.config import NodeConfig
+    from longtail.node.devnet import ADAPTERS, setup_chain
+    from longtail.node.runner import open_node
 
     os.environ.setdefault("LONGTAIL_KEY_PASSWORD", "bench")
     anvil = Anvil().start()

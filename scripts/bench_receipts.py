@@ -16,11 +16,10 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft, typed_data  # noqa: E402
-from attribution.store import ReceiptLog  # noqa: E402
-from scripts.docs_section import write_section  # noqa: E402
+from longtail.attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft, typed_data  # noqa: E402
+from longtail.attribution.store import ReceiptLog  # noqa: E402
+from longtail.scripts.docs_section import write_section  # noqa: E402
 
 KEY = "0x" + "4c" * 32
 DOMAIN = ReceiptDomain(31337, "0x5fbdb2315678afecb367f032d93f642f64180aa3")

@@ -28,17 +28,16 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "benchmarks.md"
 
-from scripts.docs_section import write_section  # noqa: E402
+from longtail.scripts.docs_section import write_section  # noqa: E402
 
 TARGETS = [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")]
 
 
 def make_adapters(model_dir: Path, out: Path, count: int, ranks: tuple[int, int], seed: int) -> list[Path]:
     """Random PEFT-format adapters written straight with safetensors (fast; PEFT loads them)."""
-    from serving.config import ModelConfig
+    from longtail.serving.config import ModelConfig
 
     shapes = ModelConfig.from_model_dir(model_dir).module_shapes()
     parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -100,7 +99,7 @@ def prompts_of(jobs, vocab: int) -> list[list[int]]:
 
 def run_engine(engine, jobs, adapter_ids, vocab: int) -> dict:
     """Replay the arrivals against the engine, stepping it on this thread; TTFT includes queueing."""
-    from serving import SamplingParams
+    from longtail.serving.sampling import SamplingParams
 
     prompts = prompts_of(jobs, vocab)
     handles = []
@@ -204,8 +203,8 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from serving import Engine
-    from serving.base_models import ensure_embedded_model
+    from longtail.serving.base_models import ensure_embedded_model
+    from longtail.serving.engine import Engine
 
     torch.manual_seed(0)
     model_dir = ensure_embedded_model()

@@ -20,17 +20,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "attribution.md"
 
-from attribution.spans import (  # noqa: E402
+from longtail.attribution.spans import (  # noqa: E402
     DEFAULT_MIN_SPAN,
     SCALAR_FILTER_MAX_TOKENS,
     SCALAR_SEARCH_MAX_HITS,
     SpanIndex,
     load_datanet_index,
 )
-from scripts.docs_section import write_section  # noqa: E402
+from longtail.scripts.docs_section import write_section  # noqa: E402
 
 DATANET = ROOT / "data" / "datanets" / "legal-clauses"
 

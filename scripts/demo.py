@@ -67,7 +67,7 @@ class JobResult:
 
 
 def datanet_names() -> dict[str, str]:
-    from node.runner import datanet_folders
+    from longtail.node.runner import datanet_folders
 
     return {ident: folder.name for ident, folder in datanet_folders().items()}
 
@@ -75,7 +75,7 @@ def datanet_names() -> dict[str, str]:
 async def run_jobs(info, client, max_tokens: int) -> list[JobResult]:
     import aiohttp
 
-    from node.client import ClientError
+    from longtail.node.client import ClientError
 
     names = datanet_names()
     results = []
@@ -142,9 +142,9 @@ async def wait_for_checkpoints(info, contracts, timeout: float = 120.0) -> None:
 
 
 def report(results: list[JobResult], info, contracts, audits) -> bool:
-    from contracts.anvil import DEV_ACCOUNTS
-    from node.devnet import ADAPTER_OWNERS
-    from node.runner import datanet_folders
+    from longtail.contracts.anvil import DEV_ACCOUNTS
+    from longtail.node.devnet import ADAPTER_OWNERS
+    from longtail.node.runner import datanet_folders
 
     table = Table(title="requests")
     for column in ("#", "adapter", "node", "prompt tok", "output tok", "price (OPEN)", "top Datanet"):
@@ -209,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from web3 import Web3
 
-    from contracts.anvil import DEV_ACCOUNTS
-    from contracts.client import LongtailContracts
-    from contracts.deployment import Deployment
-    from node.auditor import audit
-    from node.client import PayingClient
-    from node.devnet import CLIENT_ACCOUNT, devnet_home, down, up
+    from longtail.contracts.anvil import DEV_ACCOUNTS
+    from longtail.contracts.client import LongtailContracts
+    from longtail.contracts.deployment import Deployment
+    from longtail.node.auditor import audit
+    from longtail.node.client import PayingClient
+    from longtail.node.devnet import CLIENT_ACCOUNT, devnet_home, down, up
 
     started = time.perf_counter()
     console.rule("[bold]Longtail demo: a local network")

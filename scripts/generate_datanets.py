@@ -2,7 +2,7 @@
 
 import sys
 
-from attribution.synthetic import main
+from longtail.attribution.synthetic import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from longtail.scripts.docs_section import write_section
 
-from scripts.docs_section import write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DOC = ROOT / "docs" / "kernels.md"
 HIDDEN = 4096
@@ -96,8 +95,8 @@ def lora_bytes(tokens: int, used_ranks: list[int]) -> int:
 
 
 def time_decode(batch: int, adapters: int, rank_label: str) -> Row:
-    from kernels import lora_expand_ref, lora_shrink_ref
-    from kernels.lora_triton import lora_expand_triton, lora_shrink_triton
+    from longtail.kernels.lora import lora_expand_ref, lora_shrink_ref
+    from longtail.kernels.lora_triton import lora_expand_triton, lora_shrink_triton
 
     ranks = [8, 16, 64] if rank_label == "mixed" else [int(rank_label)]
     adapter_ranks = [ranks[i % len(ranks)] for i in range(adapters)]
@@ -123,8 +122,8 @@ def time_decode(batch: int, adapters: int, rank_label: str) -> Row:
 
 
 def time_prefill(segments: int, rank: int, tokens: int = 2048) -> Row:
-    from kernels import lora_expand_sgmv_ref, lora_shrink_sgmv_ref, segments_from_token_slots
-    from kernels.lora_triton import lora_expand_sgmv_triton, lora_shrink_sgmv_triton
+    from longtail.kernels.lora import lora_expand_sgmv_ref, lora_shrink_sgmv_ref, segments_from_token_slots
+    from longtail.kernels.lora_triton import lora_expand_sgmv_triton, lora_shrink_sgmv_triton
 
     a_rows, b_rows, offsets, ranks_t, scales = make_weights([rank] * segments)
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=DTYPE)
@@ -148,7 +147,7 @@ def run_gpu_tests() -> tuple[int, float]:
     began = time.perf_counter()
     # tests/conftest.py defaults TRITON_INTERPRET to 1; the GPU tests must compile.
     env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/kernels", "-p",
+    result = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-m", "gpu", "tests/kernels", "-p",
                              "no:cacheprovider"], cwd=ROOT, env=env, timeout=150)
     return result.returncode, time.perf_counter() - began
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import sys
 import time
 
-from serving.base_models import BaseModelError, embedded_model_dir, ensure_embedded_model, is_model_dir
+from longtail.serving.base_models import (
+    BaseModelError,
+    embedded_model_dir,
+    ensure_embedded_model,
+    is_model_dir,
+)
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ Each adapter is trained by the same function as `longtail train` on the embedded
 base model, then its figures (train time, held-out loss before and after, a
 sample continuation) are written into the table in docs/training.md.
 
-    .venv/bin/python -m scripts.train_demo_adapters [--only legal-r8] [--out-root DIR] [--no-docs]
+    .venv/bin/python -P -m longtail.scripts.train_demo_adapters [--only legal-r8] [--out-root DIR] [--no-docs]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from serving.base_models import EMBEDDED_MODEL_NAME, resolve_model
-from serving.training import TrainConfig, TrainingEvent, TrainResult, train_adapter
+from longtail.serving.base_models import EMBEDDED_MODEL_NAME, resolve_model
+from longtail.serving.training import TrainConfig, TrainingEvent, TrainResult, train_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 DATANETS = REPO / "data" / "datanets"

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from serving.errors import AdapterInUse, UnknownAdapter
-from serving.lora_slots import LoraSlots
-from serving.peft_format import AdapterWeights, load_adapter
+from longtail.serving.errors import AdapterInUse, UnknownAdapter
+from longtail.serving.lora_slots import LoraSlots
+from longtail.serving.peft_format import AdapterWeights, load_adapter
 
 
 @runtime_checkable

@@ -30,8 +30,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from serving.base_models import longtail_home
-from serving.peft_format import (
+from longtail.serving.base_models import longtail_home
+from longtail.serving.peft_format import (
     CONFIG_NAME,
     DEFAULT_MAX_BYTES,
     MAX_CONFIG_BYTES,

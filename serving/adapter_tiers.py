@@ -29,15 +29,15 @@ from typing import Protocol
 
 import torch
 
-from serving.adapter_metrics import AdapterMetrics
-from serving.adapter_store import (
+from longtail.serving.adapter_metrics import AdapterMetrics
+from longtail.serving.adapter_store import (
     AdapterNotFound,
     AdapterStore,
     AdapterStoreError,
     RemoteSource,
     is_adapter_id,
 )
-from serving.peft_format import AdapterRejected, AdapterWeights, ModuleShapes
+from longtail.serving.peft_format import AdapterRejected, AdapterWeights, ModuleShapes
 
 
 class AdapterTooLarge(AdapterStoreError):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from serving.peft_format import ModuleShapes
+from longtail.serving.peft_format import ModuleShapes
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 

@@ -26,9 +26,9 @@ from typing import Protocol
 
 import torch
 
-from serving.adapter_provider import AdapterProvider, ResidentAdapters
-from serving.config import ModelConfig
-from serving.errors import (
+from longtail.serving.adapter_provider import AdapterProvider, ResidentAdapters
+from longtail.serving.config import ModelConfig
+from longtail.serving.errors import (
     EngineError,
     InvalidTokenIds,
     KvCacheTooSmall,
@@ -37,12 +37,12 @@ from serving.errors import (
     RequestCancelled,
     UnknownAdapter,
 )
-from serving.kv_cache import PagedKVCache
-from serving.lora_slots import LoraSlots
-from serving.model import LlamaModel
-from serving.model_runner import ModelRunner, SequenceChunk
-from serving.sampling import SamplingParams, sample_rows
-from serving.scheduler import Request, Scheduler, State
+from longtail.serving.kv_cache import PagedKVCache
+from longtail.serving.lora_slots import LoraSlots
+from longtail.serving.model import LlamaModel
+from longtail.serving.model_runner import ModelRunner, SequenceChunk
+from longtail.serving.sampling import SamplingParams, sample_rows
+from longtail.serving.scheduler import Request, Scheduler, State
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from serving.errors import EngineError, EngineUnavailable, RequestCancelled
-from serving.sampling import SamplingParams
+from longtail.serving.errors import EngineError, EngineUnavailable, RequestCancelled
+from longtail.serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
                 connection.send(("error", call_id, EngineError(text)))
 
     try:
-        from serving.engine import Engine
+        from longtail.serving.engine import Engine
 
         engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, **options)
         engine.start()

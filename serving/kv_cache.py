@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from serving.config import ModelConfig
+from longtail.serving.config import ModelConfig
 
 
 class BlockPool:

@@ -13,11 +13,11 @@ import dataclasses
 
 import torch
 
-from kernels import SlotWeights, slot_weights
-from kernels.lora_cpu import RunTable, run_table
-from serving.config import ModelConfig
-from serving.errors import AdapterIncompatible, AdapterSlotsFull
-from serving.peft_format import AdapterWeights
+from longtail.kernels.lora import SlotWeights, slot_weights
+from longtail.kernels.lora_cpu import RunTable, run_table
+from longtail.serving.config import ModelConfig
+from longtail.serving.errors import AdapterIncompatible, AdapterSlotsFull
+from longtail.serving.peft_format import AdapterWeights
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

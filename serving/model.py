@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from kernels import Runs, add_lora, add_lora_runs, kernel_backend
-from kernels.lora_cpu import add_lora_runs_native
-from serving.config import ModelConfig
-from serving.kv_cache import PagedKVCache
-from serving.lora_slots import LoraSlots
+from longtail.kernels.lora import Runs, add_lora, add_lora_runs, kernel_backend
+from longtail.kernels.lora_cpu import add_lora_runs_native
+from longtail.serving.config import ModelConfig
+from longtail.serving.kv_cache import PagedKVCache
+from longtail.serving.lora_slots import LoraSlots
 
 
 @dataclasses.dataclass

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import runs_of, token_groups
-from kernels.lora_cpu import native_available, split_runs
-from serving.kv_cache import PagedKVCache
-from serving.lora_slots import LoraSlots
-from serving.model import BatchPlan, LlamaModel, PrefillSegment
+from longtail.kernels.lora import runs_of, token_groups
+from longtail.kernels.lora_cpu import native_available, split_runs
+from longtail.serving.kv_cache import PagedKVCache
+from longtail.serving.lora_slots import LoraSlots
+from longtail.serving.model import BatchPlan, LlamaModel, PrefillSegment
 
 
 @dataclasses.dataclass(frozen=True)

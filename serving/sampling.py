@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from serving.errors import InvalidSamplingParams
+from longtail.serving.errors import InvalidSamplingParams
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from serving.sampling import SamplingParams
+from longtail.serving.sampling import SamplingParams
 
 
 class State(enum.Enum):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from attribution.datanets import DatanetError, load_manifest, read_records
+from longtail.attribution.datanets import DatanetError, load_manifest, read_records
 
 TOTAL_BPS = 10_000
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -533,8 +533,8 @@ def train_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from serving.base_models import base_model_id
-    from serving.peft_format import adapter_id_of
+    from longtail.serving.base_models import base_model_id
+    from longtail.serving.peft_format import adapter_id_of
 
     started = time.perf_counter()
     emit = on_event or (lambda event: None)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from node.output import fail, print_json, print_table
-from serving.adapter_store import AdapterStore, AdapterStoreError, HttpSource, StoredAdapter
-from serving.base_models import EMBEDDED_MODEL_NAME, BaseModelError, base_model_id, resolve_model
-from serving.peft_format import AdapterRejected, ModuleShapes
+from longtail.node.output import fail, print_json, print_table
+from longtail.serving.adapter_store import AdapterStore, AdapterStoreError, HttpSource, StoredAdapter
+from longtail.serving.base_models import EMBEDDED_MODEL_NAME, BaseModelError, base_model_id, resolve_model
+from longtail.serving.peft_format import AdapterRejected, ModuleShapes
 
 app = typer.Typer(help="Manage LoRA adapters (PEFT format) in the local content-addressed store.",
                   no_args_is_help=True)

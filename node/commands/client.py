@@ -8,14 +8,14 @@ from pathlib import Path
 
 import typer
 
-from node.output import console, fail, print_json, print_table
+from longtail.node.output import console, fail, print_json, print_table
 
 KEY_HELP = "keystore file of the account (password in $LONGTAIL_KEY_PASSWORD)"
 
 
 def _deployment_and_rpc(rpc: str | None, deployment: Path | None):
-    from contracts.deployment import Deployment
-    from node.devnet import DevnetError, load_info
+    from longtail.contracts.deployment import Deployment
+    from longtail.node.devnet import DevnetError, load_info
 
     if rpc and deployment:
         return rpc, Deployment.load(deployment)
@@ -29,7 +29,7 @@ def _deployment_and_rpc(rpc: str | None, deployment: Path | None):
 def _account(keystore: Path | None, dev_account: int | None):
     from eth_account import Account
 
-    from node.keys import KeystoreError, load_keystore
+    from longtail.node.keys import KeystoreError, load_keystore
 
     if keystore is not None:
         password = os.environ.get("LONGTAIL_KEY_PASSWORD")
@@ -40,7 +40,7 @@ def _account(keystore: Path | None, dev_account: int | None):
         except KeystoreError as error:
             fail(str(error), code=2)
     if dev_account is not None:
-        from contracts.anvil import DEV_ACCOUNTS
+        from longtail.contracts.anvil import DEV_ACCOUNTS
 
         return DEV_ACCOUNTS[dev_account]
     fail("pass --keystore (or --dev-account N on a devnet)", code=2)
@@ -62,9 +62,9 @@ def submit(
     """Pay a node for one answer: prefers a node that serves the adapter, verifies the receipt."""
     import aiohttp
 
-    from node.client import ClientError, PayingClient
-    from node.devnet import load_info
-    from serving.base_models import longtail_home
+    from longtail.node.client import ClientError, PayingClient
+    from longtail.node.devnet import load_info
+    from longtail.serving.base_models import longtail_home
 
     rpc_url, deployment_info = _deployment_and_rpc(rpc, deployment)
     account = _account(keystore, dev_account if keystore is None and dev_account is not None else
@@ -112,7 +112,7 @@ def audit(
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
 ) -> None:
     """Verify a node's receipts, log roots, consistency and payout totals against the chain; exit 1 on any finding."""
-    from node.auditor import audit as run_audit
+    from longtail.node.auditor import audit as run_audit
 
     rpc_url, deployment_info = _deployment_and_rpc(rpc, deployment)
     report = asyncio.run(run_audit(node_url, rpc_url, deployment_info, node_address))
@@ -139,7 +139,7 @@ def claim(
     """Withdraw what the AttributionLedger holds for this account (node, adapter owner or Datanet owner)."""
     from web3 import Web3
 
-    from contracts.client import LongtailContracts
+    from longtail.contracts.client import LongtailContracts
 
     rpc_url, deployment_info = _deployment_and_rpc(rpc, deployment)
     account = _account(keystore, dev_account)

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import typer
 
-from attribution.datanets import DatanetError, build_datanet, load_manifest, read_records, verify_datanet
-from node.output import fail, print_json, print_table
+from longtail.attribution.datanets import (
+    DatanetError,
+    build_datanet,
+    load_manifest,
+    read_records,
+    verify_datanet,
+)
+from longtail.node.output import fail, print_json, print_table
 
 app = typer.Typer(help="Build, inspect and verify Datanets.", no_args_is_help=True)
 
@@ -54,7 +60,7 @@ def generate_command(out: Path = typer.Option(Path("data/datanets"), help="where
                      seed: int = typer.Option(20261128, help="generator seed"),
                      as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")) -> None:
     """Write the synthetic demo Datanets (deterministic for a seed)."""
-    from attribution.synthetic import generate_all
+    from longtail.attribution.synthetic import generate_all
 
     ids = generate_all(out, seed)
     if as_json:
@@ -77,8 +83,8 @@ def index_command(folder: Path = typer.Argument(..., help="a Datanet folder"),
     """Tokenize the records with the base model's tokenizer and build the span (suffix-array) index."""
     from transformers import AutoTokenizer
 
-    from attribution.spans import build_datanet_index, index_summary, load_datanet_index
-    from serving.base_models import BaseModelError, resolve_model
+    from longtail.attribution.spans import build_datanet_index, index_summary, load_datanet_index
+    from longtail.serving.base_models import BaseModelError, resolve_model
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from node.output import console, fail, print_json, print_table
+from longtail.node.output import console, fail, print_json, print_table
 
 app = typer.Typer(help="Start, inspect and stop a local network (anvil, contracts, three nodes).",
                   no_args_is_help=True)
@@ -13,7 +13,7 @@ app = typer.Typer(help="Start, inspect and stop a local network (anvil, contract
 @app.command("up")
 def up_command(as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")) -> None:
     """Start anvil, deploy and register everything, start three nodes; leaves them running."""
-    from node.devnet import DevnetError, up
+    from longtail.node.devnet import DevnetError, up
 
     try:
         info = up(log=(lambda *_: None) if as_json else console.print)
@@ -29,7 +29,7 @@ def up_command(as_json: bool = typer.Option(False, "--json", help="print JSON fo
 @app.command("down")
 def down_command() -> None:
     """Stop every process `devnet up` started."""
-    from node.devnet import down
+    from longtail.node.devnet import down
 
     down(log=console.print)
 
@@ -37,7 +37,7 @@ def down_command() -> None:
 @app.command("status")
 def status_command(as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")) -> None:
     """Show the devnet's processes; exit 1 when one of them is down."""
-    from node.devnet import status
+    from longtail.node.devnet import status
 
     state = status()
     if as_json:

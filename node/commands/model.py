@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from node.output import fail, print_json, print_table
-from serving.base_models import BaseModelError, describe, import_model, list_models, resolve_model
+from longtail.node.output import fail, print_json, print_table
+from longtail.serving.base_models import BaseModelError, describe, import_model, list_models, resolve_model
 
 app = typer.Typer(help="Manage base models (HF Llama-family folders) in $LONGTAIL_HOME/models.", no_args_is_help=True)
 

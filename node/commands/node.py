@@ -15,8 +15,8 @@ from pathlib import Path
 
 import typer
 
-from node.config import ConfigError, NodeConfig, load_config
-from node.output import fail
+from longtail.node.config import ConfigError, NodeConfig, load_config
+from longtail.node.output import fail
 
 app = typer.Typer(help="Run a Longtail node.", no_args_is_help=True)
 
@@ -71,7 +71,7 @@ def _option(field: dataclasses.Field, hint: object) -> tuple[object, object]:
 
 def run_command(config: Path | None = None, verbose: bool = False, **flags) -> None:
     """Serve paid, receipted inference until Ctrl-C (exit 2 on a configuration error)."""
-    from node.runner import NodeStartError, serve_forever
+    from longtail.node.runner import NodeStartError, serve_forever
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
-from attribution.merkle import InvalidProof, verify_consistency, verify_inclusion
-from attribution.receipts import ReceiptDomain, ReceiptError, SignedReceipt, verify_receipt
-from attribution.store import ReceiptStore, StoreError
-from node.output import fail, print_json, print_table
+from longtail.attribution.merkle import InvalidProof, verify_consistency, verify_inclusion
+from longtail.attribution.receipts import ReceiptDomain, ReceiptError, SignedReceipt, verify_receipt
+from longtail.attribution.store import ReceiptStore, StoreError
+from longtail.node.output import fail, print_json, print_table
 
 receipt_app = typer.Typer(help="Verify signed receipts.", no_args_is_help=True)
 log_app = typer.Typer(help="Roots and proofs of a node's receipt log.", no_args_is_help=True)
@@ -68,7 +68,7 @@ def verify_command(files: list[Path] = typer.Argument(..., help="receipt body fi
 
 
 def _default_db() -> str:
-    from node.config import load_config
+    from longtail.node.config import load_config
 
     return load_config().resolved_database_url
 

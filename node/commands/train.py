@@ -18,9 +18,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from node.output import console, fail, print_json, print_table
-from serving.base_models import BaseModelError, resolve_model
-from serving.training import (
+from longtail.node.output import console, fail, print_json, print_table
+from longtail.serving.base_models import BaseModelError, resolve_model
+from longtail.serving.training import (
     DEFAULT_TARGETS,
     TrainConfig,
     TrainingError,

@@ -5,9 +5,9 @@ the directory of live peers; `protocols.py` the protocol ids, framing and errors
 trio/asyncio bridge.
 """
 
-from node.p2p.announce import Announcement, PeerDirectory, make_announcement, verify_announcement
-from node.p2p.host import P2PNode, Provider
-from node.p2p.protocols import (
+from longtail.node.p2p.announce import Announcement, PeerDirectory, make_announcement, verify_announcement
+from longtail.node.p2p.host import P2PNode, Provider
+from longtail.node.p2p.protocols import (
     ADAPTER_PROTOCOL,
     ANNOUNCE_TOPIC,
     INFER_PROTOCOL,

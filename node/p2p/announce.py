@@ -21,7 +21,7 @@ from eth_account.messages import encode_defunct
 from eth_utils import keccak, to_checksum_address
 from libp2p.peer.id import ID
 
-from node.p2p.protocols import InvalidAnnouncement
+from longtail.node.p2p.protocols import InvalidAnnouncement
 
 _ADAPTER_ID = re.compile(r"^0x[0-9a-f]{64}$")
 

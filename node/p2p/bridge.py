@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from node.p2p.protocols import P2PError, P2PStopped, P2PTimeout
+from longtail.node.p2p.protocols import P2PError, P2PStopped, P2PTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

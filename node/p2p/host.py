@@ -30,9 +30,9 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from node.p2p.announce import Announcement, PeerDirectory, make_announcement, verify_announcement
-from node.p2p.bridge import TrioThread
-from node.p2p.protocols import (
+from longtail.node.p2p.announce import Announcement, PeerDirectory, make_announcement, verify_announcement
+from longtail.node.p2p.bridge import TrioThread
+from longtail.node.p2p.protocols import (
     ADAPTER_PROTOCOL,
     ANNOUNCE_TOPIC,
     DEFAULT_MAX_BUNDLE_BYTES,

@@ -6,10 +6,10 @@ import json
 
 from typer.testing import CliRunner
 
-from attribution.merkle import verify_consistency, verify_inclusion
-from attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft
-from attribution.store import ReceiptLog
-from node.commands.receipts import app
+from longtail.attribution.merkle import verify_consistency, verify_inclusion
+from longtail.attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft
+from longtail.attribution.store import ReceiptLog
+from longtail.node.commands.receipts import app
 
 KEY = "0x" + "4c" * 32
 DOMAIN = ReceiptDomain(31337, "0x5fbdb2315678afecb367f032d93f642f64180aa3")

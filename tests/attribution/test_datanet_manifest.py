@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from attribution.datanets import (
+from longtail.attribution.datanets import (
     DatanetError,
     Record,
     build_manifest,
@@ -17,8 +17,8 @@ from attribution.datanets import (
     records_root,
     verify_datanet,
 )
-from attribution.merkle import root_hash
-from attribution.synthetic import DOMAINS, generate_all, generate_records
+from longtail.attribution.merkle import root_hash
+from longtail.attribution.synthetic import DOMAINS, generate_all, generate_records
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "datanets"
 

@@ -11,8 +11,8 @@ import hashlib
 
 import pytest
 
-from attribution.log import MerkleLog
-from attribution.merkle import (
+from longtail.attribution.log import MerkleLog
+from longtail.attribution.merkle import (
     EMPTY_ROOT,
     InvalidProof,
     consistency_proof,

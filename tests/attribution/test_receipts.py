@@ -13,7 +13,7 @@ from eth_utils import keccak
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attribution.receipts import (
+from longtail.attribution.receipts import (
     AdapterCredit,
     AttributionMismatch,
     AttributionVector,

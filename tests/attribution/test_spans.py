@@ -7,8 +7,14 @@ import random
 import numpy as np
 import pytest
 
-from attribution.receipts import TOTAL_BPS
-from attribution.spans import IndexedRecord, SpanIndex, SpanIndexError, attribute_output, to_basis_points
+from longtail.attribution.receipts import TOTAL_BPS
+from longtail.attribution.spans import (
+    IndexedRecord,
+    SpanIndex,
+    SpanIndexError,
+    attribute_output,
+    to_basis_points,
+)
 
 A = "0x" + "0a" * 32
 B = "0x" + "0b" * 32

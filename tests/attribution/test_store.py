@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from attribution.merkle import leaf_hash, verify_consistency, verify_inclusion
-from attribution.receipts import (
+from longtail.attribution.merkle import leaf_hash, verify_consistency, verify_inclusion
+from longtail.attribution.receipts import (
     AdapterCredit,
     AttributionVector,
     ReceiptDomain,
@@ -21,7 +21,7 @@ from attribution.receipts import (
     SignedReceipt,
     verify_receipt,
 )
-from attribution.store import (
+from longtail.attribution.store import (
     ChannelVoucher,
     Checkpoint,
     LogConflict,
@@ -191,8 +191,8 @@ def test_the_first_adapter_credit_of_a_receipt_stays(database):
 
 WRITER = textwrap.dedent("""
     import sys
-    from attribution.receipts import AdapterCredit, AttributionVector, ReceiptDomain, ReceiptDraft
-    from attribution.store import ReceiptLog
+    from longtail.attribution.receipts import AdapterCredit, AttributionVector, ReceiptDomain, ReceiptDraft
+    from longtail.attribution.store import ReceiptLog
     url, schema = sys.argv[1], (sys.argv[2] or None)
     domain = ReceiptDomain(31337, "0x5fbdb2315678afecb367f032d93f642f64180aa3")
     vector = AttributionVector(("0x" + "0a" * 32,), (10000,))

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from longtail.contracts.anvil import Anvil  # noqa: E402
+from longtail.contracts.client import LongtailContracts  # noqa: E402
+from longtail.contracts.deployment import OPEN, deploy_all  # noqa: E402
 
 from contracts_testkit import TEST_PARAMS, World  # noqa: E402
-
-from contracts.anvil import Anvil  # noqa: E402
-from contracts.client import LongtailContracts  # noqa: E402
-from contracts.deployment import OPEN, deploy_all  # noqa: E402
 
 FUNDED = 100_000 * OPEN
 

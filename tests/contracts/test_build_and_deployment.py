@@ -7,12 +7,19 @@ import shutil
 import subprocess
 
 import pytest
-from contracts_testkit import TEST_PARAMS
 
-from contracts.anvil import DEV_ACCOUNTS, Anvil
-from contracts.artifacts import BUILD_DIR, CONTRACT_NAMES, StaleArtifacts, load_artifact, sources_sha256
-from contracts.client import LongtailContracts, WrongChain
-from contracts.deployment import Deployment, deploy_all
+from longtail.contracts.anvil import DEV_ACCOUNTS, Anvil
+from longtail.contracts.artifacts import (
+    BUILD_DIR,
+    CONTRACT_NAMES,
+    StaleArtifacts,
+    load_artifact,
+    sources_sha256,
+)
+from longtail.contracts.client import LongtailContracts, WrongChain
+from longtail.contracts.deployment import Deployment, deploy_all
+
+from contracts_testkit import TEST_PARAMS
 
 REPO = BUILD_DIR.parent.parent
 

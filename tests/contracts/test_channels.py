@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from contracts_testkit import TEST_PARAMS, reverts
 
-from contracts.chain import send
-from contracts.channels import channel_id_of
-from contracts.deployment import OPEN, deploy_contract
-from contracts.vouchers import SignedVoucher, recover_voucher_signer, sign_voucher, voucher_digest
+from longtail.contracts.chain import send
+from longtail.contracts.channels import channel_id_of
+from longtail.contracts.deployment import OPEN, deploy_contract
+from longtail.contracts.vouchers import SignedVoucher, recover_voucher_signer, sign_voucher, voucher_digest
+
+from contracts_testkit import TEST_PARAMS, reverts
 
 
 @pytest.fixture

@@ -9,15 +9,16 @@ import dataclasses
 from collections import defaultdict
 
 import pytest
-from contracts_testkit import TEST_PARAMS, consistency_proof, leaf_hash, mth, reverts
 from eth_utils import keccak
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contracts.channels import channel_id_of
-from contracts.payouts import BASE_MODEL_ADAPTER, Allocation, distribution_leaf_data
-from contracts.registry import AdapterRegistration, datanet_id
-from contracts.vouchers import SignedVoucher
+from longtail.contracts.channels import channel_id_of
+from longtail.contracts.payouts import BASE_MODEL_ADAPTER, Allocation, distribution_leaf_data
+from longtail.contracts.registry import AdapterRegistration, datanet_id
+from longtail.contracts.vouchers import SignedVoucher
+
+from contracts_testkit import TEST_PARAMS, consistency_proof, leaf_hash, mth, reverts
 
 ADAPTER_X = "0x" + keccak(b"prop-adapter-x").hex()  # one Datanet, 100%
 ADAPTER_Y = "0x" + keccak(b"prop-adapter-y").hex()  # no Datanets

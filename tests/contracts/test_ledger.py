@@ -5,6 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from eth_utils import keccak
+
+from longtail.contracts.chain import hex32
+from longtail.contracts.deployment import OPEN, deploy_contract
+from longtail.contracts.payouts import (
+    BASE_MODEL_ADAPTER,
+    Allocation,
+    Charge,
+    distribution_leaf_data,
+    plan_payouts,
+)
+from longtail.contracts.registry import AdapterRegistration
+
 from contracts_testkit import (
     TEST_PARAMS,
     consistency_proof,
@@ -16,12 +29,6 @@ from contracts_testkit import (
     reverts,
     sign_receipt,
 )
-from eth_utils import keccak
-
-from contracts.chain import hex32
-from contracts.deployment import OPEN, deploy_contract
-from contracts.payouts import BASE_MODEL_ADAPTER, Allocation, Charge, distribution_leaf_data, plan_payouts
-from contracts.registry import AdapterRegistration
 
 ADAPTER_X = "0x" + keccak(b"adapter-x").hex()  # trained on Datanets A and B
 ADAPTER_Y = "0x" + keccak(b"adapter-y").hex()  # no Datanets

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from contracts_testkit import TEST_PARAMS, reverts
 from eth_utils import keccak
 
-from contracts.chain import hex32, send
-from contracts.deployment import OPEN
-from contracts.registry import AdapterRegistration, datanet_id
+from longtail.contracts.chain import hex32, send
+from longtail.contracts.deployment import OPEN
+from longtail.contracts.registry import AdapterRegistration, datanet_id
+
+from contracts_testkit import TEST_PARAMS, reverts
 
 ROOT = "0x" + "ab" * 32
 BASE = "0x" + keccak(b"base").hex()
@@ -97,7 +98,7 @@ def test_only_the_ledger_slashes_and_the_ledger_is_set_once(world):
 
 
 def test_datanet_id_is_derived_on_chain_from_its_fields(world):
-    from attribution.datanets import datanet_id as attribution_datanet_id
+    from longtail.attribution.datanets import datanet_id as attribution_datanet_id
 
     expected = datanet_id("code", world.datanet_owner.address, ROOT, 10)
     assert expected == attribution_datanet_id("code", world.datanet_owner.address, bytes.fromhex(ROOT[2:]), 10)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from contracts_testkit import reverts
+from longtail.contracts.deployment import OPEN
 
-from contracts.deployment import OPEN
+from contracts_testkit import reverts
 
 
 def test_transfer_moves_balance_and_keeps_supply(world):
@@ -34,7 +34,7 @@ def test_transfer_from_spends_allowance_and_reverts_beyond_it(world):
     token, owner, spender = world.token, world.client, world.other_client
     token.approve(owner, spender.address, 3 * OPEN)
     fn = token.contract.functions.transferFrom(owner.address, spender.address, 2 * OPEN)
-    from contracts.chain import send
+    from longtail.contracts.chain import send
     send(world.anvil.w3, spender, fn)
     assert token.allowance(owner.address, spender.address) == 1 * OPEN
     with reverts("ERC20InsufficientAllowance", spender=spender.address, allowance=1 * OPEN, needed=2 * OPEN):

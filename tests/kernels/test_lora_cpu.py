@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import LoraShapeError, add_lora_runs, runs_of, slot_weights
-from kernels.lora_cpu import (
+from longtail.kernels.lora import LoraShapeError, add_lora_runs, runs_of, slot_weights
+from longtail.kernels.lora_cpu import (
     MAX_NATIVE_RUN,
     add_lora_runs_native,
     build,

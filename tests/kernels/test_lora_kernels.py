@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import (
+from longtail.kernels.lora import (
     LoraShapeError,
     add_lora,
     add_lora_runs,
@@ -33,7 +33,7 @@ from kernels import (
     slot_weights,
     token_groups,
 )
-from kernels.lora_triton import (
+from longtail.kernels.lora_triton import (
     lora_expand_sgmv_triton,
     lora_expand_triton,
     lora_shrink_sgmv_triton,
@@ -392,7 +392,7 @@ def test_strided_activations_and_a_fused_output_slice():
 @pytest.mark.parametrize("slots", [[-1] * 5 + [0] * 40 + [1] * 30 + [-1] * 10, [0, 1, -1, 2] * 20])
 def test_add_lora_gives_the_same_answer_on_both_backends(monkeypatch, slots):
     """Long runs take SGMV on Triton, interleaved tokens BGMV; both equal the torch path."""
-    import kernels.lora_triton as lora_triton
+    import longtail.kernels.lora_triton as lora_triton
 
     case = make_case(6, len(slots), 24, 20, [4, 16, 2], slots=slots).to(DEVICE, torch.float32)
     launches = []

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from attribution.log import MerkleLog
-from attribution.merkle import leaf_hash
-from attribution.receipts import AttributionVector, Receipt, ReceiptDomain, ReceiptSigner
-from node.audit import CheckpointView, audit_node
+from longtail.attribution.log import MerkleLog
+from longtail.attribution.merkle import leaf_hash
+from longtail.attribution.receipts import AttributionVector, Receipt, ReceiptDomain, ReceiptSigner
+from longtail.node.audit import CheckpointView, audit_node
 
 KEY = bytes.fromhex("4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318")
 DOMAIN = ReceiptDomain(chain_id=31337, verifying_contract="0x" + "12" * 20)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from node.cli import app
+from longtail.node.cli import app
 
 runner = CliRunner()
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "datanets"
@@ -79,7 +79,7 @@ def test_embedded_base_model_loads_and_peft_wraps_it():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving.base_models import describe, embedded_model_dir
+    from longtail.serving.base_models import describe, embedded_model_dir
 
     folder = embedded_model_dir()
     if not (folder / "config.json").exists():
@@ -102,8 +102,8 @@ def test_every_node_config_key_is_a_flag_of_node_run(monkeypatch):
 
     import typer
 
-    import node.commands.node as node_command
-    from node.config import ConfigError, NodeConfig
+    import longtail.node.commands.node as node_command
+    from longtail.node.config import ConfigError, NodeConfig
 
     run = typer.main.get_command(app).commands["node"].commands["run"]
     flags = {opt for param in run.params for opt in [*param.opts, *param.secondary_opts]}

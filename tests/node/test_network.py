@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from contracts.anvil import DEV_ACCOUNTS, Anvil
-from contracts.client import LongtailContracts
-from node.devnet import (
+from longtail.contracts.anvil import DEV_ACCOUNTS, Anvil
+from longtail.contracts.client import LongtailContracts
+from longtail.node.devnet import (
     ADAPTERS,
     CLIENT_ACCOUNT,
     NODE_ACCOUNTS,
@@ -25,7 +25,7 @@ from node.devnet import (
     PRICE_PER_1K_TOKENS,
     setup_chain,
 )
-from serving.base_models import embedded_model_dir
+from longtail.serving.base_models import embedded_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.chain]
 PASSWORD = "test-password"
@@ -39,8 +39,8 @@ def shared_model():
         pytest.skip("shipped demo adapters missing from data/adapters")
     from transformers import AutoTokenizer
 
-    from node.config import NodeConfig
-    from node.runner import build_engine
+    from longtail.node.config import NodeConfig
+    from longtail.node.runner import build_engine
 
     model_dir = embedded_model_dir()
     engine = build_engine(NodeConfig(kv_cache_bytes=64 * 2**20), model_dir)
@@ -68,7 +68,7 @@ def chain(deployed_chain):
 
 
 def node_config(tmp: Path, name: str, deployment_file: Path, rpc_url: str, **extra):
-    from node.config import NodeConfig
+    from longtail.node.config import NodeConfig
 
     return NodeConfig(**extra, name=name, home=tmp / name, http_port=0, chain_rpc=rpc_url, deployment=deployment_file,
                       adapters=tuple(str(ADAPTERS / a) for a in NODE_ADAPTERS[name]),
@@ -78,7 +78,7 @@ def node_config(tmp: Path, name: str, deployment_file: Path, rpc_url: str, **ext
 
 
 async def start_nodes(tmp, chain_info, shared_model, names=("node-a", "node-b", "node-c"), **extra):
-    from node.runner import open_node
+    from longtail.node.runner import open_node
 
     anvil, _, deployment_file, _ = chain_info
     engine, tokenizer = shared_model
@@ -88,7 +88,7 @@ async def start_nodes(tmp, chain_info, shared_model, names=("node-a", "node-b", 
 
 
 def make_client(tmp, chain_info):
-    from node.client import PayingClient
+    from longtail.node.client import PayingClient
 
     anvil, deployment, _, _ = chain_info
     return PayingClient(DEV_ACCOUNTS[CLIENT_ACCOUNT], anvil.url, deployment, tmp / "client")
@@ -113,7 +113,7 @@ async def stop_all(nodes):
 def test_paid_requests_checkpoint_and_a_clean_audit(tmp_path, chain, shared_model, monkeypatch):
     monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
     anvil, deployment, _, adapter_ids = chain
-    from node.auditor import audit
+    from longtail.node.auditor import audit
 
     async def scenario():
         nodes = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
@@ -230,7 +230,7 @@ def test_openai_client_works_with_payment_headers(tmp_path, chain, shared_model,
 def test_edited_receipt_is_flagged_and_restart_loses_nothing(tmp_path, chain, shared_model, monkeypatch):
     monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
     anvil, deployment, _, _ = chain
-    from node.auditor import audit
+    from longtail.node.auditor import audit
 
     async def scenario():
         nodes = await start_nodes(tmp_path, chain, shared_model, ("node-a",))
@@ -315,7 +315,7 @@ def test_paid_request_and_adapter_fetch_over_libp2p(tmp_path, chain, shared_mode
     adapter over libp2p (HTTP fetching off), and a client pays node-a for an answer over libp2p."""
     monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
     _, _, _, adapter_ids = chain
-    from node.p2p import P2PNode
+    from longtail.node.p2p import P2PNode
 
     async def scenario():
         first = await start_nodes(tmp_path, chain, shared_model, ("node-a",), announce_ttl_seconds=3.0)
@@ -342,7 +342,7 @@ def test_paid_request_and_adapter_fetch_over_libp2p(tmp_path, chain, shared_mode
                 "body": {"model": "legal-r8", "messages": [{"role": "user", "content": "A clause."}],
                          "max_tokens": 6}})
             assert reply["status"] == 200, reply
-            from attribution.receipts import SignedReceipt, verify_receipt
+            from longtail.attribution.receipts import SignedReceipt, verify_receipt
 
             signed = SignedReceipt.from_json(reply["body"]["longtail"])
             assert verify_receipt(signed, client.domain) == node_a.node.address
@@ -361,8 +361,8 @@ def test_chain_stopped_and_restarted_checkpoints_resume(tmp_path, shared_model, 
     """While anvil is down a checkpoint round fails with ChainError and loses nothing; after anvil comes back
     (same port, state reloaded) the next round posts every paid receipt and the audit is clean."""
     monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", PASSWORD)
-    from node.auditor import audit
-    from node.chain import ChainError
+    from longtail.node.auditor import audit
+    from longtail.node.chain import ChainError
 
     anvil = Anvil().start()  # its own chain: this test stops it
     deployment, adapter_ids = setup_chain(anvil.w3, log=lambda *_: None)

@@ -16,7 +16,7 @@ import pytest
 from eth_account import Account
 from eth_utils import keccak
 
-from node.p2p import (
+from longtail.node.p2p import (
     AdapterNotFound,
     AdapterRejected,
     AdapterTooLarge,
@@ -28,9 +28,9 @@ from node.p2p import (
     RemoteError,
     make_announcement,
 )
-from serving.adapter_store import BUNDLE_MAGIC, split_bundle
-from serving.adapter_store import AdapterRejected as BundleRejected
-from serving.peft_format import adapter_id_from_parts, adapter_id_of, canonical_config_bytes
+from longtail.serving.adapter_store import BUNDLE_MAGIC, split_bundle
+from longtail.serving.adapter_store import AdapterRejected as BundleRejected
+from longtail.serving.peft_format import adapter_id_from_parts, adapter_id_of, canonical_config_bytes
 
 ACCOUNTS = [Account.from_key(keccak(f"longtail p2p network test {i}".encode())) for i in range(4)]
 KEYS = [bytes(a.key) for a in ACCOUNTS]

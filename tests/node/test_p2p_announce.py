@@ -11,7 +11,7 @@ from eth_utils import keccak
 from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from node.p2p.announce import (
+from longtail.node.p2p.announce import (
     Announcement,
     PeerDirectory,
     address_of_peer_id,
@@ -19,7 +19,7 @@ from node.p2p.announce import (
     sign_announcement,
     verify_announcement,
 )
-from node.p2p.protocols import InvalidAnnouncement
+from longtail.node.p2p.protocols import InvalidAnnouncement
 
 KEYS = [keccak(f"longtail p2p announce test {i}".encode()) for i in range(3)]
 HOT = "0x" + "ab" * 32

@@ -9,8 +9,8 @@ import time
 import pytest
 import trio
 
-from node.p2p.bridge import TrioThread, nothing
-from node.p2p.protocols import P2PStopped, P2PTimeout
+from longtail.node.p2p.bridge import TrioThread, nothing
+from longtail.node.p2p.protocols import P2PStopped, P2PTimeout
 
 
 class Boom(ValueError):
@@ -172,7 +172,7 @@ def test_stopping_fails_calls_in_flight_and_later_calls():
 def test_a_failing_serve_is_reported_by_start():
     from contextlib import asynccontextmanager
 
-    from node.p2p.protocols import P2PError
+    from longtail.node.p2p.protocols import P2PError
 
     @asynccontextmanager
     async def broken():

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from node.errors import ChainUnavailable, InvalidVoucherSignature, PaymentRequired
-from node.payments import ChannelState, PaymentIntake, Voucher, price_for_tokens
+from longtail.node.errors import ChainUnavailable, InvalidVoucherSignature, PaymentRequired
+from longtail.node.payments import ChannelState, PaymentIntake, Voucher, price_for_tokens
 
 NODE = "0x" + "aa" * 20
 CLIENT = "0x" + "cc" * 20
@@ -230,7 +230,7 @@ def test_a_stale_channel_view_serves_while_it_is_refreshed():
 
 
 def test_a_stream_closed_before_its_headers_releases_its_credit_and_keeps_its_voucher():
-    from node.service import Node
+    from longtail.node.service import Node
 
     async def scenario():
         intake, saved, _ = make_intake()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.timing import StageTimes, parse_server_timing
+from longtail.node.timing import StageTimes, parse_server_timing
 
 
 def test_stage_times_round_trip_through_the_header():

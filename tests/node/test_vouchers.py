@@ -9,9 +9,14 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 
-from attribution.receipts import InvalidSignature
-from contracts.vouchers import SignedVoucher, recover_voucher_signer, sign_voucher, voucher_typed_data
-from node.vouchers import VoucherDomain
+from longtail.attribution.receipts import InvalidSignature
+from longtail.contracts.vouchers import (
+    SignedVoucher,
+    recover_voucher_signer,
+    sign_voucher,
+    voucher_typed_data,
+)
+from longtail.node.vouchers import VoucherDomain
 
 CHANNELS = "0x" + "5f" * 20
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import TINY_ADAPTER_SPECS, TinyModelKit, build_peft_adapter, build_tiny_model
+from model_kit import TINY_ADAPTER_SPECS, TinyModelKit, build_peft_adapter, build_tiny_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50_000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from node.commands.adapter import app
-from serving.peft_format import WEIGHTS_NAME, adapter_id_of
+from longtail.node.commands.adapter import app
+from longtail.serving.peft_format import WEIGHTS_NAME, adapter_id_of
 
 
 @pytest.fixture()

@@ -7,21 +7,21 @@ import time
 
 import pytest
 
-from serving.adapter_store import AdapterStore
-from serving.adapter_tiers import TieredAdapters
-from serving.peft_format import WEIGHTS_NAME
+from longtail.serving.adapter_store import AdapterStore
+from longtail.serving.adapter_tiers import TieredAdapters
+from longtail.serving.peft_format import WEIGHTS_NAME
 
-pytest.importorskip("serving.engine")
+pytest.importorskip("longtail.serving.engine")
 
 
 def _engine(base_dir):
-    from serving.engine import Engine
+    from longtail.serving.engine import Engine
 
     return Engine.from_pretrained(base_dir, device="cpu", kv_cache_bytes=8 << 20, max_adapters=8)
 
 
 def test_cold_adapter_loads_while_others_decode(tiny_llama, tmp_path):
-    from serving.sampling import SamplingParams
+    from longtail.serving.sampling import SamplingParams
 
     names = ["r4-attn", "r8-all", "r16-mlp-rslora", "r64-qko"]
     resident = _engine(tiny_llama.base_dir)
@@ -66,7 +66,7 @@ def test_cold_adapter_loads_while_others_decode(tiny_llama, tmp_path):
 
 
 def test_corrupt_adapter_fails_only_its_request(tiny_llama, tmp_path):
-    from serving.sampling import SamplingParams
+    from longtail.serving.sampling import SamplingParams
 
     engine = _engine(tiny_llama.base_dir)
     store = AdapterStore(tmp_path)

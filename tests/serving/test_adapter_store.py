@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.adapter_store import (
+from longtail.serving.adapter_store import (
     BUNDLE_MAGIC,
     AdapterNotFound,
     AdapterStore,
@@ -21,7 +19,7 @@ from serving.adapter_store import (
     IntegrityError,
     split_bundle,
 )
-from serving.peft_format import (
+from longtail.serving.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterRejected,
@@ -30,6 +28,8 @@ from serving.peft_format import (
     canonical_config_bytes,
     load_adapter,
 )
+
+from bundle_server import BundleServer
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_bundle_with_honest_id_but_hostile_content_is_rejected(tiny_llama, shape
     next(iter(tensors.values())).fill_(float("inf"))
     save_file(tensors, tmp_path / "evil.safetensors")
     weights = (tmp_path / "evil.safetensors").read_bytes()
-    from serving.peft_format import adapter_id_from_parts
+    from longtail.serving.peft_format import adapter_id_from_parts
 
     honest_id = adapter_id_from_parts(json.loads(config), weights)
     bundle = BUNDLE_MAGIC + len(config).to_bytes(4, "little") + config + weights
@@ -160,44 +160,11 @@ def test_bundle_with_honest_id_but_hostile_content_is_rejected(tiny_llama, shape
     assert honest_id not in store
 
 
-class _BundleServer:
-    """A real HTTP server on loopback serving one store's bundles at /v1/adapters/<id>/bundle."""
-
-    def __init__(self, store: AdapterStore):
-        outer = self
-        self.requests: list[str] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                outer.requests.append(self.path)
-                parts = self.path.strip("/").split("/")
-                try:
-                    body = store.open_bundle(parts[2])
-                except (AdapterNotFound, IndexError):
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/adapters"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_fetch_from_http_peers(tiny_llama, shapes, tmp_path):
     peer_store = AdapterStore(tmp_path / "peer")
     record = peer_store.add(tiny_llama.adapter_dirs["r16-mlp-rslora"], shapes)
-    empty_peer = _BundleServer(AdapterStore(tmp_path / "empty-peer"))
-    peer = _BundleServer(peer_store)
+    empty_peer = BundleServer(AdapterStore(tmp_path / "empty-peer"))
+    peer = BundleServer(peer_store)
     try:
         local = AdapterStore(tmp_path / "local")
         sources = [HttpSource(empty_peer.url), HttpSource(peer.url + "/{adapter_id}/bundle")]

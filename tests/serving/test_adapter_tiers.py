@@ -11,9 +11,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from serving.adapter_metrics import AdapterMetrics
-from serving.adapter_store import AdapterStore, IntegrityError
-from serving.adapter_tiers import (
+from longtail.serving.adapter_metrics import AdapterMetrics
+from longtail.serving.adapter_store import AdapterStore, IntegrityError
+from longtail.serving.adapter_tiers import (
     AdapterRemoved,
     AdapterTooLarge,
     ByteBudgetTier,
@@ -22,7 +22,7 @@ from serving.adapter_tiers import (
     TieredAdapters,
     _Cost,
 )
-from serving.peft_format import (
+from longtail.serving.peft_format import (
     WEIGHTS_NAME,
     AdapterRejected,
     AdapterWeights,
@@ -269,12 +269,13 @@ def test_failures_are_reported_per_adapter(store, tmp_path):
 
 
 def test_remote_fetch_through_http(store, tmp_path):
-    from serving.adapter_store import HttpSource
-    from tests.serving.test_adapter_store import _BundleServer
+    from longtail.serving.adapter_store import HttpSource
+
+    from bundle_server import BundleServer
 
     peer_store = AdapterStore(tmp_path / "peer")
     (remote,) = _make_adapters(peer_store, tmp_path / "peer-src", [16])
-    server = _BundleServer(peer_store)
+    server = BundleServer(peer_store)
     slots = RecordingSlots()
     tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=1 << 22, host_budget_bytes=1 << 22,
                            remote_sources=[HttpSource(server.url)])
@@ -296,13 +297,14 @@ def test_remote_fetch_through_http(store, tmp_path):
 
 
 def test_disk_budget_trims_fetched_adapters_only(store, tmp_path):
-    from serving.adapter_store import HttpSource
-    from tests.serving.test_adapter_store import _BundleServer
+    from longtail.serving.adapter_store import HttpSource
+
+    from bundle_server import BundleServer
 
     (local,) = _make_adapters(store, tmp_path / "local-src", [32])
     peer_store = AdapterStore(tmp_path / "peer")
     remote_ids = _make_adapters(peer_store, tmp_path / "peer-src", [8, 8, 8], mixed=False)
-    server = _BundleServer(peer_store)
+    server = BundleServer(peer_store)
     file_bytes = peer_store.get(remote_ids[0]).file_bytes
     slots = RecordingSlots(max_slots=1)
     tiers = TieredAdapters(store, SHAPES, slots, device_budget_bytes=1 << 22, host_budget_bytes=file_bytes + 10,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving import Engine, SamplingParams
-from serving.config import ModelConfig
+from longtail.serving.config import ModelConfig
+from longtail.serving.engine import Engine
+from longtail.serving.sampling import SamplingParams
 
 REAL_MODEL = Path.home() / ".cache" / "longtail" / "models" / "smollm2-135m-instruct"
 

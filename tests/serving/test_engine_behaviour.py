@@ -11,18 +11,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from serving import (
+from longtail.serving.engine import Engine
+from longtail.serving.errors import (
     AdapterInUse,
-    Engine,
     InvalidSamplingParams,
     InvalidTokenIds,
     KvCacheTooSmall,
     NonFiniteLogits,
     PromptTooLong,
-    SamplingParams,
     UnknownAdapter,
 )
-from serving.peft_format import AdapterRejected
+from longtail.serving.peft_format import AdapterRejected
+from longtail.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving import Engine, SamplingParams, UnknownAdapter
+from longtail.serving.engine import Engine
+from longtail.serving.errors import UnknownAdapter
+from longtail.serving.sampling import SamplingParams
 
 NEW_TOKENS = 32
 
@@ -109,7 +111,7 @@ def test_seeded_sampling_is_reproducible(tiny_llama):
 
 
 def test_bad_requests_fail_alone(tiny_llama):
-    from serving import InvalidSamplingParams, PromptTooLong
+    from longtail.serving.errors import InvalidSamplingParams, PromptTooLong
 
     engine = Engine.from_pretrained(tiny_llama.base_dir, kv_cache_bytes=8 * 2**20)
     with pytest.raises(UnknownAdapter):

@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from serving import Engine, PromptTooLong, SamplingParams, UnknownAdapter
-from serving.engine_process import EngineProcess
-from serving.errors import EngineUnavailable
-from serving.peft_format import AdapterRejected
+from longtail.serving.engine import Engine
+from longtail.serving.engine_process import EngineProcess
+from longtail.serving.errors import EngineUnavailable, PromptTooLong, UnknownAdapter
+from longtail.serving.peft_format import AdapterRejected
+from longtail.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True)
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)

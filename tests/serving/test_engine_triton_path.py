@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from serving import Engine, SamplingParams
+from longtail.serving.engine import Engine
+from longtail.serving.sampling import SamplingParams
 
 
 def test_engine_tokens_equal_with_triton_kernels(tiny_llama, monkeypatch):

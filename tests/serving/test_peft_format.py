@@ -13,7 +13,7 @@ import torch
 from eth_utils import keccak
 from safetensors.torch import load_file, save_file
 
-from serving.peft_format import (
+from longtail.serving.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterRejected,

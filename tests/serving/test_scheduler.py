@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from serving.sampling import SamplingParams
-from serving.scheduler import Request, Scheduler, State
+from longtail.serving.sampling import SamplingParams
+from longtail.serving.scheduler import Request, Scheduler, State
 
 
 def request(i, adapter, prompt=4, max_tokens=4, client=None):

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from attribution.datanets import Record, build_manifest, load_manifest, write_datanet
-from serving.base_models import EMBEDDED_MODEL_NAME, base_model_id, embedded_model_dir, is_model_dir
-from serving.training import (
+from longtail.attribution.datanets import Record, build_manifest, load_manifest, write_datanet
+from longtail.serving.base_models import EMBEDDED_MODEL_NAME, base_model_id, embedded_model_dir, is_model_dir
+from longtail.serving.training import (
     META_DATANETS,
     DatanetBlocks,
     DatanetShare,
@@ -116,7 +116,7 @@ def test_training_lowers_held_out_loss_and_peft_loads_the_result(learnable_base,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from serving.training import prepare_blocks
+    from longtail.serving.training import prepare_blocks
 
     out = tmp_path / "adapter"
     result = _train(learnable_base, [datanets["clauses"]], out)
@@ -204,7 +204,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings(learnable_base, datanet
 
 
 def test_two_datanets_record_ids_shares_and_base_in_the_hashed_header(learnable_base, datanets, tmp_path):
-    from serving.peft_format import adapter_id_of
+    from longtail.serving.peft_format import adapter_id_of
 
     out = tmp_path / "mixed"
     result = _train(learnable_base, [datanets["clauses"], datanets["recipes"]], out, shares=[7000, 3000])
@@ -307,7 +307,7 @@ def tiny_model_with_tokenizer(learnable_base, datanets, tmp_path_factory) -> Pat
 
 
 def test_cli_trains_and_reports_json(tiny_model_with_tokenizer, datanets, tmp_path):
-    from node.commands.train import app
+    from longtail.node.commands.train import app
 
     out = tmp_path / "cli-adapter"
     args = ["--base", str(tiny_model_with_tokenizer), "--datanet", str(datanets["clauses"]),
@@ -325,7 +325,7 @@ def test_cli_trains_and_reports_json(tiny_model_with_tokenizer, datanets, tmp_pa
 
 
 def test_cli_refuses_bad_shares_in_one_line(tiny_model_with_tokenizer, datanets, tmp_path):
-    from node.commands.train import app
+    from longtail.node.commands.train import app
 
     args = ["--base", str(tiny_model_with_tokenizer), "--datanet", str(datanets["clauses"]),
             "--datanet", str(datanets["recipes"]), "--share", "6000", "--share", "3000",
@@ -338,7 +338,7 @@ def test_cli_refuses_bad_shares_in_one_line(tiny_model_with_tokenizer, datanets,
 
 
 def test_cli_names_a_base_without_tokenizer(learnable_base, datanets, tmp_path):
-    from node.commands.train import app
+    from longtail.node.commands.train import app
 
     args = ["--base", str(learnable_base), "--datanet", str(datanets["clauses"]), "--out", str(tmp_path / "x")]
     result = CliRunner().invoke(app, args)
@@ -369,7 +369,7 @@ def test_shipped_adapters_load_on_the_embedded_base_and_name_real_datanets(embed
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from serving.training import codec_from_tokenizer, prepare_blocks
+    from longtail.serving.training import codec_from_tokenizer, prepare_blocks
 
     manifests = {p.name: load_manifest(p) for p in (REPO / "data" / "datanets").iterdir() if p.is_dir()}
     base_id = base_model_id(embedded_base)

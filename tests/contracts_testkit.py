@@ -16,10 +16,10 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from contracts.anvil import Anvil
-from contracts.chain import ContractRevert
-from contracts.client import LongtailContracts
-from contracts.deployment import OPEN, DeployParams
+from longtail.contracts.anvil import Anvil
+from longtail.contracts.chain import ContractRevert
+from longtail.contracts.client import LongtailContracts
+from longtail.contracts.deployment import OPEN, DeployParams
 
 TEST_PARAMS = DeployParams(
     initial_supply=10_000_000 * OPEN,
