@@ -434,7 +434,11 @@ class Engine:
             return
         rows = torch.tensor([row for row, _ in live])
         picks = sample_rows(logits[rows], [r.params for _, r in live], [r.generator for _, r in live])
-        for (_, request), (token, logprob) in zip(live, picks, strict=True):
+        for (_, request), pick in zip(live, picks, strict=True):
+            if isinstance(pick, Exception):  # this row's sampler failed: only its request ends (issue 21)
+                self._finish(request, "error", pick)
+                continue
+            token, logprob = pick
             request.output_ids.append(token)
             if request.params.logprobs:
                 request.logprobs.append(logprob)

@@ -88,3 +88,7 @@ class RequestCancelled(EngineError):
 
 class EngineUnavailable(EngineError, RuntimeError):
     """The engine's process is gone (or never came up): no request can run until the node restarts it."""
+
+
+class SamplingFailed(EngineError, RuntimeError):
+    """The sampler could not draw a token for one row (its distribution degenerated); only that request ends."""
