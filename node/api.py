@@ -7,15 +7,25 @@ the table in `node.errors`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from longtail.node.errors import BadRequest, NodeError, error_body, mapping_for
+from longtail.node.errors import (
+    BadRequest,
+    NodeError,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_body,
+    is_known,
+    mapping_for,
+)
 from longtail.node.requests import (
     RECEIPT_HEADER,
     CompletionRequest,
@@ -30,6 +40,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("longtail.api")
 MAX_BODY_BYTES = 1 << 20
+# Deeper JSON is refused before it is parsed: json's C parser recurses once per level, and a dependency raises
+# Python's recursion limit to 100,000, so 100,000 nested brackets overflow the C stack (SIGSEGV) instead of raising.
+MAX_JSON_DEPTH = 64
+# A client has this long to send its whole body once its headers are in (a slowloris body is cut here; slow
+# headers are cut by the server's keepalive_timeout, see SERVER_OPTIONS).
+BODY_SECONDS = 30.0
+# For web.AppRunner: aiohttp closes a connection that has not completed a request within keepalive_timeout (it
+# arms it at connection_made as well as between requests); its default is an hour.
+SERVER_OPTIONS = {"keepalive_timeout": 15.0}
+QUERY_INT_MAX = 2**62  # sequence numbers; larger ones cannot name a receipt and overflow SQLite's integer
 
 
 class NodeService(Protocol):
@@ -62,28 +82,96 @@ async def errors_middleware(request: web.Request, handler):
     except NodeError as error:
         mapping = mapping_for(error)
         return web.json_response(error_body(error), status=mapping.status)
+    except web.HTTPRequestEntityTooLarge:
+        error = PayloadTooLarge(f"body larger than {MAX_BODY_BYTES} bytes", limit=MAX_BODY_BYTES)
+        return web.json_response(error_body(error), status=413)
     except web.HTTPException as error:
         if error.status >= 400:
             body = {"error": {"message": error.reason, "type": "invalid_request_error", "code": error.status}}
             return web.json_response(body, status=error.status)
         raise
-    except Exception:
+    except Exception as error:
+        if is_known(error):  # an engine error the table names (prompt too long for the context, ...)
+            return web.json_response(error_body(error), status=mapping_for(error).status)
         # Never leak internals (keys, paths) to a client; the log has the traceback.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response({"error": {"message": "internal error", "type": "server_error", "code": 500}},
-                                 status=500)
+        return web.json_response(error_body(error), status=500)
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { in JSON text, brackets inside strings not counted; linear, no recursion.
+
+    Vectorised so that a megabyte of brackets costs milliseconds on the event loop: a quote is real when an even
+    run of backslashes precedes it, and a byte is inside a string when an odd number of real quotes precede it.
+    """
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if data.size == 0:
+        return 0
+    index = np.arange(data.size)
+    backslash = data == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, index))
+    run_before = np.empty(data.size, dtype=np.int64)  # backslashes just before each byte
+    run_before[0] = 0
+    run_before[1:] = index[:-1] - last_other[:-1]
+    quote = (data == ord('"')) & (run_before % 2 == 0)
+    inside = (np.cumsum(quote) % 2 == 1) & ~quote
+    opens = ((data == ord("[")) | (data == ord("{"))) & ~inside
+    closes = ((data == ord("]")) | (data == ord("}"))) & ~inside
+    return int(np.cumsum(opens.astype(np.int64) - closes.astype(np.int64)).max(initial=0))
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_strings(value: object) -> None:
+    """Every string in the body encodes as UTF-8: a lone surrogate ("\\ud800") would fail deep in the tokenizer
+    or the receipt's hash instead of here. Iterative: the depth is already bounded, the work is one pass."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            texts = (item,)
+        elif isinstance(item, dict):
+            texts = tuple(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("the body holds a string that is not valid Unicode (a lone surrogate such as "
+                                 "\\ud800)") from None
+
+
+def parse_json(raw: bytes) -> object:
+    """Bounded JSON: depth checked before parsing, strict numbers (no NaN/Infinity), valid Unicode strings."""
+    # Only a body with more brackets than the limit can be too deep; the common case skips the scan.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(raw or b"null", parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:  # ValueError covers JSONDecodeError, bad UTF-8, 5000-digit ints
+        raise BadRequest(f"body is not valid JSON: {str(error)[:200]}") from None
+    _check_strings(body)
+    return body
 
 
 async def _json_body(request: web.Request) -> object:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.read()
-    if len(raw) > MAX_BODY_BYTES:
-        raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes")
+        raise PayloadTooLarge(f"body larger than {MAX_BODY_BYTES} bytes", limit=MAX_BODY_BYTES)
     try:
-        return json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadRequest(f"body is not valid JSON: {error}") from None
+        async with asyncio.timeout(BODY_SECONDS):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {BODY_SECONDS:g} s") from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"body larger than {MAX_BODY_BYTES} bytes", limit=MAX_BODY_BYTES)
+    return parse_json(raw)
 
 
 def _int_query(request: web.Request, name: str, default: int | None = None) -> int:
@@ -92,12 +180,11 @@ def _int_query(request: web.Request, name: str, default: int | None = None) -> i
         if default is None:
             raise BadRequest(f"query parameter {name} is required", param=name)
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {name} must be an integer", param=name) from None
-    if value < 0:
-        raise BadRequest(f"query parameter {name} must be >= 0", param=name)
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 20:
+        raise BadRequest(f"query parameter {name} must be a non-negative integer", param=name)
+    value = int(raw)
+    if value > QUERY_INT_MAX:
+        raise BadRequest(f"query parameter {name} must be at most {QUERY_INT_MAX}", param=name)
     return value
 
 
@@ -117,8 +204,17 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
         if "receipt_pending" in first:
             response.headers[RECEIPT_HEADER] = first["receipt_pending"]
         await response.prepare(request)
-        async for event in events:
-            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        try:
+            async for event in events:
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client is gone: nobody to tell
+        except Exception as error:
+            # The status line is out: the error travels as an event (OpenAI's shape), then the stream ends, so
+            # the client stops waiting instead of hanging on an open, silent stream.
+            if not is_known(error):
+                log.exception("stream failed after its headers on %s", request.path)
+            await response.write(f"data: {json.dumps(error_body(error))}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -170,9 +266,8 @@ async def consistency(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    response = web.Response(body=request.app[SERVICE_KEY].metrics())
-    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    return response
+    # The whole header value (version and charset): Prometheus picks its parser by it.
+    return web.Response(body=request.app[SERVICE_KEY].metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from longtail.serving import errors as engine
+
 
 class NodeError(Exception):
     """Base of errors a client can cause; `details` travel in the response body."""
@@ -26,6 +28,24 @@ class BadRequest(NodeError):
 
 class PromptTooLarge(BadRequest):
     code = "prompt_too_large"
+
+
+class PayloadTooLarge(NodeError):
+    """The body is over the node's size limit; nothing of it was parsed."""
+
+    code = "payload_too_large"
+
+
+class RequestTimeout(NodeError):
+    """The client did not send its body within the node's deadline (a slow or stalled client)."""
+
+    code = "request_timeout"
+
+
+class Unsupported(BadRequest):
+    """A valid OpenAI parameter this node does not implement (e.g. n > 1): refused, never silently ignored."""
+
+    code = "unsupported_parameter"
 
 
 class UnknownModel(NodeError):
@@ -54,6 +74,12 @@ class NotFound(NodeError):
     code = "not_found"
 
 
+class AdapterUnavailable(NodeError):
+    """An adapter id this node does not hold could not be brought from a peer right now (peers failing)."""
+
+    code = "adapter_unavailable"
+
+
 class EngineDown(NodeError):
     """The engine's process is gone or restarting: nothing generates until a new one is up (serving.engine_process)."""
 
@@ -66,27 +92,60 @@ class ErrorMapping:
     type: str
 
 
-# The one table: every client-visible error class and its status code.
-HTTP_ERRORS: dict[type[NodeError], ErrorMapping] = {
+# The one table: every client-visible error class and its status code. The engine's typed errors are here too: each
+# fails one request for a reason the client can read, so none of them is a 500 ("internal error").
+HTTP_ERRORS: dict[type[Exception], ErrorMapping] = {
     BadRequest: ErrorMapping(400, "invalid_request_error"),
     PromptTooLarge: ErrorMapping(400, "invalid_request_error"),
+    Unsupported: ErrorMapping(400, "invalid_request_error"),
+    RequestTimeout: ErrorMapping(408, "invalid_request_error"),
+    PayloadTooLarge: ErrorMapping(413, "invalid_request_error"),
     InvalidVoucherSignature: ErrorMapping(401, "authentication_error"),
     PaymentRequired: ErrorMapping(402, "payment_required"),
     UnknownModel: ErrorMapping(404, "invalid_request_error"),
     NotFound: ErrorMapping(404, "invalid_request_error"),
     NodeBusy: ErrorMapping(429, "rate_limit_error"),
     ChainUnavailable: ErrorMapping(503, "service_unavailable"),
+    AdapterUnavailable: ErrorMapping(503, "service_unavailable"),
     EngineDown: ErrorMapping(503, "service_unavailable"),
+    engine.PromptTooLong: ErrorMapping(400, "invalid_request_error"),
+    engine.InvalidSamplingParams: ErrorMapping(400, "invalid_request_error"),
+    engine.InvalidTokenIds: ErrorMapping(400, "invalid_request_error"),
+    engine.KvCacheTooSmall: ErrorMapping(400, "invalid_request_error"),
+    engine.UnknownAdapter: ErrorMapping(404, "invalid_request_error"),
+    engine.RequestCancelled: ErrorMapping(499, "request_cancelled"),
+    engine.EngineUnavailable: ErrorMapping(503, "service_unavailable"),
+    # The model itself failed on this request (NaN logits, a sampler that could not draw): the node's fault, said so.
+    engine.NonFiniteLogits: ErrorMapping(500, "server_error"),
+    engine.SamplingFailed: ErrorMapping(500, "server_error"),
 }
 
+_SERVER_ERROR = ErrorMapping(500, "server_error")
 
-def mapping_for(error: NodeError) -> ErrorMapping:
+
+def mapping_for(error: BaseException) -> ErrorMapping:
     for cls in type(error).__mro__:
         if cls in HTTP_ERRORS:
             return HTTP_ERRORS[cls]
-    return ErrorMapping(500, "server_error")
+    return _SERVER_ERROR
 
 
-def error_body(error: NodeError) -> dict:
+def is_known(error: BaseException) -> bool:
+    """True for an error the table names (its message is meant for the client); False for a bug."""
+    return any(cls in HTTP_ERRORS for cls in type(error).__mro__)
+
+
+def _code_of(error: BaseException) -> str:
+    if isinstance(error, NodeError):
+        return error.code
+    return "".join("_" + c.lower() if c.isupper() else c for c in type(error).__name__).lstrip("_")
+
+
+def error_body(error: BaseException) -> dict:
+    """The OpenAI-shaped body of a known error; anything else is "internal error", its details kept out."""
     mapping = mapping_for(error)
-    return {"error": {"message": error.message, "type": mapping.type, "code": error.code, **error.details}}
+    if isinstance(error, NodeError):
+        return {"error": {"message": error.message, "type": mapping.type, "code": error.code, **error.details}}
+    if is_known(error):
+        return {"error": {"message": str(error), "type": mapping.type, "code": _code_of(error)}}
+    return {"error": {"message": "internal error", "type": "server_error", "code": 500}}

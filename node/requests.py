@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from longtail.node.errors import BadRequest
+from longtail.node.errors import BadRequest, Unsupported
 from longtail.node.payments import Voucher
 
 CHANNEL_HEADER = "X-Longtail-Channel"
@@ -30,18 +31,95 @@ class CompletionRequest:
     logprobs: bool
     chat: bool
     user: str | None = None
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with empty choices and the usage
 
 
-def _number(body: dict, key: str, kind: type, default, low=None, high=None):
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is an int64; torch's generator takes it as is
+_CHAT_ROLES = {"system", "user", "assistant", "developer"}
+
+
+def _number(body: dict, key: str, kind: type, default, low, high):
+    """A finite number in [low, high]; for an int parameter an integral value (5 or 5.0, never 5.5 or 1e400)."""
     value = body.get(key, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"{key} must be a number", param=key)
-    value = kind(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise BadRequest(f"{key}={value} is outside [{low}, {high}]", param=key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{key} must be a finite number", param=key)
+    if kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise BadRequest(f"{key} must be an integer", param=key)
+        value = int(value)
+    # Compared before any conversion: a 300-digit integer is out of range, not an OverflowError.
+    if not low <= value <= high:
+        shown = value if abs(value) < 10**30 else f"{str(value)[:12]}..."
+        raise BadRequest(f"{key}={shown} is outside [{low}, {high}]", param=key)
+    return kind(value)
+
+
+def _flag(body: dict, key: str, default: bool = False) -> bool:
+    """A JSON boolean: `"stream": "false"` is a string, and reading it as true would surprise its sender."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key} must be true or false", param=key)
     return value
+
+
+def _message_content(content: object) -> str:
+    """A chat message's text: a string, or OpenAI's list of text parts (joined by newlines, as vLLM does)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise Unsupported(f"message content part of type {kind!r} is not supported; this node reads "
+                                  "text parts only", param="messages")
+            if not isinstance(part.get("text"), str):
+                raise BadRequest("a text part needs a string text", param="messages")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise BadRequest("message content must be a string or a non-empty list of text parts", param="messages")
+
+
+def _refuse_unsupported(body: dict, chat: bool) -> None:
+    """OpenAI parameters this node does not implement: a clear 400 instead of an answer that ignores them."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
+        raise Unsupported("n must be 1: this node returns one choice per request", param="n")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
+        raise Unsupported("best_of must be 1", param="best_of")
+    if chat:
+        if _flag(body, "logprobs") or body.get("top_logprobs") not in (None, 0):
+            raise Unsupported("logprobs are not offered by this node", param="logprobs")
+    elif body.get("logprobs") not in (None, 0, False):
+        raise Unsupported("logprobs are not offered by this node", param="logprobs")
+    if body.get("echo") not in (None, False):
+        raise Unsupported("echo is not supported", param="echo")
+    if body.get("suffix") not in (None, ""):
+        raise Unsupported("suffix is not supported", param="suffix")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+            raise BadRequest("response_format must be an object with a type", param="response_format")
+        if response_format["type"] != "text":
+            raise Unsupported(f"response_format {response_format['type']!r} is not supported: this node has no "
+                              "constrained decoding; ask for JSON in the prompt and send type 'text'",
+                              param="response_format")
+    for key in ("tools", "functions", "logit_bias"):
+        if body.get(key):
+            raise Unsupported(f"{key} is not supported by this node", param=key)
+    for key in ("tool_choice", "function_call"):
+        if body.get(key) not in (None, "none"):
+            raise Unsupported(f"{key} is not supported by this node", param=key)
+    for key in ("presence_penalty", "frequency_penalty"):
+        if _number(body, key, float, 0.0, -2.0, 2.0) != 0.0:
+            raise Unsupported(f"{key} is not supported by this node; send 0", param=key)
 
 
 def parse_completion(body: object, chat: bool, max_tokens_limit: int) -> CompletionRequest:
@@ -57,11 +135,12 @@ def parse_completion(body: object, chat: bool, max_tokens_limit: int) -> Complet
         if not isinstance(raw, list) or not raw:
             raise BadRequest("messages must be a non-empty list", param="messages")
         for message in raw:
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
-                    or message.get("role") not in {"system", "user", "assistant"}:
-                raise BadRequest("each message needs a role (system|user|assistant) and string content",
+            if not isinstance(message, dict) or message.get("role") not in _CHAT_ROLES:
+                raise BadRequest("each message needs a role (system|user|assistant|developer) and content",
                                  param="messages")
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in raw)
+        # developer is OpenAI's newer name for system; the chat template knows only system.
+        messages = tuple({"role": "system" if m["role"] == "developer" else m["role"],
+                          "content": _message_content(m.get("content"))} for m in raw)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -73,9 +152,25 @@ def parse_completion(body: object, chat: bool, max_tokens_limit: int) -> Complet
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise BadRequest("stop must be a string or up to 4 strings", param="stop")
+    _refuse_unsupported(body, chat)
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("seed must be an integer", param="seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise BadRequest("seed must be an integer", param="seed")
+        if not INT64[0] <= seed <= INT64[1]:
+            raise BadRequest("seed must fit in 64 bits (int64)", param="seed")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise BadRequest("stream_options is only allowed with stream: true", param="stream_options")
+        if not isinstance(options, dict):
+            raise BadRequest("stream_options must be an object", param="stream_options")
+        include_usage = _flag(options, "include_usage")
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > 256):
+        raise BadRequest("user must be a string of at most 256 characters", param="user")
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     return CompletionRequest(
         model=model,
@@ -87,10 +182,11 @@ def parse_completion(body: object, chat: bool, max_tokens_limit: int) -> Complet
         top_k=_number(body, "top_k", int, 0, 0, 1000),
         seed=seed,
         stop=tuple(stop),
-        stream=bool(body.get("stream", False)),
-        logprobs=bool(body.get("logprobs", False)),
+        stream=stream,
+        logprobs=False,  # refused above; the field stays for callers inside the node
         chat=chat,
-        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        user=user,
+        include_usage=include_usage,
     )
 
 
