@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class ExactCounter:
+    """A counter of integer base units rendered digit for digit: prometheus_client keeps a float, which loses
+    base units above 2^53 (a few OPEN at 18 decimals); Prometheus reads the text as a float anyway, but any other
+    reader of /metrics gets the exact figure."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def inc(self, amount: int = 1) -> None:
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValueError(f"{self.name} counts non-negative integers, got {amount!r}")
+        with self._lock:
+            self._value += amount
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    def render(self) -> bytes:
+        return (f"# HELP {self.name}_total {self.documentation}\n# TYPE {self.name}_total counter\n"
+                f"{self.name}_total {self._value}\n").encode()
 
 
 @dataclasses.dataclass
@@ -15,7 +41,7 @@ class NodeMetrics:
     latency: Histogram
     ttft: Histogram
     receipts: Counter
-    earnings: Counter
+    earnings: ExactCounter
     log_size: Gauge
     checkpoints: Counter
     checkpoint_failures: Counter
@@ -34,8 +60,7 @@ class NodeMetrics:
             ttft=Histogram("longtail_ttft_seconds", "Time to first token", registry=registry,
                            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)),
             receipts=Counter("longtail_receipts", "Receipts signed and logged", registry=registry),
-            earnings=Counter("longtail_earnings_open_units", "OPEN base units charged in receipts",
-                             registry=registry),
+            earnings=ExactCounter("longtail_earnings_open_units", "OPEN base units charged in receipts"),
             log_size=Gauge("longtail_log_size", "Receipts in this node's log", registry=registry),
             checkpoints=Counter("longtail_checkpoints", "Checkpoints posted on chain", registry=registry),
             checkpoint_failures=Counter("longtail_checkpoint_failures", "Checkpoint attempts that failed",
@@ -45,4 +70,4 @@ class NodeMetrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + self.earnings.render()

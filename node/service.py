@@ -28,7 +28,15 @@ from longtail.node.attributor import Attribution, Attributor
 from longtail.node.catalog import Catalog, CatalogEntry
 from longtail.node.config import NodeConfig
 from longtail.node.dashboard import render_dashboard
-from longtail.node.errors import BadRequest, NodeBusy, NotFound, PromptTooLarge, UnknownModel
+from longtail.node.errors import (
+    AdapterUnavailable,
+    BadRequest,
+    NodeBusy,
+    NodeError,
+    NotFound,
+    PromptTooLarge,
+    UnknownModel,
+)
 from longtail.node.generation import GenerationGateway, GenerationResult
 from longtail.node.metrics import NodeMetrics
 from longtail.node.payments import PaymentIntake, Voucher, price_for_tokens
@@ -39,6 +47,9 @@ log = logging.getLogger("longtail.node")
 
 # How long a computed adapter credit waits for a receipt's commit to ride in before it is stored on its own.
 CREDIT_FLUSH_SECONDS = 1.0
+# Prompts longer than this (characters) are tokenised on a worker thread: a megabyte takes the tokenizer about a
+# second, and on the event loop that second would stall every other client (and /healthz) with it.
+TOKENIZE_INLINE_CHARS = 4096
 
 
 def hex32(data: bytes) -> str:
@@ -87,7 +98,10 @@ class Node:
         self._owed_after: dict[str, int] = {}
         self.adapter_fetcher = None  # async (adapter_id) -> CatalogEntry, set by the runner
         self.adapter_store = None
-        self._fetch_lock = asyncio.Lock()
+        # One fetch per adapter id, shared by every request for it; fetches of different adapters run side by side.
+        self._fetches: dict[str, asyncio.Task] = {}
+        self.started_at = int(time.time())
+        self._end_token_ids: frozenset[int] | None = None
         self.checkpointer = None  # set by the runner when a chain is configured
         self._credits: set[asyncio.Task] = set()
         self._credits_to_store: list[ReceiptCredit] = []  # computed, waiting for the next receipt's commit
@@ -103,16 +117,42 @@ class Node:
         except UnknownModel:
             if self.adapter_fetcher is None or not _is_adapter_id(model):
                 raise
-        async with self._fetch_lock:
-            if self.catalog.by_adapter_id(model) is None:
-                entry = await self.adapter_fetcher(model.lower())
-                self.catalog.add(entry)
+        adapter_id = model.lower()
+        fetch = self._fetches.get(adapter_id)
+        if fetch is None:
+            fetch = asyncio.create_task(self._fetch_adapter(adapter_id), name=f"fetch-{adapter_id}")
+            self._fetches[adapter_id] = fetch
+            fetch.add_done_callback(self._fetch_done)
+        # shield: a client that leaves does not cancel the fetch the other waiters (and the next request) share.
+        await asyncio.shield(fetch)
         return self.catalog.resolve(model)
 
-    def _prepare(self, request: CompletionRequest, times: StageTimes) -> list[int]:
+    def _fetch_done(self, task: asyncio.Task) -> None:
+        self._fetches.pop(task.get_name().removeprefix("fetch-"), None)
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have left before it failed
+
+    async def _fetch_adapter(self, adapter_id: str) -> None:
+        if self.catalog.by_adapter_id(adapter_id) is not None:
+            return
+        try:
+            entry = await self.adapter_fetcher(adapter_id)
+        except NodeError:
+            raise
+        except Exception as error:  # the chain or a peer failed (a ChainError, a broken connection): not a bug here
+            log.warning("fetching adapter %s failed: %s: %s", adapter_id, type(error).__name__, error)
+            raise AdapterUnavailable(f"adapter {adapter_id} is not served here and could not be looked up or "
+                                     f"fetched right now ({type(error).__name__}); retry later", param="model",
+                                     retry_after_seconds=5) from None
+        self.catalog.add(entry)
+
+    async def _prepare(self, request: CompletionRequest, times: StageTimes) -> list[int]:
         # Tokenizing is the engine's side of the work: the unpaid baseline of bench_node times it too.
         with times.stage("engine"):
-            prompt_ids = self.generation.encode(request)
+            if self._prompt_chars(request) > TOKENIZE_INLINE_CHARS:
+                prompt_ids = await asyncio.to_thread(self.generation.encode, request)
+            else:
+                prompt_ids = self.generation.encode(request)
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise PromptTooLarge(f"prompt is {len(prompt_ids)} tokens; this node accepts at most "
                                  f"{self.config.max_prompt_tokens}", param="prompt",
@@ -124,16 +164,23 @@ class Node:
     async def _admit(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None,
                      times: StageTimes):
         entry = await self._resolve(request.model)
-        prompt_ids = self._prepare(request, times)
+        prompt_ids = await self._prepare(request, times)
         max_price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + request.max_tokens)
         with times.stage("payment"):
             reservation = await self.payments.reserve(channel_id, voucher, max_price)
         return entry, prompt_ids, reservation
 
+    @staticmethod
+    def _prompt_chars(request: CompletionRequest) -> int:
+        if request.prompt is not None:
+            return len(request.prompt)
+        return sum(len(m["content"]) for m in request.messages or ())
+
     async def _finish(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
                       result: GenerationResult, reservation, request_id: str, times: StageTimes) -> SignedReceipt:
         """Attribute, sign and durably append the receipt, then charge the channel; credit follows later."""
-        price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(result.token_ids))
+        answer_ids = self.answer_ids(result)
+        price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(answer_ids))
         with times.stage("receipt"):
             # On the event loop, not a worker thread: it is ~1-2 ms of work, and under load each of a worker's two
             # hand-offs (there and back) waited about as long as the work itself (docs/node.md, "Latency").
@@ -149,7 +196,7 @@ class Node:
         self.stats.earnings.inc(price)
         self.stats.log_size.set(self.receipt_log.size)
         self.stats.tokens.labels("prompt").inc(len(prompt_ids))
-        self.stats.tokens.labels("output").inc(len(result.token_ids))
+        self.stats.tokens.labels("output").inc(len(answer_ids))
         self._remember(entry, signed, attribution)
         if self.checkpointer is not None:
             self.checkpointer.notify_receipt()
@@ -161,7 +208,8 @@ class Node:
                               result: GenerationResult, reservation, request_id: str,
                               price: int) -> tuple[SignedReceipt, Attribution]:
         """Blocking: weigh the Datanets, then sign and commit the receipt (durable when this returns)."""
-        attribution = self.attributor.attribute(entry, result.token_ids)
+        answer_ids = self.answer_ids(result)
+        attribution = self.attributor.attribute(entry, answer_ids)
         draft = ReceiptDraft(
             request_id=request_id,
             client=reservation.client,
@@ -171,7 +219,7 @@ class Node:
             prompt_hash=hex32(keccak(prompt_text_as_received(request).encode("utf-8"))),
             output_hash=hex32(keccak(result.text.encode("utf-8"))),
             prompt_tokens=len(prompt_ids),
-            output_tokens=len(result.token_ids),
+            output_tokens=len(answer_ids),
             price=price,
             timestamp=int(time.time()),
             attribution=attribution.vector,
@@ -309,7 +357,6 @@ class Node:
         entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times)
         request_id = hex32(os.urandom(32))
         self._in_flight += 1
-        pieces: list[int] = []
         try:
             # First event: consumed by the HTTP edge before headers go out (carries the receipt's id). Inside the
             # try: an edge that fails before the headers closes the stream here, and the reservation is released.
@@ -318,7 +365,6 @@ class Node:
             async for partial in self.generation.stream(request, entry, prompt_ids):
                 if partial.delta:
                     yield self._chunk(request, entry, request_id, partial.delta, None)
-                pieces = partial.token_ids
                 result = partial
             if result is None:
                 raise BadRequest("the engine produced no output for this request")
@@ -329,11 +375,34 @@ class Node:
             self._in_flight -= 1
         signed = await self._finish(request, entry, prompt_ids, result, reservation, request_id, times)
         final = self._chunk(request, entry, request_id, "", result.finish_reason)
-        final["usage"] = self._usage(prompt_ids, pieces)
+        final["usage"] = self._usage(prompt_ids, self.answer_ids(result))
         final["longtail"] = self._longtail_field(signed)
         self.stats.requests.labels("stream", "ok").inc()
         self.stats.latency.observe(time.perf_counter() - started)
         yield final
+        if request.include_usage:  # OpenAI's stream_options.include_usage: one more chunk, no choices, the usage
+            usage_chunk = self._chunk(request, entry, request_id, "", None)
+            usage_chunk["choices"] = []
+            usage_chunk["usage"] = final["usage"]
+            yield usage_chunk
+
+    def answer_ids(self, result: GenerationResult) -> list[int]:
+        """The answer's tokens as counted and charged: the end-of-sequence token that stopped it is no part of the
+        answer's text, so an empty completion costs no output token (OpenAI counts it the same way)."""
+        ids = result.token_ids
+        if ids and result.finish_reason == "stop" and ids[-1] in self._end_ids():
+            return ids[:-1]
+        return ids
+
+    def _end_ids(self) -> frozenset[int]:
+        if self._end_token_ids is None:
+            tokenizer = getattr(self.generation, "tokenizer", None)
+            ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+            eos = getattr(tokenizer, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            self._end_token_ids = frozenset(ids)
+        return self._end_token_ids
 
     def _usage(self, prompt_ids: list[int], output_ids: list[int]) -> dict:
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(output_ids),
@@ -360,7 +429,7 @@ class Node:
             choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason}
             kind = "text_completion"
         return {"id": request_id, "object": kind, "created": int(time.time()), "model": entry.name,
-                "choices": [choice], "usage": self._usage(prompt_ids, result.token_ids),
+                "choices": [choice], "usage": self._usage(prompt_ids, self.answer_ids(result)),
                 "longtail": self._longtail_field(signed)}
 
     def _remember(self, entry: CatalogEntry, signed: SignedReceipt, attribution: Attribution) -> None:
@@ -439,7 +508,8 @@ class Node:
     # --- operations -----------------------------------------------------------------------------
 
     def models(self) -> list[dict]:
-        return [entry.to_json() for entry in self.catalog.entries()]
+        # `created` is required by OpenAI's Model type; an entry is as old as this node's catalog.
+        return [{"created": self.started_at, **entry.to_json()} for entry in self.catalog.entries()]
 
     def metrics(self) -> bytes:
         return self.stats.render()
