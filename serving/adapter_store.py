@@ -12,17 +12,18 @@ swapped on disk is caught on read. Re-importing the same bytes is a no-op.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import struct
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,24 +270,7 @@ class AdapterStore:
         target = self.path_of(weights.adapter_id)
         with self._lock:
             if not (target / WEIGHTS_NAME).is_file():
-                staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
-                try:
-                    (staging / CONFIG_NAME).write_bytes(config_bytes)
-                    if weights_bytes is not None:
-                        (staging / WEIGHTS_NAME).write_bytes(weights_bytes)
-                    else:
-                        shutil.copyfile(weights_file, staging / WEIGHTS_NAME)
-                    for file in staging.iterdir():
-                        with file.open("rb") as handle:
-                            os.fsync(handle.fileno())
-                    staged_id = adapter_id_from_parts(json.loads(config_bytes), staging / WEIGHTS_NAME)
-                    if staged_id != weights.adapter_id:
-                        # The source changed between validation and copy: keep nothing.
-                        raise IntegrityError(weights.adapter_id, staged_id, f"copy of {origin}")
-                    shutil.rmtree(target, ignore_errors=True)
-                    staging.rename(target)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
+                self._stage(weights, config_bytes, weights_file, origin, weights_bytes, target)
             targets = sorted({m.module for m in weights.modules})
             self._query(
                 # An upsert, not INSERT OR REPLACE: a replace deletes the row first and would cascade to aliases.
@@ -295,6 +279,32 @@ class AdapterStore:
                 (weights.adapter_id, (target / WEIGHTS_NAME).stat().st_size, weights.nbytes, weights.max_rank,
                  len(weights.modules), json.dumps(targets), base_model_id, origin, time.time()),
             )
+
+    def _stage(self, weights: AdapterWeights, config_bytes: bytes, weights_file: Path | None, origin: str,
+               weights_bytes: bytes | None, target: Path) -> None:
+        staging = None
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+            (staging / CONFIG_NAME).write_bytes(config_bytes)
+            if weights_bytes is not None:
+                (staging / WEIGHTS_NAME).write_bytes(weights_bytes)
+            else:
+                shutil.copyfile(weights_file, staging / WEIGHTS_NAME)
+            for file in staging.iterdir():
+                with file.open("rb") as handle:
+                    os.fsync(handle.fileno())
+            staged_id = adapter_id_from_parts(json.loads(config_bytes), staging / WEIGHTS_NAME)
+            if staged_id != weights.adapter_id:
+                # The source changed between validation and copy: keep nothing.
+                raise IntegrityError(weights.adapter_id, staged_id, f"copy of {origin}")
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        except OSError as error:
+            # A full disk (ENOSPC) or a read-only store: this adapter is refused, what the store holds is untouched.
+            raise AdapterStoreError(f"cannot store adapter {weights.adapter_id}: {error.strerror or error}") from None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
 
     # ------------------------------------------------------------ read
 
@@ -441,21 +451,64 @@ class HttpSource:
         return self.url_template
 
     def fetch(self, adapter_id: str) -> bytes:
+        """The bundle within `timeout_s` for the whole transfer (connect, headers, body), not per read: a peer
+        that drips a byte every few seconds is cut at the deadline. No redirects are followed."""
         if not is_adapter_id(adapter_id):
             raise FetchFailed(f"{adapter_id!r} is not an adapter id")
         url = self.url_template.format(adapter_id=adapter_id)
-        request = urllib.request.Request(url, headers={"Accept": "application/octet-stream"})
+        parts = urllib.parse.urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        deadline = time.monotonic() + self.timeout_s
+        cut = threading.Event()
+        connection = None
+
+        def cut_at_deadline() -> None:
+            # Shutting the socket down wakes the blocked read on the fetching thread with EOF or an error.
+            cut.set()
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.timeout_s, cut_at_deadline)
+        watchdog.daemon = True
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                declared = response.headers.get("Content-Length")
-                if declared is not None and int(declared) > self.max_bytes:
-                    raise FetchFailed(f"{url} offers {declared} bytes, over the {self.max_bytes}-byte limit")
-                # Read one byte past the limit so an undeclared oversized body is caught without buffering it all.
-                body = response.read(self.max_bytes + 1)
-        except urllib.error.HTTPError as error:
-            raise FetchFailed(f"{url} answered HTTP {error.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            raise FetchFailed(f"{url} failed: {error}") from None
+            connection = kind(parts.hostname, parts.port, timeout=self.timeout_s)
+            watchdog.start()
+            connection.request("GET", path or "/", headers={"Accept": "application/octet-stream"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise FetchFailed(f"{url} answered HTTP {response.status}")
+            declared = response.getheader("Content-Length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+                raise FetchFailed(f"{url} offers {declared[:32]} bytes, over the {self.max_bytes}-byte limit")
+            body = bytearray()
+            # Read one byte past the limit so an undeclared oversized body is caught without buffering it all.
+            while len(body) <= self.max_bytes:
+                chunk = response.read(min(1 << 16, self.max_bytes + 1 - len(body)))
+                if not chunk:
+                    break
+                body += chunk
+                if time.monotonic() > deadline:
+                    cut.set()
+                    break
+            if declared is not None and not cut.is_set() and len(body) < int(declared):
+                raise FetchFailed(f"{url} ended after {len(body)} of {declared} bytes")
+        except FetchFailed:
+            raise
+        except (http.client.HTTPException, OSError, ValueError) as error:  # garbage status line, cut chunk, reset
+            if cut.is_set():
+                raise FetchFailed(f"{url} did not deliver within {self.timeout_s:g} s") from None
+            raise FetchFailed(f"{url} failed: {type(error).__name__}: {error}") from None
+        finally:
+            watchdog.cancel()
+            if connection is not None:
+                connection.close()
+        if cut.is_set():
+            raise FetchFailed(f"{url} did not deliver within {self.timeout_s:g} s")
         if len(body) > self.max_bytes:
             raise FetchFailed(f"{url} sent more than {self.max_bytes} bytes")
-        return body
+        return bytes(body)

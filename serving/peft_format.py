@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -311,12 +313,50 @@ def _strict_json(raw: bytes, what: str, path: Path | str | None) -> Any:
         raise AdapterRejected(f"{what} is not valid JSON: {error}", path=path) from None
 
 
+# Pseudo-filesystems whose files claim to be regular but whose size lies (/proc/self/pagemap reports 0 bytes and
+# reads as much as asked); an adapter file resolving into one is refused before it is read.
+_PSEUDO_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _regular_file(path: Path) -> os.stat_result:
+    """The stat of `path` (symlinks followed: HF caches link to blobs) once it is a plain file on a real disk."""
+    try:
+        resolved = path.resolve(strict=True)
+        info = resolved.stat()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise AdapterRejected(f"cannot read {path.name}: {getattr(error, 'strerror', None) or error}",
+                              path=path) from None
+    if any(resolved.is_relative_to(root) for root in _PSEUDO_ROOTS):
+        raise AdapterRejected(f"{path.name} resolves to {resolved}, a pseudo-file, not an adapter file", path=path)
+    if not stat.S_ISREG(info.st_mode):
+        raise AdapterRejected(f"{path.name} is not a regular file", path=path)
+    return info
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file, refusing a bigger one; every OS failure is an AdapterRejected.
+
+    The size is checked on what is read, not only on stat: a file can grow between the two.
+    """
+    size = _regular_file(path).st_size
+    if size > limit:
+        raise AdapterRejected(f"{path.name} is {size} bytes, over the {limit}-byte limit", path=path)
+    try:
+        # O_NONBLOCK: a file swapped for a FIFO after the check must not block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise AdapterRejected(f"{path.name} is not a regular file", path=path)
+            data = handle.read(limit + 1)
+    except OSError as error:
+        raise AdapterRejected(f"cannot read {path.name}: {error.strerror or error}", path=path) from None
+    if len(data) > limit:
+        raise AdapterRejected(f"{path.name} is over the {limit}-byte limit", path=path)
+    return data
+
+
 def _parse_config_file(config_path: Path) -> dict:
-    size = config_path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise AdapterRejected(f"{CONFIG_NAME} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit",
-                              path=config_path)
-    config = _strict_json(config_path.read_bytes(), CONFIG_NAME, config_path)
+    config = _strict_json(read_limited(config_path, MAX_CONFIG_BYTES), CONFIG_NAME, config_path)
     if not isinstance(config, dict):
         raise AdapterRejected(f"{CONFIG_NAME} must hold a JSON object, found {type(config).__name__}",
                               path=config_path)
@@ -331,21 +371,24 @@ def read_safetensors_header(path: Path | str, max_bytes: int = DEFAULT_MAX_BYTES
     data region, non-overlapping and covering it exactly (no hidden bytes).
     """
     path = Path(path)
-    file_size = path.stat().st_size
+    file_size = _regular_file(path).st_size
     if file_size > max_bytes:
         raise AdapterRejected(f"{path.name} is {file_size} bytes, over the {max_bytes}-byte limit", path=path)
     if file_size < 8:
         raise AdapterRejected(f"{path.name} is truncated: {file_size} bytes, shorter than the 8-byte header length",
                               path=path)
-    with path.open("rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        if header_size > MAX_HEADER_BYTES:
-            raise AdapterRejected(f"{path.name} declares a {header_size}-byte header, over the "
-                                  f"{MAX_HEADER_BYTES}-byte limit", path=path)
-        if 8 + header_size > file_size:
-            raise AdapterRejected(f"{path.name} is truncated: header of {header_size} bytes but the file has "
-                                  f"{file_size - 8} after the length", path=path)
-        raw = handle.read(header_size)
+    try:
+        with path.open("rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            if header_size > MAX_HEADER_BYTES:
+                raise AdapterRejected(f"{path.name} declares a {header_size}-byte header, over the "
+                                      f"{MAX_HEADER_BYTES}-byte limit", path=path)
+            if 8 + header_size > file_size:
+                raise AdapterRejected(f"{path.name} is truncated: header of {header_size} bytes but the file has "
+                                      f"{file_size - 8} after the length", path=path)
+            raw = handle.read(header_size)
+    except (OSError, struct.error) as error:  # unreadable, or shrunk since the stat
+        raise AdapterRejected(f"cannot read {path.name}: {error}", path=path) from None
     header = _strict_json(raw, f"{path.name} header", path)
     if not isinstance(header, dict):
         raise AdapterRejected(f"{path.name} header must be a JSON object", path=path)
