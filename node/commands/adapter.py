@@ -57,6 +57,8 @@ def add_command(source: str = typer.Argument(..., help="a PEFT adapter folder, o
             record = store.add(Path(source), shapes, name=name, base_model_id=base_id, replace_alias=force)
     except (AdapterRejected, AdapterStoreError) as error:
         fail(f"adapter rejected: {error}" if isinstance(error, AdapterRejected) else str(error))
+    except OSError as error:  # a folder this user cannot list, a file that vanished mid-import
+        fail(f"cannot read {source}: {error.strerror or error}")
     if as_json:
         print_json(record.to_json())
     else:

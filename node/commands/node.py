@@ -71,7 +71,12 @@ def _option(field: dataclasses.Field, hint: object) -> tuple[object, object]:
 
 def run_command(config: Path | None = None, verbose: bool = False, **flags) -> None:
     """Serve paid, receipted inference until Ctrl-C (exit 2 on a configuration error)."""
+    from longtail.node.chain import ChainError
     from longtail.node.runner import NodeStartError, serve_forever
+    from longtail.serving.adapter_store import AdapterStoreError
+    from longtail.serving.base_models import BaseModelError
+    from longtail.serving.errors import EngineError
+    from longtail.serving.peft_format import AdapterRejected
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -82,6 +87,13 @@ def run_command(config: Path | None = None, verbose: bool = False, **flags) -> N
         asyncio.run(serve_forever(node_config))
     except (ConfigError, NodeStartError) as error:
         fail(str(error), code=2)
+    except AdapterRejected as error:  # an adapter to serve is unsafe or broken (NaN weights, a bad config)
+        fail(f"adapter rejected: {error}", code=2)
+    except (AdapterStoreError, BaseModelError, EngineError, ChainError) as error:
+        fail(f"cannot start the node: {error}", code=2)
+    except OSError as error:  # an unreadable file or folder named in the config
+        fail(f"cannot start the node: {error.strerror or error}"
+             + (f": {error.filename}" if getattr(error, "filename", None) else ""), code=2)
     except KeyboardInterrupt:
         pass
 
