@@ -23,7 +23,7 @@ from longtail.attribution.receipts import ReceiptDomain
 from longtail.attribution.spans import INDEX_FILE, build_datanet_index
 from longtail.attribution.store import ReceiptLog
 from longtail.contracts.deployment import Deployment
-from longtail.node.api import build_app
+from longtail.node.api import SERVER_OPTIONS, build_app
 from longtail.node.attributor import Attributor
 from longtail.node.catalog import Catalog, CatalogEntry, read_datanet_shares
 from longtail.node.chain import ChainGateway
@@ -218,7 +218,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     node.checkpointer = checkpointer
     node.chain = chain
 
-    runner = web.AppRunner(build_app(node), access_log=None)
+    runner = web.AppRunner(build_app(node), access_log=None, **SERVER_OPTIONS)  # slow clients cut (api.py)
     await runner.setup()
     site = web.TCPSite(runner, config.http_host, config.http_port)
     try:
