@@ -80,6 +80,12 @@ class AdapterUnavailable(NodeError):
     code = "adapter_unavailable"
 
 
+class StorageUnavailable(NodeError):
+    """The receipt store cannot write (disk full, database gone): no answer leaves without its durable receipt."""
+
+    code = "storage_unavailable"
+
+
 class EngineDown(NodeError):
     """The engine's process is gone or restarting: nothing generates until a new one is up (serving.engine_process)."""
 
@@ -107,6 +113,7 @@ HTTP_ERRORS: dict[type[Exception], ErrorMapping] = {
     NodeBusy: ErrorMapping(429, "rate_limit_error"),
     ChainUnavailable: ErrorMapping(503, "service_unavailable"),
     AdapterUnavailable: ErrorMapping(503, "service_unavailable"),
+    StorageUnavailable: ErrorMapping(503, "service_unavailable"),
     EngineDown: ErrorMapping(503, "service_unavailable"),
     engine.PromptTooLong: ErrorMapping(400, "invalid_request_error"),
     engine.InvalidSamplingParams: ErrorMapping(400, "invalid_request_error"),

@@ -19,8 +19,11 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+
+import sqlalchemy.exc
 
 from longtail.attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt, keccak
 from longtail.attribution.store import ChannelVoucher, ReceiptCredit, ReceiptLog
@@ -35,6 +38,7 @@ from longtail.node.errors import (
     NodeError,
     NotFound,
     PromptTooLarge,
+    StorageUnavailable,
     UnknownModel,
 )
 from longtail.node.generation import GenerationGateway, GenerationResult
@@ -47,6 +51,8 @@ log = logging.getLogger("longtail.node")
 
 # How long a computed adapter credit waits for a receipt's commit to ride in before it is stored on its own.
 CREDIT_FLUSH_SECONDS = 1.0
+# What a failing receipt store raises (disk full, database unreachable): a 503 for the client, not a bug's 500.
+STORE_FAILURES = (OSError, sqlite3.OperationalError, sqlalchemy.exc.OperationalError)
 # Prompts longer than this (characters) are tokenised on a worker thread: a megabyte takes the tokenizer about a
 # second, and on the event loop that second would stall every other client (and /healthz) with it.
 TOKENIZE_INLINE_CHARS = 4096
@@ -187,6 +193,11 @@ class Node:
             try:
                 signed, attribution = self._attribute_and_append(request, entry, prompt_ids, result, reservation,
                                                                  request_id, price)
+            except STORE_FAILURES as error:
+                await self.payments.release(reservation)
+                log.error("receipt for request %s not stored: %s", request_id, error)
+                raise StorageUnavailable("the node cannot store receipts right now (its store is failing); "
+                                         "nothing was charged", retry_after_seconds=5) from None
             except Exception:
                 await self.payments.release(reservation)
                 raise
