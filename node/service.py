@@ -452,7 +452,7 @@ class Node:
 
     async def handle_peer_request(self, message: dict) -> dict:
         """An inference request that arrived over libp2p: same body and payment headers as over HTTP."""
-        from longtail.node.errors import NodeError, error_body, mapping_for
+        from longtail.node.errors import error_body, is_known, mapping_for
         from longtail.node.requests import parse_completion, parse_payment_headers
 
         path = message.get("path", "/v1/chat/completions")
@@ -465,7 +465,9 @@ class Node:
                 raise BadRequest("streaming is not offered over libp2p; send stream=false", param="stream")
             channel_id, voucher = parse_payment_headers(message.get("headers") or {})
             return {"status": 200, "body": (await self.complete(request, channel_id, voucher)).body}
-        except NodeError as error:
+        except Exception as error:  # the same table as over HTTP; a bug is an opaque 500 with its traceback logged
+            if not is_known(error):
+                log.exception("libp2p inference request failed")
             return {"status": mapping_for(error).status, "body": error_body(error)}
 
     # --- payments -------------------------------------------------------------------------------
