@@ -141,6 +141,7 @@ class Tally:
         self.errors: list[str] = []
         self.hangs = 0
         self.interrupted = 0
+        self.refused = 0
         self.answered: set[str] = set()
 
 
@@ -158,9 +159,12 @@ async def one_request(session, url: str, case, tally: Tally) -> None:
         tally.hangs += 1
         tally.errors.append(f"{name}: no answer in {HANG_SECONDS:g} s")
         return
+    except aiohttp.ClientConnectorError:
+        tally.refused += 1  # the node is restarting
+        await asyncio.sleep(0.2)
+        return
     except (aiohttp.ClientError, ConnectionError):
         tally.interrupted += 1  # the node died under this request: nothing answered, nothing owed by the client
-        await asyncio.sleep(0.2)  # it is restarting: do not spin on refused connections
         return
     tally.outcomes[(name, status)] += 1
     if status not in expected:
@@ -186,7 +190,8 @@ async def slowloris(address: tuple[str, int], tally: Tally) -> None:
     try:
         reader, writer = await asyncio.open_connection(*address)
     except OSError:
-        tally.interrupted += 1
+        tally.refused += 1
+        await asyncio.sleep(0.5)
         return
     started = time.perf_counter()
     try:
@@ -267,9 +272,10 @@ async def soak(seconds: float, kill_every: float, concurrency: int, home: Path) 
     store = ReceiptStore.open(f"sqlite:///{home / 'receipts.sqlite'}")
     lost = sorted(rid for rid in tally.answered if not store.bodies_for_request(rid))
     store.close()
-    requests = sum(tally.outcomes.values()) + tally.interrupted + tally.hangs
+    requests = sum(tally.outcomes.values()) + tally.interrupted + tally.hangs  # refused ones never reached it
     return {"seconds": seconds, "kills": kills, "requests": requests, "answered_with_receipt": len(tally.answered),
             "errors": len(tally.errors), "hangs": tally.hangs, "interrupted": tally.interrupted,
+            "refused_while_restarting": tally.refused,
             "receipts_lost": len(lost), "outcomes": tally.outcomes,
             "error_samples": tally.errors[:10]}
 
@@ -278,7 +284,8 @@ def table(result: dict) -> str:
     lines = [f"Soak of {result['seconds']:g} s, node killed with SIGKILL {result['kills']} times "
              f"(`scripts/soak_node.py`, {time.strftime('%Y-%m-%d')}):", "",
              "| figure | value |", "|---|---|"]
-    for key in ("requests", "answered_with_receipt", "errors", "hangs", "interrupted", "receipts_lost"):
+    for key in ("requests", "answered_with_receipt", "errors", "hangs", "interrupted", "refused_while_restarting",
+                "receipts_lost"):
         lines.append(f"| {key.replace('_', ' ')} | {result[key]} |")
     lines += ["", "| case | status | count |", "|---|---|---|"]
     for (name, status), count in sorted(result["outcomes"].items()):
