@@ -180,7 +180,8 @@ class Node:
     def _prompt_chars(request: CompletionRequest) -> int:
         if request.prompt is not None:
             return len(request.prompt)
-        return sum(len(m["content"]) for m in request.messages or ())
+        # Each message also costs the chat template a loop turn: 30,000 empty messages are slow with no text.
+        return sum(len(m["content"]) + 64 for m in request.messages or ())
 
     async def _finish(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
                       result: GenerationResult, reservation, request_id: str, times: StageTimes) -> SignedReceipt:
