@@ -58,25 +58,25 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def library_path() -> Path:
-    """Where the compiled kernel lives: one file per (source, flags, CPU), so a stale build is never loaded."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+def library_path(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Where a compiled kernel lives: one file per (source, flags, CPU), so a stale build is never loaded."""
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode()
                          + platform.machine().encode()).hexdigest()[:16]
-    return _home() / "kernels" / f"lora_runs-{key}.so"
+    return _home() / "kernels" / f"{source.stem}-{key}.so"
 
 
-def build(target: Path) -> Path:
-    """Compile the kernel into `target` (atomically: concurrent builders never see half a file)."""
+def build(target: Path, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile a kernel into `target` (atomically: concurrent builders never see half a file)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-    result = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([compiler, *flags, "-o", str(partial), str(source), "-lm"], capture_output=True,
+                            text=True, timeout=300)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[:2000]}")
+        raise RuntimeError(f"{compiler} failed on {source.name}: {result.stderr.strip()[:2000]}")
     os.replace(partial, target)
     return target
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from longtail.kernels.lora import runs_of, token_groups
+from longtail.kernels.lora import kernel_backend, runs_of, token_groups
 from longtail.kernels.lora_cpu import native_available, split_runs
 from longtail.serving.kv_cache import PagedKVCache
 from longtail.serving.lora_slots import LoraSlots
@@ -54,6 +54,11 @@ class ModelRunner:
             return self.model.forward(plan, self.cache, self.lora_slots)
 
     def plan(self, chunks: Sequence[SequenceChunk]) -> BatchPlan:
+        """The step's tensors, built from plain ints and converted in one `torch.tensor` call.
+
+        Slot maps are computed as Python ints (a decode token is one multiply-add), not with small
+        tensor ops per sequence: at batch 32 those were ~150 torch calls per step.
+        """
         device = self.model.device
         block_size = self.cache.block_size
         # Decode rows first, then prompt segments; each group ordered by adapter slot so slots are contiguous.
@@ -64,20 +69,22 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
-        write_slots: list[torch.Tensor] = []
+        write_slots: list[int] = []
         segments: list[PrefillSegment] = []
         for index in decode_order + prefill_order:
             chunk = chunks[index]
             length = len(chunk.token_ids)
             starts[index] = len(ids)
             ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.context, chunk.context + length))
+            context, blocks = chunk.context, chunk.blocks
+            positions.extend(range(context, context + length))
             token_slots.extend([chunk.lora_slot] * length)
-            write_slots.append(self.cache.slot_indices(chunk.blocks, chunk.context, chunk.context + length))
+            write_slots.extend(blocks[p // block_size] * block_size + p % block_size
+                               for p in range(context, context + length))
             if not chunk.is_decode:
-                gather = self.cache.slot_indices(chunk.blocks, 0, chunk.context + length)
-                segments.append(PrefillSegment(starts[index], length, chunk.context, gather.to(device)))
-        decode_gather, decode_mask = self._decode_gather([chunks[i] for i in decode_order], block_size)
+                gather = self.cache.slot_indices(chunk.blocks, 0, chunk.context + length) if context else None
+                segments.append(PrefillSegment(starts[index], length, chunk.context,
+                                               gather.to(device) if gather is not None else None))
         logits_index: list[int] = []
         for index, chunk in enumerate(chunks):
             if chunk.logits_from is None:
@@ -85,37 +92,39 @@ class ModelRunner:
             start, length = starts[index], len(chunk.token_ids)
             first = length - 1 if chunk.logits_from == -1 else chunk.logits_from
             logits_index.extend(range(start + first, start + length))
-        slot_tensor = torch.tensor(token_slots, dtype=torch.int64, device=device)
+        decode = [chunks[i] for i in decode_order]
+        context_lens = [c.context + 1 for c in decode]
+        tokens = len(ids)
+        packed = torch.tensor(ids + positions + write_slots + token_slots + logits_index + context_lens,
+                              dtype=torch.int64).to(device)
+        parts = packed.split([tokens, tokens, tokens, tokens, len(logits_index), len(decode)])
         runs = runs_of(token_slots)
         native_runs = None
         if runs and device.type == "cpu" and self.model.dtype == torch.float32 and native_available():
             native_runs, runs = split_runs(runs)
+        slot_tensor = parts[3]
         return BatchPlan(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            write_slots=torch.cat(write_slots).to(device),
-            token_slots=slot_tensor,
-            lora_groups=token_groups(slot_tensor) if any(s >= 0 for s in token_slots) else [],
+            input_ids=parts[0], positions=parts[1], write_slots=parts[2], token_slots=slot_tensor,
+            # The torch backend reads only the runs; the grouping (a sort and a host sync) is for the GPU kernels.
+            lora_groups=token_groups(slot_tensor) if (runs or native_runs is not None)
+            and kernel_backend() != "torch" else [],
             lora_runs=runs, native_runs=native_runs,
             prefill=segments,
-            decode_count=len(decode_order),
-            decode_gather=decode_gather.to(device), decode_mask=decode_mask.to(device),
-            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
+            decode_count=len(decode),
+            decode_gather=self._block_tables(decode, context_lens, block_size).to(device),
+            context_lens=parts[5],
+            logits_index=parts[4],
         )
 
     @staticmethod
-    def _decode_gather(decode: list[SequenceChunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables of the decode rows [B, W] (padded) and the mask of real keys [B, W * block_size].
+    def _block_tables(decode: list[SequenceChunk], lengths: list[int], block_size: int) -> torch.Tensor:
+        """Block tables of the decode rows [B, W], W the longest row's blocks, padded with each row's first block.
 
-        Attention gathers whole blocks (block_size keys in one contiguous copy), not single slots.
+        Padding repeats the row's own block, never another sequence's: a gathering kernel then reads only memory
+        its row owns (a masked key still multiplies its value by 0, and 0 * NaN from a failed neighbour is NaN).
         """
         if not decode:
-            return torch.zeros(0, 0, dtype=torch.int64), torch.zeros(0, 0, dtype=torch.bool)
-        lengths = torch.tensor([c.context + 1 for c in decode])
-        table_width = -(-int(lengths.max()) // block_size)
-        # Padding repeats the row's own first block, never another sequence's: a masked key still multiplies
-        # its value by 0, and 0 * NaN from a failed neighbour's (or a freed block's) value would be NaN.
-        table = torch.tensor([list(c.blocks[:table_width]) + [c.blocks[0]] * (table_width - len(c.blocks[:table_width]))
-                              for c in decode], dtype=torch.int64)
-        mask = torch.arange(table_width * block_size)[None, :] < lengths[:, None]
-        return table, mask
+            return torch.zeros(0, 0, dtype=torch.int64)
+        width = -(-max(lengths) // block_size)
+        return torch.tensor([list(c.blocks[:width]) + [c.blocks[0]] * (width - len(c.blocks[:width]))
+                             for c in decode], dtype=torch.int64)

@@ -1,0 +1,174 @@
+"""The CPU engine's attention over the paged KV cache: a C kernel (`csrc/attention_cpu.c`) beside torch references.
+
+Two calls per layer replace ~30 small torch calls:
+- `rope_write`: rotates q and k in place inside the fused qkv output and copies k and v
+  into their cache slots (reference: `rope_write_ref`, the model's former torch code);
+- `paged_decode_attention`: every decode row attends to its context where it lies in the
+  cache, following its block table (reference: `paged_decode_attention_ref`, a gather + SDPA).
+
+The decode call takes (query, key_cache, value_cache, block_tables, context_lens, scale), the
+shape a GPU paged-attention kernel takes too, so `serving/model.py` can pick a kernel per device.
+Built like `kernels.lora_cpu` (system C compiler on first use, cached per source, flags and CPU;
+ctypes releases the GIL); `available()` is False without a compiler or with `LONGTAIL_KERNELS=torch`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longtail.kernels.lora_cpu import build, library_path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "attention_cpu.c"
+# No FMA contraction: RoPE then rounds exactly as torch's separate multiply and add do.
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fPIC", "-shared")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_ERRORS = {-1: "a slot or block index falls outside the cache", -2: "unsupported head layout",
+           -3: "a context length is 0 or longer than its block table", -4: "out of memory"}
+
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+class AttentionShapeError(ValueError):
+    """Tensors handed to the attention kernel disagree on a shape, dtype or index range."""
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _tried
+    if _tried:
+        return _library
+    _tried = True
+    try:
+        path = library_path(SOURCE, FLAGS)
+        if not path.exists():
+            build(path, SOURCE, FLAGS)
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("CPU attention kernel unavailable, using the torch reference: %s", error)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.longtail_rope_write.restype = ctypes.c_int
+    library.longtail_rope_write.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    library.longtail_paged_decode.restype = ctypes.c_int
+    library.longtail_paged_decode.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64,
+                                              i64, ctypes.c_float, ctypes.c_int]
+    _library = library
+    return library
+
+
+def available() -> bool:
+    """True when the C kernel is built (or builds now) and `LONGTAIL_KERNELS` does not force torch."""
+    if os.environ.get("LONGTAIL_KERNELS", "").strip().lower() == "torch":
+        return False
+    return _load() is not None
+
+
+def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    if key_cache.shape != value_cache.shape or key_cache.dim() != 3:
+        raise AttentionShapeError(f"caches {tuple(key_cache.shape)} and {tuple(value_cache.shape)} must be "
+                                  "one [slots, kv_heads, head_dim] shape")
+    for cache in (key_cache, value_cache):
+        if cache.dtype != dtype or cache.device.type != "cpu" or not cache.is_contiguous():
+            raise AttentionShapeError(f"caches must be contiguous CPU {dtype} tensors")
+
+
+def rope_write_ref(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                   key_cache: torch.Tensor, value_cache: torch.Tensor, write_slots: torch.Tensor) -> None:
+    """Torch reference of `rope_write` (HF's rotate_half RoPE, then index_copy_ into the cache)."""
+    tokens, head_dim = qkv.shape[0], cos.shape[-1]
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    cos, sin = cos.to(qkv.dtype)[:, None], sin.to(qkv.dtype)[:, None]
+    for begin, count in ((0, heads), (q_width, kv_heads)):
+        part = qkv[:, begin:begin + count * head_dim].view(tokens, count, head_dim)
+        half = head_dim // 2
+        rotated = torch.cat((-part[..., half:], part[..., :half]), dim=-1)
+        part.copy_(part * cos + rotated * sin)
+    key_cache.index_copy_(0, write_slots, qkv[:, q_width:q_width + kv_width].view(tokens, kv_heads, head_dim))
+    value_cache.index_copy_(0, write_slots, qkv[:, q_width + kv_width:].view(tokens, kv_heads, head_dim))
+
+
+def rope_write(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+               key_cache: torch.Tensor, value_cache: torch.Tensor, write_slots: torch.Tensor) -> None:
+    """Rotate q and k in place in `qkv` [T, (heads + 2 kv_heads) * D]; write k and v to `write_slots` [T].
+
+    cos, sin: [T, D] fp32. Raises AttentionShapeError instead of writing outside the cache.
+    """
+    library = _load()
+    if library is None:
+        raise RuntimeError("the CPU attention kernel is not available (see available())")
+    head_dim = key_cache.shape[-1]
+    _check_cache(key_cache, value_cache, qkv.dtype)
+    tokens = qkv.shape[0]
+    if (qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kv_heads) * head_dim
+            or key_cache.shape[1] != kv_heads):
+        raise AttentionShapeError(f"qkv {tuple(qkv.shape)} does not fit {heads} heads, {kv_heads} kv heads of "
+                                  f"{head_dim}")
+    for table in (cos, sin):
+        if table.dtype != torch.float32 or not table.is_contiguous() or tuple(table.shape) != (tokens, head_dim):
+            raise AttentionShapeError(f"cos/sin must be contiguous fp32 [{tokens}, {head_dim}]")
+    if write_slots.dtype != torch.int64 or not write_slots.is_contiguous() or write_slots.shape != (tokens,):
+        raise AttentionShapeError("write_slots must be a contiguous int64 vector, one slot per token")
+    code = library.longtail_rope_write(qkv.data_ptr(), qkv.stride(0), tokens, heads, kv_heads, head_dim,
+                                       cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                                       key_cache.shape[0], write_slots.data_ptr(), _DTYPES[qkv.dtype])
+    if code:
+        raise AttentionShapeError(f"rope_write: {_ERRORS.get(code, f'error {code}')}")
+
+
+def paged_decode_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               block_size: int) -> torch.Tensor:
+    """Torch reference: gather each row's blocks into a padded copy, masked SDPA. query [B, H, D] -> [B, H, D]."""
+    rows, width = block_tables.shape
+    kv_heads, head_dim = key_cache.shape[1:]
+    blocks_k = key_cache.view(-1, block_size, kv_heads, head_dim)
+    blocks_v = value_cache.view(-1, block_size, kv_heads, head_dim)
+    keys = blocks_k.index_select(0, block_tables.reshape(-1)).view(rows, width * block_size, kv_heads, head_dim)
+    values = blocks_v.index_select(0, block_tables.reshape(-1)).view(rows, width * block_size, kv_heads, head_dim)
+    mask = torch.arange(width * block_size, device=query.device)[None, :] < context_lens[:, None]
+    attended = F.scaled_dot_product_attention(query[:, :, None], keys.permute(0, 2, 1, 3), values.permute(0, 2, 1, 3),
+                                              attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return attended[:, :, 0]
+
+
+def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float, block_size: int) -> None:
+    """out[b] = attention of query[b] ([H, D]) over the first context_lens[b] positions of row b's block table.
+
+    query, out: [B, H, D] with contiguous heads (rows may be strided, e.g. views into a fused qkv);
+    key_cache, value_cache: [slots, KV, D]; block_tables [B, W] and context_lens [B] int64.
+    """
+    library = _load()
+    if library is None:
+        raise RuntimeError("the CPU attention kernel is not available (see available())")
+    _check_cache(key_cache, value_cache, query.dtype)
+    rows, heads, head_dim = query.shape
+    kv_heads = key_cache.shape[1]
+    for tensor in (query, out):
+        if tensor.dim() != 3 or tensor.stride(2) != 1 or tensor.stride(1) != head_dim or tensor.dtype != query.dtype:
+            raise AttentionShapeError("query and out must be [B, H, D] with contiguous heads, one dtype")
+    if out.shape != query.shape or key_cache.shape[2] != head_dim:
+        raise AttentionShapeError(f"out {tuple(out.shape)}, query {tuple(query.shape)}, cache "
+                                  f"{tuple(key_cache.shape)} disagree")
+    if key_cache.shape[0] % block_size:
+        raise AttentionShapeError(f"cache of {key_cache.shape[0]} slots is not whole blocks of {block_size}")
+    if (block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64 or block_tables.dim() != 2
+            or not block_tables.is_contiguous() or not context_lens.is_contiguous()
+            or block_tables.shape[0] != rows or context_lens.shape != (rows,)):
+        raise AttentionShapeError("block_tables [B, W] and context_lens [B] must be contiguous int64")
+    code = library.longtail_paged_decode(
+        out.data_ptr(), out.stride(0), query.data_ptr(), query.stride(0), key_cache.data_ptr(),
+        value_cache.data_ptr(), key_cache.shape[0] // block_size, block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size, scale, _DTYPES[query.dtype])
+    if code:
+        raise AttentionShapeError(f"paged_decode_attention: {_ERRORS.get(code, f'error {code}')}")
