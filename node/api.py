@@ -149,13 +149,19 @@ def _check_strings(value: object) -> None:
 
 
 def parse_json(raw: bytes) -> object:
-    """Bounded JSON: depth checked before parsing, strict numbers (no NaN/Infinity), valid Unicode strings."""
+    """Bounded JSON: UTF-8 only, depth checked before parsing, strict numbers (no NaN/Infinity), valid Unicode."""
+    try:
+        # UTF-8 only: json.loads(bytes) would also take UTF-16/32, whose bytes can fake a quote (U+2200 is 00 22 in
+        # UTF-16LE) and hide brackets from the depth scan; in UTF-8 every byte below 0x80 is the ASCII it says.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"body is not valid UTF-8: {str(error)[:200]}") from None
     # Only a body with more brackets than the limit can be too deep; the common case skips the scan.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        body = json.loads(raw or b"null", parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as error:  # ValueError covers JSONDecodeError, bad UTF-8, 5000-digit ints
+        body = json.loads(text or "null", parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:  # ValueError covers JSONDecodeError and 5000-digit integers
         raise BadRequest(f"body is not valid JSON: {str(error)[:200]}") from None
     _check_strings(body)
     return body

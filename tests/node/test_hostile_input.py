@@ -134,6 +134,11 @@ def test_depth_scan_ignores_brackets_inside_strings_and_escaped_quotes():
     assert json_depth(b'{"a": "[[[[[[", "b": [[1]]}') == 3
     assert json_depth(b'{"a": "\\"[[[[", "b": 1}') == 1
     assert json_depth(b'{"a": "\\\\", "b": [[[1]]]}') == 4  # an escaped backslash does not escape the quote
+    # json.loads(bytes) would read this as UTF-16 (its BOM), where U+2200's bytes 00 22 look like a quote to a
+    # byte scan; only UTF-8 is taken, so the scan and the parser always read the same characters.
+    utf16_bomb = ("\ufeff" + '"\u2200"' + "[" * 10_000).encode("utf-16-le")
+    with pytest.raises(BadRequest, match="UTF-8"):
+        parse_json(utf16_bomb)
     deep_in_string = b'{"prompt": "' + b"[" * 10_000 + b'"}'
     assert parse_json(deep_in_string)["prompt"] == "[" * 10_000
     started = time.perf_counter()
