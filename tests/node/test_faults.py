@@ -518,3 +518,32 @@ def test_a_full_receipt_disk_answers_503_and_keeps_the_log(tmp_path, model, monk
             assert node.receipt_log.size == 2
 
     run(scenario())
+
+
+def test_node_run_with_a_nan_adapter_prints_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """The whole `longtail node run` path up to the adapter: keystore, deployment, engine, receipt log."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from longtail.contracts.deployment import Deployment
+    from longtail.node.cli import app
+    from longtail.node.devnet import ADAPTERS
+
+    if not (embedded_model_dir() / "config.json").exists() or not (ADAPTERS / "legal-r8").exists():
+        pytest.skip("embedded base model or shipped adapters missing")
+    poisoned = _copy_adapter(ADAPTERS / "legal-r8", tmp_path / "nan-adapter")
+    tensors = load_file(poisoned / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, poisoned / "adapter_model.safetensors")
+    zero = "0x" + "00" * 19 + "01"
+    Deployment(31337, zero, zero, zero, zero, zero, 0).save(tmp_path / "deployment.json")
+    monkeypatch.setenv("LONGTAIL_KEY_PASSWORD", "pw")
+    result = CliRunner().invoke(app, ["node", "run", "--home", str(tmp_path / "node"), "--adapter", str(poisoned),
+                                      "--base-model", str(embedded_model_dir()),
+                                      "--chain-rpc", "http://127.0.0.1:9", "--deployment",
+                                      str(tmp_path / "deployment.json"), "--no-engine-process", "--p2p-listen", ""])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "adapter rejected" in result.output and ("nan" in result.output.lower() or "finite" in result.output)
