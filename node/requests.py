@@ -95,10 +95,12 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
     if best_of is not None and best_of != 1:
         raise Unsupported("best_of must be 1", param="best_of")
     if chat:
-        if _flag(body, "logprobs") or body.get("top_logprobs") not in (None, 0):
-            raise Unsupported("logprobs are not offered by this node", param="logprobs")
-    elif body.get("logprobs") not in (None, 0, False):
-        raise Unsupported("logprobs are not offered by this node", param="logprobs")
+        if body.get("top_logprobs") not in (None, 0):
+            raise Unsupported("top_logprobs is not offered: the engine gives the sampled token's log-probability "
+                              "only (logprobs: true)", param="top_logprobs")
+    elif body.get("logprobs") is not None and body.get("logprobs") is not False:  # 0 too (`0 in (False,)` holds)
+        raise Unsupported("logprobs on /v1/completions are not offered; /v1/chat/completions takes logprobs: true",
+                          param="logprobs")
     if body.get("echo") not in (None, False):
         raise Unsupported("echo is not supported", param="echo")
     if body.get("suffix") not in (None, ""):
@@ -183,7 +185,7 @@ def parse_completion(body: object, chat: bool, max_tokens_limit: int) -> Complet
         seed=seed,
         stop=tuple(stop),
         stream=stream,
-        logprobs=False,  # refused above; the field stays for callers inside the node
+        logprobs=_flag(body, "logprobs") if chat else False,
         chat=chat,
         user=user,
         include_usage=include_usage,

@@ -374,9 +374,16 @@ class Node:
             # try: an edge that fails before the headers closes the stream here, and the reservation is released.
             yield {"receipt_pending": request_id}
             result = None
+            sent = 0  # tokens whose log-probabilities went out (a token held back with its text waits for it)
             async for partial in self.generation.stream(request, entry, prompt_ids):
                 if partial.delta:
-                    yield self._chunk(request, entry, request_id, partial.delta, None)
+                    chunk = self._chunk(request, entry, request_id, partial.delta, None)
+                    if request.logprobs:
+                        upto = len(partial.token_ids)
+                        chunk["choices"][0]["logprobs"] = {"content": self._token_logprobs(
+                            partial.token_ids[sent:upto], partial.logprobs[sent:upto])}
+                        sent = upto
+                    yield chunk
                 result = partial
             if result is None:
                 raise BadRequest("the engine produced no output for this request")
@@ -416,6 +423,16 @@ class Node:
             self._end_token_ids = frozenset(ids)
         return self._end_token_ids
 
+    def _token_logprobs(self, token_ids: list[int], logprobs) -> list[dict]:
+        """OpenAI's `logprobs.content`: each answer token's text, bytes and log-probability (no alternatives)."""
+        tokenizer = self.generation.tokenizer
+        entries = []
+        for token_id, logprob in zip(token_ids, logprobs, strict=False):  # the end token has no entry
+            text = tokenizer.decode([token_id])
+            entries.append({"token": text, "logprob": float(logprob), "bytes": list(text.encode("utf-8")),
+                            "top_logprobs": []})
+        return entries
+
     def _usage(self, prompt_ids: list[int], output_ids: list[int]) -> dict:
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(output_ids),
                 "total_tokens": len(prompt_ids) + len(output_ids)}
@@ -436,6 +453,8 @@ class Node:
         if request.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                       "finish_reason": result.finish_reason}
+            if request.logprobs:
+                choice["logprobs"] = {"content": self._token_logprobs(self.answer_ids(result), result.logprobs)}
             kind = "chat.completion"
         else:
             choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason}

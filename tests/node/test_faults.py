@@ -213,7 +213,18 @@ def test_openai_client_models_content_parts_usage_chunk_and_refusals(tmp_path, m
                 model="base", max_tokens=4, messages=[{"role": "user", "content": "Hi"}], stream=True,
                 stream_options={"include_usage": True})]
             assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
-            for refused in ({"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_object"}}):
+            scored = await client.chat.completions.create(model="base", max_tokens=6, logprobs=True,
+                                                          messages=[{"role": "user", "content": "Hi"}])
+            content = scored.choices[0].logprobs.content
+            assert len(content) == scored.usage.completion_tokens >= 1
+            assert all(t.logprob <= 0 and t.top_logprobs == [] for t in content)
+            assert "".join(t.token for t in content).strip() == scored.choices[0].message.content.strip()
+            streamed = [c async for c in await client.chat.completions.create(
+                model="base", max_tokens=6, logprobs=True, messages=[{"role": "user", "content": "Hi"}], stream=True)]
+            tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+            assert tokens and "".join(t.token for t in tokens) == "".join(
+                c.choices[0].delta.content or "" for c in streamed if c.choices)
+            for refused in ({"n": 2}, {"logprobs": True, "top_logprobs": 2}, {"response_format": {"type": "json_object"}}):
                 with pytest.raises(openai.BadRequestError) as caught:
                     await client.chat.completions.create(model="base", max_tokens=4,
                                                          messages=[{"role": "user", "content": "Hi"}], **refused)

@@ -170,9 +170,11 @@ BAD_BODIES = [
     (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "stream": "false"}', "stream"),
     (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "stream": 1}', "stream"),
     (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
-    (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', "logprobs"),
-    (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}', "logprobs"),
+    (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}', "logprobs"),
+    (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 3}',
+     "top_logprobs"),
     (COMPLETIONS, '{"model": "base", "prompt": "hi", "logprobs": 2}', "logprobs"),
+    (COMPLETIONS, '{"model": "base", "prompt": "hi", "logprobs": 0}', "logprobs"),
     (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], '
            '"response_format": {"type": "json_object"}}', "response_format"),
     (CHAT, '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "stream_options": '
