@@ -15,6 +15,7 @@ comes), so storing it costs no commit and no worker thread of its own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -56,6 +57,13 @@ STORE_FAILURES = (OSError, sqlite3.OperationalError, sqlalchemy.exc.OperationalE
 # Prompts longer than this (characters) are tokenised on a worker thread: a megabyte takes the tokenizer about a
 # second, and on the event loop that second would stall every other client (and /healthz) with it.
 TOKENIZE_INLINE_CHARS = 4096
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
 
 
 def hex32(data: bytes) -> str:
@@ -370,21 +378,26 @@ class Node:
         request_id = hex32(os.urandom(32))
         self._in_flight += 1
         try:
-            # First event: consumed by the HTTP edge before headers go out (carries the receipt's id). Inside the
-            # try: an edge that fails before the headers closes the stream here, and the reservation is released.
-            yield {"receipt_pending": request_id}
-            result = None
-            sent = 0  # tokens whose log-probabilities went out (a token held back with its text waits for it)
-            async for partial in self.generation.stream(request, entry, prompt_ids):
-                if partial.delta:
-                    chunk = self._chunk(request, entry, request_id, partial.delta, None)
-                    if request.logprobs:
-                        upto = len(partial.token_ids)
-                        chunk["choices"][0]["logprobs"] = {"content": self._token_logprobs(
-                            partial.token_ids[sent:upto], partial.logprobs[sent:upto])}
-                        sent = upto
-                    yield chunk
-                result = partial
+            async with contextlib.aclosing(self.generation.stream(request, entry, prompt_ids)) as partials:
+                # The engine's first answer is awaited before the headers: an engine that is down or restarting,
+                # or a request it refuses, keeps its own status (503, 400) instead of a 200 stream ending in an error.
+                first = await anext(partials, None)
+                # First event: consumed by the HTTP edge before headers go out (carries the receipt's id). Inside
+                # the try: an edge that fails before the headers closes the stream here, and the reservation is
+                # released.
+                yield {"receipt_pending": request_id}
+                result = None
+                sent = 0  # tokens whose log-probabilities went out (a token held back with its text waits for it)
+                async for partial in _prepend(first, partials):
+                    if partial.delta:
+                        chunk = self._chunk(request, entry, request_id, partial.delta, None)
+                        if request.logprobs:
+                            upto = len(partial.token_ids)
+                            chunk["choices"][0]["logprobs"] = {"content": self._token_logprobs(
+                                partial.token_ids[sent:upto], partial.logprobs[sent:upto])}
+                            sent = upto
+                        yield chunk
+                    result = partial
             if result is None:
                 raise BadRequest("the engine produced no output for this request")
         except BaseException:

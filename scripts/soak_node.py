@@ -41,12 +41,13 @@ KEY = bytes(range(1, 33))
 PAY = {"X-Longtail-Channel": CHANNEL, "X-Longtail-Voucher-Amount": str(10**18),
        "X-Longtail-Voucher-Signature": "0x" + "11" * 65}
 HANG_SECONDS = 60.0
+ENGINE_KILLS = [False]  # set when the soak kills the engine child: 503 engine_unavailable becomes expected
 
 from longtail.scripts.docs_section import write_section  # noqa: E402
 
 # --- the node (child process) --------------------------------------------------------------------------
 
-def serve(home: Path, port: int) -> None:
+def serve(home: Path, port: int, engine_process: bool) -> None:
     """Run one node until killed; prints READY when it listens."""
     from aiohttp import web
     from eth_account import Account
@@ -67,7 +68,13 @@ def serve(home: Path, port: int) -> None:
     async def main() -> None:
         model_dir = embedded_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        engine = Engine.from_pretrained(model_dir, kv_cache_bytes=64 * 2**20, tokenizer=tokenizer)
+        if engine_process:
+            from longtail.serving.engine_process import EngineProcess
+
+            # The soak kills the engine on purpose, more often than a real crash loop would.
+            engine = await asyncio.to_thread(EngineProcess, model_dir, kv_cache_bytes=64 * 2**20, max_restarts=1000)
+        else:
+            engine = Engine.from_pretrained(model_dir, kv_cache_bytes=64 * 2**20, tokenizer=tokenizer)
         address = Account.from_key(KEY).address
         receipt_log = ReceiptLog.open(f"sqlite:///{home / 'receipts.sqlite'}", KEY,
                                       ReceiptDomain(chain_id=31337, verifying_contract="0x" + "22" * 20))
@@ -167,6 +174,8 @@ async def one_request(session, url: str, case, tally: Tally) -> None:
         tally.interrupted += 1  # the node died under this request: nothing answered, nothing owed by the client
         return
     tally.outcomes[(name, status)] += 1
+    if status == 503 and ENGINE_KILLS[0] and '"engine_unavailable"' in text:
+        return  # the engine child was killed under it: a clear 503 is the promise
     if status not in expected:
         tally.errors.append(f"{name}: HTTP {status}: {text[:160]}")
         return
@@ -177,6 +186,10 @@ async def one_request(session, url: str, case, tally: Tally) -> None:
                 tally.errors.append(f"{name}: stream did not end with [DONE]")
                 return
             final = [json.loads(e) for e in events[:-1] if '"longtail"' in e]
+            if not final and ENGINE_KILLS[0] and '"engine_unavailable"' in events[-2]:
+                tally.outcomes[(name, status)] -= 1
+                tally.outcomes[(name + ": engine killed mid-stream, error event", status)] += 1
+                return
             if not final:
                 tally.errors.append(f"{name}: stream ended without its receipt: {events[-2][:160]}")
                 return
@@ -213,14 +226,29 @@ async def slowloris(address: tuple[str, int], tally: Tally) -> None:
         writer.close()
 
 
-def start_node(home: Path, port: int) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-P", __file__, "--serve", "--home", str(home), "--port", str(port)],
-                             stdout=subprocess.PIPE, text=True)
+def start_node(home: Path, port: int, engine_process: bool) -> subprocess.Popen:
+    command = [sys.executable, "-P", __file__, "--serve", "--home", str(home), "--port", str(port)]
+    child = subprocess.Popen(command + (["--engine-process"] if engine_process else []), stdout=subprocess.PIPE,
+                             text=True)
     line = child.stdout.readline()
     if line.strip() != "READY":
         child.kill()
         raise RuntimeError(f"node did not start: {line!r}")
     return child
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the node's engine child), read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def free_port() -> int:
@@ -231,15 +259,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def soak(seconds: float, kill_every: float, concurrency: int, home: Path) -> dict:
+async def soak(seconds: float, kill_every: float, concurrency: int, home: Path, kill_engine_every: float) -> dict:
     import aiohttp
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     tally = Tally()
     rng = random.Random(21)
-    child = await asyncio.to_thread(start_node, home, port)
-    kills = 0
+    engine_process = kill_engine_every > 0
+    ENGINE_KILLS[0] = engine_process
+    child = await asyncio.to_thread(start_node, home, port, engine_process)
+    kills = engine_kills = 0
+    next_engine_kill = time.perf_counter() + kill_engine_every
     deadline = time.perf_counter() + seconds
     next_kill = time.perf_counter() + kill_every
 
@@ -260,8 +291,13 @@ async def soak(seconds: float, kill_every: float, concurrency: int, home: Path) 
                 child.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(child.wait)
                 kills += 1
-                child = await asyncio.to_thread(start_node, home, port)
+                child = await asyncio.to_thread(start_node, home, port, engine_process)
                 next_kill = time.perf_counter() + kill_every
+            if engine_process and time.perf_counter() >= next_engine_kill and time.perf_counter() < deadline - 5:
+                for engine_pid in children_of(child.pid):
+                    os.kill(engine_pid, signal.SIGKILL)
+                    engine_kills += 1
+                next_engine_kill = time.perf_counter() + kill_engine_every
         await asyncio.gather(*tasks)
     finally:
         child.send_signal(signal.SIGKILL)
@@ -273,7 +309,7 @@ async def soak(seconds: float, kill_every: float, concurrency: int, home: Path) 
     lost = sorted(rid for rid in tally.answered if not store.bodies_for_request(rid))
     store.close()
     requests = sum(tally.outcomes.values()) + tally.interrupted + tally.hangs  # refused ones never reached it
-    return {"seconds": seconds, "kills": kills, "requests": requests, "answered_with_receipt": len(tally.answered),
+    return {"seconds": seconds, "kills": kills, "engine_kills": engine_kills, "requests": requests, "answered_with_receipt": len(tally.answered),
             "errors": len(tally.errors), "hangs": tally.hangs, "interrupted": tally.interrupted,
             "refused_while_restarting": tally.refused,
             "receipts_lost": len(lost), "outcomes": tally.outcomes,
@@ -281,7 +317,9 @@ async def soak(seconds: float, kill_every: float, concurrency: int, home: Path) 
 
 
 def table(result: dict) -> str:
-    lines = [f"Soak of {result['seconds']:g} s, node killed with SIGKILL {result['kills']} times "
+    engine = (f", its engine child killed with SIGKILL {result['engine_kills']} times" if result["engine_kills"]
+              else "")
+    lines = [f"Soak of {result['seconds']:g} s, node killed with SIGKILL {result['kills']} times{engine} "
              f"(`scripts/soak_node.py`, {time.strftime('%Y-%m-%d')}):", "",
              "| figure | value |", "|---|---|"]
     for key in ("requests", "answered_with_receipt", "errors", "hangs", "interrupted", "refused_while_restarting",
@@ -298,22 +336,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--kill-every", type=float, default=30.0, help="SIGKILL the node this often (0: never)")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--kill-engine-every", type=float, default=0.0,
+                        help="run the engine in its own process and SIGKILL it this often (0: a thread engine)")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/reliability.md alone")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.home, args.port)
+        serve(args.home, args.port, args.engine_process)
         return
     with tempfile.TemporaryDirectory(prefix="longtail-soak-") as home:
-        result = asyncio.run(soak(args.seconds, args.kill_every, args.concurrency, Path(home)))
+        result = asyncio.run(soak(args.seconds, args.kill_every, args.concurrency, Path(home),
+                                  args.kill_engine_every))
     text = table(result)
     print(text)
     for sample in result["error_samples"]:
         print("error:", sample)
     if not args.no_doc:
-        write_section(DOC, "soak", text)
+        write_section(DOC, "soak-engine" if args.kill_engine_every else "soak", text)
     if result["errors"] or result["receipts_lost"]:
         sys.exit(1)
 

@@ -194,6 +194,30 @@ def test_a_stream_whose_engine_fails_mid_answer_ends_with_an_error_event(tmp_pat
     run(scenario())
 
 
+def test_a_stream_refused_by_the_engine_before_its_first_token_keeps_its_status(tmp_path, model, monkeypatch):
+    """An engine that is restarting answers a stream with 503, not a 200 whose body is an error event."""
+    from longtail.serving.errors import EngineUnavailable
+
+    engine = model[0]
+
+    def restarting(*args, **kwargs):
+        raise EngineUnavailable("the engine process is restarting; retry shortly")
+
+    async def scenario():
+        node = make_node(tmp_path, model)
+        async with serving(node) as (session, _):
+            monkeypatch.setattr(engine, "submit", restarting)
+            async with session.post("/v1/chat/completions", json=chat(stream=True), headers=PAY) as response:
+                body = await response.json()
+                assert response.status == 503 and body["error"]["code"] == "engine_unavailable", body
+            monkeypatch.undo()
+            assert node._in_flight == 0
+            async with session.post("/v1/chat/completions", json=chat(stream=True), headers=PAY) as response:
+                assert response.status == 200 and "[DONE]" in await response.text()
+
+    run(scenario())
+
+
 # --- the official client ---------------------------------------------------------------------------
 
 def test_openai_client_models_content_parts_usage_chunk_and_refusals(tmp_path, model):
