@@ -61,9 +61,9 @@ def serve(home: Path, port: int, engine_process: bool) -> None:
     from longtail.node.config import NodeConfig
     from longtail.node.generation import GenerationGateway
     from longtail.node.payments import ChannelState, PaymentIntake
+    from longtail.node.runner import build_engine
     from longtail.node.service import Node
     from longtail.serving.base_models import embedded_model_dir
-    from longtail.serving.engine import Engine
 
     async def main() -> None:
         model_dir = embedded_model_dir()
@@ -74,7 +74,7 @@ def serve(home: Path, port: int, engine_process: bool) -> None:
             # The soak kills the engine on purpose, more often than a real crash loop would.
             engine = await asyncio.to_thread(EngineProcess, model_dir, kv_cache_bytes=64 * 2**20, max_restarts=1000)
         else:
-            engine = Engine.from_pretrained(model_dir, kv_cache_bytes=64 * 2**20, tokenizer=tokenizer)
+            engine = build_engine(NodeConfig(kv_cache_bytes=64 * 2**20, engine_process=False), model_dir)
         address = Account.from_key(KEY).address
         receipt_log = ReceiptLog.open(f"sqlite:///{home / 'receipts.sqlite'}", KEY,
                                       ReceiptDomain(chain_id=31337, verifying_contract="0x" + "22" * 20))

@@ -42,12 +42,13 @@ def model():
         pytest.skip("embedded base model not prepared: run `make setup`")
     from transformers import AutoTokenizer
 
-    from longtail.serving.engine import Engine
+    from longtail.node.config import NodeConfig
+    from longtail.node.runner import build_engine
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    engine = Engine.from_pretrained(embedded_model_dir(), kv_cache_bytes=48 * 2**20, tokenizer=tokenizer)
-    yield engine, tokenizer
-    engine.shutdown()
+    # On a thread of this process: the sampler faults below are injected into this process's sampling module.
+    engine = build_engine(NodeConfig(kv_cache_bytes=48 * 2**20, engine_process=False), embedded_model_dir())
+    yield engine, AutoTokenizer.from_pretrained(embedded_model_dir())
+    getattr(engine, "shutdown", lambda: None)()
 
 
 def make_node(tmp: Path, model, chain_up: dict | None = None):
@@ -198,15 +199,16 @@ def test_a_stream_refused_by_the_engine_before_its_first_token_keeps_its_status(
     """An engine that is restarting answers a stream with 503, not a 200 whose body is an error event."""
     from longtail.serving.errors import EngineUnavailable
 
-    engine = model[0]
+    class Restarting:
+        """The engine as EngineProcess is while its child restarts: every new request is refused."""
 
-    def restarting(*args, **kwargs):
-        raise EngineUnavailable("the engine process is restarting; retry shortly")
+        def stream(self, *args, **kwargs):
+            raise EngineUnavailable("the engine process is restarting; retry shortly")
 
     async def scenario():
         node = make_node(tmp_path, model)
         async with serving(node) as (session, _):
-            monkeypatch.setattr(engine, "submit", restarting)
+            monkeypatch.setattr(node.generation, "engine", Restarting())
             async with session.post("/v1/chat/completions", json=chat(stream=True), headers=PAY) as response:
                 body = await response.json()
                 assert response.status == 503 and body["error"]["code"] == "engine_unavailable", body
