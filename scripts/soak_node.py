@@ -149,6 +149,7 @@ class Tally:
         self.hangs = 0
         self.interrupted = 0
         self.refused = 0
+        self.answered_since_engine_kill = False  # the engine is back: killing it again tests a restart, not a load
         self.answered: set[str] = set()
 
 
@@ -196,6 +197,7 @@ async def one_request(session, url: str, case, tally: Tally) -> None:
             tally.answered.add(final[-1]["id"])
         else:
             tally.answered.add(json.loads(text)["id"])
+        tally.answered_since_engine_kill = True
 
 
 async def slowloris(address: tuple[str, int], tally: Tally) -> None:
@@ -293,7 +295,9 @@ async def soak(seconds: float, kill_every: float, concurrency: int, home: Path, 
                 kills += 1
                 child = await asyncio.to_thread(start_node, home, port, engine_process)
                 next_kill = time.perf_counter() + kill_every
-            if engine_process and time.perf_counter() >= next_engine_kill and time.perf_counter() < deadline - 5:
+            if engine_process and time.perf_counter() >= next_engine_kill and time.perf_counter() < deadline - 5 \
+                    and tally.answered_since_engine_kill:
+                tally.answered_since_engine_kill = False
                 for engine_pid in children_of(child.pid):
                     os.kill(engine_pid, signal.SIGKILL)
                     engine_kills += 1
@@ -337,7 +341,8 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=30.0, help="SIGKILL the node this often (0: never)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--kill-engine-every", type=float, default=0.0,
-                        help="run the engine in its own process and SIGKILL it this often (0: a thread engine)")
+                        help="run the engine in its own process and SIGKILL it this often, once it answers again "
+                             "(0: a thread engine)")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/reliability.md alone")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
