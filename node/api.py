@@ -25,6 +25,7 @@ from longtail.node.errors import (
     error_body,
     is_known,
     mapping_for,
+    retry_after,
 )
 from longtail.node.requests import (
     RECEIPT_HEADER,
@@ -81,7 +82,7 @@ async def errors_middleware(request: web.Request, handler):
         return await handler(request)
     except NodeError as error:
         mapping = mapping_for(error)
-        return web.json_response(error_body(error), status=mapping.status)
+        return web.json_response(error_body(error), status=mapping.status, headers=_retry_header(error))
     except web.HTTPRequestEntityTooLarge:
         error = PayloadTooLarge(f"body larger than {MAX_BODY_BYTES} bytes", limit=MAX_BODY_BYTES)
         return web.json_response(error_body(error), status=413)
@@ -92,10 +93,16 @@ async def errors_middleware(request: web.Request, handler):
         raise
     except Exception as error:
         if is_known(error):  # an engine error the table names (prompt too long for the context, ...)
-            return web.json_response(error_body(error), status=mapping_for(error).status)
+            return web.json_response(error_body(error), status=mapping_for(error).status,
+                                     headers=_retry_header(error))
         # Never leak internals (keys, paths) to a client; the log has the traceback.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.json_response(error_body(error), status=500)
+
+
+def _retry_header(error: BaseException) -> dict[str, str] | None:
+    seconds = retry_after(error)
+    return {"Retry-After": str(seconds)} if seconds is not None else None
 
 
 def json_depth(raw: bytes) -> int:

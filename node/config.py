@@ -52,6 +52,12 @@ class NodeConfig:
     max_waiting_requests: int = 64
     device: str = "cpu"
     kv_cache_bytes: int = 256 * 2**20
+    # Adapter tiers (docs/adapters.md): bytes of adapter factors held on the device and in host memory. No count cap:
+    # the node stores any number of adapters, the device holds what its budget fits, the rest wait one load away.
+    device_adapter_bytes: int = 256 * 2**20
+    host_adapter_bytes: int = 2 * 2**30
+    # The environment variable holding the operator's token for POST/DELETE /v1/adapters (unset: both refused).
+    operator_token_env: str = "LONGTAIL_OPERATOR_TOKEN"
     announce_ttl_seconds: float = 30.0
     adapter_credit: bool = True
     adapter_credit_backlog: int = 64

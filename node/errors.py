@@ -119,7 +119,13 @@ HTTP_ERRORS: dict[type[Exception], ErrorMapping] = {
     engine.InvalidSamplingParams: ErrorMapping(400, "invalid_request_error"),
     engine.InvalidTokenIds: ErrorMapping(400, "invalid_request_error"),
     engine.KvCacheTooSmall: ErrorMapping(400, "invalid_request_error"),
-    engine.UnknownAdapter: ErrorMapping(404, "invalid_request_error"),
+    engine.UnknownAdapter: ErrorMapping(404, "invalid_request_error"),  # AdapterRemoved too: new requests 404
+    engine.AdapterIncompatible: ErrorMapping(400, "invalid_request_error"),
+    engine.AdapterTooLarge: ErrorMapping(400, "invalid_request_error"),
+    engine.AdapterInUse: ErrorMapping(409, "invalid_request_error"),
+    # No room right now / a load that may succeed later: 503 with Retry-After (the class says how long).
+    engine.AdapterSlotsFull: ErrorMapping(503, "service_unavailable"),
+    engine.AdapterLoadFailed: ErrorMapping(503, "service_unavailable"),
     engine.RequestCancelled: ErrorMapping(499, "request_cancelled"),
     engine.EngineUnavailable: ErrorMapping(503, "service_unavailable"),
     # The model itself failed on this request (NaN logits, a sampler that could not draw): the node's fault, said so.
@@ -135,6 +141,14 @@ def mapping_for(error: BaseException) -> ErrorMapping:
         if cls in HTTP_ERRORS:
             return HTTP_ERRORS[cls]
     return _SERVER_ERROR
+
+
+def retry_after(error: BaseException) -> int | None:
+    """Seconds for the Retry-After header of a "not now" error (429/503), from its details or its class."""
+    value = error.details.get("retry_after_seconds") if isinstance(error, NodeError) else None
+    if value is None:
+        value = getattr(error, "retry_after_seconds", None)
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def is_known(error: BaseException) -> bool:
@@ -154,5 +168,8 @@ def error_body(error: BaseException) -> dict:
     if isinstance(error, NodeError):
         return {"error": {"message": error.message, "type": mapping.type, "code": error.code, **error.details}}
     if is_known(error):
-        return {"error": {"message": str(error), "type": mapping.type, "code": _code_of(error)}}
+        # An engine error's own numbers (PromptTooLong: the limit) travel beside the message.
+        details = getattr(error, "details", None)
+        extra = dict(details) if isinstance(details, dict) else {}
+        return {"error": {"message": str(error), "type": mapping.type, "code": _code_of(error), **extra}}
     return {"error": {"message": "internal error", "type": "server_error", "code": 500}}

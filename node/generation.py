@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from longtail.node.catalog import CatalogEntry
 from longtail.node.errors import EngineDown
 from longtail.node.requests import CompletionRequest
+from longtail.serving.engine_client import EngineClient, as_client
 from longtail.serving.errors import EngineUnavailable
 
 # Scoring for adapter credit is background work in the engine (serving.scheduler): it joins steps that answers run
@@ -38,7 +39,8 @@ class GenerationGateway:
     """Turns requests into engine calls; one per node, shared by all requests."""
 
     def __init__(self, engine, tokenizer) -> None:
-        self.engine = engine
+        # Only the EngineClient calls (serving.engine_client): the same for the engine process and a local one.
+        self.engine: EngineClient = as_client(engine)
         self.tokenizer = tokenizer
 
     def encode(self, request: CompletionRequest) -> list[int]:
@@ -67,7 +69,7 @@ class GenerationGateway:
                 async for result in results:
                     yield result
         except EngineUnavailable as error:
-            raise EngineDown(str(error)) from error
+            raise EngineDown(str(error), retry_after_seconds=error.retry_after_seconds) from error
 
     async def _results(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int], params,
                        started: float) -> AsyncIterator[GenerationResult]:
@@ -77,13 +79,12 @@ class GenerationGateway:
         text = ""
         finish_reason = None
         async for event in self.engine.stream(prompt_ids, entry.adapter_id, params):
-            new_ids = list(getattr(event, "token_ids", None) or
-                           ([event.token_id] if getattr(event, "token_id", None) is not None else []))
-            finish_reason = getattr(event, "finish_reason", None) or finish_reason
+            new_ids = [event.token_id] if event.token_id is not None else []
+            finish_reason = event.finish_reason or finish_reason
             if new_ids and first_token is None:
                 first_token = time.perf_counter() - started
             token_ids.extend(new_ids)
-            if new_ids and getattr(event, "logprob", None) is not None:
+            if new_ids and event.logprob is not None:
                 logprobs.append(float(event.logprob))
             decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
             # Hold back a trailing replacement char: a multi-byte character is still incomplete.
@@ -113,13 +114,10 @@ class GenerationGateway:
         """The output scored by the bare base model (for adapter credit), inside the engine's batch as background
         work: beside answers, never instead of them."""
         try:
-            return await self.engine.score_async(prompt_ids, output_ids, None, client=CREDIT_CLIENT,
-                                                 background=True)
+            return await self.engine.score(prompt_ids, output_ids, None, client=CREDIT_CLIENT, background=True)
         except EngineUnavailable as error:
-            raise EngineDown(str(error)) from error
+            raise EngineDown(str(error), retry_after_seconds=error.retry_after_seconds) from error
 
     def engine_shutdown(self) -> None:
-        """Stop the engine's background driver, if it runs one."""
-        shutdown = getattr(self.engine, "shutdown", None) or getattr(self.engine, "stop", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop the engine (its driver thread, or its process)."""
+        self.engine.shutdown()

@@ -36,7 +36,9 @@ from longtail.node.p2p import P2PNode
 from longtail.node.payments import PaymentIntake, Voucher
 from longtail.node.service import Node
 from longtail.serving.adapter_store import AdapterStore, AdapterStoreError, HttpSource
+from longtail.serving.adapter_tiers import TierConfig
 from longtail.serving.base_models import base_model_id, resolve_model
+from longtail.serving.engine_client import EngineClient, LocalEngine, as_client
 from longtail.serving.peft_format import ModuleShapes
 
 log = logging.getLogger("longtail.node")
@@ -117,15 +119,20 @@ class RunningNode:
         self.node.receipt_log.close()
 
 
-def build_engine(config: NodeConfig, model_dir: Path):
+def tier_config(config: NodeConfig) -> TierConfig:
+    """The engine's adapter tiers over the node's own adapter store (plain values: the engine process builds them)."""
+    return TierConfig(store_home=str(config.node_home / "adapters"), device_bytes=config.device_adapter_bytes,
+                      host_bytes=config.host_adapter_bytes)
+
+
+def build_engine(config: NodeConfig, model_dir: Path) -> EngineClient:
     """The engine in its own process (`engine_process`, the default: docs/node.md says why) or on a thread here."""
+    options = {"kv_cache_bytes": config.kv_cache_bytes, "adapters": tier_config(config)}
     if config.engine_process:
         from longtail.serving.engine_process import EngineProcess
 
-        return EngineProcess(model_dir, device=config.device, kv_cache_bytes=config.kv_cache_bytes)
-    from longtail.serving.engine import Engine
-
-    return Engine.from_pretrained(model_dir, device=config.device, kv_cache_bytes=config.kv_cache_bytes)
+        return EngineProcess(model_dir, device=config.device, **options)
+    return LocalEngine.from_pretrained(model_dir, device=config.device, **options)
 
 
 async def open_node(config: NodeConfig, private_key: bytes | None = None, engine=None,
@@ -145,7 +152,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     model_dir = resolve_model(config.base_model)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
     owns_engine = engine is None
-    engine = engine or await asyncio.to_thread(build_engine, config, model_dir)
+    engine = as_client(engine or await asyncio.to_thread(build_engine, config, model_dir))
     generation = GenerationGateway(engine, tokenizer)
 
     deployment = Deployment.load(Path(config.deployment))
@@ -290,13 +297,9 @@ async def start_p2p(config: NodeConfig, private_key: bytes, node: Node, engine, 
     return p2p, asyncio.create_task(announce_forever(), name="announcer")
 
 
-def _free_blocks(engine) -> int:
-    """Free KV blocks, from an in-process engine's pool or by asking the engine process (blocking)."""
-    asking = getattr(engine, "free_kv_blocks", None)
-    if asking is not None:
-        return asking()
-    cache = getattr(engine, "cache", None)
-    return cache.pool.free_blocks if cache is not None else 0
+def _free_blocks(engine: EngineClient) -> int:
+    """Free KV blocks, as the engine reports them (blocking)."""
+    return engine.stats().free_kv_blocks
 
 
 async def serve_forever(config: NodeConfig) -> None:

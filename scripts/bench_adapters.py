@@ -77,7 +77,7 @@ class BufferSlots:
                 self.free_extents[index] = (start + need, length - need)
                 break
         else:
-            raise SlotsFull(f"no free extent of {need} elements")
+            raise SlotsFull(weights.adapter_id, len(self.slot_of))  # no free extent of `need` elements
         offset = start
         for module in weights.modules:
             for factor in (module.lora_a, module.lora_b):
@@ -255,7 +255,7 @@ def run_engine(model_dir: Path, store: AdapterStore, ids: list[str], trace: list
     from longtail.serving.sampling import SamplingParams
 
     engine = Engine.from_pretrained(model_dir, device=device, kv_cache_bytes=kv_mib * MIB,
-                                    max_running=max_running, max_adapters=256)
+                                    max_running=max_running, initial_adapter_slots=256)
     tiers = TieredAdapters.attach(engine, store, device_budget_bytes=device_budget, host_budget_bytes=host_budget,
                                   metrics=AdapterMetrics())
     rng = random.Random(7)

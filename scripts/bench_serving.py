@@ -213,7 +213,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         folders = make_adapters(model_dir, Path(scratch), args.adapters, (8, 64), seed=11)
         engine = Engine.from_pretrained(model_dir, device=args.device, dtype=dtype, kv_cache_bytes=512 * 2**20,
-                                        max_adapters=args.adapters, max_batch_tokens=1024)
+                                        initial_adapter_slots=args.adapters, max_batch_tokens=1024)
         vocab = engine.model_config.vocab_size
         adapter_ids = [engine.add_adapter(f) for f in folders]
         run_engine(engine, jobs[:4], adapter_ids, vocab)  # warm-up

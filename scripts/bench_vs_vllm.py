@@ -198,7 +198,7 @@ def main() -> int:
         for dtype_name in args.dtype.split(","):
             dtype = getattr(torch, dtype_name)
             engine = Engine.from_pretrained(model_dir, dtype=dtype, kv_cache_bytes=512 * 2**20,
-                                            max_adapters=args.adapters)
+                                            initial_adapter_slots=args.adapters)
             adapter_ids = [engine.add_adapter(f) for f in folders]
 
             def ours(p, n, a, engine=engine, adapter_ids=adapter_ids):

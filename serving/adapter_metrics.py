@@ -74,21 +74,37 @@ class AdapterMetrics:
         self._plain_budget: dict[str, int] = {}
         self._plain_failures = 0
         self._cold_latencies: deque[float] = deque(maxlen=keep_latencies)
+        # Per adapter: loads onto the device, device hits, device evictions (GET /v1/adapters, /metrics). Plain
+        # counters only: a Prometheus label per adapter would grow the registry without bound with thousands.
+        self._per_adapter: dict[str, PlainCounter[str]] = {}
 
-    def hit(self, tier: str) -> None:
+    def _count(self, adapter_id: str | None, what: str) -> None:
+        if adapter_id is not None:
+            with self._lock:
+                self._per_adapter.setdefault(adapter_id, PlainCounter())[what] += 1
+
+    def per_adapter(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {key: dict(counts) for key, counts in self._per_adapter.items()}
+
+    def hit(self, tier: str, adapter_id: str | None = None) -> None:
         self._hits.labels(tier).inc()
         with self._lock:
             self._plain_hits[tier] += 1
+        if tier == "device":
+            self._count(adapter_id, "hits")
 
     def miss(self, tier: str) -> None:
         self._misses.labels(tier).inc()
         with self._lock:
             self._plain_misses[tier] += 1
 
-    def evicted(self, tier: str, count: int = 1) -> None:
+    def evicted(self, tier: str, count: int = 1, adapter_id: str | None = None) -> None:
         self._evictions.labels(tier).inc(count)
         with self._lock:
             self._plain_evictions[tier] += count
+        if tier == "device":
+            self._count(adapter_id, "evictions")
 
     def load_failed(self) -> None:
         self._failures.inc()
@@ -103,9 +119,11 @@ class AdapterMetrics:
                 self._budget.labels(tier).set(budget)
                 self._plain_budget[tier] = budget
 
-    def loaded(self, source: str, target: str, seconds: float) -> None:
+    def loaded(self, source: str, target: str, seconds: float, adapter_id: str | None = None) -> None:
         """One transfer: disk or remote -> host on the loader thread, host -> device in poll."""
         self._latency.labels(source, target).observe(seconds)
+        if target == "device":
+            self._count(adapter_id, "loads")
 
     def waited(self, origin: str, seconds: float) -> None:
         """A request's adapter became usable after `seconds`; cold when it came from disk or a peer."""

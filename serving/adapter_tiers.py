@@ -19,17 +19,20 @@ next tier more per byte to bring back.
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from longtail.serving.adapter_metrics import AdapterMetrics
+from longtail.serving.adapter_provider import AdapterInfo, PollResult
 from longtail.serving.adapter_store import (
     AdapterNotFound,
     AdapterStore,
@@ -37,23 +40,11 @@ from longtail.serving.adapter_store import (
     RemoteSource,
     is_adapter_id,
 )
+from longtail.serving.errors import AdapterRemoved, AdapterSlotsFull, AdapterTooLarge
+from longtail.serving.lora_slots import LoraSlots
 from longtail.serving.peft_format import AdapterRejected, AdapterWeights, ModuleShapes
 
-
-class AdapterTooLarge(AdapterStoreError):
-    """An adapter needs more bytes than a tier's whole budget, so it can never be resident there."""
-
-    def __init__(self, adapter_id: str, tier: str, nbytes: int, budget: int):
-        self.adapter_id, self.tier, self.nbytes, self.budget = adapter_id, tier, nbytes, budget
-        super().__init__(f"adapter {adapter_id} needs {nbytes} bytes, more than the {tier} budget of {budget}")
-
-
-class AdapterRemoved(AdapterStoreError):
-    """The adapter was removed while a request was waiting for it."""
-
-    def __init__(self, adapter_id: str):
-        self.adapter_id = adapter_id
-        super().__init__(f"adapter {adapter_id} was removed")
+__all__ = ["AdapterRemoved", "AdapterTooLarge", "PollResult", "TieredAdapters"]  # the errors live in serving.errors
 
 
 # ---------------------------------------------------------------- policy
@@ -177,7 +168,7 @@ class DeviceSlots(Protocol):
 class _DeviceEntry:
     slot: int
     nbytes: int
-    ready: torch.cuda.Event | None  # None: the copy is complete
+    ready: CopyEvent | None  # None: the copy is complete
     wait: _Want | None = None  # the request wait this copy ends, timed when the copy completes
 
 
@@ -199,11 +190,20 @@ class _Loaded:
 
 
 @dataclass(frozen=True)
-class PollResult:
-    """What changed in one `poll`: adapters that became usable and adapters whose load failed."""
+class TierConfig:
+    """The tiers of one engine in plain values, so the engine process can build its own from them.
 
-    ready: tuple[str, ...] = ()
-    failed: dict[str, Exception] = field(default_factory=dict)
+    `store_home`: the `AdapterStore` home the node imports adapters into (None: a private temporary store, for
+    tests and scripts). Budgets are bytes of adapter factors in the engine's dtype; there is no cap on how many
+    adapters the store holds or the device serves, only on their bytes (docs/adapters.md).
+    """
+
+    store_home: str | None = None
+    device_bytes: int = 256 << 20
+    host_bytes: int = 2 << 30
+    disk_bytes: int | None = None
+    max_rank: int = 256
+    loader_threads: int = 2
 
 
 class TieredAdapters:
@@ -214,7 +214,7 @@ class TieredAdapters:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  remote_sources: Iterable[RemoteSource] = (), metrics: AdapterMetrics | None = None,
                  loader_threads: int = 1, frequency_half_life: int = 10_000,
-                 copy_bytes_per_poll: int = 32 << 20):
+                 copy_bytes_per_poll: int = 32 << 20, copy_stream: CopyStream | None = None):
         self.store = store
         self.shapes = shapes
         self.slots = slots
@@ -225,7 +225,7 @@ class TieredAdapters:
         self.disk_budget_bytes = disk_budget_bytes
         self.copy_bytes_per_poll = copy_bytes_per_poll
         self._pin_host = self.device.type == "cuda" and torch.cuda.is_available()
-        self._side_stream = torch.cuda.Stream(self.device) if self._pin_host else None
+        self.copy_stream = copy_stream or (CudaCopyStream(self.device) if self._pin_host else ImmediateCopies())
         self._device_cost = _Cost(latency_s=5e-5, bytes_per_s=8e9 if self._pin_host else 4e9)
         self._host_cost = _Cost(latency_s=2e-3, bytes_per_s=1e9)
         self.device_tier = ByteBudgetTier("device", device_budget_bytes, self._device_cost)
@@ -299,7 +299,7 @@ class TieredAdapters:
                 return
             self._touch(adapter_id)
             if adapter_id in self._device:
-                self.metrics.hit("device")
+                self.metrics.hit("device", adapter_id)
                 return
             self.metrics.miss("device")
             if adapter_id not in self._wanted:
@@ -385,6 +385,18 @@ class TieredAdapters:
         return adapter_id
 
     @classmethod
+    def from_config(cls, config: TierConfig, shapes: ModuleShapes, slots: LoraSlots,
+                    metrics: AdapterMetrics | None = None) -> TieredAdapters:
+        """The tiers an engine builds for itself over its own `LoraSlots` (the device tier)."""
+        private = tempfile.mkdtemp(prefix="longtail-engine-adapters-") if config.store_home is None else None
+        store = AdapterStore(private or config.store_home, max_rank=config.max_rank)
+        tiers = cls(store, shapes, slots, device_budget_bytes=config.device_bytes,
+                    host_budget_bytes=config.host_bytes, disk_budget_bytes=config.disk_bytes,
+                    dtype=slots.dtype, device=slots.device, metrics=metrics, loader_threads=config.loader_threads)
+        tiers._private_home = private  # removed at close
+        return tiers
+
+    @classmethod
     def attach(cls, engine, store: AdapterStore, **options) -> TieredAdapters:
         """Serve `engine`'s adapters from the tiers, using the engine's own `LoraSlots` as the device tier.
 
@@ -400,8 +412,30 @@ class TieredAdapters:
             self._jobs.put(None)
         for worker in self._workers:
             worker.join(timeout=5)
+        private = getattr(self, "_private_home", None)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
     # ------------------------------------------------------------ introspection (tests, benchmarks, /metrics)
+
+    def tier_of(self, adapter_id: str) -> str:
+        """The fastest tier holding the adapter now: "device", "host" or "disk"."""
+        with self._lock:
+            return "device" if adapter_id in self._device else "host" if adapter_id in self._host else "disk"
+
+    def describe(self, tokens_served: dict[str, int]) -> list[AdapterInfo]:
+        """Every stored adapter (store order) with its tier and counters; `tokens_served` comes from the engine."""
+        per_adapter = self.metrics.per_adapter()
+        infos = []
+        for record in self.store.list():
+            if record.adapter_id in self._removed:
+                continue
+            counts = per_adapter.get(record.adapter_id, {})
+            infos.append(AdapterInfo(record.adapter_id, tuple(record.names), self.tier_of(record.adapter_id),
+                                     record.tensor_bytes, record.file_bytes, record.max_rank, tuple(record.targets),
+                                     counts.get("loads", 0), counts.get("hits", 0), counts.get("evictions", 0),
+                                     tokens_served.get(record.adapter_id, 0), self._pins.get(record.adapter_id, 0)))
+        return infos
 
     def resident(self, tier: str) -> set[str]:
         with self._lock:
@@ -516,8 +550,6 @@ class TieredAdapters:
                     continue
             except (ValueError, RuntimeError) as error:
                 # The slots refused the adapter (e.g. the engine's AdapterIncompatible): fail its requests only.
-                if isinstance(error, SlotsFull):
-                    continue
                 self._fail(adapter_id, error)
                 continue
             copied += weights.nbytes
@@ -534,35 +566,27 @@ class TieredAdapters:
         """Copy into a slot; on CUDA on the side stream, after the compute stream's pending reads of old slots."""
         started = time.perf_counter()
         while True:
-            if getattr(self.slots, "free_slots", 1) == 0:
-                # `LoraSlots` has a fixed slot count our byte model does not see: make one free first.
-                victim = self.device_tier.policy.victim(self._device_evictable)
-                if victim is None:
-                    return False
-                self._device_evict(victim)
-                continue
+            grows = getattr(self.slots, "grows", 0)
             try:
-                if self._side_stream is not None:
-                    self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(self._side_stream):
-                        slot = self.slots.load(weights)
-                        event = torch.cuda.Event()
-                        event.record(self._side_stream)
-                else:
-                    slot, event = self.slots.load(weights), None
+                slot, event = self.copy_stream.run(lambda: self.slots.load(weights))
                 break
-            except SlotsFull:
-                # The slots ran out of a resource our byte model does not see (slot count, rank width).
+            except AdapterSlotsFull:
+                # Slots with a resource our byte model does not see (a fixed slot count, a rank width) ran out:
+                # evict by the same policy and retry. `LoraSlots` grows instead and never raises this.
                 victim = self.device_tier.policy.victim(self._device_evictable)
                 if victim is None:
                     return False
                 self._device_evict(victim)
+        if event is not None and getattr(self.slots, "grows", 0) != grows:
+            # The load reallocated the slot buffers: every adapter's rows now live in tensors whose copy may still
+            # be in flight, so every later step waits for it, not only the new adapter's requests.
+            self.copy_stream.fence(event)
         self._device[adapter_id] = _DeviceEntry(slot, weights.nbytes, event)
         self._fresh.add(adapter_id)
         self.device_tier.admit(adapter_id, weights.nbytes, self._frequency[adapter_id])
         copy_seconds = time.perf_counter() - started  # on CUDA: the time to enqueue, the copy overlaps compute
         self._device_cost.observe(weights.nbytes, copy_seconds)
-        self.metrics.loaded("host", "device", copy_seconds)
+        self.metrics.loaded("host", "device", copy_seconds, adapter_id)
         return True
 
     def _finish_device_copies(self, ready: list[str]) -> None:
@@ -584,7 +608,7 @@ class TieredAdapters:
         self._device.pop(adapter_id)
         self.slots.free(adapter_id)
         self.device_tier.evict(adapter_id)
-        self.metrics.evicted("device")
+        self.metrics.evicted("device", adapter_id=adapter_id)
 
     def _unload(self, adapter_id: str) -> None:
         if self._device.pop(adapter_id, None) is not None:
@@ -627,8 +651,51 @@ class TieredAdapters:
         self.metrics.set_bytes("host", self.host_tier.used, self.host_tier.budget)
 
 
-class SlotsFull(RuntimeError):
-    """Raised by a `DeviceSlots.load` that has no free slot; the tiers evict and retry."""
+# What a `DeviceSlots.load` with no free slot raises; the tiers evict and retry. One class with the engine's error,
+# so the `except` catches what real slots raise (it once named a class nothing raised).
+SlotsFull = AdapterSlotsFull
+
+
+class CopyEvent(Protocol):
+    def query(self) -> bool: ...
+
+
+class CopyStream(Protocol):
+    """Where host -> device copies run: `run(load)` issues them (returns load's value and an event, None when the
+    copy is already complete); `fence(event)` makes every later step wait for that copy."""
+
+    def run(self, load: Callable[[], int]) -> tuple[int, CopyEvent | None]: ...
+    def fence(self, event: CopyEvent) -> None: ...
+
+
+class ImmediateCopies:
+    """CPU: the slot buffers are the "device"; a copy is complete when `load` returns."""
+
+    def run(self, load: Callable[[], int]) -> tuple[int, CopyEvent | None]:
+        return load(), None
+
+    def fence(self, event: CopyEvent) -> None:
+        return None
+
+
+class CudaCopyStream:
+    """A side stream for slot copies, so a cold adapter's upload overlaps the running batch's compute."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def run(self, load: Callable[[], int]) -> tuple[int, CopyEvent | None]:
+        # After the compute stream's pending reads: a freed slot's rows may be overwritten only once nobody reads them.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            slot = load()
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return slot, event
+
+    def fence(self, event: CopyEvent) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
 
 
 def _pinned(weights: AdapterWeights) -> AdapterWeights:

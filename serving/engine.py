@@ -3,16 +3,21 @@
 `step()` is synchronous and owns all tensors: it takes new requests from a
 thread-safe inbox, asks the scheduler what runs, hands the model runner one
 flat batch of decode tokens and prompt chunks, samples, and emits events.
-`start()` runs steps on a background thread (the node's mode); `stream()`
-bridges one request's events to asyncio; `generate()` drives steps itself
-when no thread runs. Scoring (`submit_score`, `score`) rides the same batch: a
-scoring request is prefilled in chunks like any prompt, its logit rows become
-the log-probabilities of the scored tokens, and it ends without decoding.
+`generate()` and `score()` drive steps themselves when no driver runs; the
+thread driver and the asyncio bridge the node uses live in
+`serving.engine_client` (`LocalEngine`), beside the engine process, both behind
+one `EngineClient` protocol. Scoring (`submit_score`, `score`) rides the same
+batch: a scoring request is prefilled in chunks like any prompt, its logit
+rows become the log-probabilities of the scored tokens, and it ends without
+decoding.
+
+Adapters always come through the tiers (`serving.adapter_tiers`): the engine
+builds its `TieredAdapters` from a plain `TierConfig`, with its own `LoraSlots`
+as the device tier; the number of adapters is bounded only by byte budgets.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import logging
@@ -20,15 +25,17 @@ import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from longtail.serving.adapter_provider import AdapterProvider, ResidentAdapters
+from longtail.serving.adapter_provider import AdapterInfo, AdapterProvider
+from longtail.serving.adapter_tiers import PollResult, TierConfig, TieredAdapters
 from longtail.serving.config import ModelConfig
 from longtail.serving.errors import (
+    AdapterLoadFailed,
     EngineError,
     InvalidTokenIds,
     KvCacheTooSmall,
@@ -134,18 +141,39 @@ def _failed_output(error: EngineError, prompt_tokens: int) -> GenerationOutput:
     return GenerationOutput(-1, prompt_tokens, [], "error", None, error)
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """The engine at one instant (plain values: it crosses the engine process's pipe)."""
+
+    kv_blocks: int
+    free_kv_blocks: int
+    running: int
+    waiting: int
+    steps: int
+    tier_bytes: dict[str, int]          # device / host (/ disk): bytes of adapters resident
+    tier_budget: dict[str, int]
+    evictions: dict[str, int]           # per tier
+    hits: dict[str, int]
+    misses: dict[str, int]
+    load_failures: int
+    cold_wait_seconds: tuple[float, ...]  # recent cold waits (request admitted -> adapter usable)
+    adapters: tuple[AdapterInfo, ...] = ()
+
+
 class Engine:
     def __init__(self, model: LlamaModel, kv_cache_bytes: int = 256 * 2**20, max_batch_tokens: int = 2048,
-                 max_running: int = 256, max_adapters: int = 64, block_size: int = 16, max_rank: int = 256,
-                 adapter_provider: AdapterProvider | None = None, tokenizer: Detokenizer | None = None,
+                 max_running: int = 256, block_size: int = 16, adapters: TierConfig | None = None,
+                 initial_adapter_slots: int = 16, tokenizer: Detokenizer | None = None,
                  min_prefill_chunk: int = 32, background_idle_seconds: float = 0.02) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         self.device = model.device
         self.cache = PagedKVCache(model.config, kv_cache_bytes, block_size, model.device, model.dtype)
-        self.lora_slots = LoraSlots(model.config, max_adapters, device=model.device, dtype=model.dtype)
+        # The slot table grows on demand: the device tier's byte budget, not a slot count, bounds the adapters.
+        self.lora_slots = LoraSlots(model.config, initial_adapter_slots, device=model.device, dtype=model.dtype)
         self.runner = ModelRunner(model, self.cache, self.lora_slots)
-        self.adapters = adapter_provider or ResidentAdapters(self.lora_slots, max_rank)
+        self.adapters: AdapterProvider = TieredAdapters.from_config(adapters or TierConfig(),
+                                                                     model.config.module_shapes(), self.lora_slots)
         self.scheduler = Scheduler(max_batch_tokens, max_running, min_prefill_chunk, background_idle_seconds)
         self.tokenizer = tokenizer
         self.eos_token_ids = set(model.config.eos_token_ids)
@@ -155,10 +183,11 @@ class Engine:
         self._handles: dict[int, RequestHandle] = {}
         self._listeners: dict[int, Callable[[StreamEvent], None]] = {}
         self._lock = threading.RLock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self.wake = threading.Event()  # set when work arrives: a driver waiting for work wakes on it
+        self.driven = False  # True while a driver (engine_client.LocalEngine) runs steps on its own thread
+        self.closed = threading.Event()  # set by shutdown: a driver stops stepping
         self.steps = 0
+        self._tokens_served: dict[str, int] = {}
 
     @classmethod
     def from_pretrained(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -168,17 +197,28 @@ class Engine:
 
     # --- adapters --------------------------------------------------------------------------------
 
-    def add_adapter(self, peft_dir: Path | str) -> str:
-        """Validate and load a PEFT adapter through the provider; returns its adapterId (safe while serving)."""
-        add = getattr(self.adapters, "add", None)
-        if add is None:
-            raise TypeError(f"adapter provider {type(self.adapters).__name__} has no add(path)")
-        with self._lock:
-            return add(peft_dir)
+    def add_adapter(self, peft_dir: Path | str, name: str | None = None) -> str:
+        """Validate a PEFT adapter and store it; returns its adapterId. It reaches the device when a request
+        wants it (safe while serving: no step lock is taken, the store's I/O runs beside the steps)."""
+        return self.adapters.add(peft_dir, name)
 
     def remove_adapter(self, adapter_id: str) -> None:
-        with self._lock:
-            self.adapters.remove(adapter_id)
+        """Requests running on the adapter finish; waiting and new ones end with `UnknownAdapter` (404)."""
+        if not self.adapters.knows(adapter_id):
+            raise UnknownAdapter(adapter_id)
+        self.adapters.remove(adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Every stored adapter with its tier, size, rank, loads, hits and tokens served."""
+        return self.adapters.describe(dict(self._tokens_served))
+
+    def stats(self) -> EngineStats:
+        snapshot = self.adapters.metrics.snapshot()
+        return EngineStats(self.cache.pool.num_blocks, self.cache.pool.free_blocks, len(self.scheduler.running),
+                           self.scheduler.waiting() + self._inbox.qsize(), self.steps, snapshot.bytes,
+                           snapshot.budget, snapshot.evictions, snapshot.hits, snapshot.misses,
+                           snapshot.load_failures, snapshot.load_latencies_s[-1000:],
+                           tuple(self.list_adapters()))
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -227,13 +267,13 @@ class Engine:
         if request.adapter_id is not None:
             self.adapters.prefetch(request.adapter_id)
         self._inbox.put(request)
-        self._wake.set()
+        self.wake.set()
         return handle
 
     def cancel(self, request_id: int) -> None:
         """Stop a request at the next step; its blocks return to the pool (thread-safe)."""
         self._cancelled.add(request_id)
-        self._wake.set()
+        self.wake.set()
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -286,14 +326,14 @@ class Engine:
                 self.scheduler.remove_waiting(request)
                 self._finish(request, "cancelled", RequestCancelled(f"request {request.request_id} was cancelled"))
 
-    def _fail_unloadable(self, polled) -> None:
-        """Requests waiting for an adapter whose load failed end with that load's error."""
-        failed = getattr(polled, "failed", None)
-        if not failed:
-            return
-        for adapter_id, error in failed.items():
-            adapter_queue = self.scheduler.queues.get(adapter_id)
-            for request in list(adapter_queue or ()):
+    def _fail_unloadable(self, polled: PollResult) -> None:
+        """Requests waiting for an adapter whose load failed end with that load's error (typed, for the table)."""
+        for adapter_id, error in polled.failed.items():
+            if not isinstance(error, EngineError):  # a file, store or peer failure: "retry later", not a bug
+                error = AdapterLoadFailed(adapter_id, f"{type(error).__name__}: {error}")
+            waiting = list(self.scheduler.queues.get(adapter_id) or ())
+            waiting += [r for r in self.scheduler.background if r.adapter_id == adapter_id]
+            for request in waiting:
                 self.scheduler.remove_waiting(request)
                 self._finish(request, "error", error)
 
@@ -440,6 +480,8 @@ class Engine:
                 continue
             token, logprob = pick
             request.output_ids.append(token)
+            if request.adapter_id is not None:
+                self._tokens_served[request.adapter_id] = self._tokens_served.get(request.adapter_id, 0) + 1
             if request.params.logprobs:
                 request.logprobs.append(logprob)
             if request.first_token_at is None:
@@ -504,38 +546,12 @@ class Engine:
         if not output_ids:
             return []
         handle = self.submit_score(prompt_ids, output_ids, adapter_id)
-        if self._thread is None:
+        if not self.driven:
             while not handle.done.is_set():
                 if not self.step():
                     if not self.has_work():
                         break
                     time.sleep(0.001)  # waiting on an adapter load or on blocks: let the provider's thread run
-        return handle.scores()
-
-    async def score_async(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
-                          client: str | None = None, background: bool = False) -> list[float]:
-        """`score` for asyncio: runs on the engine's thread (started if needed); cancelling cancels it."""
-        if not output_ids:
-            return []
-        self.start()
-        loop = asyncio.get_running_loop()
-        finished = loop.create_future()
-
-        def on_event(event: StreamEvent) -> None:
-            if event.finish_reason is None:
-                return
-            try:
-                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
-            except RuntimeError:  # the loop closed while scoring: nobody waits for the answer
-                pass
-
-        handle = self.submit_score(prompt_ids, output_ids, adapter_id, listener=on_event, client=client,
-                                   background=background)
-        try:
-            await finished
-        except BaseException:
-            handle.cancel()
-            raise
         return handle.scores()
 
     # --- drivers ---------------------------------------------------------------------------------
@@ -559,7 +575,7 @@ class Engine:
             except EngineError as error:
                 handles.append(_failed_output(error, len(prompt)))
         running = [h for h in handles if isinstance(h, RequestHandle)]
-        if self._thread is None:
+        if not self.driven:
             while not all(h.done.is_set() for h in running):
                 if not self.step():
                     if not self.has_work():
@@ -567,65 +583,11 @@ class Engine:
                     time.sleep(0.001)  # waiting on an adapter load or on blocks: let the provider's thread run
         return [h.wait() if isinstance(h, RequestHandle) else h for h in handles]
 
-    def start(self) -> None:
-        """Run steps on a background thread (the node's mode)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="longtail-engine", daemon=True)
-        self._thread.start()
-
-    run_forever = start
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.has_work():
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
-                continue
-            try:
-                if not self.step():
-                    # Waiting requests but nothing runnable (adapter loading, pool full): let the provider work.
-                    self._wake.wait(timeout=0.002)
-                    self._wake.clear()
-            except Exception as error:  # a bug must not kill the node silently: fail what runs, go on
-                log.exception("engine loop step failed")
-                for request in list(self.scheduler.running):
-                    self._finish(request, "error", error)
-
     def shutdown(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    async def stream(self, prompt_ids: Sequence[int], adapter_id: str | None, params: SamplingParams,
-                     client: str | None = None) -> AsyncIterator[StreamEvent]:
-        """Yield this request's events as the background thread produces them; leaving early cancels it.
-
-        A bad request raises its typed error before the first event; an error during generation
-        (e.g. NonFiniteLogits) is raised after the tokens before it.
-        """
-        self.start()
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        handle = self.submit(prompt_ids, adapter_id, params, client=client,
-                             listener=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        finished = False
-        try:
-            while True:
-                event = await events.get()
-                if event.finish_reason is not None:
-                    finished = True
-                    if event.error is not None and not isinstance(event.error, RequestCancelled):
-                        raise event.error
-                    yield event
-                    return
-                yield event
-        finally:
-            if not finished:
-                handle.cancel()
+        """End the engine: a driver stepping it stops, the adapter loaders stop (a private adapter store goes)."""
+        self.closed.set()
+        self.wake.set()
+        self.adapters.close()
 
 
 def perplexity(logprobs: Sequence[float]) -> float:

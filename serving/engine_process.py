@@ -8,7 +8,7 @@ process the engine keeps its GIL to itself; the node's process only parses,
 signs and commits (the arrangement vLLM's V1 engine core uses too).
 
 The mechanism is one `multiprocessing` pipe, pickled tuples both ways:
-- parent → child: ("submit" | "score" | "cancel" | "add_adapter" | "remove_adapter" | "free_kv_blocks"
+- parent → child: ("submit" | "score" | "cancel" | "add_adapter" | "remove_adapter" | "list_adapters" | "stats"
   | "shutdown", call id, arguments...);
 - child → parent: ("event", call id, StreamEvent) for each token and the end of a stream, ("result", call id,
   value) or ("error", call id, exception) for everything else.
@@ -57,9 +57,11 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
 
     try:
         from longtail.serving.engine import Engine
+        from longtail.serving.engine_client import LocalEngine
 
         engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, **options)
-        engine.start()
+        driver = LocalEngine(engine)
+        driver.start()
     except BaseException as error:  # the parent raises it: a bad model folder is the operator's to fix
         send(("error", 0, error))
         return
@@ -114,15 +116,13 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
                 handle = handles.get(call_id)
                 if handle is not None:
                     handle.cancel()
-            elif operation in ("add_adapter", "remove_adapter"):
-                # A load takes the step lock: off the receiving thread, so streams keep flowing meanwhile.
+            elif operation in ("add_adapter", "remove_adapter", "list_adapters", "stats"):
+                # Store I/O and SQLite reads: off the receiving thread, so streams keep flowing meanwhile.
                 method = getattr(engine, operation)
                 threading.Thread(target=reply, args=(call_id, lambda m=method, a=arguments: m(*a)),
                                  daemon=True).start()
-            elif operation == "free_kv_blocks":
-                send(("result", call_id, engine.cache.pool.free_blocks))
             elif operation == "shutdown":
-                engine.shutdown()
+                driver.shutdown()
                 send(("result", call_id, None))
                 break
             else:
@@ -132,7 +132,7 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
 
 
 class EngineProcess:
-    """An `Engine` in a child process: `add_adapter`, `stream`, `score_async`, `free_kv_blocks`, `shutdown`.
+    """An `Engine` in a child process, as an `EngineClient` (serving.engine_client).
 
     Blocks in the constructor until the model is loaded (or raises what the child raised). If the child dies,
     the calls open at that moment fail with `EngineUnavailable`, and a new child is started with the adapters
@@ -226,7 +226,7 @@ class EngineProcess:
         try:
             process, connection, _ = self._spawn()
             for path in list(self._adapter_paths.values()):  # before anyone can reach it: no request sees a gap
-                connection.send(("add_adapter", 0, path))
+                connection.send(("add_adapter", 0, path, None))
                 kind, _, value = connection.recv()
                 if kind == "error":
                     log.error("adapter %s could not be loaded into the new engine process: %s", path, value)
@@ -300,9 +300,9 @@ class EngineProcess:
 
     # --- what the node calls ---------------------------------------------------------------------
 
-    def add_adapter(self, peft_dir: Path | str) -> str:
-        """Validate and load a PEFT adapter in the child; its adapterId (blocking)."""
-        adapter_id = self._call("add_adapter", str(peft_dir))
+    def add_adapter(self, peft_dir: Path | str, name: str | None = None) -> str:
+        """Validate and store a PEFT adapter in the child's tiers; its adapterId (blocking)."""
+        adapter_id = self._call("add_adapter", str(peft_dir), name)
         self._adapter_paths[adapter_id] = str(peft_dir)
         return adapter_id
 
@@ -310,12 +310,15 @@ class EngineProcess:
         self._call("remove_adapter", adapter_id)
         self._adapter_paths.pop(adapter_id, None)
 
-    def free_kv_blocks(self) -> int:
-        return self._call("free_kv_blocks", timeout=30)
+    def list_adapters(self) -> list:
+        return self._call("list_adapters", timeout=60)
+
+    def stats(self):
+        return self._call("stats", timeout=60)
 
     async def stream(self, prompt_ids: Sequence[int], adapter_id: str | None, params: SamplingParams,
                      client: str | None = None) -> AsyncIterator:
-        """As `Engine.stream`: events token by token; a refused request raises its typed error first;
+        """As `LocalEngine.stream`: events token by token; a refused request raises its typed error first;
         leaving early cancels the request in the child."""
         queue: asyncio.Queue = asyncio.Queue()
         call_id = self._open(self._to_queue(asyncio.get_running_loop(), queue))
@@ -337,9 +340,9 @@ class EngineProcess:
         finally:
             self._end(call_id, cancel=not finished)
 
-    async def score_async(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
-                          client: str | None = None, background: bool = False) -> list[float]:
-        """As `Engine.score_async`: log-probabilities of `output_ids`, scored inside the child's batch."""
+    async def score(self, prompt_ids: Sequence[int], output_ids: Sequence[int], adapter_id: str | None,
+                    client: str | None = None, background: bool = False) -> list[float]:
+        """As `LocalEngine.score`: log-probabilities of `output_ids`, scored inside the child's batch."""
         if not output_ids:
             return []
         queue: asyncio.Queue = asyncio.Queue()

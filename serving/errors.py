@@ -13,7 +13,7 @@ class EngineError(Exception):
 
 class UnknownAdapter(EngineError, KeyError):
     def __init__(self, adapter_id: str) -> None:
-        super().__init__(f"no adapter {adapter_id} is loaded in this engine")
+        super().__init__(f"no adapter {adapter_id} is stored in this engine")
         self.adapter_id = adapter_id
 
     def __reduce__(self):
@@ -36,8 +36,17 @@ class PromptTooLong(EngineError, ValueError):
     def __reduce__(self):
         return type(self), (self.prompt_tokens, self.max_tokens, self.context)
 
+    @property
+    def details(self) -> dict:
+        """What the HTTP edge adds to the error body: the numbers a client needs to shorten its request."""
+        return {"prompt_tokens": self.prompt_tokens, "max_tokens": self.max_tokens, "limit": self.context}
+
 
 class AdapterSlotsFull(EngineError, RuntimeError):
+    """No device room right now (every resident adapter is in use): a retry soon may find room."""
+
+    retry_after_seconds = 1
+
     def __init__(self, adapter_id: str, max_adapters: int) -> None:
         super().__init__(f"cannot load adapter {adapter_id}: all {max_adapters} device slots are in use; "
                          "remove or evict an adapter first")
@@ -54,6 +63,43 @@ class AdapterInUse(EngineError, RuntimeError):
 
     def __reduce__(self):
         return type(self), (self.adapter_id, self.running)
+
+
+class AdapterRemoved(UnknownAdapter):
+    """The adapter was removed (DELETE /v1/adapters/{id}) while a request waited for it."""
+
+    def __init__(self, adapter_id: str) -> None:
+        EngineError.__init__(self, f"adapter {adapter_id} was removed from this engine")
+        self.adapter_id = adapter_id
+
+
+class AdapterTooLarge(EngineError, ValueError):
+    """An adapter needs more bytes than a tier's whole budget, so it can never be resident there."""
+
+    def __init__(self, adapter_id: str, tier: str, nbytes: int, budget: int) -> None:
+        super().__init__(f"adapter {adapter_id} needs {nbytes} bytes, more than the {tier} budget of {budget}")
+        self.adapter_id, self.tier, self.nbytes, self.budget = adapter_id, tier, nbytes, budget
+
+    def __reduce__(self):
+        return type(self), (self.adapter_id, self.tier, self.nbytes, self.budget)
+
+    @property
+    def details(self) -> dict:
+        return {"adapter_bytes": self.nbytes, "tier": self.tier, "budget_bytes": self.budget}
+
+
+class AdapterLoadFailed(EngineError, RuntimeError):
+    """A stored or announced adapter could not be brought to the device (unreadable file, peer down, rejected
+    bytes); the requests waiting for it end with this, the next request tries the load again."""
+
+    retry_after_seconds = 5
+
+    def __init__(self, adapter_id: str, reason: str) -> None:
+        super().__init__(f"adapter {adapter_id} could not be loaded: {reason}")
+        self.adapter_id, self.reason = adapter_id, reason
+
+    def __reduce__(self):
+        return type(self), (self.adapter_id, self.reason)
 
 
 class InvalidTokenIds(EngineError, ValueError):
@@ -88,6 +134,8 @@ class RequestCancelled(EngineError):
 
 class EngineUnavailable(EngineError, RuntimeError):
     """The engine's process is gone (or never came up): no request can run until the node restarts it."""
+
+    retry_after_seconds = 2
 
 
 class SamplingFailed(EngineError, RuntimeError):

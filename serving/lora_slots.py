@@ -4,19 +4,26 @@ For each projection name there is one buffer of rank rows per layer
 (`a_rows[m]`: [layers, rows, in], `b_rows[m]`: [layers, rows, out]); an adapter
 loaded into slot `s` gets a contiguous run of rows in each projection it
 targets, as many as its largest rank there (no padding to the engine's maximum
-rank). Buffers grow by doubling at load time, never during a step.
+rank). Buffers grow by doubling at load time, never during a step; so does
+the slot table: the number of slots is not a cap (the tiers' byte budget is),
+so a 65th (or 6,500th) adapter gets a slot as the first did.
+
+Every tensor copy goes through `self.copy` so that the tiers can run it on a
+side stream on CUDA, and a test can defer it on CPU to play the part of a copy
+still in flight (tests/serving/test_adapter_tiers.py, the growth race).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
 from longtail.kernels.lora import SlotWeights, slot_weights
 from longtail.kernels.lora_cpu import RunTable, run_table
 from longtail.serving.config import ModelConfig
-from longtail.serving.errors import AdapterIncompatible, AdapterSlotsFull
+from longtail.serving.errors import AdapterIncompatible
 from longtail.serving.peft_format import AdapterWeights
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,13 +74,21 @@ class ProjectionBuffers:
     max_rank: list[int]       # per layer, over loaded slots
 
 
-class LoraSlots:
-    """Holds up to `max_adapters` adapters on the device."""
+def _copy(destination: torch.Tensor, source: torch.Tensor) -> None:
+    # Asynchronous from pinned host memory (the tiers pin host copies on CUDA); synchronous otherwise.
+    destination.copy_(source, non_blocking=True)
 
-    def __init__(self, config: ModelConfig, max_adapters: int = 64, initial_rows: int = 64,
+
+class LoraSlots:
+    """Adapters on the device: `initial_slots` slots to start with, doubled whenever they run out."""
+
+    def __init__(self, config: ModelConfig, initial_slots: int = 16, initial_rows: int = 64,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.config = config
-        self.max_adapters = max_adapters
+        max_adapters = max(1, int(initial_slots))
+        self.capacity = max_adapters
+        self.grows = 0  # buffer or table reallocations so far: a growth moves every adapter's rows (see tiers)
+        self.copy: Callable[[torch.Tensor, torch.Tensor], None] = _copy
         self.device = torch.device(device)
         self.dtype = dtype
         shapes = config.module_shapes().shapes
@@ -132,24 +147,42 @@ class LoraSlots:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
     def _grow(self, buffers: ProjectionBuffers, needed: int) -> None:
         old = buffers.allocator.capacity
         new = max(old * 2, old + needed, 16)
         layers, _, width_in = buffers.a_rows.shape
         a = torch.zeros(layers, new, width_in, device=self.device, dtype=self.dtype)
         b = torch.zeros(layers, new, buffers.b_rows.shape[2], device=self.device, dtype=self.dtype)
-        a[:, :old] = buffers.a_rows
-        b[:, :old] = buffers.b_rows
+        self.copy(a[:, :old], buffers.a_rows)
+        self.copy(b[:, :old], buffers.b_rows)
         buffers.a_rows, buffers.b_rows = a, b
         buffers.allocator.grow(new)
+        self.grows += 1
+        self._forget_views()
+
+    def _grow_slots(self) -> None:
+        """Double the per-slot tables (offsets, ranks, scales); the new slots start untargeted."""
+        old, new = self.capacity, self.capacity * 2
+        for buffers in self.buffers.values():
+            offsets = torch.zeros(new, dtype=torch.int64, device=self.device)
+            ranks = torch.zeros(buffers.ranks.shape[0], new, dtype=torch.int64, device=self.device)
+            scales = torch.zeros(buffers.scales.shape[0], new, dtype=torch.float32, device=self.device)
+            self.copy(offsets[:old], buffers.offsets)
+            self.copy(ranks[:, :old], buffers.ranks)
+            self.copy(scales[:, :old], buffers.scales)
+            buffers.offsets, buffers.ranks, buffers.scales = offsets, ranks, scales
+        self._free_slots.extend(range(old, new))
+        self.capacity = new
+        self.grows += 1
         self._forget_views()
 
     def load(self, weights: AdapterWeights) -> int:
         """Copy an adapter into a free slot; returns the slot index."""
         if weights.adapter_id in self.slot_of:
             return self.slot_of[weights.adapter_id]
-        if not self._free_slots:
-            raise AdapterSlotsFull(weights.adapter_id, self.max_adapters)
         shapes = self.config.module_shapes().shapes
         by_projection: dict[str, list] = {}
         for module in weights.modules:
@@ -162,6 +195,8 @@ class LoraSlots:
                                           f"has shapes A {tuple(module.lora_a.shape)}, B {tuple(module.lora_b.shape)}; "
                                           f"the base needs [r, {width_in}] and [{width_out}, r]")
             by_projection.setdefault(module.module, []).append(module)
+        if not self._free_slots:
+            self._grow_slots()
         slot = self._free_slots.pop(0)
         for name, modules in by_projection.items():
             buffers = self.buffers[name]
@@ -174,8 +209,8 @@ class LoraSlots:
             buffers.offsets[slot] = start
             for module in modules:
                 rank = module.rank
-                buffers.a_rows[module.layer, start:start + rank] = module.lora_a.to(self.device, self.dtype)
-                buffers.b_rows[module.layer, start:start + rank] = module.lora_b.T.to(self.device, self.dtype)
+                self.copy(buffers.a_rows[module.layer, start:start + rank], module.lora_a)
+                self.copy(buffers.b_rows[module.layer, start:start + rank], module.lora_b.T)
                 buffers.ranks[module.layer, slot] = rank
                 buffers.scales[module.layer, slot] = module.scale
                 buffers.max_rank[module.layer] = max(buffers.max_rank[module.layer], rank)

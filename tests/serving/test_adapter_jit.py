@@ -17,7 +17,7 @@ pytest.importorskip("longtail.serving.engine")
 def _engine(base_dir):
     from longtail.serving.engine import Engine
 
-    return Engine.from_pretrained(base_dir, device="cpu", kv_cache_bytes=8 << 20, max_adapters=8)
+    return Engine.from_pretrained(base_dir, device="cpu", kv_cache_bytes=8 << 20, initial_adapter_slots=8)
 
 
 def test_cold_adapter_loads_while_others_decode(tiny_llama, tmp_path):

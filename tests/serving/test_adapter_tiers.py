@@ -46,7 +46,7 @@ class RecordingSlots:
 
     def load(self, weights: AdapterWeights) -> int:
         if len(self.held) >= self.max_slots:
-            raise SlotsFull(f"all {self.max_slots} slots are taken")
+            raise SlotsFull(weights.adapter_id, self.max_slots)  # what LoraSlots-like slots raise
         slot = min(set(range(self.max_slots)) - set(self.held))
         self.held[slot] = (weights.adapter_id, [t.clone() for m in weights.modules for t in (m.lora_a, m.lora_b)])
         self.loads.append(weights.adapter_id)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from longtail.serving.engine import Engine
+from longtail.serving.engine_client import LocalEngine
 from longtail.serving.errors import (
-    AdapterInUse,
     InvalidSamplingParams,
     InvalidTokenIds,
     KvCacheTooSmall,
@@ -141,10 +141,11 @@ def test_stream_yields_the_tokens_of_generate_and_cancels_on_exit(tiny_llama):
     engine = engine_for(tiny_llama)
     adapter = engine.add_adapter(tiny_llama.adapter_dirs["r16-mlp-rslora"])
     expected = engine.generate([[4, 5, 6]], [adapter], GREEDY)[0].token_ids
+    client = LocalEngine(engine)
 
     async def collect(limit=None):
         tokens = []
-        async for event in engine.stream([4, 5, 6], adapter, GREEDY):
+        async for event in client.stream([4, 5, 6], adapter, GREEDY):
             if event.token_id is not None:
                 tokens.append(event.token_id)
             if limit is not None and len(tokens) == limit:
@@ -152,7 +153,7 @@ def test_stream_yields_the_tokens_of_generate_and_cancels_on_exit(tiny_llama):
         return tokens
 
     async def unknown():
-        async for _ in engine.stream([4, 5, 6], "0xfeed", GREEDY):
+        async for _ in client.stream([4, 5, 6], "0xfeed", GREEDY):
             pass
 
     try:
@@ -167,7 +168,7 @@ def test_stream_yields_the_tokens_of_generate_and_cancels_on_exit(tiny_llama):
             deadline.wait(0.02)
         assert all_blocks_free(engine)
     finally:
-        engine.shutdown()
+        client.shutdown()
 
 
 def test_background_thread_serves_submits_from_many_threads(tiny_llama):
@@ -176,7 +177,8 @@ def test_background_thread_serves_submits_from_many_threads(tiny_llama):
     prompts = [[3 + i, 7, 11 + i] for i in range(6)]
     adapters = [ids[0], ids[1], None] * 2
     expected = [o.token_ids for o in engine.generate(prompts, adapters, GREEDY)]
-    engine.start()
+    driver = LocalEngine(engine)
+    driver.start()
     results: dict[int, list[int]] = {}
     try:
         def client(index):
@@ -189,7 +191,7 @@ def test_background_thread_serves_submits_from_many_threads(tiny_llama):
         for thread in threads:
             thread.join()
     finally:
-        engine.shutdown()
+        driver.shutdown()
     assert [results[i] for i in range(6)] == expected
 
 
@@ -197,15 +199,20 @@ def test_adapters_hot_add_and_remove(tiny_llama, tmp_path):
     engine = engine_for(tiny_llama)
     adapter = engine.add_adapter(tiny_llama.adapter_dirs["r8-all"])
     assert engine.add_adapter(tiny_llama.adapter_dirs["r8-all"]) == adapter, "content-addressed: same id"
+    expected = engine.generate([[1, 2, 3]], [adapter], GREEDY)[0].token_ids
     handle = engine.submit([1, 2, 3], adapter, GREEDY)
-    engine.step()
-    with pytest.raises(AdapterInUse, match="running"):
-        engine.remove_adapter(adapter)
-    while not handle.done.is_set():
+    while not handle.request.output_ids:
         engine.step()
-    engine.remove_adapter(adapter)
+    waiting = engine.submit([4, 5, 6], adapter, GREEDY)  # queued, not yet admitted when the adapter goes
+    engine.remove_adapter(adapter)  # while a request runs on it: that one finishes, new ones are refused
+    while not (handle.done.is_set() and waiting.done.is_set()):
+        engine.step()
+    assert handle.wait().token_ids == expected and handle.wait().finish_reason == "length"
+    assert isinstance(waiting.wait().error, UnknownAdapter)
     with pytest.raises(UnknownAdapter):
         engine.submit([1, 2, 3], adapter, GREEDY)
+    with pytest.raises(UnknownAdapter):
+        engine.remove_adapter(adapter)
     # An adapter made for another base (hidden 32, not 64) is rejected at add time, before any request.
     folder = tmp_path / "wrong"
     folder.mkdir()
@@ -248,18 +255,20 @@ def test_scoring_rides_the_batch_and_changes_no_other_request(sharp_llama):
         assert torch.allclose(torch.tensor(handle.scores()), torch.tensor(want), atol=1e-4)
     assert all_blocks_free(engine)
 
+    client = LocalEngine(engine)
+
     async def tokens_of(prompt, adapter_id):
-        return [e.token_id async for e in engine.stream(prompt, adapter_id, params) if e.token_id is not None]
+        return [e.token_id async for e in client.stream(prompt, adapter_id, params) if e.token_id is not None]
 
     async def score_while_serving():
         # On the background thread: the scoring is submitted while the three requests run.
         *tokens, scores = await asyncio.gather(*(tokens_of(p, a) for p, a in zip(prompts, adapters, strict=True)),
-                                               engine.score_async(*jobs[0]))
+                                               client.score(*jobs[0]))
         return tokens, scores
 
     try:
         tokens, scores = asyncio.run(score_while_serving())
     finally:
-        engine.shutdown()
+        client.shutdown()
     assert tokens == [o.token_ids for o in expected]
     assert torch.allclose(torch.tensor(scores), torch.tensor(alone[0]), atol=1e-4)

@@ -51,7 +51,7 @@ def test_same_tokens_logprobs_and_scores_as_in_process(engines, tiny_llama):
 
     async def run():
         streams = [tokens_and_logprobs(remote, p, a) for p, a in zip(prompts, adapters, strict=True)]
-        scoring = remote.score_async(prompts[0], expected[0].token_ids, None)
+        scoring = remote.score(prompts[0], expected[0].token_ids, None)
         return await asyncio.gather(*streams, scoring)
 
     *streamed, scores = asyncio.run(run())
@@ -85,7 +85,7 @@ def test_typed_errors_cross_the_pipe_with_their_values(engines, tiny_llama, tmp_
 
 def test_leaving_a_stream_early_cancels_it_in_the_child(engines):
     _, remote = engines
-    free = remote.free_kv_blocks()
+    free = remote.stats().free_kv_blocks
 
     async def take_three():
         tokens = []
@@ -94,13 +94,13 @@ def test_leaving_a_stream_early_cancels_it_in_the_child(engines):
             if len(tokens) == 3:
                 break
         for _ in range(200):  # the cancel reaches the child's next step; its blocks come back
-            if remote.free_kv_blocks() == free:
+            if remote.stats().free_kv_blocks == free:
                 return tokens
             await asyncio.sleep(0.02)
         return tokens
 
     assert len(asyncio.run(take_three())) == 3
-    assert remote.free_kv_blocks() == free
+    assert remote.stats().free_kv_blocks == free
 
 
 def kill_during_a_stream(remote, adapter_id=None):
