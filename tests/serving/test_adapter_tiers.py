@@ -360,3 +360,84 @@ def test_random_adapter_writer_matches_peft(tiny_llama, tmp_path):
                                module.scale * module.lora_b @ module.lora_a, atol=1e-6, rtol=1e-5)
     with pytest.raises(AdapterRejected):
         load_adapter(folder, ModuleShapes(1, shapes.shapes))
+
+
+class DeferredCopies:
+    """The CPU analogue of a side stream: slot copies issued during a load are held until the event completes
+    (after `lag` queries) or a fence makes the compute side wait for them, as a CUDA copy still in flight."""
+
+    class Event:
+        def __init__(self, owner: DeferredCopies, pending: list) -> None:
+            self.owner, self.pending, self.queries = owner, pending, 0
+
+        def query(self) -> bool:
+            self.queries += 1
+            if self.queries >= self.owner.lag:
+                self.complete()
+            return not self.pending
+
+        def complete(self) -> None:
+            while self.pending:
+                destination, source = self.pending.pop(0)
+                destination.copy_(source)
+
+    def __init__(self, slots, lag: int = 4, fences: bool = True) -> None:
+        self.slots, self.lag, self.fences = slots, lag, fences
+
+    def run(self, load):
+        pending: list = []
+        immediate = self.slots.copy
+        self.slots.copy = lambda destination, source: pending.append((destination, source.clone()))
+        try:
+            slot = load()
+        finally:
+            self.slots.copy = immediate
+        return slot, DeferredCopies.Event(self, pending)
+
+    def fence(self, event) -> None:
+        if self.fences:
+            event.complete()
+
+
+def _run_during_growth(kit, fences: bool) -> tuple[list[int], list[int]]:
+    """A runs; B's load grows the q/k/o buffers (8 rows held + 64 > 64) with its copies in flight."""
+    from longtail.serving.engine import Engine
+    from longtail.serving.sampling import SamplingParams
+
+    engine = Engine.from_pretrained(kit.base_dir, kv_cache_bytes=4 << 20)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    try:
+        a = engine.add_adapter(kit.adapter_dirs["r8-all"])
+        b = engine.add_adapter(kit.adapter_dirs["r64-qko"])
+        engine.generate([[2, 3]], [a], SamplingParams(max_tokens=1, temperature=0.0))  # A resident
+        engine.adapters.copy_stream = DeferredCopies(engine.lora_slots, fences=fences)
+        running = engine.submit([5, 9, 33, 2], a, greedy)
+        while len(running.request.output_ids) < 2:
+            engine.step()
+        grows = engine.lora_slots.grows
+        late = engine.submit([7, 1, 4], b, greedy)
+        while not (running.done.is_set() and late.done.is_set()):
+            engine.step()
+        assert engine.lora_slots.grows > grows, "B's load must grow the buffers for this test to mean anything"
+        return running.wait().token_ids, late.wait().token_ids
+    finally:
+        engine.shutdown()
+
+
+def test_buffer_growth_on_the_copy_stream_makes_every_adapter_wait(sharp_llama):
+    """After a load grows the slot buffers, every adapter's rows live in tensors still being copied: the running
+    adapter must wait for that copy too, not only the new one (the side-stream race of issue 22)."""
+    from longtail.serving.engine import Engine
+    from longtail.serving.sampling import SamplingParams
+
+    reference = Engine.from_pretrained(sharp_llama.base_dir, kv_cache_bytes=4 << 20)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    try:
+        ids = [reference.add_adapter(sharp_llama.adapter_dirs[n]) for n in ("r8-all", "r64-qko")]
+        want_a, want_b = (o.token_ids for o in reference.generate([[5, 9, 33, 2], [7, 1, 4]], ids, greedy))
+    finally:
+        reference.shutdown()
+    assert _run_during_growth(sharp_llama, fences=True) == (want_a, want_b)
+    # The same run without the fence reads A's rows from the half-copied buffers: the test catches the race.
+    unfenced_a, _ = _run_during_growth(sharp_llama, fences=False)
+    assert unfenced_a != want_a
