@@ -153,6 +153,16 @@ class AttributionLedger:
         receipt = send(self.w3, account, self.contract.functions.claim())
         return int(event_args(self.contract.events.Claimed(), receipt)[0]["amount"])
 
+    def burned(self) -> int:
+        """Slashed OPEN beyond the challengers' rewards: held by the ledger, claimable by no one."""
+        return self.contract.functions.burned().call()
+
+    def open_disputes(self, node: str) -> int:
+        return self.contract.functions.openDisputes(node).call()
+
+    def challenger_reward_bps(self) -> int:
+        return self.contract.functions.CHALLENGER_REWARD_BPS().call()
+
     def datanet_pool(self, datanet_id: str) -> int:
         return self.contract.functions.datanetPool(to_bytes32(datanet_id)).call()
 

@@ -14,6 +14,7 @@ interface IRegistryView {
     function datanetOwner(bytes32 datanetId) external view returns (address);
     function unstakeDelay() external view returns (uint256);
     function slash(address node, uint256 amount, address recipient) external returns (uint256);
+    function adapterHasDatanet(bytes32 adapterId, bytes32 datanetId) external view returns (bool);
 }
 
 /// @notice The PaymentChannels function the ledger calls (documented in PaymentChannels.sol).
@@ -96,6 +97,10 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
         "uint256 price,bytes32 attributionHash,uint64 timestamp)"
     );
     uint256 public constant TOTAL_BPS = 10_000;
+    /// @notice The challenger's reward out of a slash, in basis points; the rest is burned. A node that
+    ///         "proves" its own throwaway receipts from a second account gets back at most this much, so slashing
+    ///         itself never beats the unstake delay and always costs it (docs/security.md).
+    uint256 public constant CHALLENGER_REWARD_BPS = 1_000;
 
     IOpenToken public immutable token;
     IRegistryView public immutable registry;
@@ -125,6 +130,10 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
     mapping(uint256 disputeId => Dispute) private _disputes;
     /// @notice Receipt leaf hashes that already cost their node a slash (evidence is used once).
     mapping(bytes32 leafHash => bool) public penalized;
+    /// @notice Disputes about each node not yet answered or resolved; the Registry keeps the stake while any is open.
+    mapping(address node => uint256) public openDisputes;
+    /// @notice Slashed OPEN that no one can ever claim (held here, moved by no function).
+    uint256 public burned;
 
     event CheckpointPosted(address indexed node, uint64 indexed epoch, uint64 treeSize, bytes32 rootHash, uint256 revenue);
     event NodePaid(address indexed node, uint64 indexed epoch, uint256 amount);
@@ -161,6 +170,9 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
     error UnknownAdapter(bytes32 adapterId);
     error UnknownDatanet(bytes32 datanetId);
     error DatanetTotalMismatch(uint256 expected, uint256 declared);
+    error DatanetsNotSorted(uint256 index);
+    error DatanetOverpaid(bytes32 datanetId, uint256 cap, uint256 amount);
+    error RevenueWithoutReceipts(uint256 previousSize, uint256 treeSize, uint256 adapterLines);
     error NothingToClaim(address account);
     error NotDatanetOwner(bytes32 datanetId, address caller, address owner);
     error EmptyDistribution();
@@ -241,6 +253,11 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
         checkpoint.epoch = epoch;
         checkpoint.postedAt = uint64(block.timestamp);
         checkpoint.rootHash = rootHash;
+        // Each adapter line pays for at least one receipt, and those receipts must be in the log this checkpoint
+        // adds, so every receipt that earns revenue becomes disputable.
+        if (adapters.length > treeSize - previousSize) {
+            revert RevenueWithoutReceipts(previousSize, treeSize, adapters.length);
+        }
         uint256 revenue = _split(epoch, adapters, datanets);
         emit CheckpointPosted(msg.sender, epoch, treeSize, rootHash, revenue);
         if (revenue > 0) channels.releaseRevenue(msg.sender, revenue);
@@ -251,8 +268,9 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
         private
         returns (uint256 revenue)
     {
-        (uint256 adapterRevenue, uint256 paidOut, uint256 datanetPart) = _payAdapters(epoch, adapters);
-        _payDatanets(epoch, datanets, datanetPart);
+        (uint256 adapterRevenue, uint256 paidOut, uint256 datanetPart, uint256[] memory parts) =
+            _payAdapters(epoch, adapters);
+        _payDatanets(epoch, adapters, parts, datanets, datanetPart);
         revenue = adapterRevenue;
         uint256 nodeAmount = revenue - paidOut - datanetPart;
         if (nodeAmount > 0) claimable[msg.sender] += nodeAmount;
@@ -261,8 +279,9 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
 
     function _payAdapters(uint64 epoch, Allocation[] calldata adapters)
         private
-        returns (uint256 revenue, uint256 paidOut, uint256 datanetPart)
+        returns (uint256 revenue, uint256 paidOut, uint256 datanetPart, uint256[] memory parts)
     {
+        parts = new uint256[](adapters.length);
         for (uint256 i = 0; i < adapters.length; ++i) {
             bytes32 adapterId = adapters[i].id;
             uint256 amount = adapters[i].amount;
@@ -272,20 +291,38 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
             if (owner == address(0)) revert UnknownAdapter(adapterId);
             uint256 ownerAmount = amount * adapterShareBps / TOTAL_BPS;
             uint256 datanetAmount = amount * datanetShareBps / TOTAL_BPS;
-            if (datanetCount == 0) ownerAmount += datanetAmount;
-            else datanetPart += datanetAmount;
+            if (datanetCount == 0) {
+                ownerAmount += datanetAmount;
+            } else {
+                datanetPart += datanetAmount;
+                parts[i] = datanetAmount;
+            }
             paidOut += ownerAmount;
             if (ownerAmount > 0) claimable[owner] += ownerAmount;
             emit AdapterPaid(msg.sender, epoch, adapterId, owner, amount, ownerAmount);
         }
     }
 
-    function _payDatanets(uint64 epoch, Allocation[] calldata datanets, uint256 expected) private {
+    /// @dev A Datanet is paid at most the Datanet parts of the checkpoint's adapters registered with it, so a node
+    ///      cannot move an adapter's Datanet part to a Datanet of its own; ids strictly ascend (no line twice).
+    function _payDatanets(
+        uint64 epoch,
+        Allocation[] calldata adapters,
+        uint256[] memory parts,
+        Allocation[] calldata datanets,
+        uint256 expected
+    ) private {
         uint256 declared = 0;
         for (uint256 i = 0; i < datanets.length; ++i) {
             bytes32 datanetId = datanets[i].id;
             uint256 amount = datanets[i].amount;
+            if (i > 0 && datanetId <= datanets[i - 1].id) revert DatanetsNotSorted(i);
             if (registry.datanetOwner(datanetId) == address(0)) revert UnknownDatanet(datanetId);
+            uint256 cap = 0;
+            for (uint256 j = 0; j < adapters.length; ++j) {
+                if (parts[j] > 0 && registry.adapterHasDatanet(adapters[j].id, datanetId)) cap += parts[j];
+            }
+            if (amount > cap) revert DatanetOverpaid(datanetId, cap, amount);
             declared += amount;
             datanetPool[datanetId] += amount;
             emit DatanetPaid(msg.sender, epoch, datanetId, amount);
@@ -413,6 +450,7 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
         if (penalized[leaf]) revert AlreadyPenalized(leaf);
         uint256 deadline = block.timestamp + disputeWindow;
         disputeId = disputeCount++;
+        ++openDisputes[receipt.node];
         _disputes[disputeId] = Dispute({
             node: receipt.node,
             seq: receipt.seq,
@@ -443,30 +481,33 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
             revert InvalidInclusionProof(dispute.node, dispute.seq, dispute.treeSize);
         }
         dispute.status = DisputeStatus.Answered;
+        --openDisputes[dispute.node];
         uint256 bond = dispute.bond;
         if (bond > 0) claimable[dispute.node] += bond;
         emit DisputeAnswered(disputeId, dispute.node, bond);
     }
 
-    /// @notice After the window, slash the node of an unanswered dispute; the challenger gets the slashed
-    ///         stake and its bond back (claimable).
+    /// @notice After the window, slash the node of an unanswered dispute; the challenger gets its bond back and
+    ///         CHALLENGER_REWARD_BPS of the slash (claimable), the rest is burned.
     /// @param disputeId The dispute.
     /// @return slashed OPEN taken from the node's stake.
     function resolveDispute(uint256 disputeId) external nonReentrant returns (uint256 slashed) {
         Dispute storage dispute = _openDispute(disputeId);
         if (block.timestamp <= dispute.deadline) revert DisputeWindowOpen(disputeId, dispute.deadline, block.timestamp);
         dispute.status = DisputeStatus.Slashed;
+        --openDisputes[dispute.node];
         address challenger = dispute.challenger;
         uint256 bond = dispute.bond;
         // The only external call goes to our own Registry, which moves stake to this contract; the dispute is
         // already closed above, and nonReentrant covers the rest.
         slashed = _penalize(dispute.node, dispute.leafHash);
-        claimable[challenger] += slashed + bond;
+        claimable[challenger] += _reward(slashed) + bond;
         emit DisputeResolved(disputeId, dispute.node, challenger, slashed, bond);
     }
 
     /// @notice Prove at once that a signed receipt is not in the node's log: the checkpointed tree holds a
-    ///         different leaf at the receipt's seq. Slashes the node; the caller gets the slashed stake.
+    ///         different leaf at the receipt's seq. Slashes the node; the caller gets CHALLENGER_REWARD_BPS of the
+    ///         slash, the rest is burned.
     /// @param receipt A receipt the node signed, with seq below its latest checkpoint's tree size.
     /// @param signature The node's signature over the receipt.
     /// @param committedLeaf The leaf hash the checkpointed tree holds at position `receipt.seq`.
@@ -485,7 +526,7 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
             revert InvalidInclusionProof(receipt.node, receipt.seq, checkpoint.treeSize);
         }
         slashed = _penalize(receipt.node, leaf);
-        claimable[msg.sender] += slashed;
+        claimable[msg.sender] += _reward(slashed);
         emit MismatchProven(receipt.node, msg.sender, receipt.seq, leaf, committedLeaf, slashed);
     }
 
@@ -520,6 +561,12 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
         if (penalized[leaf]) return 0;
         penalized[leaf] = true;
         slashed = registry.slash(node, slashAmount, address(this));
+    }
+
+    /// @dev The challenger's share of a slash; the rest is burned (stays in this contract, claimable by no one).
+    function _reward(uint256 slashed) private returns (uint256 reward) {
+        reward = slashed * CHALLENGER_REWARD_BPS / TOTAL_BPS;
+        burned += slashed - reward;
     }
 
     function _push(address to, uint256 amount) private {

@@ -4,6 +4,11 @@ pragma solidity 0.8.28;
 import {IOpenToken} from "./lib/IOpenToken.sol";
 import {ReentrancyGuard} from "./lib/ReentrancyGuard.sol";
 
+/// @notice The ledger's count of a node's open disputes (documented in AttributionLedger.sol).
+interface IDisputeCount {
+    function openDisputes(address node) external view returns (uint256);
+}
+
 /// @title Registry
 /// @notice Who is who in Longtail: nodes (OPEN stake, HTTP endpoint, libp2p peer id, unstake delay),
 ///         Datanets (owner, records root, record count; the id is derived from those fields) and adapters
@@ -99,6 +104,7 @@ contract Registry is ReentrancyGuard {
     error SharesDoNotSum(uint256 sum);
     error AmountTooLarge(uint256 amount);
     error TokenTransferFailed();
+    error StakeUnderDispute(address node, uint256 openDisputes);
 
     /// @param token_ The OPEN token used for stake.
     /// @param minStake_ Stake a node needs to be active.
@@ -181,6 +187,11 @@ contract Registry is ReentrancyGuard {
         Node storage node = _registeredNode(msg.sender);
         amount = node.unbonding;
         if (amount == 0) revert NothingUnbonding(msg.sender);
+        // Stake that a dispute may still slash stays here until every dispute about the node is closed.
+        if (ledger != address(0)) {
+            uint256 open = IDisputeCount(ledger).openDisputes(msg.sender);
+            if (open != 0) revert StakeUnderDispute(msg.sender, open);
+        }
         if (block.timestamp < node.unbondingReadyAt) {
             revert UnbondingNotReady(msg.sender, node.unbondingReadyAt, block.timestamp);
         }
@@ -349,6 +360,18 @@ contract Registry is ReentrancyGuard {
     function adapterPayee(bytes32 adapterId) external view returns (address owner, uint256 datanetCount) {
         Adapter storage adapter = _adapters[adapterId];
         return (adapter.owner, adapter.datanetCount);
+    }
+
+    /// @notice Whether `datanetId` holds a share of `adapterId`'s Datanet pool (the ledger checks payouts with it).
+    /// @param adapterId The adapter.
+    /// @param datanetId The Datanet.
+    /// @return True if the adapter was registered with that Datanet.
+    function adapterHasDatanet(bytes32 adapterId, bytes32 datanetId) external view returns (bool) {
+        bytes32[] storage ids = _adapters[adapterId].datanetIds;
+        for (uint256 i = 0; i < ids.length; ++i) {
+            if (ids[i] == datanetId) return true;
+        }
+        return false;
     }
 
     // ---------------------------------------------------------------- internals

@@ -145,9 +145,15 @@ def _run(world, datanet: str, operations) -> None:
             previous = model.log_size[node]
             size = min(previous + grow, len(LEAVES))
             proof = consistency_proof(previous, LEAVES[:size]) if 0 < previous < size else []
-            ledger.post_checkpoint(nodes[n], size, mth(LEAVES[:size]), proof,
-                                   [Allocation(ADAPTER_X, rx), Allocation(ADAPTER_Y, ry), Allocation(BASE_MODEL_ADAPTER, rb)],
-                                   [Allocation(datanet, x_datanets)])
+            lines = [Allocation(a, r) for a, r in ((ADAPTER_X, rx), (ADAPTER_Y, ry), (BASE_MODEL_ADAPTER, rb)) if r]
+            datanets = [Allocation(datanet, x_datanets)] if x_datanets else []
+            if len(lines) > size - previous:
+                # Revenue needs receipts: each paid line must come with at least one new receipt in the log.
+                with reverts("RevenueWithoutReceipts"):
+                    ledger.post_checkpoint(nodes[n], size, mth(LEAVES[:size]), proof, lines, datanets)
+                _check(world, model, holders, supply)
+                continue
+            ledger.post_checkpoint(nodes[n], size, mth(LEAVES[:size]), proof, lines, datanets)
             model.log_size[node] = size
             revenue = rx + ry + rb
             model.revenue[node] -= revenue

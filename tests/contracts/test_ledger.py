@@ -30,6 +30,9 @@ from contracts_testkit import (
     sign_receipt,
 )
 
+# The challenger's bounded share of a slash (AttributionLedger.CHALLENGER_REWARD_BPS); the rest is burned.
+REWARD = TEST_PARAMS.slash_amount * 1_000 // 10_000
+
 ADAPTER_X = "0x" + keccak(b"adapter-x").hex()  # trained on Datanets A and B
 ADAPTER_Y = "0x" + keccak(b"adapter-y").hex()  # no Datanets
 
@@ -253,7 +256,8 @@ def test_unanswered_dispute_slashes_the_node(world, hidden):
         ledger.answer_dispute(world.node, dispute, [])
     assert ledger.resolve_dispute(world.deployer, dispute) == TEST_PARAMS.slash_amount
     assert world.registry.get_node(world.node.address).stake == TEST_PARAMS.min_stake - TEST_PARAMS.slash_amount
-    assert ledger.claimable(challenger.address) == TEST_PARAMS.slash_amount + TEST_PARAMS.dispute_bond
+    assert ledger.claimable(challenger.address) == REWARD + TEST_PARAMS.dispute_bond
+    assert ledger.burned() == TEST_PARAMS.slash_amount - REWARD
     assert ledger.get_dispute(dispute).status == "slashed"
     assert not world.registry.is_active_node(world.node.address)
     with reverts("DisputeNotOpen", disputeId=dispute, status=3):
@@ -303,12 +307,12 @@ def test_mismatch_proof_slashes_at_once(world, hidden):
         ledger.prove_mismatch(challenger, receipts[5], signatures[5], posted[4], inclusion_path(4, posted))
     slashed = ledger.prove_mismatch(challenger, receipts[5], signatures[5], posted[5], inclusion_path(5, posted))
     assert slashed == TEST_PARAMS.slash_amount
-    assert ledger.claimable(challenger.address) == TEST_PARAMS.slash_amount
+    assert ledger.claimable(challenger.address) == REWARD
     with reverts("AlreadyPenalized"):
         ledger.prove_mismatch(challenger, receipts[5], signatures[5], posted[5], inclusion_path(5, posted))
     before = world.token.balance_of(challenger.address)
     ledger.claim(challenger)
-    assert world.token.balance_of(challenger.address) == before + TEST_PARAMS.slash_amount
+    assert world.token.balance_of(challenger.address) == before + REWARD
 
 
 def test_unbonding_stake_is_still_slashable(world, hidden):
