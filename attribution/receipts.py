@@ -177,28 +177,36 @@ class AttributionVector:
 
     datanet_ids: tuple[str, ...] = ()
     weights_bps: tuple[int, ...] = ()
+    # How the weights were computed (docs/attribution.md, "Payment weight"): served in the body so an auditor can
+    # recompute them; not part of attributionHash, whose encoding DESIGN.md fixes.
+    evidence: dict[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datanet_ids", tuple(_hex32("datanetIds", d) for d in self.datanet_ids))
         object.__setattr__(self, "weights_bps", tuple(int(w) for w in self.weights_bps))
         validate_attribution(self.datanet_ids, self.weights_bps)
+        if self.evidence is not None and not isinstance(self.evidence, dict):
+            raise MalformedReceipt("attribution.evidence", self.evidence, "not an object")
 
     @functools.cached_property
     def hash(self) -> str:
         return attribution_hash(self.datanet_ids, self.weights_bps)
 
     @classmethod
-    def from_weights(cls, weights: dict[str, int]) -> AttributionVector:
+    def from_weights(cls, weights: dict[str, int], evidence: dict[str, Any] | None = None) -> AttributionVector:
         """Build from {datanetId: bps}, sorting ids and dropping zero weights."""
         items = sorted((_hex32("datanetIds", k), int(v)) for k, v in weights.items() if int(v))
-        return cls(tuple(k for k, _ in items), tuple(v for _, v in items))
+        return cls(tuple(k for k, _ in items), tuple(v for _, v in items), evidence)
 
     def to_json(self) -> dict[str, Any]:
-        return {"datanetIds": list(self.datanet_ids), "weightsBps": list(self.weights_bps)}
+        body = {"datanetIds": list(self.datanet_ids), "weightsBps": list(self.weights_bps)}
+        if self.evidence is not None:
+            body["evidence"] = self.evidence
+        return body
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AttributionVector:
-        return cls(tuple(data.get("datanetIds", ())), tuple(data.get("weightsBps", ())))
+        return cls(tuple(data.get("datanetIds", ())), tuple(data.get("weightsBps", ())), data.get("evidence"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,30 +1,39 @@
 """Span attribution: which Datanet records an output repeats verbatim, found through a suffix array.
 
-The OLMoTrace / infini-gram idea at the scale of one node: each Datanet's
+The OLMoTrace / infini-gram idea at the scale of one node. Each Datanet's
 records, in the base model's token ids, are concatenated with a separator and
-indexed once by a suffix array (libdivsufsort through pydivsufsort), saved as
-`.npz`. For an output we find the maximal spans of at least `min_span` tokens
-that occur in each of the adapter's Datanets, credit each output token to the
-Datanets holding the longest span over it, and discount tokens whose longest
-span several Datanets share.
+indexed once, ahead of time, by a suffix array (libdivsufsort through
+pydivsufsort). The index is one binary file (`span_index.lti`) that is
+memory-mapped, never copied into the heap: the text in 2-byte codes, the suffix
+array in 4-byte ranks, a 1-byte-per-token Bloom filter of the Datanet's 8-grams,
+the record tables; about 8 bytes per token in all (docs/attribution.md). Its
+header binds the tokenizer that produced the ids and the manifest's records
+root; a load that names another one is refused.
 
-Search is binary search over the suffix array: one pass finds which k-grams of
-the output occur at all, a second finds the longest match at those positions
-(the classic "LCP with the neighbours of the insertion point"), a third finds
-each span's occurrence interval, hence its records. Long outputs take the
-vectorized numpy search, every query at once; short ones (a node's typical
-answer) take the scalar one, Python's bisect over the text as big-endian bytes,
-because the numpy path's ~100 array calls cost more than the search itself at
-that size (docs/attribution.md). Each is tested against the other and against
-the brute-force definition.
+Search is binary search over the suffix array: the Bloom filter drops the
+output positions that cannot start a match, the longest match at the rest is
+the LCP with the insertion point's neighbours, and each span's occurrence
+interval gives its records. Short outputs take a scalar search (Python's bisect
+over the mapped text as big-endian bytes), long ones a vectorized numpy search;
+each is tested against the other and against the brute-force definition.
+
+Selecting and weighing spans (`attribute_output`) follows OLMoTrace: spans are
+trimmed to whole words and cut at delimiters, spans found in a reference corpus
+that is no Datanet are generic and earn nothing, very frequent spans are capped
+out, the rest are ranked by uniqueness (sum of unigram log-probabilities) under
+a budget proportional to the output's length, and each matched token is split
+evenly among every Datanet holding a kept span over it (docs/attribution.md).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
 import math
+import mmap
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,15 +47,22 @@ SEPARATOR = 0  # the compact alphabet's code between records; real tokens are 1.
 UNKNOWN = -1  # query tokens absent from a Datanet, and query padding: equal to nothing
 MAX_SPAN = 1024  # longest span reported in one piece (longer ones are truncated)
 DEFAULT_MIN_SPAN = 8
+# Span selection (docs/attribution.md, "Which spans count").
+MIN_WORDS = 4  # a span holds at least this many whole words as well as min_span tokens
+FREQUENCY_CAP = 64  # a span occurring more often than this in all the adapter's Datanets together is boilerplate
+SPAN_BUDGET_PER_TOKEN = 0.05  # at most ceil(0.05 * output tokens) distinct spans, the most unique first
 # Where the scalar search beats the vectorized one (measured, docs/attribution.md): the k-gram filter up to this many
 # output tokens, the search itself up to this many k-grams that passed the filter.
 SCALAR_FILTER_MAX_TOKENS = 256
 SCALAR_SEARCH_MAX_HITS = 64
 _HASH_MASK = (1 << 64) - 1
+INDEX_MAGIC = b"LTSPAN02"
+INDEX_VERSION = 2
+_ALIGN = 64
 
 
 class SpanIndexError(ValueError):
-    """An index file is missing, malformed, or built for another Datanet."""
+    """An index file is missing, malformed, or built for another Datanet, tokenizer or records root."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,45 +92,71 @@ class SpanHit:
         return self.hi - self.lo
 
 
+class _Strings:
+    """A read-only column of strings kept as one UTF-8 blob and end offsets (mapped, decoded on access)."""
+
+    def __init__(self, blob, ends: np.ndarray) -> None:
+        self._blob = blob
+        self._ends = ends
+
+    @classmethod
+    def of(cls, values: Sequence[str]) -> _Strings:
+        encoded = [v.encode("utf-8") for v in values]
+        ends = np.cumsum([len(e) for e in encoded], dtype=np.uint64) if encoded else np.zeros(0, np.uint64)
+        return cls(b"".join(encoded), ends)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i) -> str:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        start = int(self._ends[i - 1]) if i else 0
+        return bytes(self._blob[start:int(self._ends[i])]).decode("utf-8")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def tolist(self) -> list[str]:
+        return list(self)
+
+
 class SpanIndex:
-    """A suffix array over one Datanet's records in token ids, with a position → record map."""
+    """A suffix array over one Datanet's records in token ids, with a position → record map and a k-gram filter."""
 
-    def __init__(self, datanet_id: str, vocabulary: np.ndarray, tokens: np.ndarray, suffix_array: np.ndarray,
-                 record_starts: np.ndarray, record_ids: np.ndarray, contributors: np.ndarray) -> None:
-        self.datanet_id = datanet_id
-        self.vocabulary = vocabulary.astype(np.int64, copy=False)
-        self.tokens = tokens
-        self.suffix_array = suffix_array.astype(np.int64, copy=False)
-        self.record_starts = record_starts.astype(np.int64, copy=False)
-        self.record_ids = record_ids
-        self.contributors = contributors
-        # int32 with MAX_SPAN separators after the end, so any window of a suffix can be gathered.
-        self._text = np.concatenate([tokens.astype(np.int32), np.full(MAX_SPAN, SEPARATOR, np.int32)])
-        self._steps = max(1, len(self.suffix_array).bit_length())
-        # The first few codes of every suffix packed into one integer, in suffix-array order: numpy's
-        # searchsorted on it narrows each binary search to the suffixes sharing that prefix, in C.
-        self._prefix_tokens = 4 if len(self.vocabulary) < 2**16 - 1 else 2
-        shift = 64 // self._prefix_tokens
-        prefix = np.zeros(self.size, np.uint64)
-        for j in range(self._prefix_tokens):
-            prefix |= self._text[self.suffix_array + j].astype(np.uint64) << np.uint64(shift * (self._prefix_tokens - 1 - j))
-        self._prefix = prefix
-        self._gram_hashes: dict[int, np.ndarray] = {}
-        # The scalar search compares suffixes as byte strings: codes big-endian and of one width sort as the
-        # codes do, and the padding separators sort below every real code, as in the arrays above.
-        self._code_bytes = 2 if len(self.vocabulary) < 2**16 - 1 else 4
-        self._text_bytes = self._text.astype(f">u{self._code_bytes}").tobytes()
-        self._suffix_starts = memoryview(np.ascontiguousarray(self.suffix_array))
-
-    @property
-    def size(self) -> int:
-        """Number of indexed positions (tokens plus one separator per record)."""
-        return len(self.suffix_array)
+    def __init__(self, datanet_id: str, vocabulary: np.ndarray, text: np.ndarray, suffix_array: np.ndarray,
+                 record_starts: np.ndarray, record_ids: Sequence[str] | _Strings, contributors: Sequence[str] | _Strings,
+                 gram_filter: np.ndarray, filter_k: int, tokenizer_id: str = "", records_root: str = "",
+                 text_buffer=None, text_offset: int = 0) -> None:
+        self.datanet_id = datanet_id.lower()
+        self.vocabulary = np.asarray(vocabulary, dtype="<i4")  # token ids fit 31 bits; 4 bytes per distinct token
+        self.size = len(suffix_array)
+        # `text` is the codes, big-endian, followed by MAX_SPAN separators so any window of a suffix can be read.
+        self._text = text
+        self.tokens = text[:self.size]
+        self.suffix_array = suffix_array
+        self.record_starts = record_starts
+        self.record_ids = record_ids if isinstance(record_ids, _Strings) else _Strings.of(list(record_ids))
+        self.contributors = contributors if isinstance(contributors, _Strings) else _Strings.of(list(contributors))
+        self.gram_filter = gram_filter
+        self.filter_k = filter_k
+        self._filter_bits = (len(gram_filter) * 8).bit_length() - 1
+        self.tokenizer_id = tokenizer_id
+        self.records_root = records_root.lower()
+        self._steps = max(1, self.size.bit_length())
+        self._code_bytes = text.dtype.itemsize
+        # The scalar search compares suffixes as byte strings: big-endian codes of one width sort as the codes do.
+        self._text_bytes = text_buffer if text_buffer is not None else text.tobytes()
+        self._text_offset = text_offset
+        self._suffix_starts = memoryview(np.ascontiguousarray(suffix_array)).cast("B").cast(
+            "I" if suffix_array.dtype.itemsize == 4 else "Q")
 
     # --- building and storage -------------------------------------------------------------------
 
     @classmethod
-    def build(cls, datanet_id: str, records: Iterable[IndexedRecord]) -> SpanIndex:
+    def build(cls, datanet_id: str, records: Iterable[IndexedRecord], tokenizer_id: str = "", records_root: str = "",
+              filter_k: int = DEFAULT_MIN_SPAN) -> SpanIndex:
         records = list(records)
         if not records:
             raise SpanIndexError(f"datanet {datanet_id} has no records to index")
@@ -124,33 +166,94 @@ class SpanIndex:
         vocabulary = np.unique(flat[real])
         codes = np.zeros(len(flat), dtype=np.int64)
         codes[real] = np.searchsorted(vocabulary, flat[real]) + 1
-        dtype = np.uint16 if len(vocabulary) < 2**16 - 1 else np.uint32
-        tokens = codes.astype(dtype)
+        wide = len(vocabulary) >= 2**16 - 1
+        native = codes.astype(np.uint32 if wide else np.uint16)
         # pydivsufsort sorts wider integers as big-endian byte strings: token order is preserved.
-        suffix_array = np.asarray(divsufsort(tokens), dtype=np.int64)
-        record_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        return cls(datanet_id, vocabulary, tokens, suffix_array, record_starts,
-                   np.array([r.record_id for r in records]), np.array([r.contributor for r in records]))
+        sa_dtype = np.uint32 if len(codes) < 2**32 else np.uint64
+        suffix_array = np.asarray(divsufsort(native)).astype(sa_dtype)
+        text = np.concatenate([native, np.zeros(MAX_SPAN, native.dtype)]).astype(">u4" if wide else ">u2")
+        record_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(sa_dtype)
+        return cls(datanet_id, vocabulary, text, suffix_array, record_starts,
+                   [r.record_id for r in records], [r.contributor for r in records],
+                   _bloom(codes, filter_k), filter_k, tokenizer_id, records_root)
 
     def save(self, path: Path) -> None:
+        """One file: magic, header length, JSON header, then each array at a 64-byte aligned offset."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as out:
-            np.savez(out, datanet_id=np.array(self.datanet_id), vocabulary=self.vocabulary, tokens=self.tokens,
-                     suffix_array=self.suffix_array.astype(np.int32 if self.size < 2**31 else np.int64),
-                     record_starts=self.record_starts, record_ids=self.record_ids, contributors=self.contributors)
+        arrays = {
+            "vocabulary": np.ascontiguousarray(self.vocabulary, "<i4"),
+            "text": np.ascontiguousarray(self._text),
+            "suffix_array": np.ascontiguousarray(self.suffix_array),
+            "record_starts": np.ascontiguousarray(self.record_starts),
+            "gram_filter": np.ascontiguousarray(self.gram_filter, np.uint8),
+            "record_id_ends": np.ascontiguousarray(self.record_ids._ends, "<u8"),
+            "record_id_blob": np.frombuffer(bytes(self.record_ids._blob), np.uint8),
+            "contributor_ends": np.ascontiguousarray(self.contributors._ends, "<u8"),
+            "contributor_blob": np.frombuffer(bytes(self.contributors._blob), np.uint8),
+        }
+        sections, offset = {}, 0
+        for name, array in arrays.items():
+            sections[name] = [offset, len(array), array.dtype.str]
+            offset += -(-array.nbytes // _ALIGN) * _ALIGN
+        header = json.dumps({"version": INDEX_VERSION, "datanetId": self.datanet_id, "tokenizerId": self.tokenizer_id,
+                             "recordsRoot": self.records_root, "positions": self.size, "filterK": self.filter_k,
+                             "sections": sections}, sort_keys=True).encode()
+        start = -(-(len(INDEX_MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(INDEX_MAGIC + len(header).to_bytes(8, "little") + header)
+            for name, array in arrays.items():
+                out.seek(start + sections[name][0])
+                out.write(array.tobytes())
+            out.truncate(start + offset)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)  # a reader never maps a half-written index
 
     @classmethod
-    def load(cls, path: Path, datanet_id: str | None = None) -> SpanIndex:
+    def load(cls, path: Path, datanet_id: str | None = None, tokenizer_id: str | None = None,
+             records_root: str | None = None) -> SpanIndex:
+        """Map an index file; refuse one for another Datanet, tokenizer or records root than the caller names."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                index = cls(str(data["datanet_id"]), data["vocabulary"], data["tokens"], data["suffix_array"],
-                            data["record_starts"], data["record_ids"], data["contributors"])
-        except (OSError, KeyError, ValueError) as error:
+            with open(path, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            if mapped[:len(INDEX_MAGIC)] != INDEX_MAGIC:
+                raise ValueError("not a span index (bad magic)")
+            length = int.from_bytes(mapped[len(INDEX_MAGIC):len(INDEX_MAGIC) + 8], "little")
+            if length > 1 << 20:
+                raise ValueError("header too long")
+            header = json.loads(mapped[len(INDEX_MAGIC) + 8:len(INDEX_MAGIC) + 8 + length])
+            if header.get("version") != INDEX_VERSION:
+                raise ValueError(f"index version {header.get('version')}, this node reads {INDEX_VERSION}")
+            start = -(-(len(INDEX_MAGIC) + 8 + length) // _ALIGN) * _ALIGN
+            arrays = {}
+            for name, (offset, count, dtype) in header["sections"].items():
+                arrays[name] = np.frombuffer(mapped, np.dtype(dtype), int(count), start + int(offset))
+            positions = int(header["positions"])
+            if len(arrays["suffix_array"]) != positions or len(arrays["text"]) != positions + MAX_SPAN:
+                raise ValueError("section sizes disagree with the header")
+            index = cls(str(header["datanetId"]), arrays["vocabulary"], arrays["text"], arrays["suffix_array"],
+                        arrays["record_starts"], _Strings(arrays["record_id_blob"], arrays["record_id_ends"]),
+                        _Strings(arrays["contributor_blob"], arrays["contributor_ends"]), arrays["gram_filter"],
+                        int(header["filterK"]), str(header["tokenizerId"]), str(header["recordsRoot"]),
+                        text_buffer=mapped, text_offset=start + int(header["sections"]["text"][0]))
+        except (OSError, KeyError, ValueError, TypeError) as error:
             raise SpanIndexError(f"cannot load span index {path}: {error}") from error
         if datanet_id is not None and index.datanet_id != datanet_id.lower():
             raise SpanIndexError(f"{path} indexes datanet {index.datanet_id}, not {datanet_id}")
+        if tokenizer_id is not None and index.tokenizer_id != tokenizer_id:
+            raise SpanIndexError(f"{path} was built with tokenizer {index.tokenizer_id!r}, not {tokenizer_id!r}")
+        if records_root is not None and index.records_root != records_root.lower():
+            raise SpanIndexError(f"{path} covers records root {index.records_root}, the manifest says {records_root}")
         return index
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the index occupies when mapped (the whole file is the in-memory form)."""
+        return sum(a.nbytes for a in (self.vocabulary, self._text, self.suffix_array, self.record_starts,
+                                      self.gram_filter, self.record_ids._ends, self.contributors._ends)) \
+            + len(self.record_ids._blob) + len(self.contributors._blob)
 
     # --- search ---------------------------------------------------------------------------------
 
@@ -163,34 +266,8 @@ class SpanIndex:
         return np.where(known, position + 1, UNKNOWN).astype(np.int32)
 
     def _windows(self, suffix_ranks: np.ndarray, width: int) -> np.ndarray:
-        starts = self.suffix_array[np.minimum(suffix_ranks, self.size - 1)]
-        return self._text[starts[:, None] + np.arange(width)]
-
-    def _prefix_range(self, patterns: np.ndarray, lengths: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Suffix ranks [lo, hi) sharing each pattern's first known codes, found with searchsorted.
-
-        A column past the pattern's length, or holding UNKNOWN, leaves the rest free:
-        zeros from there on give the lowest key, all ones the highest.
-        """
-        tokens = self._prefix_tokens
-        shift = 64 // tokens
-        columns = patterns[:, :tokens].astype(np.int64)
-        usable = columns >= 0
-        if lengths is not None:
-            usable &= np.arange(columns.shape[1])[None, :] < lengths[:, None]
-        usable = np.cumprod(usable, axis=1).astype(bool)
-        low = np.zeros(len(patterns), np.uint64)
-        high = np.zeros(len(patterns), np.uint64)
-        field_max = np.uint64((1 << shift) - 1)
-        for j in range(columns.shape[1]):
-            place = np.uint64(shift * (tokens - 1 - j))
-            value = np.where(usable[:, j], columns[:, j], 0).astype(np.uint64)
-            low |= value << place
-            high |= np.where(usable[:, j], value, field_max) << place
-        for j in range(columns.shape[1], tokens):
-            high |= field_max << np.uint64(shift * (tokens - 1 - j))
-        return (np.searchsorted(self._prefix, low, side="left").astype(np.int64),
-                np.searchsorted(self._prefix, high, side="right").astype(np.int64))
+        starts = self.suffix_array[np.minimum(suffix_ranks, self.size - 1)].astype(np.int64)
+        return self._text[starts[:, None] + np.arange(width)].astype(np.int32)
 
     def _bound(self, patterns: np.ndarray, lengths: np.ndarray | None, upper: bool | np.ndarray) -> np.ndarray:
         """Vectorized binary search: first suffix rank whose prefix is >= (or > when `upper`) each pattern.
@@ -198,7 +275,8 @@ class SpanIndex:
         Only the first `lengths[i]` columns of pattern i are compared (all when None).
         """
         count, width = patterns.shape
-        lo, hi = self._prefix_range(patterns, lengths)
+        lo = np.zeros(count, np.int64)
+        hi = np.full(count, self.size, np.int64)
         rows = np.arange(count)
         mask = None if lengths is None else np.arange(width)[None, :] < lengths[:, None]
         for _ in range(self._steps + 1):
@@ -233,13 +311,9 @@ class SpanIndex:
         query = self.encode(token_ids)
         if len(query) < min_span:
             return []
-        codes = query.tolist()
-        if len(query) <= SCALAR_FILTER_MAX_TOKENS:
-            hits = self._gram_hits_scalar(codes, min_span)
-        else:
-            hits = self._gram_hits_vectorized(query, min_span).tolist()
+        hits = self._gram_hits(query, min_span, scalar=len(query) <= SCALAR_FILTER_MAX_TOKENS)
         if len(hits) <= SCALAR_SEARCH_MAX_HITS:
-            return self._spans_scalar(codes, hits, min_span)
+            return self._spans_scalar(query.tolist(), hits, min_span)
         return self._spans_vectorized(query, np.asarray(hits, np.int64), min_span)
 
     def find_spans_vectorized(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
@@ -247,47 +321,28 @@ class SpanIndex:
         query = self.encode(token_ids)
         if len(query) < min_span:
             return []
-        return self._spans_vectorized(query, self._gram_hits_vectorized(query, min_span), min_span)
+        return self._spans_vectorized(query, np.asarray(self._gram_hits(query, min_span, False), np.int64), min_span)
 
     def find_spans_scalar(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
         """`find_spans` with every stage in Python, one position at a time (bisect over byte strings)."""
-        codes = self.encode(token_ids).tolist()
-        if len(codes) < min_span:
+        query = self.encode(token_ids)
+        if len(query) < min_span:
             return []
-        return self._spans_scalar(codes, self._gram_hits_scalar(codes, min_span), min_span)
+        return self._spans_scalar(query.tolist(), self._gram_hits(query, min_span, True), min_span)
 
-    # Stage 1: which k-grams occur at all (a hash set, exact after stage 2). Most of an output usually does not,
-    # and is dropped here without touching the suffix array.
+    # Stage 1: which positions can start a match: their min_span window holds no unknown token and, when the
+    # filter's k is at most min_span, the k-gram there is in the Datanet's Bloom filter. Most of an output usually
+    # fails, and is dropped here without touching the suffix array.
 
-    def _gram_hits_vectorized(self, query: np.ndarray, min_span: int) -> np.ndarray:
-        found = self._known_grams(_rolling_hashes(query, min_span), min_span)
-        return np.flatnonzero(found & (_rolling_min(query, min_span) > 0))
-
-    def _gram_hits_scalar(self, codes: list[int], min_span: int) -> list[int]:
-        """The same hashes as `_rolling_hashes`, rolled in Python: one multiply-add per token."""
-        multiplier = int(_HASH_MULTIPLIER)
-        leading = pow(multiplier, min_span - 1, 1 << 64)
-        starts, hashes = [], []
-        value, clean_from = 0, 0
-        for position, code in enumerate(codes):
-            if code <= 0:
-                clean_from = position + 1
-            if position >= min_span:
-                value -= (codes[position - min_span] + 1) * leading
-            value = (value * multiplier + code + 1) & _HASH_MASK
-            start = position - min_span + 1
-            if start >= clean_from:  # a k-gram with no unknown token
-                starts.append(start)
-                hashes.append(value)
-        if not starts:
-            return []
-        found = self._known_grams(np.array(hashes, np.uint64), min_span)
-        return [start for start, present in zip(starts, found.tolist(), strict=True) if present]
-
-    def _known_grams(self, hashes: np.ndarray, k: int) -> np.ndarray:
-        """Whether each k-gram hash is one of the text's (sorted-array membership by searchsorted)."""
-        known = self._gram_set(k)
-        return known[np.minimum(np.searchsorted(known, hashes), len(known) - 1)] == hashes
+    def _gram_hits(self, query: np.ndarray, min_span: int, scalar: bool) -> list[int]:
+        count = len(query) - min_span + 1
+        unknown = np.concatenate([[0], np.cumsum(query <= 0)])
+        clean = np.flatnonzero(unknown[min_span:min_span + count] - unknown[:count] == 0)
+        if not len(clean) or self.filter_k > min_span:
+            return clean.tolist()
+        k = self.filter_k
+        hashes = _rolling_hashes_scalar(query.tolist(), k) if scalar else _rolling_hashes(query, k)
+        return clean[_bloom_contains(self.gram_filter, self._filter_bits, hashes[clean])].tolist()
 
     # Stages 2 and 3: the longest match at each hit (a run of consecutive hits bounds how far it can reach), then
     # the maximal spans (a span is not maximal when the one starting a token earlier covers it) and their
@@ -306,7 +361,7 @@ class SpanIndex:
         windows[np.arange(width)[None, :] >= reach[:, None]] = UNKNOWN
         insertion = self._bound(windows, None, upper=False)
         longest = np.maximum(self._common_prefix(insertion - 1, windows), self._common_prefix(insertion, windows))
-        real = longest >= min_span  # hash collisions end here
+        real = longest >= min_span  # filter false positives end here
         hits, longest = hits[real], longest[real]
         if not len(hits):
             return []
@@ -321,12 +376,16 @@ class SpanIndex:
         lo, hi = both[:len(hits)], both[len(hits):]
         return [SpanHit(int(s), int(s + n), int(a), int(b)) for s, n, a, b in zip(hits, longest, lo, hi, strict=True)]
 
+    def _query_bytes(self, codes: list[int]) -> bytes:
+        width = self._code_bytes
+        # Unknown tokens are never inside a searched window (stage 1), so their bytes are never compared.
+        return b"".join(code.to_bytes(width, "big") if code > 0 else bytes(width) for code in codes)
+
     def _spans_scalar(self, codes: list[int], hits: list[int], min_span: int) -> list[SpanHit]:
         if not hits:
             return []
         width = self._code_bytes
-        # A hit's window never holds an unknown token (each of its k-grams is clean), so their bytes are never read.
-        query = b"".join(code.to_bytes(width, "big") if code > 0 else bytes(width) for code in codes)
+        query = self._query_bytes(codes)
         run_ends: list[int] = []
         for index in range(len(hits) - 1, -1, -1):
             last_of_run = index == len(hits) - 1 or hits[index + 1] != hits[index] + 1
@@ -337,7 +396,7 @@ class SpanIndex:
             pattern = query[width * start:width * (start + min(run_end - start, MAX_SPAN))]
             rank = self._lower_bound(pattern)
             longest = max(self._common_codes(rank - 1, pattern), self._common_codes(rank, pattern))
-            if longest >= min_span:  # hash collisions end here
+            if longest >= min_span:  # filter false positives end here
                 matches.append((start, longest))
         spans: list[SpanHit] = []
         for index, (start, longest) in enumerate(matches):
@@ -347,9 +406,14 @@ class SpanIndex:
             spans.append(SpanHit(start, start + longest, self._lower_bound(pattern), self._upper_bound(pattern)))
         return spans
 
+    def interval(self, codes: Sequence[int]) -> tuple[int, int]:
+        """Suffix-array interval [lo, hi) of the suffixes starting with `codes` (this index's codes, all known)."""
+        pattern = self._query_bytes(list(codes))
+        return self._lower_bound(pattern), self._upper_bound(pattern)
+
     def _suffix_key(self, length: int):
-        text, starts, width = self._text_bytes, self._suffix_starts, self._code_bytes
-        return lambda rank: text[width * starts[rank]:width * starts[rank] + length]
+        text, starts, width, base = self._text_bytes, self._suffix_starts, self._code_bytes, self._text_offset
+        return lambda rank: text[base + width * starts[rank]:base + width * starts[rank] + length]
 
     def _lower_bound(self, pattern: bytes) -> int:
         """First suffix rank whose first len(pattern) bytes are >= pattern."""
@@ -364,7 +428,7 @@ class SpanIndex:
         if not 0 <= rank < self.size:
             return 0
         width = self._code_bytes
-        offset = width * self._suffix_starts[rank]
+        offset = self._text_offset + width * self._suffix_starts[rank]
         text = self._text_bytes
         # Binary search on the prefix length: each probe is one bytes comparison in C.
         shared, longest = 0, len(pattern) // width
@@ -376,24 +440,17 @@ class SpanIndex:
                 longest = middle - 1
         return shared
 
-    def _gram_set(self, k: int) -> np.ndarray:
-        """Sorted hashes of every k-gram of the text that holds no separator, built once per k."""
-        if k not in self._gram_hashes:
-            text = self._text[:len(self.tokens)]
-            hashes = _rolling_hashes(text, k)
-            self._gram_hashes[k] = np.unique(hashes[_rolling_min(text, k) > 0])
-        return self._gram_hashes[k]
-
     def records_of(self, hit: SpanHit, max_occurrences: int = 256) -> np.ndarray:
         """Record numbers holding the span (an evenly spaced sample when it occurs very often)."""
         ranks = np.arange(hit.lo, hit.hi)
         if len(ranks) > max_occurrences:
             ranks = ranks[np.linspace(0, len(ranks) - 1, max_occurrences).astype(np.int64)]
-        positions = self.suffix_array[ranks]
-        return np.unique(np.searchsorted(self.record_starts, positions, side="right") - 1)
+        positions = self.suffix_array[ranks].astype(np.int64)
+        return np.unique(np.searchsorted(self.record_starts.astype(np.int64), positions, side="right") - 1)
 
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xBF58476D1CE4E5B9)
 
 
 def _rolling_hashes(codes: np.ndarray, k: int) -> np.ndarray:
@@ -401,7 +458,7 @@ def _rolling_hashes(codes: np.ndarray, k: int) -> np.ndarray:
     count = len(codes) - k + 1
     if count <= 0:
         return np.zeros(0, np.uint64)
-    values = codes.astype(np.int64).astype(np.uint64)
+    values = np.asarray(codes).astype(np.int64).astype(np.uint64)
     hashes = np.zeros(count, np.uint64)
     with np.errstate(over="ignore"):
         for j in range(k):
@@ -409,15 +466,228 @@ def _rolling_hashes(codes: np.ndarray, k: int) -> np.ndarray:
     return hashes
 
 
-def _rolling_min(codes: np.ndarray, k: int) -> np.ndarray:
-    """Minimum code in each k-gram: > 0 means no separator and no unknown token inside."""
+def _rolling_hashes_scalar(codes: list[int], k: int) -> np.ndarray:
+    """`_rolling_hashes` rolled in Python, one multiply-add per token: cheaper than numpy's k passes when short."""
+    multiplier = int(_HASH_MULTIPLIER)
+    leading = pow(multiplier, k - 1, 1 << 64)
+    hashes, value = [], 0
+    for position, code in enumerate(codes):
+        if position >= k:
+            value -= ((codes[position - k] + 1) & _HASH_MASK) * leading
+        value = (value * multiplier + code + 1) & _HASH_MASK
+        if position >= k - 1:
+            hashes.append(value)
+    return np.array(hashes, np.uint64)
+
+
+def _bloom_probes(hashes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(over="ignore"):
+        first = hashes >> np.uint64(64 - bits)
+        second = ((hashes ^ (hashes >> np.uint64(31))) * _MIX) >> np.uint64(64 - bits)
+    return first, second
+
+
+def _bloom(codes: np.ndarray, k: int) -> np.ndarray:
+    """A Bloom filter (2 probes, 6-12 bits per k-gram) of the k-grams holding no separator."""
+    grams = _rolling_hashes(codes, k)
     count = len(codes) - k + 1
-    if count <= 0:
-        return np.zeros(0, np.int64)
-    minimum = codes[:count].astype(np.int64)
-    for j in range(1, k):
-        minimum = np.minimum(minimum, codes[j:j + count])
-    return minimum
+    if count > 0:
+        minimum = codes[:count].copy()
+        for j in range(1, k):
+            np.minimum(minimum, codes[j:j + count], out=minimum)
+        grams = grams[minimum > 0]
+    bits = max(9, int(math.ceil(math.log2(max(1, 6 * len(grams))))))
+    table = np.zeros(1 << (bits - 3), np.uint8)
+    for probe in _bloom_probes(grams, bits):
+        probe = np.unique(probe)
+        np.bitwise_or.at(table, (probe >> np.uint64(3)).astype(np.int64), (1 << (probe & np.uint64(7))).astype(np.uint8))
+    return table
+
+
+def _bloom_contains(table: np.ndarray, bits: int, hashes: np.ndarray) -> np.ndarray:
+    found = np.ones(len(hashes), bool)
+    for probe in _bloom_probes(hashes, bits):
+        found &= (table[(probe >> np.uint64(3)).astype(np.int64)] >> (probe & np.uint64(7)).astype(np.uint8)) & 1 == 1
+    return found
+
+
+# --- what a token is: words, delimiters, how common -----------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Lexicon:
+    """Per token id: whether it begins / ends inside a word, whether it is a delimiter, its unigram log-probability.
+
+    Built from the tokenizer's vocabulary and the reference corpus's counts. Without one (`Lexicon.plain`), every
+    token is a word of its own, nothing is a delimiter and every token is equally likely: the token-level rules.
+    """
+
+    begins_word: np.ndarray  # bool: the token's first character is a letter or digit
+    ends_word: np.ndarray  # bool: its last character is
+    delimiter: np.ndarray  # bool: holds a newline (spans may not cross it)
+    log_prob: np.ndarray  # float32, natural log, add-one smoothed counts
+
+    @classmethod
+    def plain(cls) -> Lexicon:
+        return cls(np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, np.float32))
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, counts: np.ndarray | None = None) -> Lexicon:
+        size = len(tokenizer)
+        texts = [_token_text(tokenizer, i) for i in range(size)]
+        begins = np.array([bool(t) and (t[0].isalnum() or t[0] == "\ufffd") for t in texts])
+        ends = np.array([bool(t) and (t[-1].isalnum() or t[-1] == "\ufffd") for t in texts])
+        delimiter = np.array(["\n" in t for t in texts])
+        counts = np.zeros(size, np.int64) if counts is None else np.asarray(counts[:size], np.int64)
+        log_prob = np.log((counts + 1) / (counts.sum() + size)).astype(np.float32)
+        return cls(begins, ends, delimiter, log_prob)
+
+    def _lookup(self, table: np.ndarray, ids: np.ndarray, default) -> np.ndarray:
+        inside = (ids >= 0) & (ids < len(table))
+        out = np.full(len(ids), default, dtype=table.dtype if len(table) else type(default))
+        out[inside] = table[ids[inside]]
+        return out
+
+    def boundaries(self, ids: np.ndarray) -> np.ndarray:
+        """boundary[i]: a word may start at token i (i in 0..n); a word continues where two letters/digits meet."""
+        begins = self._lookup(self.begins_word, ids, False)
+        ends = self._lookup(self.ends_word, ids, False)
+        inside = np.concatenate([[False], ends[:-1] & begins[1:], [False]]) if len(ids) else np.array([False])
+        return ~inside
+
+    def words(self, ids: np.ndarray) -> np.ndarray:
+        """word_start[i]: token i begins a word of letters/digits (cumulated, it counts whole words in a span)."""
+        begins = self._lookup(self.begins_word, ids, True)
+        return begins & self.boundaries(ids)[:-1]
+
+    def delimiters(self, ids: np.ndarray) -> np.ndarray:
+        return self._lookup(self.delimiter, ids, False)
+
+    def log_probs(self, ids: np.ndarray) -> np.ndarray:
+        return self._lookup(self.log_prob, ids, np.float32(0.0))
+
+    def save(self, path: Path) -> None:
+        np.savez(path, begins_word=self.begins_word, ends_word=self.ends_word, delimiter=self.delimiter,
+                 log_prob=self.log_prob)
+
+    @classmethod
+    def load(cls, path: Path) -> Lexicon:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls(data["begins_word"], data["ends_word"], data["delimiter"], data["log_prob"])
+        except (OSError, KeyError, ValueError) as error:
+            raise SpanIndexError(f"cannot load lexicon {path}: {error}") from error
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: which byte each printable stand-in character means."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    mapped, extra = list(visible), 0
+    for byte in range(256):
+        if byte not in visible:
+            visible.append(byte)
+            mapped.append(256 + extra)
+            extra += 1
+    return {chr(m): b for b, m in zip(visible, mapped, strict=True)}
+
+
+_BYTES = _byte_decoder()
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if piece is None:
+        return ""
+    if all(ch in _BYTES for ch in piece):
+        return bytes(_BYTES[ch] for ch in piece).decode("utf-8", errors="replace")
+    return piece.replace("▁", " ")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What binds an index to the tokenizer that made its ids: SHA-256 of the vocabulary (token → id), sorted."""
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    return f"{type(tokenizer).__name__}:{len(tokenizer)}:sha256:{digest[:32]}"
+
+
+# --- the reference corpus: generic text that is no Datanet ----------------------------------------
+
+
+@dataclasses.dataclass
+class Reference:
+    """Text that belongs to nobody (docs/attribution.md): its index marks generic spans, its counts give the lexicon."""
+
+    index: SpanIndex | None
+    lexicon: Lexicon
+
+    @classmethod
+    def plain(cls) -> Reference:
+        return cls(None, Lexicon.plain())
+
+
+REFERENCE_INDEX = "reference.lti"
+REFERENCE_LEXICON = "lexicon.npz"
+
+
+def reference_texts(max_bytes: int = 6_000_000) -> list[str]:
+    """The reference corpus: the Python standard library's own sources (code, docstrings, comments in English),
+    which every node installs with its interpreter, plus generated number lists and dates; deterministic."""
+    import sysconfig
+
+    texts = [", ".join(str(i * step) for i in range(start, start + 40))
+             for step in (1, 2, 3, 4, 5, 10, 20, 25, 50, 100, 1000) for start in (0, 1)]
+    texts += [f"{year}-{month:02d}-{day:02d}" + f" {day} {name} {year}"
+              for year in range(1990, 2031) for month, name in enumerate(
+                  ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+                   "October", "November", "December"), start=1) for day in (1, 15, 28)]
+    total = sum(map(len, texts))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
+        if path.parent != stdlib and "test" in path.parent.name:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def build_reference(folder: Path, tokenizer, max_bytes: int = 6_000_000) -> Reference:
+    """Tokenize and index the reference corpus, count its tokens for the lexicon; write both into `folder`."""
+    texts = reference_texts(max_bytes)
+    token_ids = tokenize_records(texts, tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    root = "0x" + hashlib.sha256(b"\0".join(t.encode() for t in texts)).hexdigest()
+    index = SpanIndex.build("reference", (IndexedRecord(f"ref-{i}", "0x" + "00" * 20, ids)
+                                          for i, ids in enumerate(token_ids)), fingerprint, root)
+    counts = np.bincount(np.fromiter((t for ids in token_ids for t in ids), np.int64), minlength=len(tokenizer))
+    lexicon = Lexicon.from_tokenizer(tokenizer, counts)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index.save(folder / REFERENCE_INDEX)
+    lexicon.save(folder / REFERENCE_LEXICON)
+    return Reference(SpanIndex.load(folder / REFERENCE_INDEX), lexicon)
+
+
+def load_reference(folder: Path, tokenizer_id: str | None = None) -> Reference:
+    folder = Path(folder)
+    return Reference(SpanIndex.load(folder / REFERENCE_INDEX, "reference", tokenizer_id),
+                     Lexicon.load(folder / REFERENCE_LEXICON))
+
+
+def ensure_reference(folder: Path, tokenizer) -> Reference:
+    """The reference for this tokenizer, built once ahead of time (never on a request)."""
+    try:
+        return load_reference(folder, tokenizer_fingerprint(tokenizer))
+    except SpanIndexError:
+        return build_reference(folder, tokenizer)
+
+
+# --- weighing ---------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +702,11 @@ class RecordWeight:
 
 @dataclasses.dataclass(frozen=True)
 class SpanAttribution:
-    """The result of matching one output: Datanet weights, the spans, and credit down to records."""
+    """The result of matching one output: Datanet weights, the spans, and credit down to records.
+
+    `matched_tokens` counts the output tokens that earned credit (inside a kept span, not generic);
+    the payment rule weighs the span vector by matched_tokens / output_tokens (node/attributor.py).
+    """
 
     vector: AttributionVector
     spans: tuple[MatchedSpan, ...]
@@ -440,12 +714,14 @@ class SpanAttribution:
     contributors: tuple[tuple[str, str, float], ...]
     matched_tokens: int
     output_tokens: int
+    generic_tokens: int = 0
 
     def to_json(self) -> dict:
         return {"attribution": self.vector.to_json(), "spans": [s.to_json() for s in self.spans],
                 "records": [dataclasses.asdict(r) for r in self.records],
                 "contributors": [{"datanetId": d, "contributor": c, "weight": w} for d, c, w in self.contributors],
-                "matchedTokens": self.matched_tokens, "outputTokens": self.output_tokens}
+                "matchedTokens": self.matched_tokens, "outputTokens": self.output_tokens,
+                "genericTokens": self.generic_tokens}
 
 
 def to_basis_points(weights: dict[str, float]) -> dict[str, int]:
@@ -461,73 +737,142 @@ def to_basis_points(weights: dict[str, float]) -> dict[str, int]:
     return {key: value for key, value in rounded.items() if value > 0}
 
 
+def _pieces(start: int, end: int, boundaries: np.ndarray, delimiters: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) cut at delimiter tokens (which belong to no piece), each piece trimmed to whole words."""
+    pieces, s = [], start
+    for i in [*np.flatnonzero(delimiters[start:end]) + start, end]:
+        lo, hi = s, int(i)
+        while lo < hi and not boundaries[lo]:
+            lo += 1
+        while hi > lo and not boundaries[hi]:
+            hi -= 1
+        if hi > lo:
+            pieces.append((lo, hi))
+        s = int(i) + 1
+    return pieces
+
+
+@dataclasses.dataclass
+class _Candidate:
+    start: int
+    end: int
+    holders: list[tuple[int, int, int]]  # (index number, lo, hi) of each Datanet holding the piece
+
+
+def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], reference: Reference | None = None,
+                 min_span: int = DEFAULT_MIN_SPAN, min_words: int = MIN_WORDS, frequency_cap: int = FREQUENCY_CAP,
+                 budget_per_token: float = SPAN_BUDGET_PER_TOKEN) -> tuple[list[_Candidate], np.ndarray]:
+    """The spans that count (docs/attribution.md, "Which spans count") and the mask of generic tokens."""
+    reference = reference or Reference.plain()
+    ids = np.asarray(token_ids, np.int64)
+    length = len(ids)
+    lexicon = reference.lexicon
+    boundaries = lexicon.boundaries(ids)
+    delimiters = lexicon.delimiters(ids)
+    word_starts = np.concatenate([[0], np.cumsum(lexicon.words(ids))])
+    generic = np.zeros(length, bool)
+    if reference.index is not None:
+        for hit in reference.index.find_spans(token_ids, min_span):
+            for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
+                generic[s:e] = True
+    pieces: dict[tuple[int, int], _Candidate] = {}
+    for number, index in enumerate(indexes):
+        codes = None
+        for hit in index.find_spans(token_ids, min_span):
+            for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
+                if e - s < min_span or word_starts[e] - word_starts[s] < min_words:
+                    continue
+                if (s, e) == (hit.start, hit.end):
+                    lo, hi = hit.lo, hit.hi
+                else:
+                    codes = index.encode(token_ids) if codes is None else codes
+                    lo, hi = index.interval(codes[s:e].tolist())
+                pieces.setdefault((s, e), _Candidate(s, e, [])).holders.append((number, lo, hi))
+    kept = []
+    for candidate in pieces.values():
+        occurrences = sum(hi - lo for _, lo, hi in candidate.holders)
+        if occurrences > frequency_cap:
+            continue
+        if int((~generic[candidate.start:candidate.end]).sum()) < min_span:
+            continue
+        kept.append(candidate)
+    log_probs = lexicon.log_probs(ids)
+    kept.sort(key=lambda c: (float(log_probs[c.start:c.end].sum()), c.start, c.end))
+    budget = max(1, math.ceil(budget_per_token * length))
+    return kept[:budget], generic
+
+
 def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min_span: int = DEFAULT_MIN_SPAN,
                      min_weight_bps: int = 100, max_records_per_span: int = 8, max_records: int = 32,
-                     max_occurrences: int = 256) -> SpanAttribution:
+                     max_occurrences: int = 256, reference: Reference | None = None, min_words: int = MIN_WORDS,
+                     frequency_cap: int = FREQUENCY_CAP,
+                     budget_per_token: float = SPAN_BUDGET_PER_TOKEN) -> SpanAttribution:
     """Attribute an output (token ids) to the Datanets behind `indexes`.
 
-    Each output token goes to the Datanets whose longest span over it is longest
-    (ties share it); a token whose longest span `m` Datanets share gives each
-    `1/m²`, so text common to many Datanets counts for less in total (`1/m`) and
-    is split. Datanets whose share falls under `min_weight_bps` are dropped as
-    noise and the rest renormalized. Within a Datanet, a span's credit is split
-    evenly over the records that contain it.
+    Each matched token (inside a kept span, not generic) is worth 1, split evenly
+    among every Datanet holding a kept span over it. Within a Datanet, the token's
+    share goes to the records holding that Datanet's longest kept span over it,
+    split evenly among them (an evenly spaced sample of `max_occurrences` when very
+    many). Datanets whose share falls under `min_weight_bps` are dropped as noise
+    and the rest renormalized.
     """
     length = len(token_ids)
+    empty = SpanAttribution(AttributionVector(), (), (), (), 0, length)
     if length == 0 or not indexes:
-        return SpanAttribution(AttributionVector(), (), (), (), 0, length)
-    per_datanet = {index.datanet_id: index.find_spans(token_ids, min_span) for index in indexes}
-    if not any(per_datanet.values()):  # most answers: no verbatim span, nothing to weigh
-        return SpanAttribution(AttributionVector(), (), (), (), 0, length)
-    best = np.zeros((len(indexes), length), np.int64)  # longest span of each Datanet over each token
-    owner = np.full((len(indexes), length), -1, np.int64)  # which of that Datanet's spans it is
-    for d, index in enumerate(indexes):
-        for h, hit in enumerate(per_datanet[index.datanet_id]):
-            segment = slice(hit.start, hit.end)
-            longer = best[d, segment] < hit.length
-            owner[d, segment] = np.where(longer, h, owner[d, segment])
-            best[d, segment] = np.maximum(best[d, segment], hit.length)
-    top = best.max(axis=0)
-    winners = (best == top[None, :]) & (top[None, :] > 0)
-    sharing = winners.sum(axis=0)
-    token_credit = np.where(sharing > 0, 1.0 / np.maximum(sharing, 1) ** 2, 0.0)
-    datanet_credit = {index.datanet_id: float((winners[d] * token_credit).sum()) for d, index in enumerate(indexes)}
+        return empty
+    kept, generic = select_spans(token_ids, indexes, reference, min_span, min_words, frequency_cap, budget_per_token)
+    if not kept:
+        return dataclasses.replace(empty, generic_tokens=int(generic.sum()))
+    holds = np.zeros((len(indexes), length), bool)
+    longest = np.full((len(indexes), length), -1, np.int64)  # which kept span of each Datanet is longest over a token
+    span_length = np.zeros((len(indexes), length), np.int64)
+    for c, candidate in enumerate(kept):
+        segment = slice(candidate.start, candidate.end)
+        for number, _, _ in candidate.holders:
+            holds[number, segment] = True
+            longer = span_length[number, segment] < candidate.end - candidate.start
+            longest[number, segment] = np.where(longer, c, longest[number, segment])
+            span_length[number, segment] = np.maximum(span_length[number, segment], candidate.end - candidate.start)
+    holds &= ~generic[None, :]
+    sharing = holds.sum(axis=0)
+    token_credit = np.where(sharing > 0, 1.0 / np.maximum(sharing, 1), 0.0)
+    matched = int((sharing > 0).sum())
+    datanet_credit = {indexes[d].datanet_id: float((holds[d] * token_credit).sum()) for d in range(len(indexes))}
     datanet_credit = {k: v for k, v in datanet_credit.items() if v > 0}
     total = sum(datanet_credit.values())
-    kept = {k: v for k, v in datanet_credit.items() if total and v * TOTAL_BPS / total >= min_weight_bps}
-    vector = AttributionVector.from_weights(to_basis_points(kept))
-    kept_total = sum(kept.values())
+    kept_datanets = {k: v for k, v in datanet_credit.items() if total and v * TOTAL_BPS / total >= min_weight_bps}
+    vector = AttributionVector.from_weights(to_basis_points(kept_datanets))
+    kept_total = sum(kept_datanets.values())
 
     spans: list[MatchedSpan] = []
     record_credit: dict[tuple[str, str, str], float] = defaultdict(float)
-    for d, index in enumerate(indexes):
-        if index.datanet_id not in kept:
-            continue
-        for h, hit in enumerate(per_datanet[index.datanet_id]):
-            credited = (owner[d] == h) & winners[d]
-            credit = float(token_credit[credited].sum()) / kept_total
-            if credit <= 0:
+    for c, candidate in enumerate(kept):
+        for number, lo, hi in candidate.holders:
+            index = indexes[number]
+            if index.datanet_id not in kept_datanets:
                 continue
+            credited = holds[number] & (longest[number] == c)
+            credit = float(token_credit[credited].sum()) / kept_total
+            hit = SpanHit(candidate.start, candidate.end, lo, hi)
             records = index.records_of(hit, max_occurrences)
             for r in records:
-                record_credit[(index.datanet_id, str(index.record_ids[r]), str(index.contributors[r]))] += \
-                    credit / len(records)
-            listed = tuple(RecordCredit(str(index.record_ids[r]), str(index.contributors[r]))
+                record_credit[(index.datanet_id, index.record_ids[r], index.contributors[r])] += credit / len(records)
+            listed = tuple(RecordCredit(index.record_ids[r], index.contributors[r])
                            for r in records[:max_records_per_span])
-            spans.append(MatchedSpan(hit.start, hit.end, index.datanet_id, hit.occurrences, listed))
-    spans.sort(key=lambda s: (s.start, s.datanet_id))
-    ranked = sorted(record_credit.items(), key=lambda item: (-item[1], item[0]))
+            spans.append(MatchedSpan(candidate.start, candidate.end, index.datanet_id, hi - lo, listed))
+    spans.sort(key=lambda s: (s.start, s.end, s.datanet_id))
+    ranked = sorted(((k, w) for k, w in record_credit.items() if w > 0), key=lambda item: (-item[1], item[0]))
     records = tuple(RecordWeight(d, r, c, w) for (d, r, c), w in ranked[:max_records])
     by_contributor: dict[tuple[str, str], float] = defaultdict(float)
     for (d, _, c), w in record_credit.items():
         by_contributor[(d, c)] += w
-    contributors = tuple((d, c, w) for (d, c), w in sorted(by_contributor.items(), key=lambda i: (-i[1], i[0])))
-    return SpanAttribution(vector, tuple(spans), records, contributors, int((top > 0).sum()), length)
+    contributors = tuple((d, c, w) for (d, c), w in sorted(by_contributor.items(), key=lambda i: (-i[1], i[0])) if w > 0)
+    return SpanAttribution(vector, tuple(spans), records, contributors, matched, length, int(generic.sum()))
 
 
 # --- Datanet folders ------------------------------------------------------------------------------
 
-INDEX_FILE = "span_index.npz"
+INDEX_FILE = "span_index.lti"
 
 
 def tokenize_records(texts: Sequence[str], tokenizer, batch_size: int = 512) -> list[list[int]]:
@@ -539,32 +884,44 @@ def tokenize_records(texts: Sequence[str], tokenizer, batch_size: int = 512) -> 
 
 
 def build_datanet_index(folder: Path, tokenizer, out: Path | None = None) -> Path:
-    """Tokenize a Datanet folder's records and write its span index (default `<folder>/span_index.npz`)."""
-    from longtail.attribution.datanets import load_manifest, read_records
+    """Tokenize a Datanet folder's records and write its span index (default `<folder>/span_index.lti`)."""
+    from longtail.attribution.datanets import verify_datanet, read_records
 
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    manifest = verify_datanet(folder)
     records = read_records(folder)
     token_ids = tokenize_records([r.text for r in records], tokenizer)
     index = SpanIndex.build(manifest.datanet_id, (IndexedRecord(r.id, r.contributor, t)
-                                                  for r, t in zip(records, token_ids, strict=True)))
+                                                  for r, t in zip(records, token_ids, strict=True)),
+                            tokenizer_fingerprint(tokenizer), manifest.records_root)
     path = Path(out) if out else folder / INDEX_FILE
     index.save(path)
     return path
 
 
+def ensure_datanet_index(folder: Path, tokenizer) -> Path:
+    """The folder's index, (re)built ahead of time when missing or bound to another tokenizer or records root."""
+    try:
+        load_datanet_index(folder, tokenizer_fingerprint(tokenizer))
+    except SpanIndexError:
+        build_datanet_index(folder, tokenizer)
+    return Path(folder) / INDEX_FILE
+
+
 def index_summary(index: SpanIndex) -> dict:
     """What `longtail datanet index` prints about an index."""
     return {"datanetId": index.datanet_id, "records": len(index.record_ids), "positions": index.size,
-            "vocabulary": len(index.vocabulary), "tokenDtype": str(index.tokens.dtype)}
+            "vocabulary": len(index.vocabulary), "tokenDtype": str(index.tokens.dtype),
+            "tokenizerId": index.tokenizer_id, "recordsRoot": index.records_root,
+            "bytesPerToken": round(index.nbytes / max(1, index.size - len(index.record_ids)), 2)}
 
 
-def load_datanet_index(folder: Path) -> SpanIndex:
-    """The index saved beside a Datanet, checked against its manifest's id."""
+def load_datanet_index(folder: Path, tokenizer_id: str | None = None) -> SpanIndex:
+    """The index saved beside a Datanet, checked against its manifest's id and records root (and the tokenizer)."""
     from longtail.attribution.datanets import load_manifest
 
     manifest = load_manifest(Path(folder))
-    return SpanIndex.load(Path(folder) / INDEX_FILE, manifest.datanet_id)
+    return SpanIndex.load(Path(folder) / INDEX_FILE, manifest.datanet_id, tokenizer_id, manifest.records_root)
 
 
 def spans_to_json(hits: Sequence[SpanHit]) -> str:

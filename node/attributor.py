@@ -1,23 +1,39 @@
-"""How a node attributes one output to Datanets: the adapter's declared shares, refined by span matching.
+"""How a node attributes one output to Datanets: the adapter's prior, moved by span evidence as far as it reaches.
 
-Policy (docs/node.md): the receipt's vector is half the adapter's registry
-shares and half the span-matching weights when the output matched any span of
-the adapter's own Datanets; the registry shares alone otherwise. Half and half
-keeps every Datanet that trained the adapter paid while letting verbatim
-evidence move money toward the data the answer actually used.
+Rule (docs/attribution.md, "Payment weight"), all in integers so an auditor
+recomputes it from the receipt body's `attribution.evidence`:
+
+- prior: the adapter's registry shares in basis points; when the adapter has a
+  data credit for every Datanet it declares and some gain is positive, the
+  shares weighted by each Datanet's held-out gain (micro-nats per token,
+  negative counted as 0), rounded to basis points by largest remainder;
+- span vector: `attribute_output`'s weights over the matched tokens;
+- span weight λ = floor(10000 · matchedTokens / outputTokens) basis points: the
+  fraction of the output that verbatim evidence covers. No match moves nothing;
+  a few chance-matched tokens move a few basis points;
+- weights: largest remainder of prior·(10000 − λ) + span·λ over 10000², ties by
+  ascending id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from longtail.attribution.receipts import AttributionVector, MatchedSpan
-from longtail.attribution.spans import SpanIndex, attribute_output, load_datanet_index, to_basis_points
+from longtail.attribution.adapter_credit import DataCredit
+from longtail.attribution.receipts import TOTAL_BPS, AttributionVector, MatchedSpan
+from longtail.attribution.spans import (
+    DEFAULT_MIN_SPAN,
+    Reference,
+    SpanIndex,
+    attribute_output,
+    load_datanet_index,
+)
 from longtail.node.catalog import CatalogEntry
 
-SPAN_WEIGHT = 0.5
+EVIDENCE_RULE = "longtail-attribution-2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,37 +49,103 @@ class Attribution:
         return max(zip(self.vector.weights_bps, self.vector.datanet_ids, strict=True))[1]
 
 
-class Attributor:
-    """Holds the span indexes of the Datanets this node's adapters were trained on."""
+def largest_remainder(numerators: dict[str, int]) -> dict[str, int]:
+    """Non-negative integers rescaled to basis points summing to exactly 10000: floors of 10000·n/total, then one
+    more to the largest remainders, ties to the smaller id."""
+    total = sum(numerators.values())
+    if total <= 0:
+        return {}
+    scaled = {k: v * TOTAL_BPS for k, v in numerators.items()}
+    floors = {k: v // total for k, v in scaled.items()}
+    short = TOTAL_BPS - sum(floors.values())
+    for key in sorted(scaled, key=lambda k: (-(scaled[k] % total), k))[:short]:
+        floors[key] += 1
+    return {k: v for k, v in floors.items() if v > 0}
 
-    def __init__(self, indexes: dict[str, SpanIndex] | None = None, min_span: int = 8) -> None:
+
+def span_weight_bps(matched_tokens: int, output_tokens: int) -> int:
+    return matched_tokens * TOTAL_BPS // output_tokens if output_tokens > 0 else 0
+
+
+def prior_bps(registry_bps: dict[str, int], gains_micro: dict[str, int] | None) -> dict[str, int]:
+    """Registry shares, weighted by held-out gain when every Datanet has one and some gain is positive."""
+    if not gains_micro or any(d not in gains_micro for d in registry_bps):
+        return dict(registry_bps)
+    weighted = {d: share * max(0, gains_micro[d]) for d, share in registry_bps.items()}
+    return largest_remainder(weighted) if sum(weighted.values()) > 0 else dict(registry_bps)
+
+
+def blend(prior: dict[str, int], span: dict[str, int], weight_bps: int) -> dict[str, int]:
+    keys = set(prior) | set(span)
+    return largest_remainder({k: prior.get(k, 0) * (TOTAL_BPS - weight_bps) + span.get(k, 0) * weight_bps
+                              for k in keys})
+
+
+class Attributor:
+    """Holds the span indexes of the Datanets this node's adapters were trained on, the reference corpus, and the
+    adapters' data credits."""
+
+    def __init__(self, indexes: dict[str, SpanIndex] | None = None, min_span: int = DEFAULT_MIN_SPAN,
+                 reference: Reference | None = None, data_credits: dict[str, DataCredit] | None = None) -> None:
         self.indexes = dict(indexes or {})
         self.min_span = min_span
+        self.reference = reference
+        self.data_credits = dict(data_credits or {})
 
     @classmethod
-    def from_folders(cls, folders: Sequence[Path], min_span: int = 8) -> Attributor:
-        indexes = {}
-        for folder in folders:
-            index = load_datanet_index(folder)
-            indexes[index.datanet_id.lower()] = index
-        return cls(indexes, min_span)
+    def from_folders(cls, folders: Sequence[Path], min_span: int = DEFAULT_MIN_SPAN,
+                     reference: Reference | None = None, tokenizer_id: str | None = None) -> Attributor:
+        attributor = cls({}, min_span, reference)
+        attributor.add_folders(folders, tokenizer_id)
+        return attributor
 
-    def add_folders(self, folders: Sequence[Path]) -> None:
+    def add_folders(self, folders: Sequence[Path], tokenizer_id: str | None = None) -> None:
+        """Map each folder's index (checked against its manifest, and the tokenizer when named): blocking, call it
+        from a worker thread."""
         for folder in folders:
-            index = load_datanet_index(folder)
+            index = load_datanet_index(folder, tokenizer_id)
             self.indexes.setdefault(index.datanet_id.lower(), index)
 
+    def set_data_credit(self, credit: DataCredit) -> None:
+        self.data_credits[credit.adapter_id.lower()] = credit
+
     def attribute(self, entry: CatalogEntry, output_token_ids: Sequence[int]) -> Attribution:
+        """Blocking (span search, ~1-5 ms): the node calls `attribute_async`, which runs it in a worker thread."""
         if not entry.datanets:
             return Attribution(AttributionVector(), (), 0)
-        registry = {d.datanet_id: d.share_bps / 10_000 for d in entry.datanets}
+        registry = {d.datanet_id.lower(): d.share_bps for d in entry.datanets}
+        credit = self.data_credits.get((entry.adapter_id or "").lower())
+        gains = credit.gains_micro() if credit else None
+        prior = prior_bps(registry, gains)
         indexes = [self.indexes[d] for d in registry if d in self.indexes]
-        matched = attribute_output(list(output_token_ids), indexes, self.min_span) if indexes else None
-        if matched is None or not matched.vector.datanet_ids:
-            return Attribution(AttributionVector.from_weights(to_basis_points(registry)), (), 0)
-        span_weights = dict(zip(matched.vector.datanet_ids, (w / 10_000 for w in matched.vector.weights_bps),
-                                strict=True))
-        blended = {d: (1 - SPAN_WEIGHT) * share + SPAN_WEIGHT * span_weights.get(d, 0.0)
-                   for d, share in registry.items()}
-        return Attribution(AttributionVector.from_weights(to_basis_points(blended)), matched.spans,
-                           matched.matched_tokens)
+        output_tokens = len(output_token_ids)
+        matched = attribute_output(list(output_token_ids), indexes, self.min_span, reference=self.reference) \
+            if indexes else None
+        span = dict(zip(matched.vector.datanet_ids, matched.vector.weights_bps, strict=True)) if matched else {}
+        matched_tokens = matched.matched_tokens if matched and span else 0
+        weight = span_weight_bps(matched_tokens, output_tokens)
+        weights = blend(prior, span, weight) if weight else dict(prior)
+        evidence = {
+            "rule": EVIDENCE_RULE, "outputTokens": output_tokens, "matchedTokens": matched_tokens,
+            "spanWeightBps": weight, "registryBps": registry, "dataGainMicroNatsPerToken": gains,
+            "priorBps": prior, "spanBps": span,
+        }
+        spans = tuple(s for s in (matched.spans if matched and weight else ()) if weights.get(s.datanet_id, 0) > 0)
+        return Attribution(AttributionVector.from_weights(weights, evidence), spans, matched_tokens)
+
+    async def attribute_async(self, entry: CatalogEntry, output_token_ids: Sequence[int]) -> Attribution:
+        return await asyncio.to_thread(self.attribute, entry, list(output_token_ids))
+
+
+def recompute_weights(evidence: dict) -> dict[str, int]:
+    """What an auditor does with a receipt body's `attribution.evidence`: the weights the rule gives."""
+    if evidence.get("rule") != EVIDENCE_RULE:
+        raise ValueError(f"unknown attribution rule {evidence.get('rule')!r}")
+    registry = {k: int(v) for k, v in evidence["registryBps"].items()}
+    gains = evidence.get("dataGainMicroNatsPerToken")
+    prior = prior_bps(registry, {k: int(v) for k, v in gains.items()} if gains else None)
+    weight = span_weight_bps(int(evidence["matchedTokens"]), int(evidence["outputTokens"]))
+    if prior != {k: int(v) for k, v in evidence["priorBps"].items()} or weight != int(evidence["spanWeightBps"]):
+        raise ValueError("the evidence's prior or span weight does not follow from its inputs")
+    span = {k: int(v) for k, v in evidence["spanBps"].items()}
+    return blend(prior, span, weight) if weight else prior

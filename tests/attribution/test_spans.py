@@ -130,18 +130,19 @@ def test_weights_follow_matched_tokens_and_reach_the_records():
     assert sum(w for _, _, w in result.contributors) == pytest.approx(1.0)
 
 
-def test_text_shared_by_datanets_counts_for_less():
+def test_text_shared_by_datanets_is_split_among_all_holders():
     rng = random.Random(6)
     legal, recipes, shared = two_datanets(rng)
     indexes = [SpanIndex.build(A, legal), SpanIndex.build(B, recipes)]
     only_legal = list(next(r for r in legal if len(r.token_ids) >= 20).token_ids[:20])
     output = [9000] * 5 + only_legal + [9001] * 5 + shared + [9002] * 5
     result = attribute_output(output, indexes, min_span=8)
-    # 20 tokens only in A; 10 tokens in both, each worth 1/2² to each: A = 20 + 2.5, B = 2.5.
-    assert dict(zip(result.vector.datanet_ids, result.vector.weights_bps, strict=True)) == {A: 9000, B: 1000}
+    # 20 tokens only in A; 10 tokens in both, each split evenly: A = 20 + 5, B = 5.
+    assert dict(zip(result.vector.datanet_ids, result.vector.weights_bps, strict=True)) == {A: 8333, B: 1667}
+    assert result.matched_tokens == 30
     assert attribute_output(shared, indexes, min_span=8).vector.weights_bps == (5000, 5000)
     # Below min_weight_bps a Datanet is dropped as noise and the rest renormalized.
-    assert attribute_output(output, indexes, min_span=8, min_weight_bps=1500).vector.weights_bps == (10000,)
+    assert attribute_output(output, indexes, min_span=8, min_weight_bps=2000).vector.weights_bps == (10000,)
 
 
 def test_nothing_matched_gives_the_empty_vector():
@@ -154,19 +155,40 @@ def test_nothing_matched_gives_the_empty_vector():
     assert attribute_output(list(legal[0].token_ids[:20]), [], min_span=8).vector.weights_bps == ()
 
 
-def test_index_round_trips_through_npz(tmp_path):
+def test_index_file_is_mapped_and_binds_tokenizer_and_records_root(tmp_path):
     rng = random.Random(8)
     legal, _, _ = two_datanets(rng)
-    index = SpanIndex.build(A, legal)
-    index.save(tmp_path / "legal.npz")
-    loaded = SpanIndex.load(tmp_path / "legal.npz", A)
+    index = SpanIndex.build(A, legal, tokenizer_id="tok:1", records_root="0x" + "ab" * 32)
+    index.save(tmp_path / "legal.lti")
+    loaded = SpanIndex.load(tmp_path / "legal.lti", A, "tok:1", "0x" + "AB" * 32)
+    assert isinstance(loaded.suffix_array, np.ndarray) and not loaded.suffix_array.flags.owndata  # a view of the map
     assert np.array_equal(loaded.suffix_array, index.suffix_array) and list(loaded.record_ids) == list(index.record_ids)
+    assert list(loaded.contributors) == [r.contributor for r in legal]
     query = [1] * 10 + list(next(r for r in legal if len(r.token_ids) >= 25).token_ids[2:25]) + [2] * 10
-    assert loaded.find_spans(query) == index.find_spans(query) != []
+    assert loaded.find_spans(query) == index.find_spans(query) == loaded.find_spans_vectorized(query) != []
     with pytest.raises(SpanIndexError, match="indexes datanet"):
-        SpanIndex.load(tmp_path / "legal.npz", B)
+        SpanIndex.load(tmp_path / "legal.lti", B)
+    with pytest.raises(SpanIndexError, match="tokenizer"):
+        SpanIndex.load(tmp_path / "legal.lti", A, "tok:2")
+    with pytest.raises(SpanIndexError, match="records root"):
+        SpanIndex.load(tmp_path / "legal.lti", A, "tok:1", "0x" + "cd" * 32)
     with pytest.raises(SpanIndexError, match="cannot load"):
-        SpanIndex.load(tmp_path / "missing.npz")
+        SpanIndex.load(tmp_path / "missing.lti")
+    blob = (tmp_path / "legal.lti").read_bytes()
+    for hostile in (b"LTSPAN01" + blob[8:], blob[:200], blob[:8] + (2**40).to_bytes(8, "little") + blob[16:]):
+        (tmp_path / "bad.lti").write_bytes(hostile)
+        with pytest.raises(SpanIndexError, match="cannot load"):
+            SpanIndex.load(tmp_path / "bad.lti")
+
+
+def test_index_holds_at_most_10_bytes_per_token():
+    rng = random.Random(12)
+    common = [int(t) for t in np.random.default_rng(12).zipf(1.3, 200_000) if t < 40_000]  # word-like frequencies
+    records = [IndexedRecord(f"r{i}", "0x" + "01" * 20, [rng.choice(common) for _ in range(rng.randrange(40, 200))])
+               for i in range(1000)]
+    index = SpanIndex.build(A, records)
+    tokens = sum(len(r.token_ids) for r in records)
+    assert index.nbytes / tokens <= 10
 
 
 @pytest.mark.parametrize("weights", [{A: 1.0}, {A: 1.0, B: 2.0}, {A: 1 / 3, B: 1 / 3, "c": 1 / 3},
