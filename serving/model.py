@@ -138,6 +138,10 @@ class LlamaModel:
                     setattr(weights_, name, _pack(getattr(weights_, name)))
         self.cpu_attention = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
             attention_cpu.available()
+        # CUDA: Triton paged attention reads K/V in place (kernels/paged_attention.py); LONGTAIL_PAGED_ATTENTION=0
+        # keeps the gather + SDPA path (the GPU check compares the two).
+        self.paged_kernels = device.type == "cuda" and os.environ.get("LONGTAIL_PAGED_ATTENTION", "").strip() != "0"
+        self._extend_meta: tuple | None = None
         self.scale = config.head_dim ** -0.5
         self.inv_freq = config.inverse_frequencies().to(device)
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -218,7 +222,10 @@ class LlamaModel:
             keys.index_copy_(0, plan.write_slots, k)
             values.index_copy_(0, plan.write_slots, v)
         out = torch.empty(tokens, config.num_heads, config.head_dim, dtype=qkv.dtype, device=qkv.device)
-        for segment in plan.prefill:
+        prefill = plan.prefill
+        if self.paged_kernels and prefill and self._extend_attention(out, q, keys, values, plan, cache.block_size):
+            prefill = ()
+        for segment in prefill:
             rows = slice(segment.start, segment.start + segment.length)
             seq_q = q[rows].transpose(0, 1)[None]
             if segment.context == 0:  # a whole prompt: its keys are this batch's rows, no gather needed
@@ -252,9 +259,46 @@ class LlamaModel:
             attention_cpu.paged_decode_attention(out, query, keys, values, block_tables, context_lens, self.scale,
                                                  block_size)
             return
+        if self.paged_kernels:
+            from longtail.kernels.paged_attention import paged_decode_attention_triton
+
+            paged_decode_attention_triton(out, query, keys, values, block_tables, context_lens, self.scale, block_size)
+            return
         # index_select, not advanced indexing: one memcpy per block, ~5x faster on a CPU.
         out.copy_(attention_cpu.paged_decode_attention_ref(query, keys, values, block_tables, context_lens,
                                                            self.scale, block_size))
+
+    def _extend_attention(self, out: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          plan: BatchPlan, block_size: int) -> bool:
+        """Every prefill segment in one Triton launch, keys read in place; False (caller loops) if not adjacent.
+
+        The segments' block tables come from their slot maps on the device (no host read), built once
+        per plan and reused by every layer.
+        """
+        if self._extend_meta is None or self._extend_meta[0] is not plan:
+            segments = plan.prefill
+            first = segments[0].start
+            if any(b.start != a.start + a.length for a, b in zip(segments, segments[1:])):
+                return False
+            width = max(-(-(s.context + s.length) // block_size) for s in segments)
+            tables = torch.zeros(len(segments), width, dtype=torch.int64, device=self.device)
+            for row, segment in enumerate(segments):
+                # Position k·block_size of a sequence lies at slot table[k]·block_size: every block_size-th slot.
+                slots = segment.gather if segment.gather is not None else \
+                    plan.write_slots[segment.start:segment.start + segment.length]
+                tables[row, :-(-slots.shape[0] // block_size)] = slots[::block_size] // block_size
+            host = [s.start - first for s in segments] + [segments[-1].start + segments[-1].length - first] + \
+                [s.context for s in segments]
+            meta = torch.tensor(host, dtype=torch.int64).to(self.device, non_blocking=True)
+            end = segments[-1].start + segments[-1].length
+            self._extend_meta = (plan, first, end, tables, meta[:len(segments) + 1], meta[len(segments) + 1:],
+                                 max(s.length for s in segments))
+        from longtail.kernels.paged_attention import paged_extend_attention_triton
+
+        _, first, end, tables, starts, prefix_lens, longest = self._extend_meta
+        paged_extend_attention_triton(out[first:end], query[first:end], keys, values, tables, starts, prefix_lens,
+                                      longest, self.scale, block_size)
+        return True
 
     def _mlp(self, x: torch.Tensor, layer: int, plan: BatchPlan, lora: LoraSlots | None) -> torch.Tensor:
         weights = self.layers[layer]
