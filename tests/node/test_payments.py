@@ -239,7 +239,15 @@ def test_a_stream_closed_before_its_headers_releases_its_credit_and_keeps_its_vo
         node = Node.__new__(Node)  # only the stream's own bookkeeping runs: admission is the intake's
         node.payments, node._in_flight = intake, 0
 
-        async def admit(request, channel_id, paying_voucher, times):
+        class Generation:  # the stream awaits the engine's first answer before its headers
+            async def stream(self, request, entry, prompt_ids):
+                from longtail.node.generation import GenerationResult
+
+                yield GenerationResult([1], "a", "a")
+
+        node.generation = Generation()
+
+        async def admit(request, channel_id, paying_voucher, times, authorization=None):
             return None, [], await intake.reserve(channel_id, paying_voucher, 100)
 
         node._admit = admit
