@@ -42,7 +42,7 @@ class RecordingService:
     def models(self) -> list[dict]:
         return [{"id": "base", "object": "model", "owned_by": "longtail", "created": 1}]
 
-    async def complete(self, request, channel_id, voucher):
+    async def complete(self, request, channel_id, voucher, authorization=None):
         from longtail.node.service import Completion
         from longtail.node.timing import StageTimes
 
@@ -52,7 +52,7 @@ class RecordingService:
                                         "finish_reason": "stop"}],
                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}, StageTimes())
 
-    async def stream(self, request, channel_id, voucher):
+    async def stream(self, request, channel_id, voucher, authorization=None):
         self.calls.append(request)
         yield {"receipt_pending": "0x" + "ab" * 32}
         yield {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "base",
