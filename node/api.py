@@ -27,6 +27,7 @@ from longtail.node.errors import (
     mapping_for,
     retry_after,
 )
+from longtail.node.payments import authorization_from_headers
 from longtail.node.requests import (
     RECEIPT_HEADER,
     CompletionRequest,
@@ -59,8 +60,10 @@ class NodeService(Protocol):
     max_tokens_limit: int
 
     def models(self) -> list[dict]: ...
-    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher) -> Completion: ...
-    def stream(self, request: CompletionRequest, channel_id: str | None, voucher) -> AsyncIterator[dict]: ...
+    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher,
+                       authorization=None) -> Completion: ...
+    def stream(self, request: CompletionRequest, channel_id: str | None, voucher,
+               authorization=None) -> AsyncIterator[dict]: ...
     async def accept_voucher(self, voucher) -> dict: ...
     async def receipt(self, request_id: str) -> dict: ...
     async def receipts(self, from_seq: int, to_seq: int) -> list[dict]: ...
@@ -74,6 +77,7 @@ class NodeService(Protocol):
 
 
 SERVICE_KEY = web.AppKey("service", NodeService)
+ADAPTERS_KEY = web.AppKey("adapters", object)  # node.adapter_admin.AdapterAdmin: the adapter lifecycle (issue 22)
 
 
 @web.middleware
@@ -114,17 +118,18 @@ def json_depth(raw: bytes) -> int:
     data = np.frombuffer(raw, dtype=np.uint8)
     if data.size == 0:
         return 0
-    index = np.arange(data.size)
-    backslash = data == ord("\\")
-    last_other = np.maximum.accumulate(np.where(backslash, -1, index))
-    run_before = np.empty(data.size, dtype=np.int64)  # backslashes just before each byte
-    run_before[0] = 0
-    run_before[1:] = index[:-1] - last_other[:-1]
+    # int32 throughout (bodies are at most MAX_BODY_BYTES): a megabyte's scan holds about 16 MB at its peak.
+    index = np.arange(data.size, dtype=np.int32)
+    last_other = np.maximum.accumulate(np.where(data == ord("\\"), np.int32(-1), index))
+    run_before = np.zeros(data.size, dtype=np.int32)  # backslashes just before each byte
+    np.subtract(index[:-1], last_other[:-1], out=run_before[1:])
+    del index, last_other
     quote = (data == ord('"')) & (run_before % 2 == 0)
-    inside = (np.cumsum(quote) % 2 == 1) & ~quote
-    opens = ((data == ord("[")) | (data == ord("{"))) & ~inside
-    closes = ((data == ord("]")) | (data == ord("}"))) & ~inside
-    return int(np.cumsum(opens.astype(np.int64) - closes.astype(np.int64)).max(initial=0))
+    del run_before
+    inside = (np.cumsum(quote, dtype=np.int32) % 2 == 1) & ~quote
+    step = (((data == ord("[")) | (data == ord("{"))) & ~inside).astype(np.int8)
+    step -= (((data == ord("]")) | (data == ord("}"))) & ~inside).astype(np.int8)
+    return int(np.cumsum(step, dtype=np.int32).max(initial=0))
 
 
 def _refuse_constant(name: str) -> float:
@@ -205,10 +210,11 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     parsed = parse_completion(await _json_body(request), chat=chat, max_tokens_limit=service.max_tokens_limit)
     channel_id, voucher = parse_payment_headers(request.headers)
+    authorization = authorization_from_headers(request.headers, channel_id, parsed)
     if not parsed.stream:
-        completion = await service.complete(parsed, channel_id, voucher)
+        completion = await service.complete(parsed, channel_id, voucher, authorization)
         return web.json_response(completion.body, headers={TIMING_HEADER: completion.timing.header()})
-    events = service.stream(parsed, channel_id, voucher)
+    events = service.stream(parsed, channel_id, voucher, authorization)
     try:
         # The first event is produced before headers go out, so payment and model errors
         # still answer with their proper status instead of a broken stream.
@@ -279,8 +285,33 @@ async def consistency(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICE_KEY].metrics()
+    if ADAPTERS_KEY in request.app:  # the engine's adapter tiers and per-adapter counters
+        body += await request.app[ADAPTERS_KEY].metrics_text()
     # The whole header value (version and charset): Prometheus picks its parser by it.
-    return web.Response(body=request.app[SERVICE_KEY].metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _adapter_admin(request: web.Request):
+    if ADAPTERS_KEY not in request.app:
+        raise web.HTTPNotFound()
+    return request.app[ADAPTERS_KEY]
+
+
+async def list_adapters(request: web.Request) -> web.Response:
+    return web.json_response(await _adapter_admin(request).list())
+
+
+async def add_adapter(request: web.Request) -> web.Response:
+    admin = _adapter_admin(request)
+    admin.check_operator(request.headers.get("Authorization"))  # before reading a stranger's body
+    return web.json_response(await admin.add(await _json_body(request), request.headers.get("Authorization")),
+                             status=201)
+
+
+async def delete_adapter(request: web.Request) -> web.Response:
+    return web.json_response(await _adapter_admin(request).remove(request.match_info["adapter_id"],
+                                                                  request.headers.get("Authorization")))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -296,9 +327,11 @@ async def dashboard(request: web.Request) -> web.Response:
     return web.Response(text=request.app[SERVICE_KEY].dashboard(), content_type="text/html")
 
 
-def build_app(service: NodeService) -> web.Application:
+def build_app(service: NodeService, adapters=None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     app[SERVICE_KEY] = service
+    if adapters is not None:
+        app[ADAPTERS_KEY] = adapters
     app.add_routes([
         web.get("/", dashboard),
         web.get("/v1/models", models),
@@ -311,6 +344,9 @@ def build_app(service: NodeService) -> web.Application:
         web.get("/v1/log/proof", proof),
         web.get("/v1/log/consistency", consistency),
         web.get("/v1/adapters/{adapter_id}/bundle", adapter_bundle),
+        web.get("/v1/adapters", list_adapters),
+        web.post("/v1/adapters", add_adapter),
+        web.delete("/v1/adapters/{adapter_id}", delete_adapter),
         web.get("/metrics", metrics),
         web.get("/healthz", health),
     ])

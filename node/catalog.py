@@ -81,6 +81,15 @@ class Catalog:
         if entry.adapter_id:
             self._by_key[entry.adapter_id.lower()] = entry
 
+    def remove(self, adapter_id: str) -> CatalogEntry | None:
+        """Stop serving an adapter: its name and id resolve no more (the base model cannot be removed)."""
+        entry = self._by_key.get(adapter_id.lower())
+        if entry is None or entry.adapter_id is None:
+            return None
+        self._entries = [e for e in self._entries if e.adapter_id != entry.adapter_id]
+        self._by_key = {key: e for key, e in self._by_key.items() if e.adapter_id != entry.adapter_id}
+        return entry
+
     def resolve(self, model: str) -> CatalogEntry:
         entry = self._by_key.get(model.lower())
         if entry is None:

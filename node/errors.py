@@ -86,6 +86,18 @@ class StorageUnavailable(NodeError):
     code = "storage_unavailable"
 
 
+class OperatorOnly(NodeError):
+    """Adding or deleting adapters needs the operator's token, and this request did not carry it."""
+
+    code = "operator_token_required"
+
+
+class OperatorTokenUnset(NodeError):
+    """Adapter management is off: the operator set no token (node config `operator_token_env`)."""
+
+    code = "adapter_management_disabled"
+
+
 class EngineDown(NodeError):
     """The engine's process is gone or restarting: nothing generates until a new one is up (serving.engine_process)."""
 
@@ -107,6 +119,8 @@ HTTP_ERRORS: dict[type[Exception], ErrorMapping] = {
     RequestTimeout: ErrorMapping(408, "invalid_request_error"),
     PayloadTooLarge: ErrorMapping(413, "invalid_request_error"),
     InvalidVoucherSignature: ErrorMapping(401, "authentication_error"),
+    OperatorOnly: ErrorMapping(401, "authentication_error"),
+    OperatorTokenUnset: ErrorMapping(403, "permission_error"),
     PaymentRequired: ErrorMapping(402, "payment_required"),
     UnknownModel: ErrorMapping(404, "invalid_request_error"),
     NotFound: ErrorMapping(404, "invalid_request_error"),

@@ -23,9 +23,10 @@ from longtail.attribution.receipts import ReceiptDomain
 from longtail.attribution.spans import INDEX_FILE, build_datanet_index
 from longtail.attribution.store import ReceiptLog
 from longtail.contracts.deployment import Deployment
+from longtail.node.adapter_admin import AdapterAdmin, serve_stored
 from longtail.node.api import SERVER_OPTIONS, build_app
 from longtail.node.attributor import Attributor
-from longtail.node.catalog import Catalog, CatalogEntry, read_datanet_shares
+from longtail.node.catalog import Catalog, CatalogEntry
 from longtail.node.chain import ChainGateway
 from longtail.node.checkpointer import Checkpointer
 from longtail.node.config import NodeConfig
@@ -81,16 +82,6 @@ def ensure_span_indexes(datanet_ids: set[str], tokenizer, root: Path = REPO_DATA
             build_datanet_index(folder, tokenizer)
         folders.append(folder)
     return folders
-
-
-def _serve_stored(engine, store: AdapterStore, adapter_id: str, name: str, price: int) -> CatalogEntry:
-    """Load a stored adapter into the engine and describe it for the catalog."""
-    path = store.path_of(adapter_id)
-    loaded_id = engine.add_adapter(path)
-    if loaded_id != adapter_id:
-        raise NodeStartError(f"engine computed adapter id {loaded_id} for {path}, the store says {adapter_id}")
-    return CatalogEntry(name=name, adapter_id=adapter_id, price_per_1k_tokens=price,
-                        datanets=read_datanet_shares(path), path=path)
 
 
 @dataclasses.dataclass
@@ -170,7 +161,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     for adapter in config.adapters:
         path = Path(adapter).expanduser()
         stored = await asyncio.to_thread(adapter_store.add, path, shapes, name=path.name, replace_alias=True)
-        entry = await asyncio.to_thread(_serve_stored, engine, adapter_store, stored.adapter_id, path.name,
+        entry = await asyncio.to_thread(serve_stored, engine, adapter_store, stored.adapter_id, path.name,
                                         config.price_per_1k_tokens)
         catalog.add(entry)
     datanet_ids = {d.datanet_id for entry in catalog.entries() for d in entry.datanets}
@@ -210,14 +201,21 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
         except AdapterStoreError as error:
             raise UnknownModel(f"adapter {adapter_id} could not be fetched from any peer: {error}",
                                param="model") from None
-        entry = await asyncio.to_thread(_serve_stored, engine, adapter_store, adapter_id, adapter_id,
+        entry = await asyncio.to_thread(serve_stored, engine, adapter_store, adapter_id, adapter_id,
                                         registration.price_per_1k_tokens)
         await asyncio.to_thread(attributor.add_folders,
                                 ensure_span_indexes({d.datanet_id for d in entry.datanets}, tokenizer))
         log.info("fetched adapter %s from a peer", adapter_id)
         return entry
 
-    node.adapter_fetcher = fetch_adapter
+
+    async def index_datanets(entry: CatalogEntry) -> None:
+        await asyncio.to_thread(attributor.add_folders,
+                                ensure_span_indexes({d.datanet_id for d in entry.datanets}, tokenizer))
+
+    admin = AdapterAdmin(engine, catalog, adapter_store, shapes, config.price_per_1k_tokens,
+                         config.operator_token_env, fetch=fetch_adapter, after_add=index_datanets)
+    node.adapter_fetcher = admin.just_in_time  # a deleted adapter is not fetched back just in time
     running_url = [""]
     sources_from_peers: list[P2PNode] = []
     checkpointer = Checkpointer(node, chain, config.checkpoint_every_receipts, config.checkpoint_every_seconds,
@@ -225,7 +223,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     node.checkpointer = checkpointer
     node.chain = chain
 
-    runner = web.AppRunner(build_app(node), access_log=None, **SERVER_OPTIONS)  # slow clients cut (api.py)
+    runner = web.AppRunner(build_app(node, admin), access_log=None, **SERVER_OPTIONS)  # slow clients cut (api.py)
     await runner.setup()
     site = web.TCPSite(runner, config.http_host, config.http_port)
     try:

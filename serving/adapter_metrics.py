@@ -32,6 +32,9 @@ class MetricsSnapshot:
     budget: dict[str, int]
     load_failures: int
     load_latencies_s: tuple[float, ...]  # cold waits: admission -> usable slot, adapter from disk or a peer
+    cold_buckets: tuple[tuple[float, int], ...] = ()  # cumulative: (upper bound s, cold waits at most that long)
+    cold_sum_s: float = 0.0
+    cold_count: int = 0
 
     def hit_rate(self, tier: str) -> float:
         total = self.hits.get(tier, 0) + self.misses.get(tier, 0)
@@ -74,6 +77,9 @@ class AdapterMetrics:
         self._plain_budget: dict[str, int] = {}
         self._plain_failures = 0
         self._cold_latencies: deque[float] = deque(maxlen=keep_latencies)
+        self._cold_buckets = [0] * len(LATENCY_BUCKETS)
+        self._cold_sum = 0.0
+        self._cold_count = 0
         # Per adapter: loads onto the device, device hits, device evictions (GET /v1/adapters, /metrics). Plain
         # counters only: a Prometheus label per adapter would grow the registry without bound with thousands.
         self._per_adapter: dict[str, PlainCounter[str]] = {}
@@ -131,12 +137,18 @@ class AdapterMetrics:
         if origin != "host":
             with self._lock:
                 self._cold_latencies.append(seconds)
+                self._cold_sum += seconds
+                self._cold_count += 1
+                for index, bound in enumerate(LATENCY_BUCKETS):
+                    if seconds <= bound:
+                        self._cold_buckets[index] += 1
 
     def snapshot(self) -> MetricsSnapshot:
         with self._lock:
             return MetricsSnapshot(dict(self._plain_hits), dict(self._plain_misses), dict(self._plain_evictions),
                                    dict(self._plain_bytes), dict(self._plain_budget), self._plain_failures,
-                                   tuple(self._cold_latencies))
+                                   tuple(self._cold_latencies), tuple(zip(LATENCY_BUCKETS, self._cold_buckets, strict=True)),
+                                   self._cold_sum, self._cold_count)
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -157,6 +157,9 @@ class EngineStats:
     misses: dict[str, int]
     load_failures: int
     cold_wait_seconds: tuple[float, ...]  # recent cold waits (request admitted -> adapter usable)
+    cold_wait_buckets: tuple[tuple[float, int], ...]  # all cold waits, cumulative per upper bound (seconds)
+    cold_wait_sum: float
+    cold_wait_count: int
     adapters: tuple[AdapterInfo, ...] = ()
 
 
@@ -217,8 +220,8 @@ class Engine:
         return EngineStats(self.cache.pool.num_blocks, self.cache.pool.free_blocks, len(self.scheduler.running),
                            self.scheduler.waiting() + self._inbox.qsize(), self.steps, snapshot.bytes,
                            snapshot.budget, snapshot.evictions, snapshot.hits, snapshot.misses,
-                           snapshot.load_failures, snapshot.load_latencies_s[-1000:],
-                           tuple(self.list_adapters()))
+                           snapshot.load_failures, snapshot.load_latencies_s[-1000:], snapshot.cold_buckets,
+                           snapshot.cold_sum_s, snapshot.cold_count, tuple(self.list_adapters()))
 
     # --- requests --------------------------------------------------------------------------------
 
