@@ -27,7 +27,6 @@ from longtail.node.errors import (
     mapping_for,
     retry_after,
 )
-from longtail.node.payments import authorization_from_headers
 from longtail.node.requests import (
     RECEIPT_HEADER,
     CompletionRequest,
@@ -60,10 +59,8 @@ class NodeService(Protocol):
     max_tokens_limit: int
 
     def models(self) -> list[dict]: ...
-    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher,
-                       authorization=None) -> Completion: ...
-    def stream(self, request: CompletionRequest, channel_id: str | None, voucher,
-               authorization=None) -> AsyncIterator[dict]: ...
+    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher) -> Completion: ...
+    def stream(self, request: CompletionRequest, channel_id: str | None, voucher) -> AsyncIterator[dict]: ...
     async def accept_voucher(self, voucher) -> dict: ...
     async def receipt(self, request_id: str) -> dict: ...
     async def receipts(self, from_seq: int, to_seq: int) -> list[dict]: ...
@@ -118,18 +115,17 @@ def json_depth(raw: bytes) -> int:
     data = np.frombuffer(raw, dtype=np.uint8)
     if data.size == 0:
         return 0
-    # int32 throughout (bodies are at most MAX_BODY_BYTES): a megabyte's scan holds about 16 MB at its peak.
-    index = np.arange(data.size, dtype=np.int32)
-    last_other = np.maximum.accumulate(np.where(data == ord("\\"), np.int32(-1), index))
-    run_before = np.zeros(data.size, dtype=np.int32)  # backslashes just before each byte
-    np.subtract(index[:-1], last_other[:-1], out=run_before[1:])
-    del index, last_other
+    index = np.arange(data.size)
+    backslash = data == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, index))
+    run_before = np.empty(data.size, dtype=np.int64)  # backslashes just before each byte
+    run_before[0] = 0
+    run_before[1:] = index[:-1] - last_other[:-1]
     quote = (data == ord('"')) & (run_before % 2 == 0)
-    del run_before
-    inside = (np.cumsum(quote, dtype=np.int32) % 2 == 1) & ~quote
-    step = (((data == ord("[")) | (data == ord("{"))) & ~inside).astype(np.int8)
-    step -= (((data == ord("]")) | (data == ord("}"))) & ~inside).astype(np.int8)
-    return int(np.cumsum(step, dtype=np.int32).max(initial=0))
+    inside = (np.cumsum(quote) % 2 == 1) & ~quote
+    opens = ((data == ord("[")) | (data == ord("{"))) & ~inside
+    closes = ((data == ord("]")) | (data == ord("}"))) & ~inside
+    return int(np.cumsum(opens.astype(np.int64) - closes.astype(np.int64)).max(initial=0))
 
 
 def _refuse_constant(name: str) -> float:
@@ -210,11 +206,10 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     parsed = parse_completion(await _json_body(request), chat=chat, max_tokens_limit=service.max_tokens_limit)
     channel_id, voucher = parse_payment_headers(request.headers)
-    authorization = authorization_from_headers(request.headers, channel_id, parsed)
     if not parsed.stream:
-        completion = await service.complete(parsed, channel_id, voucher, authorization)
+        completion = await service.complete(parsed, channel_id, voucher)
         return web.json_response(completion.body, headers={TIMING_HEADER: completion.timing.header()})
-    events = service.stream(parsed, channel_id, voucher, authorization)
+    events = service.stream(parsed, channel_id, voucher)
     try:
         # The first event is produced before headers go out, so payment and model errors
         # still answer with their proper status instead of a broken stream.
