@@ -131,6 +131,11 @@ class PaymentChannels:
                            signature="0x" + bytes(e["args"]["signature"]).hex(), block_number=e["blockNumber"])
                 for e in events]
 
+    def withdrawals_started(self, from_block: int, to_block: int) -> list[str]:
+        """Ids of channels whose client started a withdrawal in blocks [from_block, to_block]."""
+        events = self.contract.events.WithdrawStarted().get_logs(from_block=from_block, to_block=to_block)
+        return list(dict.fromkeys(hex32(e["args"]["channelId"]) for e in events))
+
     def channels_of(self, client: str | None = None, node: str | None = None, from_block: int = 0) -> list[str]:
         """Ids of channels that received deposits, filtered by client and/or node, oldest first."""
         filters: dict = {}

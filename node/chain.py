@@ -22,7 +22,7 @@ from longtail.contracts.ledger import CheckpointInfo, CheckpointRecord
 from longtail.contracts.payouts import Allocation, PayoutSplit
 from longtail.contracts.vouchers import SignedVoucher
 from longtail.node.payments import ChannelState, Voucher
-from longtail.node.vouchers import VoucherDomain
+from longtail.node.vouchers import RequestAuthorization, VoucherDomain, recover_authorization_signer
 
 T = TypeVar("T")
 
@@ -72,7 +72,10 @@ class ChainGateway:
         return ChannelState(channel_id=channel_id, client=info.client, node=info.node, deposit=info.deposit,
                             redeemed=info.redeemed, closing=info.closing)
 
-    def recover_voucher_signer(self, voucher: Voucher) -> str:
+    def recover_voucher_signer(self, voucher: Voucher | RequestAuthorization) -> str:
+        """The signer of a voucher or of a request authorization (both in the PaymentChannels domain)."""
+        if isinstance(voucher, RequestAuthorization):
+            return recover_authorization_signer(self.vouchers, voucher)
         signed = SignedVoucher(voucher.channel_id, voucher.cumulative_amount, voucher.signature)
         return self.vouchers.recover(signed)
 
@@ -86,6 +89,14 @@ class ChainGateway:
 
     async def unreleased_revenue(self) -> int:
         return await self._call(lambda: self.contracts.channels.revenue(self.account.address), "read revenue")
+
+    async def block_number(self) -> int:
+        return await self._call(lambda: self._w3.eth.block_number, "read block number")
+
+    async def withdrawals_started(self, from_block: int, to_block: int) -> list[str]:
+        """Channels (any node's) whose client started a withdrawal in blocks [from_block, to_block]."""
+        return await self._call(lambda: self.contracts.channels.withdrawals_started(from_block, to_block),
+                                "read withdrawals")
 
     async def registered_endpoints(self) -> list[str]:
         """HTTP endpoints of every node registered on chain (where adapters can be fetched from)."""

@@ -5,6 +5,14 @@ redeemed. A failed round (chain down, revert) is retried with exponential
 backoff; nothing is marked done until the chain accepted it, and the next
 round starts again from the chain's own latest checkpoint, so a receipt is
 never lost or counted twice.
+
+Vouchers are redeemed channel by channel: one that the chain refuses (its
+client withdrew, the channel is exhausted) is logged and parked until the node
+holds a better voucher for that channel, and the round goes on to the other
+channels and the checkpoint (issue 20, attack 4). A client that starts a
+withdrawal gets its channel redeemed at once, not at the next round: the
+checkpointer watches WithdrawStarted events every `watch_seconds`, and the
+payment intake reports a closing channel it reads (attack 3).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import logging
 import time
 
 from longtail.attribution.receipts import SignedReceipt
+from longtail.contracts.chain import ContractRevert
 from longtail.node.chain import ChainError, ChainGateway
 from longtail.node.checkpoints import epoch_payouts, payable_size
 
@@ -31,7 +40,7 @@ class RoundResult:
 
 class Checkpointer:
     def __init__(self, node, chain: ChainGateway, every_receipts: int, every_seconds: float,
-                 redeem_min_amount: int, max_backoff: float = 30.0) -> None:
+                 redeem_min_amount: int, max_backoff: float = 30.0, watch_seconds: float = 15.0) -> None:
         self.node = node
         self.chain = chain
         self.every_receipts = every_receipts
@@ -43,6 +52,15 @@ class Checkpointer:
         self._task: asyncio.Task | None = None
         self.failures = 0
         self.last_error: str | None = None
+        self.watch_seconds = watch_seconds
+        #: channel id -> (voucher amount the chain refused, why): not retried until a better voucher arrives.
+        self.parked: dict[str, tuple[int, str]] = {}
+        self._watch_task: asyncio.Task | None = None
+        self._urgent: set[asyncio.Task] = set()
+        self._watched_block: int | None = None
+        payments = getattr(node, "payments", None)
+        if payments is not None:
+            payments.on_withdraw_started = self.redeem_soon
 
     def notify_receipt(self) -> None:
         self._pending += 1
@@ -51,12 +69,48 @@ class Checkpointer:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="checkpointer")
+        self._watch_task = asyncio.create_task(self._watch(), name="withdrawal-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._watch_task, *self._urgent):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def redeem_soon(self, channel_id: str) -> None:
+        """A channel's client started a withdrawal: redeem what the node holds on it now (no waiting for a round)."""
+        try:
+            task = asyncio.get_running_loop().create_task(self.redeem_channel(channel_id), name=f"redeem-{channel_id}")
+        except RuntimeError:  # no loop (a synchronous caller): the next round redeems it
+            return
+        self._urgent.add(task)
+        task.add_done_callback(self._urgent_done)
+
+    def _urgent_done(self, task: asyncio.Task) -> None:
+        self._urgent.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("redeeming a withdrawing channel failed: %s", task.exception())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_seconds)
+            with contextlib.suppress(ChainError):
+                await self.watch_withdrawals()
+
+    async def watch_withdrawals(self) -> list[str]:
+        """Redeem every channel of ours whose client started a withdrawal since the last look; returns them."""
+        head = await self.chain.block_number()
+        start = head if self._watched_block is None else self._watched_block + 1
+        if start > head:
+            return []
+        ours = {a.channel_id.lower() for a in self.node.payments.accounts() if a.best_voucher is not None}
+        started = [c for c in await self.chain.withdrawals_started(start, head) if c.lower() in ours]
+        self._watched_block = head
+        for channel_id in started:
+            log.info("client of channel %s started a withdrawal: redeeming now", channel_id)
+            await self.redeem_channel(channel_id)
+        return started
 
     async def _run(self) -> None:
         backoff = 1.0
@@ -77,18 +131,37 @@ class Checkpointer:
                 self._wake.set()
 
     async def redeem_vouchers(self, force: bool = False) -> int:
-        """Redeem every voucher that pays enough more than the chain has seen; returns OPEN redeemed."""
+        """Redeem every voucher that pays enough more than the chain has seen; returns OPEN redeemed.
+
+        A channel the chain refuses is parked with its reason; a chain that cannot be reached at all still fails the
+        round (ChainError from the reads), to be retried.
+        """
         total = 0
         for account in self.node.payments.accounts():
-            voucher = account.best_voucher
-            if voucher is None:
-                continue
-            state = await self.chain.read_channel(account.channel_id)
-            gain = voucher.cumulative_amount - state.redeemed
-            if gain <= 0 or (gain < self.redeem_min_amount and not force):
-                continue
-            total += await self.chain.redeem(voucher)
+            total += await self.redeem_channel(account.channel_id, force=force)
         return total
+
+    async def redeem_channel(self, channel_id: str, force: bool = True) -> int:
+        account = next((a for a in self.node.payments.accounts() if a.channel_id.lower() == channel_id.lower()), None)
+        voucher = account.best_voucher if account is not None else None
+        if voucher is None:
+            return 0
+        parked = self.parked.get(account.channel_id)
+        if parked is not None and voucher.cumulative_amount <= parked[0]:
+            return 0
+        state = await self.chain.read_channel(account.channel_id)
+        gain = min(voucher.cumulative_amount, state.deposit) - state.redeemed
+        if gain <= 0 or (gain < self.redeem_min_amount and not force):
+            return 0
+        try:
+            return await self.chain.redeem(voucher)
+        except ChainError as error:
+            if not isinstance(error.__cause__, ContractRevert):
+                raise  # the chain is down: the whole round retries
+            self.parked[account.channel_id] = (voucher.cumulative_amount, str(error))
+            log.error("voucher of %d on channel %s refused by the chain, parked (other channels go on): %s",
+                      voucher.cumulative_amount, account.channel_id, error)
+            return 0
 
     async def run_round(self, force_redeem: bool = True) -> RoundResult:
         """One redeem + checkpoint round; safe to call directly (tests, shutdown)."""

@@ -18,7 +18,17 @@ ordering here: the store keeps a voucher only over a lower one.
 
 The chain's view of a channel is cached and, once stale, refreshed in the
 background while the cached view keeps serving (a top-up that a request needs
-is read at once).
+is read at once). A view older than `max_view_seconds` (far below the thaw
+period) never admits a request: it is read again first, and a chain that cannot
+be read then refuses the request instead of trusting the old view. A view that
+shows a withdrawal started calls `on_withdraw_started`, which the checkpointer
+sets to redeem that channel at once.
+
+Every paid request is authorised by the channel's client (`authorize`, before
+any work): an EIP-712 `RequestAuthorization` over the request, fresh, used once
+(docs/security.md). Credit: a channel is never extended more than its deposit
+minus what it owes and what is reserved, and no more than `credit_cap` beyond its
+best voucher; cold and warm channels alike.
 """
 
 from __future__ import annotations
@@ -26,18 +36,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 
 from longtail.node.errors import ChainUnavailable, InvalidVoucherSignature, PaymentRequired
+from longtail.node.vouchers import MAX_AUTHORIZATION_SECONDS, RequestAuthorization
 
 log = logging.getLogger("longtail.payments")
 
 
 def price_for_tokens(price_per_1k_tokens: int, tokens: int) -> int:
     """OPEN base units for `tokens` tokens, rounded up so a request never costs 0 by truncation."""
-    return math.ceil(price_per_1k_tokens * tokens / 1000)
+    # Integers only: a float product loses base units past 2**53 (10**18 + 7 per 1k over 4,999 tokens was off by tens).
+    return -(-price_per_1k_tokens * tokens // 1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +115,11 @@ class PaymentIntake:
 
     def __init__(self, node_address: str, read_channel: ChannelReader, recover_signer: VoucherSignerRecovery,
                  load_account: OwedLoader, save_voucher: VoucherSaver, credit_cap: int | None = None,
-                 channel_cache_seconds: float = 30.0) -> None:
+                 channel_cache_seconds: float = 30.0, max_view_seconds: float = 60.0,
+                 require_authorization: bool = True) -> None:
+        """`recover_signer` recovers the signer of a Voucher and of a RequestAuthorization alike.
+        `require_authorization=False` is for harnesses whose subject is not payment (fault injection with fake
+        signatures); a node always requires it."""
         self._node = node_address.lower()
         self._read_channel = read_channel
         self._recover_signer = recover_signer
@@ -112,6 +127,10 @@ class PaymentIntake:
         self._save_voucher = save_voucher
         self._credit_cap = credit_cap
         self._cache_seconds = channel_cache_seconds
+        self.max_view_seconds = max(max_view_seconds, channel_cache_seconds)
+        self._require_authorization = require_authorization
+        self._nonces: dict[str, int] = {}  # authorization nonce -> expiry: each is used once
+        self.on_withdraw_started: Callable[[str], None] | None = None
         self._chain_cache: dict[str, tuple[float, ChannelState]] = {}
         self._refreshing: dict[str, asyncio.Task] = {}
         self._accounts: dict[str, ChannelAccount] = {}
@@ -119,6 +138,9 @@ class PaymentIntake:
 
     async def channel(self, channel_id: str, refresh: bool = False) -> ChannelState:
         cached = self._chain_cache.get(channel_id)
+        if cached and not refresh and time.monotonic() - cached[0] >= self.max_view_seconds:
+            # Too old to admit on: a client may have thawed and withdrawn meanwhile (issue 20, attack 3).
+            return await self._read(channel_id, None)
         if cached and not refresh:
             if time.monotonic() - cached[0] >= self._cache_seconds and channel_id not in self._refreshing:
                 # Stale: serve the cached view now (a chain read costs tens of ms) and refresh it meanwhile.
@@ -136,7 +158,57 @@ class PaymentIntake:
                 return cached[1]
             raise ChainUnavailable(f"cannot read channel {channel_id} from the chain: {type(error).__name__}") from error
         self._chain_cache[channel_id] = (time.monotonic(), state)
+        if state.closing and (cached is None or not cached[1].closing) and self.on_withdraw_started is not None:
+            self.on_withdraw_started(channel_id)
         return state
+
+    async def authorize(self, channel_id: str | None, authorization: RequestAuthorization | None) -> None:
+        """Refuse, before any work, a request that its channel's client did not sign (or signed for another
+        request, or that was already used or expired), or whose channel cannot pay for anything more."""
+        if not channel_id:
+            raise PaymentRequired("a payment channel is required: send X-Longtail-Channel, a request authorization "
+                                  "and a voucher for what was served")
+        if not self._require_authorization:
+            return
+        if authorization is None:
+            raise PaymentRequired("a paid request must be signed by the channel's client: send the "
+                                  "X-Longtail-Auth-Nonce, -Expires and -Signature headers (docs/security.md)",
+                                  channel_id=channel_id)
+        if authorization.channel_id.lower() != channel_id.lower():
+            raise InvalidVoucherSignature("the authorization is for another channel", channel_id=channel_id)
+        now = int(time.time())
+        if not now <= authorization.expires_at <= now + MAX_AUTHORIZATION_SECONDS:
+            raise PaymentRequired(f"the authorization expired or is valid for more than {MAX_AUTHORIZATION_SECONDS} "
+                                  "s; sign a fresh one", channel_id=channel_id, expires_at=authorization.expires_at,
+                                  now=now)
+        if authorization.nonce in self._nonces:
+            raise InvalidVoucherSignature("this authorization was already used; sign each request once",
+                                          channel_id=channel_id)
+        state = await self.channel(channel_id)
+        self._check_channel_is_ours(state)
+        try:
+            signer = self._recover_signer(authorization)
+        except Exception as error:  # malformed signature bytes
+            raise InvalidVoucherSignature(f"authorization signature does not parse: {type(error).__name__}",
+                                          channel_id=channel_id) from error
+        if signer.lower() != state.client.lower():
+            raise InvalidVoucherSignature("the request is not signed by the channel's client",
+                                          channel_id=channel_id, signer=signer, client=state.client)
+        if authorization.nonce in self._nonces:  # a twin that passed the first check during the chain read
+            raise InvalidVoucherSignature("this authorization was already used; sign each request once",
+                                          channel_id=channel_id)
+        self._remember_nonce(authorization.nonce, authorization.expires_at, now)
+        async with self._lock:
+            account = await self.account(channel_id, state.client)
+            if state.deposit - account.owed - account.reserved <= 0:
+                raise PaymentRequired("the channel's deposit is spent; top it up", channel_id=channel_id,
+                                      deposit=str(state.deposit), owed=str(account.owed))
+
+    def _remember_nonce(self, nonce: str, expires_at: int, now: int) -> None:
+        if len(self._nonces) >= 4096:  # prune the expired ones now and then: each is refused by its expiry anyway
+            for old in [n for n, expiry in self._nonces.items() if expiry < now]:
+                del self._nonces[old]
+        self._nonces[nonce] = expires_at
 
     async def account(self, channel_id: str, client: str) -> ChannelAccount:
         account = self._accounts.get(channel_id)
@@ -253,7 +325,8 @@ class PaymentIntake:
     def _available(self, state: ChannelState, account: ChannelAccount) -> int:
         available = state.deposit - account.owed - account.reserved
         if self._credit_cap is not None:
-            available = min(available, self._credit_cap - account.reserved)
+            # Credit is what the node served or holds for requests beyond the best voucher it has.
+            available = min(available, self._credit_cap - max(account.owed - account.paid, 0) - account.reserved)
         return available
 
     def accounts(self) -> list[ChannelAccount]:
@@ -264,3 +337,14 @@ class PaymentIntake:
             raise PaymentRequired("the channel pays another node", channel_id=state.channel_id, node=state.node)
         if state.closing:
             raise PaymentRequired("the channel is closing; open a new one", channel_id=state.channel_id)
+
+
+def authorization_from_headers(headers, channel_id: str | None, request) -> RequestAuthorization | None:
+    """The request authorization in `headers`, bound to `request` (a CompletionRequest) as the node parsed it:
+    its model, its prompt hash (the receipt's promptHash) and its max_tokens."""
+    from longtail.attribution.receipts import keccak
+    from longtail.node.service import prompt_text_as_received  # the service imports this module
+    from longtail.node.vouchers import parse_authorization
+
+    prompt_hash = keccak(prompt_text_as_received(request).encode("utf-8"))
+    return parse_authorization(headers, channel_id, request.model, prompt_hash, request.max_tokens)

@@ -44,7 +44,7 @@ from longtail.node.errors import (
 )
 from longtail.node.generation import GenerationGateway, GenerationResult
 from longtail.node.metrics import NodeMetrics
-from longtail.node.payments import PaymentIntake, Voucher, price_for_tokens
+from longtail.node.payments import PaymentIntake, Voucher, authorization_from_headers, price_for_tokens
 from longtail.node.requests import CompletionRequest
 from longtail.node.timing import StageTimes
 
@@ -176,12 +176,21 @@ class Node:
         return prompt_ids
 
     async def _admit(self, request: CompletionRequest, channel_id: str | None, voucher: Voucher | None,
-                     times: StageTimes):
+                     times: StageTimes, authorization=None):
+        # Payment first (issue 20, attacks 8 and 10): no peer fetch, engine or chain write for a request that its
+        # channel's client did not sign.
+        with times.stage("payment"):
+            await self.payments.authorize(channel_id, authorization)
         entry = await self._resolve(request.model)
         prompt_ids = await self._prepare(request, times)
         max_price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + request.max_tokens)
         with times.stage("payment"):
             reservation = await self.payments.reserve(channel_id, voucher, max_price)
+        # The reservation may have waited on the chain (a cold channel): the admission limit is checked again with
+        # no await before the caller counts the request in flight, so cold channels get no more than warm ones.
+        if self._in_flight >= self.config.max_waiting_requests:
+            await self.payments.release(reservation)
+            raise NodeBusy(f"{self._in_flight} requests in flight; retry shortly", retry_after_seconds=1)
         return entry, prompt_ids, reservation
 
     @staticmethod
@@ -344,11 +353,11 @@ class Node:
         return body
 
     async def complete(self, request: CompletionRequest, channel_id: str | None,
-                       voucher: Voucher | None) -> Completion:
+                       voucher: Voucher | None, authorization=None) -> Completion:
         started = time.perf_counter()
         times = StageTimes()
         endpoint = "chat" if request.chat else "completions"
-        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times)
+        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times, authorization)
         request_id = hex32(os.urandom(32))
         self._in_flight += 1
         try:
@@ -371,10 +380,10 @@ class Node:
         return Completion(body, times)
 
     async def stream(self, request: CompletionRequest, channel_id: str | None,
-                     voucher: Voucher | None) -> AsyncIterator[dict]:
+                     voucher: Voucher | None, authorization=None) -> AsyncIterator[dict]:
         started = time.perf_counter()
         times = StageTimes()  # headers leave before these are known: a stream carries no Server-Timing
-        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times)
+        entry, prompt_ids, reservation = await self._admit(request, channel_id, voucher, times, authorization)
         request_id = hex32(os.urandom(32))
         self._in_flight += 1
         try:
@@ -496,8 +505,12 @@ class Node:
                                        max_tokens_limit=self.max_tokens_limit)
             if request.stream:
                 raise BadRequest("streaming is not offered over libp2p; send stream=false", param="stream")
-            channel_id, voucher = parse_payment_headers(message.get("headers") or {})
-            return {"status": 200, "body": (await self.complete(request, channel_id, voucher)).body}
+            headers = message.get("headers") or {}
+            if not isinstance(headers, dict):
+                raise BadRequest("headers must be an object")
+            channel_id, voucher = parse_payment_headers(headers)
+            authorization = authorization_from_headers(headers, channel_id, request)
+            return {"status": 200, "body": (await self.complete(request, channel_id, voucher, authorization)).body}
         except Exception as error:  # the same table as over HTTP; a bug is an opaque 500 with its traceback logged
             if not is_known(error):
                 log.exception("libp2p inference request failed")

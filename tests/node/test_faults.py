@@ -82,7 +82,8 @@ def make_node(tmp: Path, model, chain_up: dict | None = None):
     receipt_log = ReceiptLog.open(f"sqlite:///{tmp / 'receipts.sqlite'}", KEY,
                                   ReceiptDomain(chain_id=31337, verifying_contract="0x" + "22" * 20))
     payments = PaymentIntake(address, read_channel, lambda voucher: CLIENT, load_account, save_voucher,
-                             channel_cache_seconds=0.0)
+                             channel_cache_seconds=0.0,
+                             require_authorization=False)  # fake signatures: payment is not the subject
     catalog = Catalog(CatalogEntry(name="base", adapter_id=None, price_per_1k_tokens=1000))
     return Node(config, address, catalog, GenerationGateway(engine, tokenizer), receipt_log, payments, Attributor(),
                 "0x" + "33" * 32)

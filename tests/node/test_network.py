@@ -178,12 +178,13 @@ def test_bad_requests_get_clear_errors_and_the_node_keeps_serving(tmp_path, chai
 
                 status, error = await post(body)
                 assert status == 402 and "X-Longtail-Channel" in error["error"]["message"]
-                status, error = await post({**body, "model": "nope"}, {"X-Longtail-Channel": channel})
+                nope = {**body, "model": "nope"}
+                status, error = await post(nope, client._voucher_headers(channel, nope))
                 assert status == 404 and error["error"]["code"] == "model_not_found"
-                status, error = await post({**body, "messages": [{"role": "user", "content": "word " * 400}]},
-                                           {"X-Longtail-Channel": channel})
+                long = {**body, "messages": [{"role": "user", "content": "word " * 400}]}
+                status, error = await post(long, client._voucher_headers(channel, long))
                 assert status == 400 and error["error"]["code"] == "prompt_too_large"
-                forged = {"X-Longtail-Channel": channel, "X-Longtail-Voucher-Amount": "5",
+                forged = {**client._voucher_headers(channel, body), "X-Longtail-Voucher-Amount": "5",
                           "X-Longtail-Voucher-Signature": "0x" + "11" * 65}
                 status, error = await post(body, forged)
                 assert status == 401
@@ -207,17 +208,19 @@ def test_openai_client_works_with_payment_headers(tmp_path, chain, shared_model,
         running = nodes["node-c"]
         try:
             channel = await asyncio.to_thread(client.ensure_deposit, running.node.address, 10**17, 10**18)
-            api = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="unused",
-                                     default_headers={"X-Longtail-Channel": channel})
-            completion = await api.chat.completions.create(
-                model="reviews-r4", messages=[{"role": "user", "content": "Comment on an off-by-one."}], max_tokens=6)
+            api = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="unused")
+            first = {"model": "reviews-r4", "messages": [{"role": "user", "content": "Comment on an off-by-one."}],
+                     "max_tokens": 6}
+            # Every paid request carries the client's signed authorization of it (docs/security.md).
+            completion = await api.chat.completions.create(**first,
+                                                           extra_headers=client._voucher_headers(channel, first))
             assert completion.choices[0].message.content
             assert completion.model_extra["longtail"]["receipt"]["seq"] == 0
             # The second request must carry a voucher for what the first one cost.
-            client.state.set_owed(channel, int(completion.model_extra["longtail"]["payCumulative"]))
-            stream = await api.chat.completions.create(
-                model="reviews-r4", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, stream=True,
-                extra_headers=client._voucher_headers(channel))
+            client.state.add_charge(channel, int(completion.model_extra["longtail"]["receipt"]["price"]))
+            second = {"model": "reviews-r4", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}
+            stream = await api.chat.completions.create(**second, stream=True,
+                                                       extra_headers=client._voucher_headers(channel, second))
             chunks = [chunk async for chunk in stream]
             assert chunks[-1].model_extra["longtail"]["receipt"]["seq"] == 1
             await api.close()
@@ -337,10 +340,9 @@ def test_paid_request_and_adapter_fetch_over_libp2p(tmp_path, chain, shared_mode
             assert fetched.receipt.receipt.adapter_id == adapter_ids["legal-r8"]
             channel = await asyncio.to_thread(client.ensure_deposit, node_a.node.address, 10**17, 10**18)
             await client_peer.connect(node_a.p2p.addrs[0])
+            body = {"model": "legal-r8", "messages": [{"role": "user", "content": "A clause."}], "max_tokens": 6}
             reply = await client_peer.infer(node_a.node.peer_id, {
-                "path": "/v1/chat/completions", "headers": {"X-Longtail-Channel": channel},
-                "body": {"model": "legal-r8", "messages": [{"role": "user", "content": "A clause."}],
-                         "max_tokens": 6}})
+                "path": "/v1/chat/completions", "headers": client._voucher_headers(channel, body), "body": body})
             assert reply["status"] == 200, reply
             from longtail.attribution.receipts import SignedReceipt, verify_receipt
 
