@@ -27,6 +27,7 @@ from longtail.node.errors import (
     mapping_for,
     retry_after,
 )
+from longtail.node.payments import authorization_from_headers
 from longtail.node.requests import (
     RECEIPT_HEADER,
     CompletionRequest,
@@ -59,8 +60,10 @@ class NodeService(Protocol):
     max_tokens_limit: int
 
     def models(self) -> list[dict]: ...
-    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher) -> Completion: ...
-    def stream(self, request: CompletionRequest, channel_id: str | None, voucher) -> AsyncIterator[dict]: ...
+    async def complete(self, request: CompletionRequest, channel_id: str | None, voucher,
+                       authorization=None) -> Completion: ...
+    def stream(self, request: CompletionRequest, channel_id: str | None, voucher,
+               authorization=None) -> AsyncIterator[dict]: ...
     async def accept_voucher(self, voucher) -> dict: ...
     async def receipt(self, request_id: str) -> dict: ...
     async def receipts(self, from_seq: int, to_seq: int) -> list[dict]: ...
@@ -206,10 +209,11 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     parsed = parse_completion(await _json_body(request), chat=chat, max_tokens_limit=service.max_tokens_limit)
     channel_id, voucher = parse_payment_headers(request.headers)
+    authorization = authorization_from_headers(request.headers, channel_id, parsed)
     if not parsed.stream:
-        completion = await service.complete(parsed, channel_id, voucher)
+        completion = await service.complete(parsed, channel_id, voucher, authorization)
         return web.json_response(completion.body, headers={TIMING_HEADER: completion.timing.header()})
-    events = service.stream(parsed, channel_id, voucher)
+    events = service.stream(parsed, channel_id, voucher, authorization)
     try:
         # The first event is produced before headers go out, so payment and model errors
         # still answer with their proper status instead of a broken stream.
