@@ -123,8 +123,14 @@ class LocalEngine:
         self.start()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        handle = self.engine.submit(prompt_ids, adapter_id, params, client=client,
-                                    listener=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+        def deliver(event: StreamEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop closed (its caller is gone): the cancel is on its way
+                pass
+
+        handle = self.engine.submit(prompt_ids, adapter_id, params, client=client, listener=deliver)
         finished = False
         try:
             while True:

@@ -85,8 +85,8 @@ class LoraSlots:
     def __init__(self, config: ModelConfig, initial_slots: int = 16, initial_rows: int = 64,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.config = config
-        max_adapters = max(1, int(initial_slots))
-        self.capacity = max_adapters
+        slots = max(1, int(initial_slots))
+        self.capacity = slots
         self.grows = 0  # buffer or table reallocations so far: a growth moves every adapter's rows (see tiers)
         self.copy: Callable[[torch.Tensor, torch.Tensor], None] = _copy
         self.device = torch.device(device)
@@ -97,15 +97,15 @@ class LoraSlots:
             name: ProjectionBuffers(
                 a_rows=torch.zeros(layers, initial_rows, shapes[name][0], device=self.device, dtype=dtype),
                 b_rows=torch.zeros(layers, initial_rows, shapes[name][1], device=self.device, dtype=dtype),
-                offsets=torch.zeros(max_adapters, dtype=torch.int64, device=self.device),
-                ranks=torch.zeros(layers, max_adapters, dtype=torch.int64, device=self.device),
-                scales=torch.zeros(layers, max_adapters, dtype=torch.float32, device=self.device),
+                offsets=torch.zeros(slots, dtype=torch.int64, device=self.device),
+                ranks=torch.zeros(layers, slots, dtype=torch.int64, device=self.device),
+                scales=torch.zeros(layers, slots, dtype=torch.float32, device=self.device),
                 allocator=RowAllocator(initial_rows), rows_of_slot={}, max_rank=[0] * layers)
             for name in PROJECTIONS
         }
         self.slot_of: dict[str, int] = {}
         self.nbytes_of: dict[str, int] = {}
-        self._free_slots = list(range(max_adapters))
+        self._free_slots = list(range(slots))
         self._views: dict[str, list[list[SlotWeights | None]]] = {}
         self._tables: dict[tuple, RunTable] = {}
 
