@@ -118,17 +118,18 @@ def json_depth(raw: bytes) -> int:
     data = np.frombuffer(raw, dtype=np.uint8)
     if data.size == 0:
         return 0
-    index = np.arange(data.size)
-    backslash = data == ord("\\")
-    last_other = np.maximum.accumulate(np.where(backslash, -1, index))
-    run_before = np.empty(data.size, dtype=np.int64)  # backslashes just before each byte
-    run_before[0] = 0
-    run_before[1:] = index[:-1] - last_other[:-1]
+    # int32 throughout (bodies are at most MAX_BODY_BYTES): a megabyte's scan holds about 16 MB at its peak.
+    index = np.arange(data.size, dtype=np.int32)
+    last_other = np.maximum.accumulate(np.where(data == ord("\\"), np.int32(-1), index))
+    run_before = np.zeros(data.size, dtype=np.int32)  # backslashes just before each byte
+    np.subtract(index[:-1], last_other[:-1], out=run_before[1:])
+    del index, last_other
     quote = (data == ord('"')) & (run_before % 2 == 0)
-    inside = (np.cumsum(quote) % 2 == 1) & ~quote
-    opens = ((data == ord("[")) | (data == ord("{"))) & ~inside
-    closes = ((data == ord("]")) | (data == ord("}"))) & ~inside
-    return int(np.cumsum(opens.astype(np.int64) - closes.astype(np.int64)).max(initial=0))
+    del run_before
+    inside = (np.cumsum(quote, dtype=np.int32) % 2 == 1) & ~quote
+    step = (((data == ord("[")) | (data == ord("{"))) & ~inside).astype(np.int8)
+    step -= (((data == ord("]")) | (data == ord("}"))) & ~inside).astype(np.int8)
+    return int(np.cumsum(step, dtype=np.int32).max(initial=0))
 
 
 def _refuse_constant(name: str) -> float:
