@@ -123,13 +123,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_
                    scale_log2, split_len, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_tb, stride_ob, stride_oh, num_heads,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, num_splits, DIRECT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Program (row, KV head, split): the group's heads over positions [split*split_len, +split_len) ∩ context."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    length = tl.load(lens_ptr + row)
+    length = tl.load(lens_ptr + row).to(tl.int32)
     begin = split * split_len
     end = tl.minimum(begin + split_len, length)
     heads = kv_head * GROUP + tl.arange(0, BLOCK_H)
@@ -159,28 +159,27 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_out_
     safe_l = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / safe_l[:, None]
     both = head_ok[:, None] & dim_ok[None, :]
-    if NUM_SPLITS == 1:
+    if DIRECT:  # one split: the final answer
         tl.store(out_ptr + row64 * stride_ob + heads[:, None] * stride_oh + dims[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=both)
     else:
-        # Partials [B, H, NUM_SPLITS, BLOCK_D] fp32 and their log2-sum-exp [B, H, NUM_SPLITS] (-inf: empty).
+        # Partials [B, H, splits, BLOCK_D] fp32 and their log2-sum-exp [B, H, splits] (-inf: empty).
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(safe_l))
-        part_rows = (row64 * num_heads + heads) * NUM_SPLITS + split
+        part_rows = (row64 * num_heads + heads) * num_splits + split
         tl.store(part_out_ptr + part_rows[:, None] * BLOCK_D + dims[None, :], acc, mask=both)
         tl.store(part_lse_ptr + part_rows, lse, mask=head_ok)
 
 
 @triton.jit
-def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (row, head): out = Σ_s exp2(lse_s - lse) · partial_s, over the splits that saw keys."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
-    split_ok = splits < NUM_SPLITS
+    split_ok = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
-    base = (row * num_heads + head) * NUM_SPLITS
+    base = (row * num_heads + head) * num_splits
     lse = tl.load(part_lse_ptr + base + splits, mask=split_ok, other=float("-inf"))
     top = tl.max(lse, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
@@ -203,11 +202,11 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, prefix_ptr, out_
     segment = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2)
-    begin = tl.load(starts_ptr + segment)
-    length = tl.load(starts_ptr + segment + 1) - begin
+    begin = tl.load(starts_ptr + segment).to(tl.int32)
+    length = tl.load(starts_ptr + segment + 1).to(tl.int32) - begin
     if q_tile * BLOCK_Q >= length:  # the grid is sized for the longest segment
         return
-    prefix = tl.load(prefix_ptr + segment)
+    prefix = tl.load(prefix_ptr + segment).to(tl.int32)
     rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
     token = q_tile * BLOCK_Q + rows // GROUP_PAD          # index within the segment
     in_group = rows % GROUP_PAD
@@ -350,11 +349,13 @@ def paged_decode_attention_triton(out: torch.Tensor, query: torch.Tensor, key_ca
         scale * LOG2E, split_len, query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), heads,
         GROUP=group, BLOCK_H=_group_block(group), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, NUM_SPLITS=splits, DOT_PRECISION=_dot_precision(query.dtype),
+        BLOCK_N=block_n, num_splits=splits, DIRECT=splits == 1, DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST=_upcast(query.dtype))
     if splits > 1:
-        _decode_merge_kernel[(rows, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads,
-                                            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+        # The split count is a runtime argument (the table's width changes every block_size tokens, and a
+        # constexpr would compile a kernel per value); only its power-of-two bound is compiled in.
+        _decode_merge_kernel[(rows, heads)](part_out, part_lse, out, out.stride(0), out.stride(1), heads, splits,
+                                            HEAD_DIM=head_dim, BLOCK_D=block_d,
                                             BLOCK_S=triton.next_power_of_2(splits))
 
 

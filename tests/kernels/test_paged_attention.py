@@ -51,28 +51,28 @@ def fused_query(seed: int, tokens: int, heads: int, kv_heads: int, head_dim: int
     return fused[:, :heads * head_dim].view(tokens, heads, head_dim)
 
 
-def run_decode(lengths, heads, kv_heads, head_dim, block_size, dtype, splits=None, seed=0):
-    keys, values, tables = make_cache(seed, lengths, kv_heads, head_dim, block_size, dtype)
-    query = fused_query(seed, len(lengths), heads, kv_heads, head_dim, dtype)
-    lens = torch.tensor(lengths, dtype=torch.int64)
+def run_decode(lengths, heads, kv_heads, head_dim, block_size, dtype, splits=None, seed=0, device="cpu"):
+    keys, values, tables = (t.to(device) for t in make_cache(seed, lengths, kv_heads, head_dim, block_size, dtype))
+    query = fused_query(seed, len(lengths), heads, kv_heads, head_dim, dtype).to(device)
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
     scale = head_dim ** -0.5
     expected = paged_decode_attention_ref(query, keys, values, tables, lens, scale, block_size)
-    out = torch.full(query.shape, float("nan"), dtype=dtype)
+    out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
     paged_decode_attention_triton(out, query, keys, values, tables, lens, scale, block_size, splits=splits)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=rtol)
     return out, expected
 
 
-def run_extend(prefixes, lengths, heads, kv_heads, head_dim, block_size, dtype, seed=0):
+def run_extend(prefixes, lengths, heads, kv_heads, head_dim, block_size, dtype, seed=0, device="cpu"):
     totals = [p + n for p, n in zip(prefixes, lengths, strict=True)]
-    keys, values, tables = make_cache(seed, totals, kv_heads, head_dim, block_size, dtype)
-    query = fused_query(seed, sum(lengths), heads, kv_heads, head_dim, dtype)
-    starts = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
-    prefix = torch.tensor(prefixes, dtype=torch.int64)
+    keys, values, tables = (t.to(device) for t in make_cache(seed, totals, kv_heads, head_dim, block_size, dtype))
+    query = fused_query(seed, sum(lengths), heads, kv_heads, head_dim, dtype).to(device)
+    starts = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64, device=device)
+    prefix = torch.tensor(prefixes, dtype=torch.int64, device=device)
     scale = head_dim ** -0.5
     expected = paged_extend_attention_ref(query, keys, values, tables, starts, prefix, scale, block_size)
-    out = torch.full(query.shape, float("nan"), dtype=dtype)
+    out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
     paged_extend_attention_triton(out, query, keys, values, tables, starts, prefix, max(lengths + [0]), scale,
                                   block_size)
     atol, rtol = TOLERANCE[dtype]
@@ -212,3 +212,19 @@ def test_shape_errors_are_refused(problem):
                                           torch.tensor([0, 0]), 2, 1.0, 4)
         else:
             paged_decode_attention_triton(out, query, keys, values, tables, lens, 1.0, 4)
+
+
+# On a GPU, compiled: the serving head layouts (Llama-3.1-8B: 32/8 heads of 128; Llama-3.2-1B: of 64), bf16/fp16.
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_on_gpu_at_serving_shapes(head_dim, dtype):
+    run_decode([1, 15, 16, 17, 500, 2049, 3000, 64], 32, 8, head_dim, 16, dtype, device="cuda")
+    run_decode([3000], 32, 8, head_dim, 16, dtype, splits=1, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_extend_on_gpu_at_serving_shapes(head_dim, dtype):
+    run_extend([0, 0, 16, 700, 5, 0], [1, 300, 33, 2, 129, 1000], 32, 8, head_dim, 16, dtype, device="cuda")
