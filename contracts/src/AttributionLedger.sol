@@ -14,7 +14,7 @@ interface IRegistryView {
     function datanetOwner(bytes32 datanetId) external view returns (address);
     function unstakeDelay() external view returns (uint256);
     function slash(address node, uint256 amount, address recipient) external returns (uint256);
-    function adapterHasDatanet(bytes32 adapterId, bytes32 datanetId) external view returns (bool);
+    function adapterPayout(bytes32 adapterId) external view returns (address owner, bytes32[] memory datanetIds);
 }
 
 /// @notice The PaymentChannels function the ledger calls (documented in PaymentChannels.sol).
@@ -268,9 +268,9 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
         private
         returns (uint256 revenue)
     {
-        (uint256 adapterRevenue, uint256 paidOut, uint256 datanetPart, uint256[] memory parts) =
+        (uint256 adapterRevenue, uint256 paidOut, uint256 datanetPart, uint256[] memory parts, bytes32[][] memory ids) =
             _payAdapters(epoch, adapters);
-        _payDatanets(epoch, adapters, parts, datanets, datanetPart);
+        _payDatanets(epoch, parts, ids, datanets, datanetPart);
         revenue = adapterRevenue;
         uint256 nodeAmount = revenue - paidOut - datanetPart;
         if (nodeAmount > 0) claimable[msg.sender] += nodeAmount;
@@ -279,23 +279,25 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
 
     function _payAdapters(uint64 epoch, Allocation[] calldata adapters)
         private
-        returns (uint256 revenue, uint256 paidOut, uint256 datanetPart, uint256[] memory parts)
+        returns (uint256 revenue, uint256 paidOut, uint256 datanetPart, uint256[] memory parts, bytes32[][] memory ids)
     {
         parts = new uint256[](adapters.length);
+        ids = new bytes32[][](adapters.length);
         for (uint256 i = 0; i < adapters.length; ++i) {
             bytes32 adapterId = adapters[i].id;
             uint256 amount = adapters[i].amount;
             revenue += amount;
             if (adapterId == bytes32(0)) continue; // base model: all of it is the node's
-            (address owner, uint256 datanetCount) = registry.adapterPayee(adapterId);
+            (address owner, bytes32[] memory datanetIds) = registry.adapterPayout(adapterId);
             if (owner == address(0)) revert UnknownAdapter(adapterId);
             uint256 ownerAmount = amount * adapterShareBps / TOTAL_BPS;
             uint256 datanetAmount = amount * datanetShareBps / TOTAL_BPS;
-            if (datanetCount == 0) {
+            if (datanetIds.length == 0) {
                 ownerAmount += datanetAmount;
             } else {
                 datanetPart += datanetAmount;
                 parts[i] = datanetAmount;
+                ids[i] = datanetIds;
             }
             paidOut += ownerAmount;
             if (ownerAmount > 0) claimable[owner] += ownerAmount;
@@ -304,11 +306,12 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
     }
 
     /// @dev A Datanet is paid at most the Datanet parts of the checkpoint's adapters registered with it, so a node
-    ///      cannot move an adapter's Datanet part to a Datanet of its own; ids strictly ascend (no line twice).
+    ///      cannot move an adapter's Datanet part to a Datanet of its own; ids strictly ascend (no line twice). A
+    ///      Datanet named in an adapter's registration is registered (the Registry checked it then).
     function _payDatanets(
         uint64 epoch,
-        Allocation[] calldata adapters,
         uint256[] memory parts,
+        bytes32[][] memory ids,
         Allocation[] calldata datanets,
         uint256 expected
     ) private {
@@ -317,12 +320,17 @@ contract AttributionLedger is EIP712Domain, ReentrancyGuard {
             bytes32 datanetId = datanets[i].id;
             uint256 amount = datanets[i].amount;
             if (i > 0 && datanetId <= datanets[i - 1].id) revert DatanetsNotSorted(i);
-            if (registry.datanetOwner(datanetId) == address(0)) revert UnknownDatanet(datanetId);
             uint256 cap = 0;
-            for (uint256 j = 0; j < adapters.length; ++j) {
-                if (parts[j] > 0 && registry.adapterHasDatanet(adapters[j].id, datanetId)) cap += parts[j];
+            for (uint256 j = 0; j < parts.length; ++j) {
+                bytes32[] memory trained = ids[j];
+                for (uint256 k = 0; k < trained.length; ++k) {
+                    if (trained[k] == datanetId) {
+                        cap += parts[j];
+                        break;
+                    }
+                }
             }
-            if (amount > cap) revert DatanetOverpaid(datanetId, cap, amount);
+            if (cap == 0 || amount > cap) revert DatanetOverpaid(datanetId, cap, amount);
             declared += amount;
             datanetPool[datanetId] += amount;
             emit DatanetPaid(msg.sender, epoch, datanetId, amount);

@@ -362,16 +362,13 @@ contract Registry is ReentrancyGuard {
         return (adapter.owner, adapter.datanetCount);
     }
 
-    /// @notice Whether `datanetId` holds a share of `adapterId`'s Datanet pool (the ledger checks payouts with it).
+    /// @notice What the ledger needs to split and check an adapter's revenue: its owner and its Datanets.
     /// @param adapterId The adapter.
-    /// @param datanetId The Datanet.
-    /// @return True if the adapter was registered with that Datanet.
-    function adapterHasDatanet(bytes32 adapterId, bytes32 datanetId) external view returns (bool) {
-        bytes32[] storage ids = _adapters[adapterId].datanetIds;
-        for (uint256 i = 0; i < ids.length; ++i) {
-            if (ids[i] == datanetId) return true;
-        }
-        return false;
+    /// @return owner The owner (zero if unregistered).
+    /// @return datanetIds The Datanets with a share of its Datanet part (ascending; empty if none).
+    function adapterPayout(bytes32 adapterId) external view returns (address owner, bytes32[] memory datanetIds) {
+        Adapter storage adapter = _adapters[adapterId];
+        return (adapter.owner, adapter.datanetIds);
     }
 
     // ---------------------------------------------------------------- internals

@@ -152,7 +152,8 @@ def test_split_rules_are_enforced(world, market):
     unknown = "0x" + "99" * 32
     with reverts("UnknownAdapter", adapterId=bytes.fromhex(unknown[2:])):
         ledger.post_checkpoint(node, 2, root, [], [Allocation(unknown, 1)])
-    with reverts("UnknownDatanet"):
+    # A Datanet that none of the checkpoint's adapters was registered with gets nothing (registered or not).
+    with reverts("DatanetOverpaid", cap=0, amount=10 * OPEN):
         ledger.post_checkpoint(node, 2, root, [], [Allocation(ADAPTER_X, 100 * OPEN)], [Allocation(unknown, 10 * OPEN)])
     with reverts("RevenueTooLow", revenue=1_000 * OPEN, requested=1_001 * OPEN):
         ledger.post_checkpoint(node, 2, root, [], [Allocation(BASE_MODEL_ADAPTER, 1_001 * OPEN)])
