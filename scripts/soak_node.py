@@ -138,6 +138,8 @@ CASES = [
     ("from_seq 2^64", "GET", "/v1/receipts?from_seq=18446744073709551616", None, {}, {400}),
     ("unpaid megabyte prompt", "POST", "/v1/completions",
      {"model": "base", "prompt": "hello world, " * 75_000}, {}, {400, 402}),
+    ("paid megabyte prompt", "POST", "/v1/completions",
+     {"model": "base", "prompt": "hello world, " * 75_000}, PAY, {400}),  # tokenised, then over max_prompt_tokens
     ("oversized body", "POST", "/v1/completions", b'{"prompt": "' + b"a" * (1 << 20) + b'"}', {}, {413}),
 ]
 WEIGHTS = [6, 2, 3, 1, 1] + [1] * (len(CASES) - 5)

@@ -280,11 +280,12 @@ def test_healthz_stays_quick_while_megabyte_prompts_are_tokenised(tmp_path, mode
         async with serving(node) as (session, _):
             prompt = "hello world, " * 75_000  # ~1 MB: about a second of tokenising each
 
-            async def unpaid():
-                async with session.post("/v1/completions", json={"model": "base", "prompt": prompt}) as response:
+            async def oversized():  # paid, so it is tokenised (an unpaid one is refused before any work)
+                async with session.post("/v1/completions", json={"model": "base", "prompt": prompt},
+                                        headers=PAY) as response:
                     return response.status
 
-            posts = [asyncio.create_task(unpaid()) for _ in range(3)]
+            posts = [asyncio.create_task(oversized()) for _ in range(3)]
             await asyncio.sleep(0.3)  # the bodies are in and tokenising
             slowest = 0.0
             while not all(p.done() for p in posts):
