@@ -6,13 +6,20 @@ Measures (steady state: the slots a node touches every epoch already hold non-ze
   10 payee lines (5 adapters that have Datanets, and their 5 Datanets), plus the same with first-time payees;
 - amortized gas per request at one checkpoint per 1,000 receipts and one redeem per channel per epoch;
 and, as the baseline from the same run, a plain OPEN transfer: what paying on-chain per request would cost.
+Disputes and stake: opening a dispute, resolving it with a slash, proving a mismatch, withdrawing stake.
+
+The same measurements run a second time on the contracts as they were before issue 20's fixes (artifacts read
+from git at FIXES_BASELINE), so docs/gas.md says what each fix costs, both from one run.
 
 Run: .venv/bin/python scripts/bench_gas.py
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,13 +41,16 @@ TARGET_REDEEM = 60_000
 TARGET_CHECKPOINT = 250_000
 TARGET_AMORTIZED = 500
 CHANNELS_PER_EPOCH = (1, 4, 8)
+#: The last commit before issue 20's contract fixes (slash split, dispute lock, Datanet caps, revenue needs receipts).
+FIXES_BASELINE = "49a66d6"
 
 
 def _leaves(count: int) -> list[bytes]:
     return [hashlib.sha256(b"\x00" + keccak(i.to_bytes(8, "big"))).digest() for i in range(count)]
 
 
-def main() -> int:
+def measure() -> dict[str, int]:
+    """Every figure of the table, on the contracts that `load_artifact` currently returns."""
     with Anvil() as chain:
         w3 = chain.w3
         deployer, node, client, *owners = chain.accounts
@@ -88,7 +98,79 @@ def main() -> int:
         checkpoint_steady, proof_length = checkpoint(PREVIOUS_SIZE + RECEIPTS_PER_EPOCH, PREVIOUS_SIZE, 500 * OPEN)
 
         claim = send(w3, node, ledger.contract.functions.claim())["gasUsed"]
+        disputes = _dispute_gas(chain, contracts, node, owners[0], leaves[:PREVIOUS_SIZE + RECEIPTS_PER_EPOCH])
+    return {"baseline": baseline, "redeem_first": redeem_first, "redeem": redeem, "checkpoint_first": checkpoint_first,
+            "checkpoint": checkpoint_steady, "proof_length": proof_length, "claim": claim, **disputes}
 
+
+def _dispute_gas(chain, contracts, node, challenger, leaves: list[bytes]) -> dict[str, int]:
+    """A node that signed receipts its checkpoint does not hold: a dispute resolved by a slash, a mismatch proof,
+    then the node withdrawing what stake is left."""
+    import coincurve
+
+    from longtail.attribution.merkle import inclusion_path
+
+    w3, ledger, registry, token = chain.w3, contracts.ledger, contracts.registry, contracts.token
+    params = DeployParams()
+    token.approve(challenger, ledger.address, 10 * params.dispute_bond)
+
+    def signed_receipt(seq: int):
+        receipt = {"node": node.address, "seq": seq, "requestId": keccak(b"r%d" % seq), "client": challenger.address,
+                   "channelId": keccak(b"c"), "baseModelId": keccak(b"b"), "adapterId": b"\x00" * 32,
+                   "promptHash": keccak(b"p%d" % seq), "outputHash": keccak(b"o%d" % seq), "promptTokens": 10,
+                   "outputTokens": 20, "price": 1000, "attributionHash": b"\x00" * 32, "timestamp": 1_700_000_000}
+        digest = ledger.contract.functions.receiptDigest(ledger.receipt_tuple(receipt)).call()
+        raw = coincurve.PrivateKey(bytes(node.key)).sign_recoverable(bytes(digest), hasher=None)
+        return receipt, raw[:64] + bytes([raw[64] + 27])
+
+    size = len(leaves)
+    receipt, signature = signed_receipt(5)
+    opened = send(w3, challenger, ledger.contract.functions.openDispute(ledger.receipt_tuple(receipt), signature))
+    dispute_id = ledger.contract.functions.disputeCount().call() - 1
+    chain.increase_time(params.dispute_window + 1)
+    resolved = send(w3, challenger, ledger.contract.functions.resolveDispute(dispute_id))["gasUsed"]
+    receipt, signature = signed_receipt(7)
+    proof = inclusion_path(7, size, lambda lo, hi: root_from_leaf_hashes(leaves[lo:hi]))
+    mismatch = send(w3, challenger, ledger.contract.functions.proveMismatch(
+        ledger.receipt_tuple(receipt), signature, leaves[7], proof))["gasUsed"]
+    registry.add_stake(node, params.min_stake)  # the two slashes took the first stake
+    registry.request_unstake(node, registry.get_node(node.address).stake)
+    chain.increase_time(params.unstake_delay + 1)
+    withdraw = send(w3, node, registry.contract.functions.withdrawStake())["gasUsed"]
+    return {"open_dispute": opened["gasUsed"], "resolve_slash": resolved, "prove_mismatch": mismatch,
+            "withdraw_stake": withdraw}
+
+
+@contextlib.contextmanager
+def artifacts_at(commit: str):
+    """Deploy and call the contracts as compiled at `commit` (their build/ JSON read from git)."""
+    from longtail.contracts import artifacts, channels, deployment, ledger, registry, token
+
+    def load(name: str, *args, **kwargs):
+        text = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:contracts/build/{name}.json"],
+                              capture_output=True, text=True, check=True).stdout
+        data = json.loads(text)
+        return artifacts.Artifact(name=name, abi=data["abi"], bytecode=data["bytecode"],
+                                  deployed_bytecode=data["deployedBytecode"], sources_sha256=data["sources_sha256"])
+
+    modules = (artifacts, channels, deployment, ledger, registry, token)
+    saved = [m.load_artifact for m in modules]
+    for module in modules:
+        module.load_artifact = load
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved, strict=True):
+            module.load_artifact = original
+
+
+def main() -> int:
+    now = measure()
+    with artifacts_at(FIXES_BASELINE):
+        before = measure()
+    baseline, redeem_first, redeem = now["baseline"], now["redeem_first"], now["redeem"]
+    checkpoint_first, checkpoint_steady = now["checkpoint_first"], now["checkpoint"]
+    proof_length, claim = now["proof_length"], now["claim"]
     rows = [
         ("baseline: one OPEN transfer per request", baseline, None),
         ("redeem, first on a channel (cold slots)", redeem_first, None),
@@ -128,6 +210,35 @@ def main() -> int:
         f"Against the baseline of paying every request with an on-chain transfer ({per_request_onchain:,} gas), the",
         f"amortized cost with one channel is {per_request_onchain / amortized[0][1]:.0f}x cheaper, with "
         f"{CHANNELS_PER_EPOCH[-1]} channels {per_request_onchain / amortized[-1][1]:.0f}x cheaper.",
+        "",
+        "## What the money-safety fixes cost (issue 20)",
+        "",
+        f"The same run measured the contracts as they were before the fixes (commit {FIXES_BASELINE}). A dispute here",
+        "is about a receipt the node signed but left out of its checkpoint; the slash is "
+        f"{DeployParams().slash_amount // OPEN} OPEN.",
+        "",
+        "| operation | before | after | change | what it pays for |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    why = {
+        "redeem": "nothing (PaymentChannels unchanged)",
+        "checkpoint_first": "Datanet caps from the adapters' registered Datanets (attack 6), receipts for revenue (7)",
+        "checkpoint": "Datanet caps from the adapters' registered Datanets (attack 6), receipts for revenue (7)",
+        "open_dispute": "the node's open-dispute count, which keeps its stake (attack 2)",
+        "resolve_slash": "closing the count; the burned share recorded (attack 2)",
+        "prove_mismatch": "the burned share recorded (attack 2)",
+        "withdraw_stake": "asking the ledger whether a dispute is open (attack 2)",
+    }
+    labels = {"redeem": "redeem, steady state", "checkpoint_first": "checkpoint, first-time payees",
+              "checkpoint": "checkpoint, steady state", "open_dispute": "open a dispute",
+              "resolve_slash": "resolve an unanswered dispute (slash)", "prove_mismatch": "prove a mismatch (slash)",
+              "withdraw_stake": "withdraw unbonded stake"}
+    for key, label in labels.items():
+        lines.append(f"| {label} | {before[key]:,} | {now[key]:,} | {now[key] - before[key]:+,} | {why[key]} |")
+    lines += [
+        "",
+        "The node-side fixes cost no gas: request authorizations and the client's own price check are signatures "
+        "checked off chain, and redeeming channel by channel sends the same transactions as before.",
         "",
     ]
     out = REPO / "docs" / "gas.md"
