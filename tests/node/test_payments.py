@@ -257,3 +257,10 @@ def test_a_stream_closed_before_its_headers_releases_its_credit_and_keeps_its_vo
         assert intake._accounts[CHANNEL].reserved == 0 and node._in_flight == 0
         assert [v.cumulative_amount for v in saved] == [40]
     run(scenario())
+
+
+def test_prices_are_exact_integers_at_any_magnitude():
+    # A float product was off by tens of base units here (issue 20).
+    assert price_for_tokens(10**18 + 7, 4_999) == -(-(10**18 + 7) * 4_999 // 1000) == 4_999_000_000_000_000_035
+    assert price_for_tokens(2**200, 3) == -(-(2**200) * 3 // 1000)
+    assert isinstance(price_for_tokens(10**16, 1), int)

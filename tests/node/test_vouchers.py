@@ -47,3 +47,35 @@ def test_a_voucher_for_another_chain_recovers_someone_else_and_bad_signatures_ar
         VoucherDomain(1, CHANNELS).recover(SignedVoucher(channel, 5, "0x" + high_s.hex()))
     with pytest.raises(InvalidSignature):
         VoucherDomain(1, CHANNELS).recover(SignedVoucher(channel, 5, "0x" + "11" * 64))
+
+
+def test_request_authorization_digest_is_the_eip712_document_and_binds_every_field():
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+
+    from longtail.attribution.receipts import keccak
+    from longtail.node.vouchers import (
+        VoucherDomain,
+        recover_authorization_signer,
+        request_authorization_typed_data,
+        sign_request_authorization,
+    )
+
+    domain = VoucherDomain(31337, "0x" + "22" * 20)
+    client = Account.from_key(bytes(range(1, 33)))
+    channel = "0x" + "01" * 32
+    auth = sign_request_authorization(domain, client.key, channel, "reviews-r4", keccak(b"prompt"), 16, 2_000_000_000)
+    typed = encode_typed_data(full_message=request_authorization_typed_data(domain, auth))
+    assert Account.recover_message(typed, signature=bytes.fromhex(auth.signature[2:])) == client.address
+    assert recover_authorization_signer(domain, auth) == client.address
+    # Any field changed (another channel, model, prompt, length, nonce, expiry or deployment): another signer.
+    import dataclasses
+
+    for changed in (dataclasses.replace(auth, channel_id="0x" + "02" * 32),
+                    dataclasses.replace(auth, model_hash=keccak(b"legal-r8")),
+                    dataclasses.replace(auth, prompt_hash=keccak(b"other")),
+                    dataclasses.replace(auth, max_tokens=17),
+                    dataclasses.replace(auth, nonce="0x" + "ff" * 32),
+                    dataclasses.replace(auth, expires_at=2_000_000_001)):
+        assert recover_authorization_signer(domain, changed) != client.address
+    assert recover_authorization_signer(VoucherDomain(1, "0x" + "22" * 20), auth) != client.address
