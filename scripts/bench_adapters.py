@@ -26,6 +26,7 @@ import os
 import random
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,11 +179,12 @@ class ReplayResult:
 
 
 def replay(store: AdapterStore, ids: list[str], trace: list[Request], shapes: ModuleShapes, *, device_budget: int,
-           host_budget: int, max_batch: int, step_s: float, dtype: torch.dtype, device: str) -> ReplayResult:
+           host_budget: int, max_batch: int, step_s: float, dtype: torch.dtype, device: str,
+           starvation_s: float = 1.0) -> ReplayResult:
     """Continuous batching over the trace with the tiers; the model step is a fixed compute time."""
     slots = BufferSlots(device_budget, dtype, device)
     tiers = TieredAdapters(store, shapes, slots, device_budget_bytes=device_budget, host_budget_bytes=host_budget,
-                           dtype=dtype, device=device, metrics=AdapterMetrics())
+                           dtype=dtype, device=device, metrics=AdapterMetrics(), starvation_s=starvation_s)
     reset_peak_rss()
     rss_before = rss_mib("VmRSS")
     pending = list(trace)
@@ -202,7 +204,8 @@ def replay(store: AdapterStore, ids: list[str], trace: list[Request], shapes: Mo
                 tiers.prefetch(ids[request.adapter])
                 waiting.append(request)
             t = time.perf_counter()
-            result = tiers.poll()
+            # The queue's demand, as the engine passes it: resident adapters with waiting requests are kept.
+            result = tiers.poll(dict(Counter(ids[r.adapter] for r in waiting)))
             poll_times.append(time.perf_counter() - t)
             if result.failed:
                 raise RuntimeError(f"loads failed: {result.failed}")
@@ -305,6 +308,9 @@ def main() -> None:
     parser.add_argument("--no-engine", action="store_true", help="skip the real-engine runs")
     parser.add_argument("--quick", action="store_true", help="100 adapters, 150 requests, one alpha: a smoke run")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--starvation-s", type=float, default=1.0,
+                        help="a cold adapter wanted this long may evict resident adapters that have waiting requests "
+                             "(0: the old policy, any unpinned adapter may go)")
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.requests, args.alphas, args.engine_requests = 100, 150, [1.2], 32
@@ -333,7 +339,7 @@ def main() -> None:
             # The baseline's 10 adapters are 10 of the same population, so sizes are comparable.
             results[label] = replay(store, ids[:population], trace, shapes, device_budget=device_budget,
                                     host_budget=host_budget, max_batch=args.max_batch, step_s=args.step_ms / 1e3,
-                                    dtype=dtype, device=args.device)
+                                    dtype=dtype, device=args.device, starvation_s=args.starvation_s)
             r = results[label]
             print(f"   alpha {alpha} {population:>5} adapters: {r.tokens_per_s:7.1f} tok/s, device hit "
                   f"{r.device_hit_rate:.2f}, host hit {r.host_hit_rate:.2f}, cold p50 {r.cold_p50_ms:.1f} ms "

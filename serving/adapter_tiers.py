@@ -214,7 +214,8 @@ class TieredAdapters:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  remote_sources: Iterable[RemoteSource] = (), metrics: AdapterMetrics | None = None,
                  loader_threads: int = 1, frequency_half_life: int = 10_000,
-                 copy_bytes_per_poll: int = 32 << 20, copy_stream: CopyStream | None = None):
+                 copy_bytes_per_poll: int = 32 << 20, copy_stream: CopyStream | None = None,
+                 starvation_s: float = 1.0):
         self.store = store
         self.shapes = shapes
         self.slots = slots
@@ -245,6 +246,8 @@ class TieredAdapters:
         self._fresh: set[str] = set()  # became ready in this poll: not evictable before the scheduler sees them
         self._broken: dict[str, float] = {}  # adapter -> monotonic time until which knows() says no
         self.broken_hold_s = 2.0
+        self._demand: dict[str, int] = {}
+        self.starvation_s = starvation_s
         self._lock = threading.RLock()
         self._jobs: queue.Queue[str | None] = queue.Queue()
         self._results: queue.Queue[_Loaded] = queue.Queue()
@@ -346,10 +349,17 @@ class TieredAdapters:
                 if adapter_id in self._removed:
                     self._unload(adapter_id)
 
-    def poll(self) -> PollResult:
-        """Install finished loads, move wanted adapters from host into device slots; never blocks on I/O."""
+    def poll(self, demand: dict[str, int] | None = None) -> PollResult:
+        """Install finished loads, move wanted adapters from host into device slots; never blocks on I/O.
+
+        `demand`: waiting requests per adapter, from the scheduler's queues. A resident adapter with waiting
+        requests is kept (its requests are about to run: evicting it would load it again), unless an adapter has
+        been wanted for `starvation_s`: then it may take any unpinned slot, so a cold adapter is never starved by
+        busy ones (S-LoRA's rule: prefer resident adapters, but bound the wait of a cold one).
+        """
         ready: list[str] = []
         with self._lock:
+            self._demand = demand or {}
             # Adapters made ready by the previous poll have had one scheduling pass to be pinned.
             self._fresh.clear()
             self._finish_device_copies(ready)
@@ -540,9 +550,11 @@ class TieredAdapters:
                 self._fail(adapter_id, AdapterTooLarge(adapter_id, "device", weights.nbytes,
                                                         self.device_tier.budget))
                 continue
-            victims = self.device_tier.plan_room(weights.nbytes, self._device_evictable)
+            starving = time.perf_counter() - self._wanted[adapter_id].requested_at >= self.starvation_s
+            evictable = self._device_evictable if starving else self._device_idle
+            victims = self.device_tier.plan_room(weights.nbytes, evictable)
             if victims is None:
-                continue  # every resident adapter is in use: the request keeps waiting
+                continue  # every resident adapter is in use or about to be: the request keeps waiting
             for victim in victims:
                 self._device_evict(victim)
             try:
@@ -557,6 +569,10 @@ class TieredAdapters:
             entry.wait = self._wanted.pop(adapter_id)
             if entry.ready is None:
                 self._ready(adapter_id, entry, ready)
+
+    def _device_idle(self, adapter_id: str) -> bool:
+        """Evictable, and no request waits for it."""
+        return self._device_evictable(adapter_id) and not self._demand.get(adapter_id)
 
     def _device_evictable(self, adapter_id: str) -> bool:
         return (not self._pins.get(adapter_id) and adapter_id not in self._fresh

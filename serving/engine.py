@@ -368,7 +368,8 @@ class Engine:
         with self._lock:
             self._drain_inbox()
             self._apply_cancellations()
-            self._fail_unloadable(self.adapters.poll())
+            demand = {key: len(queue) for key, queue in self.scheduler.queues.items() if key is not None and queue}
+            self._fail_unloadable(self.adapters.poll(demand))
             plan = self.scheduler.schedule(self.cache.pool.free_blocks, self._blocks_needed, self._adapter_ready)
             prefill = [(r, n) for r, n in plan.prefill if r.state is State.RUNNING or self._admit(r)]
             work: list[tuple[Request, int]] = [(r, 1) for r in plan.decode] + prefill

@@ -441,3 +441,44 @@ def test_buffer_growth_on_the_copy_stream_makes_every_adapter_wait(sharp_llama):
     # The same run without the fence reads A's rows from the half-copied buffers: the test catches the race.
     unfenced_a, _ = _run_during_growth(sharp_llama, fences=False)
     assert unfenced_a != want_a
+
+
+def test_adapters_with_waiting_requests_stay_until_a_cold_one_starves(store, tmp_path):
+    """Prefer resident adapters (S-LoRA): one whose requests wait is not evicted for a newcomer, until the newcomer
+    has waited `starvation_s`; then it gets a slot anyway, so a cold adapter is never starved by busy ones."""
+    a, b, c = _make_adapters(store, tmp_path, [8, 8, 8], mixed=False)
+    size = store.load(a, SHAPES).nbytes
+    tiers = TieredAdapters(store, SHAPES, RecordingSlots(), device_budget_bytes=2 * size, host_budget_bytes=4 * size,
+                           starvation_s=60.0)
+    try:
+        for adapter in (a, b):
+            tiers.prefetch(adapter)
+        _wait_until(tiers, lambda: tiers.slot_of(a) is not None and tiers.slot_of(b) is not None)
+        tiers.poll()  # past the freshness guard
+        busy = {a: 3, b: 1}
+        tiers.prefetch(c)
+        deadline = time.monotonic() + 10
+        while c not in tiers.resident("host") and time.monotonic() < deadline:
+            tiers.poll(busy)
+            time.sleep(0.002)
+        for _ in range(20):
+            tiers.poll(busy)
+        assert tiers.slot_of(c) is None and tiers.resident("device") == {a, b}, "busy residents are kept"
+        for _ in range(3):
+            tiers.poll({a: 3})  # b's queue drained: b may go
+        assert tiers.slot_of(c) is not None and tiers.resident("device") == {a, c}
+
+        tiers.starvation_s = 0.05
+        d = _make_adapters(store, tmp_path / "more", [8], mixed=True)[0]  # q/v only: not a copy of a
+        tiers.poll()
+        tiers.prefetch(d)
+        started = time.monotonic()
+        while tiers.slot_of(d) is None and time.monotonic() < started + 5:
+            tiers.poll({a: 2, c: 2})
+            time.sleep(0.002)
+        waited = time.monotonic() - started
+        assert tiers.slot_of(d) is not None, "a starving adapter takes a slot from a busy (but unpinned) one"
+        assert waited >= 0.05, "...but only once it has waited starvation_s"
+        assert tiers.metrics.snapshot().evictions["device"] == 2
+    finally:
+        tiers.close()
