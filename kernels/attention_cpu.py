@@ -172,3 +172,62 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: to
         context_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size, scale, _DTYPES[query.dtype])
     if code:
         raise AttentionShapeError(f"paged_decode_attention: {_ERRORS.get(code, f'error {code}')}")
+
+
+class BoundCache:
+    """Both kernels bound to one paged cache ([layers, slots, KV, D] keys and values), checked once here.
+
+    A decode step calls each kernel once per layer; re-checking the cache's dtype, shape and
+    contiguity each time was a fifth of the calls' cost. Per call only what changes is checked
+    (the activations' shapes); indices are still checked by the C code before it writes.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, heads: int, block_size: int) -> None:
+        library = _load()
+        if library is None:
+            raise RuntimeError("the CPU attention kernel is not available (see available())")
+        if keys.dim() != 4 or keys.shape[1] % block_size:
+            raise AttentionShapeError(f"cache {tuple(keys.shape)} is not [layers, whole blocks of {block_size}, KV, D]")
+        _check_cache(keys[0], values[0], keys.dtype)
+        self._rope = library.longtail_rope_write
+        self._decode = library.longtail_paged_decode
+        self.dtype, self.code = keys.dtype, _DTYPES[keys.dtype]
+        self.layers, self.slots, self.kv_heads, self.head_dim = keys.shape
+        self.heads, self.block_size = heads, block_size
+        self.width = (heads + 2 * self.kv_heads) * self.head_dim
+        layer_bytes = self.slots * self.kv_heads * self.head_dim * keys.element_size()
+        self.key_addr = [keys.data_ptr() + layer * layer_bytes for layer in range(self.layers)]
+        self.value_addr = [values.data_ptr() + layer * layer_bytes for layer in range(self.layers)]
+        self._holds = (keys, values)
+
+    def rope_write(self, qkv: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor,
+                   write_slots: torch.Tensor) -> None:
+        """`rope_write` into layer `layer`; cos, sin [T, D] fp32 and write_slots [T] int64, contiguous."""
+        tokens = qkv.shape[0]
+        if (qkv.dtype != self.dtype or qkv.dim() != 2 or qkv.shape[1] != self.width or qkv.stride(1) != 1
+                or cos.shape != (tokens, self.head_dim) or sin.shape != cos.shape or write_slots.shape != (tokens,)
+                or cos.dtype is not torch.float32 or sin.dtype is not torch.float32
+                or write_slots.dtype is not torch.int64):
+            raise AttentionShapeError("rope_write: qkv, cos, sin or write_slots do not fit the cache")
+        code = self._rope(qkv.data_ptr(), qkv.stride(0), tokens, self.heads, self.kv_heads, self.head_dim,
+                          cos.data_ptr(), sin.data_ptr(), self.key_addr[layer], self.value_addr[layer], self.slots,
+                          write_slots.data_ptr(), self.code)
+        if code:
+            raise AttentionShapeError(f"rope_write: {_ERRORS.get(code, f'error {code}')}")
+
+    def decode(self, out: torch.Tensor, query: torch.Tensor, layer: int, block_tables: torch.Tensor,
+               context_lens: torch.Tensor, scale: float) -> None:
+        """`paged_decode_attention` over layer `layer`; query and out [B, H, D] rows of contiguous heads."""
+        rows = query.shape[0]
+        if (query.dtype != self.dtype or out.dtype != self.dtype or query.shape != (rows, self.heads, self.head_dim)
+                or out.shape != query.shape or query.stride(1) != self.head_dim or out.stride(1) != self.head_dim
+                or query.stride(2) != 1 or out.stride(2) != 1 or block_tables.shape[0] != rows
+                or context_lens.shape != (rows,) or not block_tables.is_contiguous()
+                or block_tables.dtype is not torch.int64 or context_lens.dtype is not torch.int64):
+            raise AttentionShapeError("paged_decode_attention: query, out or tables do not fit the cache")
+        code = self._decode(out.data_ptr(), out.stride(0), query.data_ptr(), query.stride(0), self.key_addr[layer],
+                            self.value_addr[layer], self.slots // self.block_size, block_tables.data_ptr(),
+                            block_tables.shape[1], context_lens.data_ptr(), rows, self.heads, self.kv_heads,
+                            self.head_dim, self.block_size, scale, self.code)
+        if code:
+            raise AttentionShapeError(f"paged_decode_attention: {_ERRORS.get(code, f'error {code}')}")

@@ -143,6 +143,7 @@ class LlamaModel:
         self.paged_kernels = device.type == "cuda" and os.environ.get("LONGTAIL_PAGED_ATTENTION", "").strip() != "0"
         self._extend_meta: tuple | None = None
         self.scale = config.head_dim ** -0.5
+        self._bound: tuple[torch.Tensor, attention_cpu.BoundCache] | None = None
         self.inv_freq = config.inverse_frequencies().to(device)
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         # Column where each projection's output starts inside the fused matmul's output.
@@ -210,8 +211,7 @@ class LlamaModel:
         q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         keys, values = cache.keys[layer], cache.values[layer]
         if self.cpu_attention:  # rotates q and k in place inside qkv, copies k and v to their slots
-            attention_cpu.rope_write(qkv, config.num_heads, config.num_kv_heads, cos, sin, keys, values,
-                                     plan.write_slots)
+            self._kernels(cache).rope_write(qkv, layer, cos, sin, plan.write_slots)
         q = qkv[:, :q_width].view(tokens, config.num_heads, config.head_dim)
         k = qkv[:, q_width:q_width + kv_width].view(tokens, config.num_kv_heads, config.head_dim)
         v = qkv[:, q_width + kv_width:].view(tokens, config.num_kv_heads, config.head_dim)
@@ -241,12 +241,24 @@ class LlamaModel:
             out[rows] = attended[0].transpose(0, 1)
         if plan.decode_count:
             rows = plan.decode_count
-            self._decode_attention(out[:rows], q[:rows], keys, values, plan.decode_gather, plan.context_lens,
-                                   cache.block_size)
+            if self.cpu_attention:  # the bound kernels: the cache's checks and addresses computed once
+                self._kernels(cache).decode(out[:rows], q[:rows], layer, plan.decode_gather, plan.context_lens,
+                                            self.scale)
+            else:
+                self._decode_attention(out[:rows], q[:rows], keys, values, plan.decode_gather, plan.context_lens,
+                                       cache.block_size)
         flat = out.reshape(tokens, -1)
         projected = _linear(flat, weights.o)
         self._add_lora(projected, flat, layer, (("o_proj", 0),), plan, lora)
         return projected
+
+    def _kernels(self, cache: PagedKVCache) -> attention_cpu.BoundCache:
+        """The CPU attention kernels bound to `cache` (checked, and its per-layer addresses computed, once)."""
+        bound = self._bound
+        if bound is None or bound[0] is not cache.keys:
+            bound = self._bound = (cache.keys, attention_cpu.BoundCache(cache.keys, cache.values,
+                                                                        self.config.num_heads, cache.block_size))
+        return bound[1]
 
     def _decode_attention(self, out: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> None:
