@@ -67,6 +67,7 @@ class TokenGroups(list):
         self.device = torch.device(device)
         self._segments: Segments | None = None
         self._segments_known = False
+        self.longest_segment: int | None = None  # set with the segments: sizes the SGMV grid without a device read
 
     def segments(self) -> Segments | None:
         """The SGMV form of this batch, built on the host (no device sync), or None if a group is split.
@@ -88,6 +89,7 @@ class TokenGroups(list):
                 if position < self.token_count:
                     starts.append(self.token_count)
                     slots.append(-1)
+                self.longest_segment = max((b - a for a, b in zip(starts, starts[1:])), default=0)
                 self._segments = (torch.tensor(starts, dtype=torch.int64).to(self.device, non_blocking=True),
                                   torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True))
         return self._segments
@@ -313,17 +315,19 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: t
         return
     from longtail.kernels import lora_triton
 
+    longest = None
     if segments is None and token_count >= SGMV_MIN_TOKENS:
         if isinstance(groups, TokenGroups):
             segments = groups.segments()  # host-side and cached per step; None when a slot's tokens are split
+            longest = groups.longest_segment  # known on the host: the launches then read nothing back
         else:
             segments = segments_from_token_slots(token_slots)
     if segments is not None and prefers_segments(token_count, segments):
         seg_starts, seg_slots = segments
         shrunk = lora_triton.lora_shrink_sgmv_triton(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks,
-                                                     max_rank)
+                                                     max_rank, longest=longest)
         lora_triton.lora_expand_sgmv_triton(out, shrunk, b_rows, seg_starts, seg_slots, slot_offsets, slot_ranks,
-                                            slot_scales, out_col_start)
+                                            slot_scales, out_col_start, longest=longest)
         return
     shrunk = lora_triton.lora_shrink_triton(x, a_rows, token_slots, slot_offsets, slot_ranks, max_rank)
     lora_triton.lora_expand_triton(out, shrunk, b_rows, token_slots, slot_offsets, slot_ranks, slot_scales,

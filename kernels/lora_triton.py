@@ -249,21 +249,30 @@ def lora_expand_triton(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Te
                               shrunk.stride(0), b_rows.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_R=16)
 
 
-def _longest_segment(seg_starts: torch.Tensor, segments: int, tokens: int) -> int:
+def _longest_segment(seg_starts: torch.Tensor, segments: int, tokens: int, longest: int | None = None) -> int:
     if seg_starts.shape[0] != segments + 1:
         raise LoraShapeError(f"sgmv: {seg_starts.shape[0]} segment starts for {segments} segments (need S+1)")
-    # One host read per launch; prefill only, where it is noise next to the tiles.
+    if longest is not None:  # the caller knows it on the host (kernels.TokenGroups): no device read
+        if longest < 0 or longest > tokens:
+            raise LoraShapeError(f"sgmv: longest segment {longest} outside 0..{tokens}")
+        return longest if segments else 0
+    # One host read per launch when the caller does not know the longest segment.
     return int((seg_starts[1:] - seg_starts[:-1]).max()) if segments else 0
 
 
 def lora_shrink_sgmv_triton(x: torch.Tensor, a_rows: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                            slot_offsets: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> torch.Tensor:
-    """SGMV shrink: one program per (token tile, rank block, segment), tiles through tl.dot."""
+                            slot_offsets: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int,
+                            longest: int | None = None) -> torch.Tensor:
+    """SGMV shrink: one program per (token tile, rank block, segment), tiles through tl.dot.
+
+    `longest` (the longest segment's tokens, a host int; an under-estimate drops tokens) sizes the grid;
+    without it the launcher reads it from `seg_starts`, a device sync.
+    """
     tokens, hidden = x.shape
     _check_inputs("lora_shrink_sgmv", x, a_rows, tokens, seg_starts, seg_slots, slot_offsets, slot_ranks)
     shrunk = torch.zeros(tokens, max_rank, dtype=x.dtype, device=x.device)
     segments = seg_slots.shape[0]
-    longest = _longest_segment(seg_starts, segments, tokens)
+    longest = _longest_segment(seg_starts, segments, tokens, longest)
     if longest <= 0 or max_rank == 0:
         return shrunk
     block_m, block_r = (32, _rank_block(max_rank)) if x.is_cuda else (16, _rank_block(max_rank))
@@ -277,14 +286,15 @@ def lora_shrink_sgmv_triton(x: torch.Tensor, a_rows: torch.Tensor, seg_starts: t
 
 def lora_expand_sgmv_triton(out: torch.Tensor, shrunk: torch.Tensor, b_rows: torch.Tensor, seg_starts: torch.Tensor,
                             seg_slots: torch.Tensor, slot_offsets: torch.Tensor, slot_ranks: torch.Tensor,
-                            slot_scales: torch.Tensor, out_col_start: int = 0) -> None:
-    """SGMV expand: one program per (token tile, output tile, segment), added into out in place."""
+                            slot_scales: torch.Tensor, out_col_start: int = 0, longest: int | None = None) -> None:
+    """SGMV expand: one program per (token tile, output tile, segment), added into out in place (`longest`
+    as in `lora_shrink_sgmv_triton`)."""
     tokens = out.shape[0]
     _check_inputs("lora_expand_sgmv", shrunk, b_rows, tokens, seg_starts, seg_slots, slot_offsets, slot_ranks)
     width = b_rows.shape[1]
     _check_columns("lora_expand_sgmv", out, width, out_col_start)
     segments = seg_slots.shape[0]
-    longest = _longest_segment(seg_starts, segments, tokens)
+    longest = _longest_segment(seg_starts, segments, tokens, longest)
     if longest <= 0 or width == 0:
         return
     block_m, block_n = (32, 64) if out.is_cuda else (16, 32)

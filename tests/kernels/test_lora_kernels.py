@@ -399,7 +399,8 @@ def test_add_lora_gives_the_same_answer_on_both_backends(monkeypatch, slots):
     for name in ("lora_shrink_sgmv_triton", "lora_shrink_triton"):
         original = getattr(lora_triton, name)
         monkeypatch.setattr(lora_triton, name,
-                            lambda *args, _original=original, _name=name: launches.append(_name) or _original(*args))
+                            lambda *args, _original=original, _name=name, **kwargs:
+                            launches.append(_name) or _original(*args, **kwargs))
     outputs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("LONGTAIL_KERNELS", backend)
