@@ -21,6 +21,7 @@ Two drivers:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -254,13 +255,13 @@ class EngineResult:
 def run_engine(model_dir: Path, store: AdapterStore, ids: list[str], trace: list[Request], *, device_budget: int,
                host_budget: int, max_running: int, device: str, kv_mib: int) -> EngineResult:
     """The real engine over the trace: all requests submitted at once, steps until every one finished."""
+    from longtail.serving.adapter_tiers import TierConfig
     from longtail.serving.engine import Engine
     from longtail.serving.sampling import SamplingParams
 
+    tiers = TierConfig(store_home=str(store.home), device_bytes=device_budget, host_bytes=host_budget)
     engine = Engine.from_pretrained(model_dir, device=device, kv_cache_bytes=kv_mib * MIB,
-                                    max_running=max_running, initial_adapter_slots=256)
-    tiers = TieredAdapters.attach(engine, store, device_budget_bytes=device_budget, host_budget_bytes=host_budget,
-                                  metrics=AdapterMetrics())
+                                    max_running=max_running, adapters=tiers)
     rng = random.Random(7)
     vocab = engine.model_config.vocab_size
     try:
@@ -277,13 +278,137 @@ def run_engine(model_dir: Path, store: AdapterStore, ids: list[str], trace: list
         wall = time.perf_counter() - started
         outputs = [h.output() for h in handles]
         tokens = sum(len(o.token_ids) for o in outputs)
-        snapshot = tiers.metrics.snapshot()
+        snapshot = engine.adapters.metrics.snapshot()
         cold = list(snapshot.load_latencies_s)
         return EngineResult(tokens / wall, wall, snapshot.hit_rate("device"), quantile(cold, 0.5) * 1e3,
                             quantile(cold, 0.99) * 1e3, len(cold), sum(o.error is not None for o in outputs),
                             rss_mib())
     finally:
-        tiers.close()
+        engine.shutdown()
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    tokens_per_s: float
+    wall_s: float
+    statuses: dict
+    cold_p50_ms: float
+    cold_p99_ms: float
+    cold_loads: int
+    evictions: int
+    peak_rss_mib: float
+
+
+def run_http(model_dir: Path, store: AdapterStore, ids: list[str], trace: list[Request], *, device_budget: int,
+             host_budget: int, max_running: int, clients: int, device: str, kv_mib: int) -> HttpResult:
+    """A real node (engine on a thread with its tiers over the store, SQLite receipts, payments with a local chain
+    stand-in) answering /v1/completions over loopback HTTP, `clients` requests at a time."""
+    return asyncio.run(_run_http(model_dir, store, ids, trace, device_budget=device_budget,
+                                 host_budget=host_budget, max_running=max_running, clients=clients, device=device,
+                                 kv_mib=kv_mib))
+
+
+async def _run_http(model_dir, store, ids, trace, *, device_budget, host_budget, max_running, clients, device,
+                    kv_mib) -> HttpResult:
+    import inspect
+    import tempfile
+
+    import aiohttp
+    from aiohttp import web
+    from eth_account import Account
+    from transformers import AutoTokenizer
+
+    from longtail.attribution.receipts import ReceiptDomain
+    from longtail.attribution.store import ReceiptLog
+    from longtail.node.adapter_admin import AdapterAdmin
+    from longtail.node.api import SERVER_OPTIONS, build_app
+    from longtail.node.attributor import Attributor
+    from longtail.node.catalog import Catalog, CatalogEntry
+    from longtail.node.config import NodeConfig
+    from longtail.node.generation import GenerationGateway
+    from longtail.node.payments import ChannelState, PaymentIntake
+    from longtail.node.service import Node
+    from longtail.serving.adapter_tiers import TierConfig
+    from longtail.serving.engine_client import LocalEngine
+
+    key = bytes(range(1, 33))
+    address = Account.from_key(key).address
+    client_address, channel = "0x" + "cc" * 20, "0x" + "01" * 32
+    pay = {"X-Longtail-Channel": channel, "X-Longtail-Voucher-Amount": str(10**30),
+           "X-Longtail-Voucher-Signature": "0x" + "11" * 65}
+    tiers = TierConfig(store_home=str(store.home), device_bytes=device_budget, host_bytes=host_budget)
+    engine = await asyncio.to_thread(LocalEngine.from_pretrained, model_dir, device=device,
+                                     kv_cache_bytes=kv_mib * MIB, max_running=max_running, adapters=tiers)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    home = Path(tempfile.mkdtemp(prefix="bench-node-"))
+
+    async def read_channel(channel_id):
+        return ChannelState(channel_id, client_address, address, 10**30, 0, False)
+
+    async def load_account(channel_id):
+        return 0, None
+
+    async def save_voucher(voucher, client):
+        pass
+
+    # Payment is not what this measures (bench_node.py does): fake signatures, no per-request authorization.
+    relaxed = ({"require_authorization": False}
+               if "require_authorization" in inspect.signature(PaymentIntake).parameters else {})
+    payments = PaymentIntake(address, read_channel, lambda *_: client_address, load_account, save_voucher,
+                             channel_cache_seconds=3600.0, **relaxed)
+    config = NodeConfig(name="bench", home=home, adapter_credit=False, price_per_1k_tokens=1,
+                        max_waiting_requests=4 * clients, max_tokens_limit=256)
+    receipt_log = ReceiptLog.open(f"sqlite:///{home / 'receipts.sqlite'}", key,
+                                  ReceiptDomain(chain_id=31337, verifying_contract="0x" + "22" * 20))
+    catalog = Catalog(CatalogEntry(name="base", adapter_id=None, price_per_1k_tokens=1))
+    for adapter_id in ids:  # stored already: the tiers find them in the store, nothing is loaded yet
+        catalog.add(CatalogEntry(name=adapter_id, adapter_id=adapter_id, price_per_1k_tokens=1))
+    node = Node(config, address, catalog, GenerationGateway(engine, tokenizer), receipt_log, payments,
+                Attributor(), "0x" + "33" * 32)
+    admin = AdapterAdmin(engine, catalog, store, engine.model_config.module_shapes(), 1, "LONGTAIL_BENCH_NO_TOKEN")
+    runner = web.AppRunner(build_app(node, admin), access_log=None, **SERVER_OPTIONS)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    words = ["river", "stone", "light", "market", "garden", "signal", "paper", "window", "winter", "engine"]
+    rng = random.Random(11)
+    statuses: Counter = Counter()
+    tokens = 0
+    try:
+        async with aiohttp.ClientSession(url) as session:
+            async def ask(request: Request, adapter_id: str | None) -> None:
+                nonlocal tokens
+                prompt = " ".join(rng.choice(words) for _ in range(request.prompt_tokens))
+                body = {"model": adapter_id or "base", "prompt": prompt, "max_tokens": request.output_tokens,
+                        "temperature": 0}
+                async with session.post("/v1/completions", json=body, headers=pay) as response:
+                    statuses[response.status] += 1
+                    if response.status == 200:
+                        tokens += (await response.json())["usage"]["completion_tokens"]
+
+            await ask(Request(0, 4, 4), None)  # warm the model and the HTTP path
+            tokens = 0
+            statuses.clear()
+            reset_peak_rss()
+            queue = list(trace)
+            started = time.perf_counter()
+
+            async def worker() -> None:
+                while queue:
+                    request = queue.pop(0)
+                    await ask(request, ids[request.adapter])
+
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            wall = time.perf_counter() - started
+        stats = await asyncio.to_thread(engine.stats)
+        cold = list(stats.cold_wait_seconds)
+        return HttpResult(tokens / wall, wall, dict(statuses), quantile(cold, 0.5) * 1e3, quantile(cold, 0.99) * 1e3,
+                          stats.cold_wait_count, stats.evictions.get("device", 0), rss_mib())
+    finally:
+        await runner.cleanup()
+        receipt_log.close()
+        await asyncio.to_thread(engine.shutdown)
 
 
 def main() -> None:
@@ -306,6 +431,9 @@ def main() -> None:
     parser.add_argument("--engine-max-running", type=int, default=16)
     parser.add_argument("--kv-mib", type=int, default=256)
     parser.add_argument("--no-engine", action="store_true", help="skip the real-engine runs")
+    parser.add_argument("--no-http", action="store_true", help="skip the runs through a node's HTTP API")
+    parser.add_argument("--http-requests", type=int, default=96)
+    parser.add_argument("--http-clients", type=int, default=16, help="requests in flight at once over HTTP")
     parser.add_argument("--quick", action="store_true", help="100 adapters, 150 requests, one alpha: a smoke run")
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--starvation-s", type=float, default=1.0,
@@ -314,6 +442,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.requests, args.alphas, args.engine_requests = 100, 150, [1.2], 32
+        args.http_requests = 32
         args.device_budget_mib, args.host_budget_mib = 160, 400
 
     model_dir = args.model or embedded_model_dir()
@@ -373,6 +502,27 @@ def main() -> None:
                 f"**{many.tokens_per_s / base.tokens_per_s:.2f}×** | {many.cold_p50_ms:.0f} / {many.cold_p99_ms:.0f} | "
                 f"{many.device_hit_rate:.2f} | {many.errors} | {many.peak_rss_mib:.0f} |")
 
+    http_rows = []
+    if not args.no_http:
+        for alpha in args.alphas:
+            results = {}
+            for label, population in (("baseline", args.baseline_adapters), ("many", args.adapters)):
+                trace = [Request(r.adapter, r.prompt_tokens, min(r.output_tokens, 32))
+                         for r in zipf_trace(population, args.http_requests, alpha, args.seed + 3)]
+                results[label] = r = run_http(model_dir, store, ids[:population], trace,
+                                              device_budget=device_budget, host_budget=host_budget,
+                                              max_running=args.engine_max_running, clients=args.http_clients,
+                                              device=args.device, kv_mib=args.kv_mib)
+                print(f"   http alpha {alpha} {population:>5} adapters: {r.tokens_per_s:6.1f} tok/s, statuses "
+                      f"{r.statuses}, cold p50 {r.cold_p50_ms:.0f} ms p99 {r.cold_p99_ms:.0f} ms "
+                      f"({r.cold_loads} cold), {r.evictions} evictions, peak RSS {r.peak_rss_mib:.0f} MiB", flush=True)
+            base, many = results["baseline"], results["many"]
+            failed = sum(n for status, n in many.statuses.items() if status != 200)
+            http_rows.append(
+                f"| {alpha} | {args.adapters} | {many.tokens_per_s:.1f} | {base.tokens_per_s:.1f} | "
+                f"**{many.tokens_per_s / base.tokens_per_s:.2f}×** | {many.cold_p50_ms:.0f} / {many.cold_p99_ms:.0f} "
+                f"| {many.evictions} | {failed} | {many.peak_rss_mib:.0f} |")
+
     budget_line = (f"Budgets: device {args.device_budget_mib} MiB, host {args.host_budget_mib} MiB, against "
                    f"{total / MIB:.0f} MiB of adapters in {str(dtype).removeprefix('torch.')} "
                    f"({len(ids)} adapters, ranks 4–64, four target sets; largest {max(sizes) / MIB:.1f} MiB).")
@@ -401,6 +551,19 @@ def main() -> None:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *engine_rows,
         ] if engine_rows else []),
+        *([
+            "",
+            f"Through a node's HTTP API (`POST /v1/completions` on loopback, engine on a thread with the tiers over "
+            f"the same store, {model_dir.name}, {args.device}, greedy, {args.http_clients} requests in flight, "
+            f"{args.http_requests} requests of 16–64 prompt words and 16–32 output tokens; the node stops at EOS, "
+            "so tok/s counts the completion tokens it reported): baseline the same requests over "
+            f"{args.baseline_adapters} adapters, same run.",
+            "",
+            "| Zipf α | adapters | tok/s | tok/s with 10 | ratio (target ≥ 0.7) | cold load p50 / p99 ms | "
+            "device evictions | non-200 answers | peak RSS MiB (whole node process) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *http_rows,
+        ] if http_rows else []),
         "",
         "Peak RSS includes the Python/torch runtime and the budgets' buffers; the base model and KV pool are "
         "not loaded in the replay. Cold load = from a request's admission until its adapter's slot is usable "
