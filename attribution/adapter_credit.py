@@ -107,6 +107,10 @@ class DataCredit:
             raise AdapterCreditError(f"malformed data credit: {error}") from error
 
 
+def _usable(records: Sequence[Sequence[int]], max_records: int, max_tokens: int) -> list[list[int]]:
+    return [list(r[:max_tokens]) for r in records if len(r) >= 2][:max_records]
+
+
 def score_adapter(score: ScoreFn, adapter_id: str, held_out: dict[str, Sequence[Sequence[int]]],
                   max_records: int = MAX_RECORDS, max_tokens: int = MAX_TOKENS) -> DataCredit:
     """Force each Datanet's held-out records (token ids) through `score` with the adapter and with the base.
@@ -116,14 +120,26 @@ def score_adapter(score: ScoreFn, adapter_id: str, held_out: dict[str, Sequence[
     """
     gains = {}
     for datanet_id, records in held_out.items():
-        usable = [list(r[:max_tokens]) for r in records if len(r) >= 2][:max_records]
-        base = adapter = 0.0
-        tokens = 0
-        for ids in usable:
-            base += float(sum(score(ids[:1], ids[1:], None)))
-            adapter += float(sum(score(ids[:1], ids[1:], adapter_id)))
-            tokens += len(ids) - 1
-        gains[datanet_id.lower()] = DatanetGain(len(usable), tokens, base, adapter)
+        usable = _usable(records, max_records, max_tokens)
+        base = sum(float(sum(score(ids[:1], ids[1:], None))) for ids in usable)
+        adapter = sum(float(sum(score(ids[:1], ids[1:], adapter_id))) for ids in usable)
+        gains[datanet_id.lower()] = DatanetGain(len(usable), sum(len(ids) - 1 for ids in usable), base, adapter)
+    return DataCredit(adapter_id.lower(), gains)
+
+
+async def score_adapter_async(score, adapter_id: str, held_out: dict[str, Sequence[Sequence[int]]],
+                              max_records: int = MAX_RECORDS, max_tokens: int = MAX_TOKENS) -> DataCredit:
+    """`score_adapter` with an async `score` (the node's EngineClient), every forward submitted at once so the
+    engine batches them."""
+    import asyncio
+
+    gains = {}
+    for datanet_id, records in held_out.items():
+        usable = _usable(records, max_records, max_tokens)
+        base = await asyncio.gather(*(score(ids[:1], ids[1:], None) for ids in usable))
+        adapter = await asyncio.gather(*(score(ids[:1], ids[1:], adapter_id) for ids in usable))
+        gains[datanet_id.lower()] = DatanetGain(len(usable), sum(len(ids) - 1 for ids in usable),
+                                                float(sum(map(sum, base))), float(sum(map(sum, adapter))))
     return DataCredit(adapter_id.lower(), gains)
 
 

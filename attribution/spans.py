@@ -49,8 +49,12 @@ MAX_SPAN = 1024  # longest span reported in one piece (longer ones are truncated
 DEFAULT_MIN_SPAN = 8
 # Span selection (docs/attribution.md, "Which spans count").
 MIN_WORDS = 4  # a span holds at least this many whole words as well as min_span tokens
-FREQUENCY_CAP = 64  # a span occurring more often than this in all the adapter's Datanets together is boilerplate
+FREQUENCY_CAP = 4  # a span found more often than this in all the adapter's Datanets together is boilerplate
 SPAN_BUDGET_PER_TOKEN = 0.05  # at most ceil(0.05 * output tokens) distinct spans, the most unique first
+# A span counts only if its tokens that are not generic carry this much surprisal (-sum of unigram log-probabilities,
+# nats): about four everyday words or two rare ones. A generic phrase plus a word or two of chance overlap falls short.
+MIN_SURPRISAL = 30.0
+PLAIN_LOG_PROB = -math.log(50_000)  # every token alike when no lexicon is given (token-level rules)
 # Where the scalar search beats the vectorized one (measured, docs/attribution.md): the k-gram filter up to this many
 # output tokens, the search itself up to this many k-grams that passed the filter.
 SCALAR_FILTER_MAX_TOKENS = 256
@@ -122,13 +126,41 @@ class _Strings:
         return list(self)
 
 
+class _Coded:
+    """A column of strings with few distinct values (contributors): a table of them and a 4-byte code per row."""
+
+    def __init__(self, table: _Strings, codes: np.ndarray) -> None:
+        self.table = table
+        self.codes = codes
+
+    @classmethod
+    def of(cls, values: Sequence[str]) -> _Coded:
+        distinct: dict[str, int] = {}
+        codes = np.fromiter((distinct.setdefault(v, len(distinct)) for v in values), np.uint32, count=len(values))
+        return cls(_Strings.of(list(distinct)), codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i) -> str:
+        return self.table[self.codes[int(i)]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.table._ends.nbytes + len(self.table._blob)
+
+
 class SpanIndex:
     """A suffix array over one Datanet's records in token ids, with a position → record map and a k-gram filter."""
 
     def __init__(self, datanet_id: str, vocabulary: np.ndarray, text: np.ndarray, suffix_array: np.ndarray,
-                 record_starts: np.ndarray, record_ids: Sequence[str] | _Strings, contributors: Sequence[str] | _Strings,
+                 record_starts: np.ndarray, record_ids: Sequence[str] | _Strings, contributors: Sequence[str] | _Coded,
                  gram_filter: np.ndarray, filter_k: int, tokenizer_id: str = "", records_root: str = "",
-                 text_buffer=None, text_offset: int = 0) -> None:
+                 text_buffer=None, text_offset: int = 0, repeated_hashes: np.ndarray | None = None,
+                 repeated_counts: np.ndarray | None = None) -> None:
         self.datanet_id = datanet_id.lower()
         self.vocabulary = np.asarray(vocabulary, dtype="<i4")  # token ids fit 31 bits; 4 bytes per distinct token
         self.size = len(suffix_array)
@@ -138,7 +170,10 @@ class SpanIndex:
         self.suffix_array = suffix_array
         self.record_starts = record_starts
         self.record_ids = record_ids if isinstance(record_ids, _Strings) else _Strings.of(list(record_ids))
-        self.contributors = contributors if isinstance(contributors, _Strings) else _Strings.of(list(contributors))
+        self.contributors = contributors if isinstance(contributors, _Coded) else _Coded.of(list(contributors))
+        # The filter_k-grams found more than once in this Datanet, sorted, and how often (saturating at 65535).
+        self.repeated_hashes = np.zeros(0, np.uint64) if repeated_hashes is None else repeated_hashes
+        self.repeated_counts = np.zeros(0, np.uint16) if repeated_counts is None else repeated_counts
         self.gram_filter = gram_filter
         self.filter_k = filter_k
         self._filter_bits = (len(gram_filter) * 8).bit_length() - 1
@@ -170,12 +205,16 @@ class SpanIndex:
         native = codes.astype(np.uint32 if wide else np.uint16)
         # pydivsufsort sorts wider integers as big-endian byte strings: token order is preserved.
         sa_dtype = np.uint32 if len(codes) < 2**32 else np.uint64
-        suffix_array = np.asarray(divsufsort(native)).astype(sa_dtype)
+        suffix_array = np.asarray(divsufsort(native))
+        grams, clean = _clean_grams(codes, filter_k)
+        repeated_hashes, repeated_counts = _repeated_grams(native, suffix_array, grams, clean, filter_k)
+        suffix_array = suffix_array.astype(sa_dtype)
         text = np.concatenate([native, np.zeros(MAX_SPAN, native.dtype)]).astype(">u4" if wide else ">u2")
         record_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(sa_dtype)
         return cls(datanet_id, vocabulary, text, suffix_array, record_starts,
                    [r.record_id for r in records], [r.contributor for r in records],
-                   _bloom(codes, filter_k), filter_k, tokenizer_id, records_root)
+                   _bloom(grams[clean]), filter_k, tokenizer_id, records_root,
+                   repeated_hashes=repeated_hashes, repeated_counts=repeated_counts)
 
     def save(self, path: Path) -> None:
         """One file: magic, header length, JSON header, then each array at a 64-byte aligned offset."""
@@ -187,10 +226,14 @@ class SpanIndex:
             "suffix_array": np.ascontiguousarray(self.suffix_array),
             "record_starts": np.ascontiguousarray(self.record_starts),
             "gram_filter": np.ascontiguousarray(self.gram_filter, np.uint8),
-            "record_id_ends": np.ascontiguousarray(self.record_ids._ends, "<u8"),
+            "record_id_ends": np.ascontiguousarray(self.record_ids._ends,
+                                                   "<u4" if len(self.record_ids._blob) < 2**32 else "<u8"),
             "record_id_blob": np.frombuffer(bytes(self.record_ids._blob), np.uint8),
-            "contributor_ends": np.ascontiguousarray(self.contributors._ends, "<u8"),
-            "contributor_blob": np.frombuffer(bytes(self.contributors._blob), np.uint8),
+            "contributor_codes": np.ascontiguousarray(self.contributors.codes, "<u4"),
+            "contributor_ends": np.ascontiguousarray(self.contributors.table._ends, "<u8"),
+            "contributor_blob": np.frombuffer(bytes(self.contributors.table._blob), np.uint8),
+            "repeated_hashes": np.ascontiguousarray(self.repeated_hashes, "<u8"),
+            "repeated_counts": np.ascontiguousarray(self.repeated_counts, "<u2"),
         }
         sections, offset = {}, 0
         for name, array in arrays.items():
@@ -200,7 +243,7 @@ class SpanIndex:
                              "recordsRoot": self.records_root, "positions": self.size, "filterK": self.filter_k,
                              "sections": sections}, sort_keys=True).encode()
         start = -(-(len(INDEX_MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as out:
             out.write(INDEX_MAGIC + len(header).to_bytes(8, "little") + header)
             for name, array in arrays.items():
@@ -235,9 +278,11 @@ class SpanIndex:
                 raise ValueError("section sizes disagree with the header")
             index = cls(str(header["datanetId"]), arrays["vocabulary"], arrays["text"], arrays["suffix_array"],
                         arrays["record_starts"], _Strings(arrays["record_id_blob"], arrays["record_id_ends"]),
-                        _Strings(arrays["contributor_blob"], arrays["contributor_ends"]), arrays["gram_filter"],
+                        _Coded(_Strings(arrays["contributor_blob"], arrays["contributor_ends"]),
+                               arrays["contributor_codes"]), arrays["gram_filter"],
                         int(header["filterK"]), str(header["tokenizerId"]), str(header["recordsRoot"]),
-                        text_buffer=mapped, text_offset=start + int(header["sections"]["text"][0]))
+                        text_buffer=mapped, text_offset=start + int(header["sections"]["text"][0]),
+                        repeated_hashes=arrays["repeated_hashes"], repeated_counts=arrays["repeated_counts"])
         except (OSError, KeyError, ValueError, TypeError) as error:
             raise SpanIndexError(f"cannot load span index {path}: {error}") from error
         if datanet_id is not None and index.datanet_id != datanet_id.lower():
@@ -252,8 +297,26 @@ class SpanIndex:
     def nbytes(self) -> int:
         """Bytes the index occupies when mapped (the whole file is the in-memory form)."""
         return sum(a.nbytes for a in (self.vocabulary, self._text, self.suffix_array, self.record_starts,
-                                      self.gram_filter, self.record_ids._ends, self.contributors._ends)) \
-            + len(self.record_ids._blob) + len(self.contributors._blob)
+                                      self.gram_filter, self.record_ids._ends, self.repeated_hashes,
+                                      self.repeated_counts)) + len(self.record_ids._blob) + self.contributors.nbytes
+
+    def gram_counts(self, token_ids: Sequence[int]) -> np.ndarray:
+        """How often each filter_k-gram of the output occurs in this Datanet: the repeated-gram table's count, 1
+        for one the Bloom filter holds (or a false positive of it), 0 otherwise; one entry per start position."""
+        query = self.encode(token_ids)
+        k = self.filter_k
+        if len(query) < k:
+            return np.zeros(0, np.int64)
+        hashes = _rolling_hashes(query, k)
+        unknown = np.concatenate([[0], np.cumsum(query <= 0)])
+        clean = unknown[k:] - unknown[:-k] == 0
+        counts = clean & _bloom_contains(self.gram_filter, self._filter_bits, hashes)
+        counts = counts.astype(np.int64)
+        if len(self.repeated_hashes):
+            at = np.minimum(np.searchsorted(self.repeated_hashes, hashes), len(self.repeated_hashes) - 1)
+            repeated = clean & (self.repeated_hashes[at] == hashes)
+            counts[repeated] = self.repeated_counts[at[repeated]]
+        return counts
 
     # --- search ---------------------------------------------------------------------------------
 
@@ -487,15 +550,41 @@ def _bloom_probes(hashes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray
     return first, second
 
 
-def _bloom(codes: np.ndarray, k: int) -> np.ndarray:
-    """A Bloom filter (2 probes, 6-12 bits per k-gram) of the k-grams holding no separator."""
+def _clean_grams(codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hash of the k-gram at each position and whether it holds no separator."""
     grams = _rolling_hashes(codes, k)
     count = len(codes) - k + 1
-    if count > 0:
-        minimum = codes[:count].copy()
-        for j in range(1, k):
-            np.minimum(minimum, codes[j:j + count], out=minimum)
-        grams = grams[minimum > 0]
+    if count <= 0:
+        return grams, np.zeros(0, bool)
+    minimum = codes[:count].copy()
+    for j in range(1, k):
+        np.minimum(minimum, codes[j:j + count], out=minimum)
+    return grams, minimum > 0
+
+
+def _repeated_grams(native: np.ndarray, suffix_array: np.ndarray, grams: np.ndarray, clean: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-grams occurring at least twice and their counts, from the LCP array (Kasai): a run of suffixes sharing
+    k codes is one k-gram's occurrences."""
+    from pydivsufsort import kasai
+
+    if len(grams) == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint16)
+    lcp = np.asarray(kasai(native, suffix_array))
+    starts = np.concatenate([[True], lcp[:-1] < k])
+    sizes = np.bincount(np.cumsum(starts) - 1)
+    repeated = sizes >= 2
+    positions = suffix_array[np.flatnonzero(starts)[repeated]].astype(np.int64)
+    counts = sizes[repeated]
+    valid = positions < len(clean)
+    valid[valid] = clean[positions[valid]]  # a run of suffixes sharing k codes that hold a separator is no k-gram
+    hashes, counts = grams[positions[valid]], counts[valid]
+    order = np.argsort(hashes, kind="stable")
+    return hashes[order], np.minimum(counts[order], 65535).astype(np.uint16)
+
+
+def _bloom(grams: np.ndarray) -> np.ndarray:
+    """A Bloom filter (2 probes, 6-12 bits per k-gram) of the given k-gram hashes."""
     bits = max(9, int(math.ceil(math.log2(max(1, 6 * len(grams))))))
     table = np.zeros(1 << (bits - 3), np.uint8)
     for probe in _bloom_probes(grams, bits):
@@ -522,10 +611,11 @@ class Lexicon:
     token is a word of its own, nothing is a delimiter and every token is equally likely: the token-level rules.
     """
 
-    begins_word: np.ndarray  # bool: the token's first character is a letter or digit
+    begins_word: np.ndarray  # bool: the token's first character is a letter or digit (it glues to a word before it)
     ends_word: np.ndarray  # bool: its last character is
     delimiter: np.ndarray  # bool: holds a newline (spans may not cross it)
     log_prob: np.ndarray  # float32, natural log, add-one smoothed counts
+    starts_word: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))  # letter/digit after spaces
 
     @classmethod
     def plain(cls) -> Lexicon:
@@ -535,12 +625,17 @@ class Lexicon:
     def from_tokenizer(cls, tokenizer, counts: np.ndarray | None = None) -> Lexicon:
         size = len(tokenizer)
         texts = [_token_text(tokenizer, i) for i in range(size)]
-        begins = np.array([bool(t) and (t[0].isalnum() or t[0] == "\ufffd") for t in texts])
-        ends = np.array([bool(t) and (t[-1].isalnum() or t[-1] == "\ufffd") for t in texts])
+
+        def wordy(ch: str) -> bool:
+            return ch.isalnum() or ch == "\ufffd"  # a piece of a multi-byte character continues its word
+
+        begins = np.array([bool(t) and wordy(t[0]) for t in texts])
+        ends = np.array([bool(t) and wordy(t[-1]) for t in texts])
+        starts = np.array([bool(t.lstrip()) and wordy(t.lstrip()[0]) for t in texts])
         delimiter = np.array(["\n" in t for t in texts])
         counts = np.zeros(size, np.int64) if counts is None else np.asarray(counts[:size], np.int64)
         log_prob = np.log((counts + 1) / (counts.sum() + size)).astype(np.float32)
-        return cls(begins, ends, delimiter, log_prob)
+        return cls(begins, ends, delimiter, log_prob, starts)
 
     def _lookup(self, table: np.ndarray, ids: np.ndarray, default) -> np.ndarray:
         inside = (ids >= 0) & (ids < len(table))
@@ -557,24 +652,29 @@ class Lexicon:
 
     def words(self, ids: np.ndarray) -> np.ndarray:
         """word_start[i]: token i begins a word of letters/digits (cumulated, it counts whole words in a span)."""
-        begins = self._lookup(self.begins_word, ids, True)
-        return begins & self.boundaries(ids)[:-1]
+        starts = self._lookup(self.starts_word, ids, True)
+        return starts & self.boundaries(ids)[:-1]
 
     def delimiters(self, ids: np.ndarray) -> np.ndarray:
         return self._lookup(self.delimiter, ids, False)
 
     def log_probs(self, ids: np.ndarray) -> np.ndarray:
-        return self._lookup(self.log_prob, ids, np.float32(0.0))
+        return self._lookup(self.log_prob, ids, np.float32(PLAIN_LOG_PROB))
 
     def save(self, path: Path) -> None:
-        np.savez(path, begins_word=self.begins_word, ends_word=self.ends_word, delimiter=self.delimiter,
-                 log_prob=self.log_prob)
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            np.savez(out, begins_word=self.begins_word, ends_word=self.ends_word, delimiter=self.delimiter,
+                     log_prob=self.log_prob, starts_word=self.starts_word)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Lexicon:
         try:
             with np.load(path, allow_pickle=False) as data:
-                return cls(data["begins_word"], data["ends_word"], data["delimiter"], data["log_prob"])
+                return cls(data["begins_word"], data["ends_word"], data["delimiter"], data["log_prob"],
+                           data["starts_word"])
         except (OSError, KeyError, ValueError) as error:
             raise SpanIndexError(f"cannot load lexicon {path}: {error}") from error
 
@@ -715,6 +815,11 @@ class SpanAttribution:
     matched_tokens: int
     output_tokens: int
     generic_tokens: int = 0
+    credited: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)  # bool per output token
+
+    @property
+    def token_credit(self) -> np.ndarray | None:
+        return self.credited
 
     def to_json(self) -> dict:
         return {"attribution": self.vector.to_json(), "spans": [s.to_json() for s in self.spans],
@@ -761,7 +866,8 @@ class _Candidate:
 
 def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], reference: Reference | None = None,
                  min_span: int = DEFAULT_MIN_SPAN, min_words: int = MIN_WORDS, frequency_cap: int = FREQUENCY_CAP,
-                 budget_per_token: float = SPAN_BUDGET_PER_TOKEN) -> tuple[list[_Candidate], np.ndarray]:
+                 budget_per_token: float = SPAN_BUDGET_PER_TOKEN,
+                 min_surprisal: float = MIN_SURPRISAL) -> tuple[list[_Candidate], np.ndarray]:
     """The spans that count (docs/attribution.md, "Which spans count") and the mask of generic tokens."""
     reference = reference or Reference.plain()
     ids = np.asarray(token_ids, np.int64)
@@ -788,15 +894,22 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
                     codes = index.encode(token_ids) if codes is None else codes
                     lo, hi = index.interval(codes[s:e].tolist())
                 pieces.setdefault((s, e), _Candidate(s, e, [])).holders.append((number, lo, hi))
+    if pieces and all(index.filter_k == min_span for index in indexes):
+        # A min_span-gram the adapter's Datanets hold more than frequency_cap times is boilerplate wherever it
+        # sits: a rare span made of one plus a word or two of chance extension earns nothing for it.
+        counts = sum(index.gram_counts(token_ids) for index in indexes)
+        for j in np.flatnonzero(counts > frequency_cap):
+            generic[j:j + min_span] = True
     kept = []
+    log_probs = lexicon.log_probs(ids)
     for candidate in pieces.values():
         occurrences = sum(hi - lo for _, lo, hi in candidate.holders)
         if occurrences > frequency_cap:
             continue
-        if int((~generic[candidate.start:candidate.end]).sum()) < min_span:
+        if -float(log_probs[candidate.start:candidate.end][~generic[candidate.start:candidate.end]].sum()) \
+                < min_surprisal:
             continue
         kept.append(candidate)
-    log_probs = lexicon.log_probs(ids)
     kept.sort(key=lambda c: (float(log_probs[c.start:c.end].sum()), c.start, c.end))
     budget = max(1, math.ceil(budget_per_token * length))
     return kept[:budget], generic
@@ -867,7 +980,8 @@ def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min
     for (d, _, c), w in record_credit.items():
         by_contributor[(d, c)] += w
     contributors = tuple((d, c, w) for (d, c), w in sorted(by_contributor.items(), key=lambda i: (-i[1], i[0])) if w > 0)
-    return SpanAttribution(vector, tuple(spans), records, contributors, matched, length, int(generic.sum()))
+    return SpanAttribution(vector, tuple(spans), records, contributors, matched, length, int(generic.sum()),
+                           sharing > 0)
 
 
 # --- Datanet folders ------------------------------------------------------------------------------

@@ -19,21 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from longtail.attribution.adapter_credit import DataCredit
+from longtail.attribution.adapter_credit import DataCredit, DataCreditStore, held_out_token_ids, score_adapter_async
 from longtail.attribution.receipts import TOTAL_BPS, AttributionVector, MatchedSpan
 from longtail.attribution.spans import (
     DEFAULT_MIN_SPAN,
     Reference,
     SpanIndex,
     attribute_output,
+    ensure_reference,
     load_datanet_index,
+    tokenizer_fingerprint,
 )
 from longtail.node.catalog import CatalogEntry
 
 EVIDENCE_RULE = "longtail-attribution-2"
+log = logging.getLogger("longtail.node")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,12 @@ class Attributor:
         self.min_span = min_span
         self.reference = reference
         self.data_credits = dict(data_credits or {})
+        self.folders: dict[str, Path] = {}
+        self.credit_store: DataCreditStore | None = None
+        self._tokenizer = None
+        self._tokenizer_id: str | None = None
+        self._reference_folder: Path | None = None
+        self._scoring: dict[str, asyncio.Task] = {}
 
     @classmethod
     def from_folders(cls, folders: Sequence[Path], min_span: int = DEFAULT_MIN_SPAN,
@@ -99,15 +109,75 @@ class Attributor:
         attributor.add_folders(folders, tokenizer_id)
         return attributor
 
+    @classmethod
+    def for_node(cls, folders: Sequence[Path], tokenizer, home: Path) -> Attributor:
+        """Blocking (run it in a worker thread at start): indexes checked against the tokenizer, the reference
+        corpus built once under `home/reference` when some Datanet is indexed, data credits from `home/data_credit`."""
+        attributor = cls()
+        attributor._tokenizer = tokenizer
+        attributor._tokenizer_id = tokenizer_fingerprint(tokenizer)
+        attributor._reference_folder = Path(home) / "reference" / attributor._tokenizer_id.split(":")[-1]
+        attributor.credit_store = DataCreditStore(Path(home) / "data_credit")
+        attributor.add_folders(folders)
+        return attributor
+
     def add_folders(self, folders: Sequence[Path], tokenizer_id: str | None = None) -> None:
-        """Map each folder's index (checked against its manifest, and the tokenizer when named): blocking, call it
+        """Map each folder's index (checked against its manifest, and the tokenizer when known): blocking, call it
         from a worker thread."""
+        folders = list(folders)
+        if folders and self.reference is None and self._tokenizer is not None:
+            self.reference = ensure_reference(self._reference_folder, self._tokenizer)
         for folder in folders:
-            index = load_datanet_index(folder, tokenizer_id)
+            index = load_datanet_index(folder, tokenizer_id or self._tokenizer_id)
             self.indexes.setdefault(index.datanet_id.lower(), index)
+            self.folders.setdefault(index.datanet_id.lower(), Path(folder))
 
     def set_data_credit(self, credit: DataCredit) -> None:
         self.data_credits[credit.adapter_id.lower()] = credit
+
+    def start_data_credit(self, entry: CatalogEntry, engine) -> None:
+        """Score the adapter's data credit once, in the background (the first serve); a stored one is reused."""
+        adapter_id = (entry.adapter_id or "").lower()
+        if not adapter_id or not entry.datanets or adapter_id in self.data_credits or adapter_id in self._scoring:
+            return
+        task = asyncio.create_task(self.ensure_data_credit(entry, engine), name=f"data-credit-{adapter_id[:10]}")
+        self._scoring[adapter_id] = task
+        task.add_done_callback(lambda _: self._scoring.pop(adapter_id, None))
+
+    async def ensure_data_credit(self, entry: CatalogEntry, engine) -> DataCredit | None:
+        """The adapter's held-out gain per Datanet: stored, or scored now through `engine.score` (background work)."""
+        adapter_id = (entry.adapter_id or "").lower()
+        try:
+            stored = await asyncio.to_thread(self.credit_store.get, adapter_id) if self.credit_store else None
+            if stored is not None and set(stored.gains) >= {d.datanet_id.lower() for d in entry.datanets}:
+                self.set_data_credit(stored)
+                return stored
+            missing = [d.datanet_id for d in entry.datanets if d.datanet_id.lower() not in self.folders]
+            if missing or self._tokenizer is None:
+                log.info("data credit of adapter %s not scored: no local copy of Datanets %s", adapter_id, missing)
+                return None
+            held_out = {d.datanet_id.lower(): await asyncio.to_thread(
+                held_out_token_ids, self.folders[d.datanet_id.lower()], d.datanet_id, self._tokenizer)
+                for d in entry.datanets}
+
+            async def score(prompt, output, adapter):
+                return await engine.score(prompt, output, adapter, client="data-credit", background=True)
+
+            credit = await score_adapter_async(score, adapter_id, held_out)
+            if self.credit_store is not None:
+                await asyncio.to_thread(self.credit_store.put, credit)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # credit refines the prior; without it the registry shares are used
+            log.warning("data credit of adapter %s failed: %s", adapter_id, error)
+            return None
+        self.set_data_credit(credit)
+        log.info("data credit of adapter %s: %s", adapter_id, credit.gains_micro())
+        return credit
+
+    def searches(self, entry: CatalogEntry) -> bool:
+        """Whether attributing an answer of this entry searches an index (work worth a worker thread)."""
+        return any(d.datanet_id.lower() in self.indexes for d in entry.datanets)
 
     def attribute(self, entry: CatalogEntry, output_token_ids: Sequence[int]) -> Attribution:
         """Blocking (span search, ~1-5 ms): the node calls `attribute_async`, which runs it in a worker thread."""

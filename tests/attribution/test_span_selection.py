@@ -1,0 +1,228 @@
+"""Which spans count and who they pay: whole words, delimiters, the frequency cap, the reference corpus, the
+uniqueness budget, shared spans split among all holders, templated records, and the payment rule."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from longtail.attribution.datanets import Record, build_manifest, write_datanet
+from longtail.attribution.receipts import AttributionVector, ReceiptDomain, SignedReceipt
+from longtail.attribution.spans import (
+    IndexedRecord,
+    Lexicon,
+    Reference,
+    SpanIndex,
+    SpanIndexError,
+    attribute_output,
+    ensure_datanet_index,
+    load_datanet_index,
+)
+from longtail.node.attributor import Attributor, recompute_weights, span_weight_bps
+from longtail.node.catalog import CatalogEntry, DatanetShare
+
+A, B, C = ("0x" + c * 32 for c in ("0a", "0b", "0c"))
+WORD = range(1000, 2000)  # "Ġword" tokens: start a word
+PIECE = range(2000, 2100)  # word pieces glued to the token before
+COMMA, SPACE, NEWLINE = 3000, 3001, 3002
+DIGIT = range(3010, 3020)  # digits glue to each other
+
+
+def lexicon(counts: dict[int, int] | None = None) -> Lexicon:
+    size = 4000
+    begins = np.zeros(size, bool)
+    ends = np.zeros(size, bool)
+    starts = np.zeros(size, bool)
+    for t in WORD:
+        ends[t] = starts[t] = True
+    for t in (*PIECE, *DIGIT):
+        begins[t] = ends[t] = starts[t] = True
+    delimiter = np.zeros(size, bool)
+    delimiter[NEWLINE] = True
+    count = np.zeros(size, np.int64)
+    for t, c in (counts or {}).items():
+        count[t] = c
+    log_prob = np.log((count + 1) / (count.sum() + size)).astype(np.float32)
+    return Lexicon(begins, ends, delimiter, log_prob, starts)
+
+
+def words(rng: random.Random, n: int) -> list[int]:
+    return [rng.choice(WORD) for _ in range(n)]
+
+
+def filler(n: int) -> list[int]:
+    return [1999 - (i % 7) for i in range(n)]  # words no record below uses
+
+
+def test_spans_are_whole_words_and_never_cross_a_delimiter():
+    rng = random.Random(1)
+    record = words(rng, 6) + [2001] + words(rng, 10) + [NEWLINE] + words(rng, 10)
+    index = SpanIndex.build(A, [IndexedRecord("r", "0x" + "01" * 20, record)])
+    reference = Reference(None, lexicon())
+    # The copy starts on the glued piece (mid-word): the piece and the word it belongs to are dropped.
+    output = filler(5) + record[6:] + filler(5)
+    result = attribute_output(output, [index], reference=reference)
+    copy_start = 5
+    spans = sorted((s.start - copy_start, s.end - copy_start) for s in result.spans)
+    assert spans == [(1, 11), (12, 22)]  # after the piece; cut at the newline, which belongs to no span
+    assert result.matched_tokens == 20
+    # Token-level rules (no lexicon) count the piece and cross the newline.
+    plain = attribute_output(output, [index])
+    assert [(s.start - copy_start, s.end - copy_start) for s in plain.spans] == [(0, 22)]
+
+
+def test_numbers_and_punctuation_are_not_enough_words():
+    numbers = [COMMA, SPACE, 3015, COMMA, SPACE, 3011, 3010, COMMA, SPACE, 3011, 3015, COMMA]  # ", 5, 10, 15,"
+    index = SpanIndex.build(A, [IndexedRecord("r", "0x" + "01" * 20, filler(3)[:0] + [1500] + numbers + [1501])])
+    output = [1600] + numbers + [1601]
+    assert attribute_output(output, [index], reference=Reference(None, lexicon())).matched_tokens == 0
+    assert attribute_output(output, [index]).matched_tokens == len(numbers)  # 12 tokens, 12 "words" without one
+
+
+def test_frequency_cap_and_reference_make_generic_text_earn_nothing():
+    rng = random.Random(2)
+    phrase = words(rng, 10)
+    rare = words(rng, 12)
+    records = [IndexedRecord(f"r{i}", "0x" + "01" * 20, words(rng, 5) + phrase + words(rng, 5)) for i in range(5)]
+    records.append(IndexedRecord("rare", "0x" + "02" * 20, rare))
+    index = SpanIndex.build(A, records)
+    output = filler(20) + phrase + filler(20)
+    reference = Reference(None, lexicon())
+    assert attribute_output(output, [index], reference=reference).matched_tokens == 0  # 5 places > cap 4
+    assert attribute_output(output, [index], reference=reference, frequency_cap=5).matched_tokens == 10
+    # The same rare span is generic once the reference corpus holds it.
+    generic = SpanIndex.build("reference", [IndexedRecord("ref", "0x" + "00" * 20, [1999] + rare[:11])])
+    output = filler(20) + rare + filler(20)
+    assert attribute_output(output, [index], reference=reference).matched_tokens == 12
+    result = attribute_output(output, [index], reference=Reference(generic, lexicon()))
+    assert result.matched_tokens == 0 and result.vector.datanet_ids == () and result.generic_tokens == 11
+
+
+def test_budget_keeps_the_most_unique_spans():
+    rng = random.Random(3)
+    common = words(rng, 9)
+    unique = words(rng, 9)
+    counts = {t: 30 for t in common}  # the reference corpus says these words are everyday ones
+    index = SpanIndex.build(A, [IndexedRecord("c", "0x" + "01" * 20, common),
+                                IndexedRecord("u", "0x" + "02" * 20, unique)])
+    output = common + filler(3) + unique + filler(5)  # 26 tokens: budget ceil(0.05 * 26) = 2
+    reference = Reference(None, lexicon(counts))
+    assert attribute_output(output, [index], reference=reference).matched_tokens == 18
+    tight = attribute_output(output, [index], reference=reference, budget_per_token=0.01)  # one span
+    assert [(s.start, s.end) for s in tight.spans] == [(12, 21)] and tight.records[0].record_id == "u"
+
+
+def test_a_span_in_several_datanets_is_split_among_all_holders():
+    """A holds S1 S2 back to back; B holds S1, C holds S2: A's longer match takes nothing from B and C."""
+    rng = random.Random(4)
+    s1, s2 = words(rng, 12), words(rng, 12)
+    pad = lambda: words(rng, 4)  # noqa: E731
+    indexes = [SpanIndex.build(A, [IndexedRecord("a", "0x" + "01" * 20, pad() + s1 + s2 + pad())]),
+               SpanIndex.build(B, [IndexedRecord("b", "0x" + "02" * 20, pad() + s1 + pad())]),
+               SpanIndex.build(C, [IndexedRecord("c", "0x" + "03" * 20, pad() + s2 + pad())])]
+    result = attribute_output(filler(10) + s1 + s2 + filler(10), indexes, reference=Reference(None, lexicon()))
+    assert dict(zip(result.vector.datanet_ids, result.vector.weights_bps, strict=True)) == {A: 5000, B: 2500, C: 2500}
+    assert result.matched_tokens == 24
+    assert {r.record_id: round(r.weight, 6) for r in result.records} == {"a": 0.5, "b": 0.25, "c": 0.25}
+
+
+def test_templated_records_credit_the_exact_source():
+    rng = random.Random(5)
+    head, tail = words(rng, 10), words(rng, 10)
+    slots = lambda i: [1000 + i, 1300 + i, 1600 + i, 1900 + i % 100]  # noqa: E731  what the template is filled with
+    records = [IndexedRecord(f"t{i}", f"0x{i + 1:040x}", head + slots(i) + tail) for i in range(300)]
+    index = SpanIndex.build(A, records)
+    result = attribute_output(filler(8) + list(records[217].token_ids) + filler(8), [index],
+                              reference=Reference(None, lexicon()))
+    assert result.records[0].record_id == "t217" and result.records[0].weight == pytest.approx(1.0)
+    assert [r.record_id for s in result.spans for r in s.records] == ["t217"]
+    # The template alone is boilerplate (300 places): nothing is paid for it.
+    assert attribute_output(filler(8) + head + filler(8), [index], reference=Reference(None, lexicon())).spans == ()
+
+
+def entry(shares: dict[str, int]) -> CatalogEntry:
+    return CatalogEntry(name="a", adapter_id="0x" + "ad" * 32, price_per_1k_tokens=1,
+                        datanets=tuple(DatanetShare(d, d[:6], s) for d, s in shares.items()))
+
+
+def test_payment_moves_with_the_matched_fraction_and_the_body_lets_an_auditor_recompute_it():
+    rng = random.Random(6)
+    copied = words(rng, 20)
+    indexes = {A: SpanIndex.build(A, [IndexedRecord("a", "0x" + "01" * 20, words(rng, 3) + copied)]),
+               B: SpanIndex.build(B, [IndexedRecord("b", "0x" + "02" * 20, words(rng, 30))])}
+    attributor = Attributor(indexes, reference=Reference(None, lexicon()))
+    shares = {A: 3000, B: 7000}
+    novel = attributor.attribute(entry(shares), filler(200))
+    assert dict(zip(novel.vector.datanet_ids, novel.vector.weights_bps, strict=True)) == shares
+    assert novel.vector.evidence["spanWeightBps"] == 0 and novel.spans == ()
+    one_copy = attributor.attribute(entry(shares), filler(90) + copied + filler(90))  # 20 of 200 tokens
+    evidence = one_copy.vector.evidence
+    assert evidence["matchedTokens"] == 20 and evidence["spanWeightBps"] == span_weight_bps(20, 200) == 1000
+    # 0.9 * prior + 0.1 * (all of A)
+    assert dict(zip(one_copy.vector.datanet_ids, one_copy.vector.weights_bps, strict=True)) == {A: 3700, B: 6300}
+    assert recompute_weights(json.loads(json.dumps(evidence))) == {A: 3700, B: 6300}
+    tampered = {**evidence, "spanWeightBps": 5000}
+    with pytest.raises(ValueError, match="does not follow"):
+        recompute_weights(tampered)
+    # The evidence rides in the body, outside attributionHash (DESIGN.md's encoding).
+    plain = AttributionVector(one_copy.vector.datanet_ids, one_copy.vector.weights_bps)
+    assert plain.hash == one_copy.vector.hash and plain == one_copy.vector
+    from longtail.attribution.receipts import ReceiptDraft, address_of, sign_receipt
+
+    domain = ReceiptDomain(chain_id=31337, verifying_contract="0x" + "22" * 20)
+    draft = ReceiptDraft(request_id="0x" + "01" * 32, client="0x" + "33" * 20, channel_id="0x" + "02" * 32,
+                         base_model_id="0x" + "03" * 32, adapter_id="0x" + "ad" * 32, prompt_hash="0x" + "04" * 32,
+                         output_hash="0x" + "05" * 32, prompt_tokens=1, output_tokens=200, price=7, timestamp=1,
+                         attribution=one_copy.vector, spans=one_copy.spans)
+    signed = sign_receipt(draft.to_receipt(address_of("0x" + "55" * 32), 0), "0x" + "55" * 32, domain, one_copy.vector,
+                          one_copy.spans)
+    body = json.loads(signed.to_canonical_json())
+    assert recompute_weights(body["attribution"]["evidence"]) == dict(zip(body["attribution"]["datanetIds"],
+                                                                        body["attribution"]["weightsBps"]))
+    assert SignedReceipt.from_json(body).attribution.evidence == evidence
+
+
+def test_a_few_chance_tokens_move_a_few_basis_points():
+    rng = random.Random(7)
+    chance = words(rng, 8)
+    indexes = {A: SpanIndex.build(A, [IndexedRecord("a", "0x" + "01" * 20, chance + words(rng, 5))])}
+    attributor = Attributor(indexes, reference=Reference(None, lexicon()))
+    result = attributor.attribute(entry({A: 5000, B: 5000}), filler(124) + chance + filler(124))
+    assert result.vector.evidence["spanWeightBps"] == 312  # 8 of 256 tokens
+    assert dict(zip(result.vector.datanet_ids, result.vector.weights_bps, strict=True)) == {A: 5156, B: 4844}
+
+
+def test_datanet_index_is_bound_to_its_tokenizer_and_records_root(tmp_path):
+    class Tokenizer:
+        def __init__(self, offset: int) -> None:
+            self.offset = offset
+
+        def __len__(self) -> int:
+            return 300
+
+        def get_vocab(self) -> dict[str, int]:
+            return {chr(65 + i): i + self.offset for i in range(26)}
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[ord(c) + self.offset for c in t] for t in texts]}
+
+    records = [Record(f"r{i}", "the quick brown fox number " + str(i) * 3, "0x" + "01" * 20) for i in range(10)]
+    manifest = build_manifest("letters", "0x" + "02" * 20, records)
+    write_datanet(tmp_path / "d", manifest, records)
+    ensure_datanet_index(tmp_path / "d", Tokenizer(0))
+    index = load_datanet_index(tmp_path / "d")
+    assert index.records_root == manifest.records_root and index.datanet_id == manifest.datanet_id
+    with pytest.raises(SpanIndexError, match="tokenizer"):
+        load_datanet_index(tmp_path / "d", "another")
+    ensure_datanet_index(tmp_path / "d", Tokenizer(100))  # another tokenizer: rebuilt ahead of time
+    assert load_datanet_index(tmp_path / "d").vocabulary.min() >= 100
+    # Records edited after indexing: the manifest's root (hence its datanetId) changes and the old index is refused.
+    edited = records[:9] + [Record("r9", "edited", "0x" + "01" * 20)]
+    write_datanet(tmp_path / "d", build_manifest("letters", "0x" + "02" * 20, edited), edited)
+    with pytest.raises(SpanIndexError, match="indexes datanet"):
+        load_datanet_index(tmp_path / "d")
+    ensure_datanet_index(tmp_path / "d", Tokenizer(0))
+    assert load_datanet_index(tmp_path / "d").records_root != manifest.records_root
