@@ -96,9 +96,15 @@ def submit(
     except ClientError as error:
         fail(str(error))
     receipt = answer.receipt.receipt
+    # A node that asked for more than its verified receipts add up to is reported, never paid (docs/security.md).
+    overcharges = [{"node_url": url, "asked": str(asked), "owed": str(owed)} for url, asked, owed in client.overcharges]
     if as_json:
-        print_json({"text": answer.text, "node_url": answer.node_url, "receipt": answer.receipt.to_json()})
+        print_json({"text": answer.text, "node_url": answer.node_url, "receipt": answer.receipt.to_json(),
+                    "overcharges": overcharges})
         return
+    for row in overcharges:
+        console.print(f"[yellow]warning: {row['node_url']} asked for a cumulative {row['asked']}; its verified "
+                      f"receipts add up to {row['owed']}, which is all this client signs[/yellow]")
     console.print(answer.text)
     console.print(f"[dim]node {receipt.node} · seq {receipt.seq} · {receipt.output_tokens} tokens · "
                   f"price {receipt.price} · receipt verified[/dim]")
