@@ -29,6 +29,7 @@ from longtail.node.chain import ChainError, ChainGateway
 from longtail.node.checkpoints import epoch_payouts, payable_size
 
 log = logging.getLogger("longtail.checkpointer")
+WATCH_HISTORY_BLOCKS = 1_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,8 @@ class Checkpointer:
     async def watch_withdrawals(self) -> list[str]:
         """Redeem every channel of ours whose client started a withdrawal since the last look; returns them."""
         head = await self.chain.block_number()
-        start = head if self._watched_block is None else self._watched_block + 1
+        # The first look goes back WATCH_HISTORY_BLOCKS: a withdrawal started while the node was down still counts.
+        start = max(head - WATCH_HISTORY_BLOCKS, 0) if self._watched_block is None else self._watched_block + 1
         if start > head:
             return []
         ours = {a.channel_id.lower() for a in self.node.payments.accounts() if a.best_voucher is not None}
