@@ -346,5 +346,10 @@ def authorization_from_headers(headers, channel_id: str | None, request) -> Requ
     from longtail.node.service import prompt_text_as_received  # the service imports this module
     from longtail.node.vouchers import parse_authorization
 
-    prompt_hash = keccak(prompt_text_as_received(request).encode("utf-8"))
-    return parse_authorization(headers, channel_id, request.model, prompt_hash, request.max_tokens)
+    from longtail.node.errors import BadRequest
+
+    try:
+        prompt_hash = keccak(prompt_text_as_received(request).encode("utf-8"))
+        return parse_authorization(headers, channel_id, request.model, prompt_hash, request.max_tokens)
+    except UnicodeEncodeError:  # a lone surrogate (a libp2p body skips the HTTP edge's Unicode check)
+        raise BadRequest("the model or prompt is not valid Unicode") from None
