@@ -343,10 +343,9 @@ def authorization_from_headers(headers, channel_id: str | None, request) -> Requ
     """The request authorization in `headers`, bound to `request` (a CompletionRequest) as the node parsed it:
     its model, its prompt hash (the receipt's promptHash) and its max_tokens."""
     from longtail.attribution.receipts import keccak
+    from longtail.node.errors import BadRequest
     from longtail.node.service import prompt_text_as_received  # the service imports this module
     from longtail.node.vouchers import parse_authorization
-
-    from longtail.node.errors import BadRequest
 
     try:
         prompt_hash = keccak(prompt_text_as_received(request).encode("utf-8"))
