@@ -55,9 +55,8 @@ SPAN_BUDGET_PER_TOKEN = 0.05  # at most ceil(0.05 * output tokens) distinct span
 # nats): about four everyday words or two rare ones. A generic phrase plus a word or two of chance overlap falls short.
 MIN_SURPRISAL = 30.0
 PLAIN_LOG_PROB = -math.log(50_000)  # every token alike when no lexicon is given (token-level rules)
-# Where the scalar search beats the vectorized one (measured, docs/attribution.md): the k-gram filter up to this many
-# output tokens, the search itself up to this many k-grams that passed the filter.
-SCALAR_FILTER_MAX_TOKENS = 256
+# Where the scalar search beats the vectorized one (measured, docs/attribution.md): up to this many output positions
+# that passed the k-gram filter.
 SCALAR_SEARCH_MAX_HITS = 64
 _HASH_MASK = (1 << 64) - 1
 INDEX_MAGIC = b"LTSPAN02"
@@ -206,7 +205,7 @@ class SpanIndex:
         # pydivsufsort sorts wider integers as big-endian byte strings: token order is preserved.
         sa_dtype = np.uint32 if len(codes) < 2**32 else np.uint64
         suffix_array = np.asarray(divsufsort(native))
-        grams, clean = _clean_grams(codes, filter_k)
+        grams, clean = _clean_grams(flat + 1, filter_k)
         repeated_hashes, repeated_counts = _repeated_grams(native, suffix_array, grams, clean, filter_k)
         suffix_array = suffix_array.astype(sa_dtype)
         text = np.concatenate([native, np.zeros(MAX_SPAN, native.dtype)]).astype(">u4" if wide else ">u2")
@@ -300,21 +299,15 @@ class SpanIndex:
                                       self.gram_filter, self.record_ids._ends, self.repeated_hashes,
                                       self.repeated_counts)) + len(self.record_ids._blob) + self.contributors.nbytes
 
-    def gram_counts(self, token_ids: Sequence[int]) -> np.ndarray:
+    def gram_counts(self, token_ids: Sequence[int], hashes: np.ndarray | None = None) -> np.ndarray:
         """How often each filter_k-gram of the output occurs in this Datanet: the repeated-gram table's count, 1
-        for one the Bloom filter holds (or a false positive of it), 0 otherwise; one entry per start position."""
-        query = self.encode(token_ids)
-        k = self.filter_k
-        if len(query) < k:
-            return np.zeros(0, np.int64)
-        hashes = _rolling_hashes(query, k)
-        unknown = np.concatenate([[0], np.cumsum(query <= 0)])
-        clean = unknown[k:] - unknown[:-k] == 0
-        counts = clean & _bloom_contains(self.gram_filter, self._filter_bits, hashes)
-        counts = counts.astype(np.int64)
-        if len(self.repeated_hashes):
+        for one the Bloom filter holds (or a false positive of it), 0 otherwise; one entry per start position.
+        `hashes`: `gram_hashes(token_ids, filter_k)`, computed once for every index of a query."""
+        hashes = gram_hashes(token_ids, self.filter_k) if hashes is None else hashes
+        counts = _bloom_contains(self.gram_filter, self._filter_bits, hashes).astype(np.int64)
+        if len(self.repeated_hashes) and len(hashes):
             at = np.minimum(np.searchsorted(self.repeated_hashes, hashes), len(self.repeated_hashes) - 1)
-            repeated = clean & (self.repeated_hashes[at] == hashes)
+            repeated = self.repeated_hashes[at] == hashes
             counts[repeated] = self.repeated_counts[at[repeated]]
         return counts
 
@@ -366,17 +359,20 @@ class SpanIndex:
         lcp = np.where(differs.any(axis=1), differs.argmax(axis=1), patterns.shape[1])
         return np.where(valid, lcp, 0)
 
-    def find_spans(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
+    def find_spans(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN,
+                   hashes: np.ndarray | None = None, codes: np.ndarray | None = None) -> list[SpanHit]:
         """Maximal spans of the output, at least `min_span` tokens long, that occur in this Datanet.
 
-        Each stage takes whichever of the scalar and the vectorized search is faster at its size (docs/attribution.md).
+        The search takes whichever of the scalar and the vectorized search is faster at its size
+        (docs/attribution.md). `hashes` (`gram_hashes(token_ids, filter_k)`) and `codes` (`encode(token_ids)`) may
+        be passed when the caller has them.
         """
-        query = self.encode(token_ids)
+        query = self.encode(token_ids) if codes is None else codes
         if len(query) < min_span:
             return []
-        hits = self._gram_hits(query, min_span, scalar=len(query) <= SCALAR_FILTER_MAX_TOKENS)
+        hits = self._gram_hits(query, min_span, hashes, token_ids)
         if len(hits) <= SCALAR_SEARCH_MAX_HITS:
-            return self._spans_scalar(query.tolist(), hits, min_span)
+            return self._spans_scalar(query, hits, min_span)
         return self._spans_vectorized(query, np.asarray(hits, np.int64), min_span)
 
     def find_spans_vectorized(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
@@ -384,27 +380,27 @@ class SpanIndex:
         query = self.encode(token_ids)
         if len(query) < min_span:
             return []
-        return self._spans_vectorized(query, np.asarray(self._gram_hits(query, min_span, False), np.int64), min_span)
+        return self._spans_vectorized(query, np.asarray(self._gram_hits(query, min_span, None, token_ids), np.int64),
+                                      min_span)
 
     def find_spans_scalar(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN) -> list[SpanHit]:
         """`find_spans` with every stage in Python, one position at a time (bisect over byte strings)."""
         query = self.encode(token_ids)
         if len(query) < min_span:
             return []
-        return self._spans_scalar(query.tolist(), self._gram_hits(query, min_span, True), min_span)
+        return self._spans_scalar(query, self._gram_hits(query, min_span, None, token_ids), min_span)
 
     # Stage 1: which positions can start a match: their min_span window holds no unknown token and, when the
     # filter's k is at most min_span, the k-gram there is in the Datanet's Bloom filter. Most of an output usually
     # fails, and is dropped here without touching the suffix array.
 
-    def _gram_hits(self, query: np.ndarray, min_span: int, scalar: bool) -> list[int]:
+    def _gram_hits(self, query: np.ndarray, min_span: int, hashes: np.ndarray | None, token_ids) -> list[int]:
         count = len(query) - min_span + 1
         unknown = np.concatenate([[0], np.cumsum(query <= 0)])
         clean = np.flatnonzero(unknown[min_span:min_span + count] - unknown[:count] == 0)
         if not len(clean) or self.filter_k > min_span:
             return clean.tolist()
-        k = self.filter_k
-        hashes = _rolling_hashes_scalar(query.tolist(), k) if scalar else _rolling_hashes(query, k)
+        hashes = gram_hashes(token_ids, self.filter_k) if hashes is None else hashes
         return clean[_bloom_contains(self.gram_filter, self._filter_bits, hashes[clean])].tolist()
 
     # Stages 2 and 3: the longest match at each hit (a run of consecutive hits bounds how far it can reach), then
@@ -439,12 +435,12 @@ class SpanIndex:
         lo, hi = both[:len(hits)], both[len(hits):]
         return [SpanHit(int(s), int(s + n), int(a), int(b)) for s, n, a, b in zip(hits, longest, lo, hi, strict=True)]
 
-    def _query_bytes(self, codes: list[int]) -> bytes:
+    def _query_bytes(self, codes) -> bytes:
         width = self._code_bytes
         # Unknown tokens are never inside a searched window (stage 1), so their bytes are never compared.
-        return b"".join(code.to_bytes(width, "big") if code > 0 else bytes(width) for code in codes)
+        return np.maximum(np.asarray(codes, np.int64), 0).astype(">u4" if width == 4 else ">u2").tobytes()
 
-    def _spans_scalar(self, codes: list[int], hits: list[int], min_span: int) -> list[SpanHit]:
+    def _spans_scalar(self, codes: np.ndarray, hits: list[int], min_span: int) -> list[SpanHit]:
         if not hits:
             return []
         width = self._code_bytes
@@ -455,23 +451,35 @@ class SpanIndex:
             run_ends.append(hits[index] + min_span if last_of_run else run_ends[-1])
         run_ends.reverse()
         matches: list[tuple[int, int]] = []
+        hit_set = set(hits)
+        skip_through = -1
         for start, run_end in zip(hits, run_ends, strict=True):
+            if start <= skip_through:
+                continue
             pattern = query[width * start:width * (start + min(run_end - start, MAX_SPAN))]
             rank = self._lower_bound(pattern)
             longest = max(self._common_codes(rank - 1, pattern), self._common_codes(rank, pattern))
             if longest >= min_span:  # filter false positives end here
                 matches.append((start, longest))
+                # A later start reaches past this match's end only through the min_span-gram ending one token
+                # beyond it; when that gram is no hit, every start up to it is covered by this match: not searched.
+                last_gram = start + longest + 1 - min_span
+                if last_gram not in hit_set:
+                    skip_through = last_gram
         spans: list[SpanHit] = []
-        for index, (start, longest) in enumerate(matches):
-            if index and matches[index - 1][0] == start - 1 and sum(matches[index - 1]) >= start + longest:
+        reached = -1
+        for start, longest in matches:
+            # Not maximal when an earlier match covers it (equivalently, the match one token earlier does).
+            if start + longest <= reached:
                 continue
+            reached = start + longest
             pattern = query[width * start:width * (start + longest)]
             spans.append(SpanHit(start, start + longest, self._lower_bound(pattern), self._upper_bound(pattern)))
         return spans
 
     def interval(self, codes: Sequence[int]) -> tuple[int, int]:
         """Suffix-array interval [lo, hi) of the suffixes starting with `codes` (this index's codes, all known)."""
-        pattern = self._query_bytes(list(codes))
+        pattern = self._query_bytes(codes)
         return self._lower_bound(pattern), self._upper_bound(pattern)
 
     def _suffix_key(self, length: int):
@@ -529,18 +537,10 @@ def _rolling_hashes(codes: np.ndarray, k: int) -> np.ndarray:
     return hashes
 
 
-def _rolling_hashes_scalar(codes: list[int], k: int) -> np.ndarray:
-    """`_rolling_hashes` rolled in Python, one multiply-add per token: cheaper than numpy's k passes when short."""
-    multiplier = int(_HASH_MULTIPLIER)
-    leading = pow(multiplier, k - 1, 1 << 64)
-    hashes, value = [], 0
-    for position, code in enumerate(codes):
-        if position >= k:
-            value -= ((codes[position - k] + 1) & _HASH_MASK) * leading
-        value = (value * multiplier + code + 1) & _HASH_MASK
-        if position >= k - 1:
-            hashes.append(value)
-    return np.array(hashes, np.uint64)
+def gram_hashes(token_ids: Sequence[int], k: int) -> np.ndarray:
+    """The hash of each k-gram of token ids (ids + 1, so that the index's separators, 0, match no token), one per
+    start: the same for every index, so computed once per query."""
+    return _rolling_hashes(np.asarray(token_ids, np.int64) + 1, k)
 
 
 def _bloom_probes(hashes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -877,27 +877,33 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
     delimiters = lexicon.delimiters(ids)
     word_starts = np.concatenate([[0], np.cumsum(lexicon.words(ids))])
     generic = np.zeros(length, bool)
+    hashes: dict[int, np.ndarray] = {}
+
+    def grams(k: int) -> np.ndarray:
+        if k not in hashes:
+            hashes[k] = gram_hashes(token_ids, k)
+        return hashes[k]
+
     if reference.index is not None:
-        for hit in reference.index.find_spans(token_ids, min_span):
+        for hit in reference.index.find_spans(token_ids, min_span, grams(reference.index.filter_k)):
             for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
                 generic[s:e] = True
     pieces: dict[tuple[int, int], _Candidate] = {}
     for number, index in enumerate(indexes):
-        codes = None
-        for hit in index.find_spans(token_ids, min_span):
+        codes = index.encode(token_ids)
+        for hit in index.find_spans(token_ids, min_span, grams(index.filter_k), codes):
             for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
                 if e - s < min_span or word_starts[e] - word_starts[s] < min_words:
                     continue
                 if (s, e) == (hit.start, hit.end):
                     lo, hi = hit.lo, hit.hi
                 else:
-                    codes = index.encode(token_ids) if codes is None else codes
-                    lo, hi = index.interval(codes[s:e].tolist())
+                    lo, hi = index.interval(codes[s:e])
                 pieces.setdefault((s, e), _Candidate(s, e, [])).holders.append((number, lo, hi))
     if pieces and all(index.filter_k == min_span for index in indexes):
         # A min_span-gram the adapter's Datanets hold more than frequency_cap times is boilerplate wherever it
         # sits: a rare span made of one plus a word or two of chance extension earns nothing for it.
-        counts = sum(index.gram_counts(token_ids) for index in indexes)
+        counts = sum(index.gram_counts(token_ids, grams(min_span)) for index in indexes)
         for j in np.flatnonzero(counts > frequency_cap):
             generic[j:j + min_span] = True
     kept = []

@@ -24,7 +24,6 @@ DOC = ROOT / "docs" / "attribution.md"
 
 from longtail.attribution.spans import (  # noqa: E402
     DEFAULT_MIN_SPAN,
-    SCALAR_FILTER_MAX_TOKENS,
     SCALAR_SEARCH_MAX_HITS,
     SpanIndex,
     load_datanet_index,
@@ -79,7 +78,7 @@ def main() -> int:
     table = "\n".join([
         f"`python scripts/bench_span_search.py` (the legal-clauses index, {index.size:,} positions, "
         f"min_span {DEFAULT_MIN_SPAN}; median of {args.repeats} searches; ratios against the vectorized search "
-        f"in the same run). `find_spans` filters k-grams in Python up to {SCALAR_FILTER_MAX_TOKENS} tokens and "
+        f"in the same run). `find_spans` filters k-grams with the index's Bloom filter and "
         f"searches in Python up to {SCALAR_SEARCH_MAX_HITS} surviving k-grams.",
         "",
         "| output tokens | output | spans | vectorized ms (baseline) | scalar ms | find_spans ms |",
