@@ -350,7 +350,7 @@ def paged_decode_attention_triton(out: torch.Tensor, query: torch.Tensor, key_ca
         value_cache.stride(0), value_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), heads,
         GROUP=group, BLOCK_H=_group_block(group), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, num_splits=splits, DIRECT=splits == 1, DOT_PRECISION=_dot_precision(query.dtype),
-        UPCAST=_upcast(query.dtype))
+        UPCAST=_upcast(query.dtype), num_warps=4, num_stages=2)
     if splits > 1:
         # The split count is a runtime argument (the table's width changes every block_size tokens, and a
         # constexpr would compile a kernel per value); only its power-of-two bound is compiled in.
@@ -385,7 +385,8 @@ def paged_extend_attention_triton(out: torch.Tensor, query: torch.Tensor, key_ca
     block_q = min(block_q, max(1, triton.next_power_of_2(max_query_len))) if block_q * group_pad > 16 else block_q
     while block_q * group_pad < 16:
         block_q *= 2
-    block_n = 64 if query.is_cuda else 16
+    # fp32 tiles are twice the bytes: 32 keys a tile keeps two pipelined K/V stages well inside shared memory.
+    block_n = (32 if query.dtype == torch.float32 else 64) if query.is_cuda else 16
     grid = (segments, triton.cdiv(max_query_len, block_q), kv_heads)
     _extend_kernel[grid](
         query, key_cache, value_cache, block_tables, query_starts, prefix_lens, out, scale * LOG2E,
@@ -393,7 +394,7 @@ def paged_extend_attention_triton(out: torch.Tensor, query: torch.Tensor, key_ca
         value_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, BLOCK_D=_head_block(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(query.dtype),
-        UPCAST=_upcast(query.dtype))
+        UPCAST=_upcast(query.dtype), num_warps=4, num_stages=2)
 
 
 def default_scale(head_dim: int) -> float:
