@@ -729,7 +729,7 @@ REFERENCE_INDEX = "reference.lti"
 REFERENCE_LEXICON = "lexicon.npz"
 
 
-def reference_texts(max_bytes: int = 6_000_000) -> list[str]:
+def reference_texts(max_bytes: int = 4_000_000) -> list[str]:
     """The reference corpus: the Python standard library's own sources (code, docstrings, comments in English),
     which every node installs with its interpreter, plus generated number lists and dates; deterministic."""
     import sysconfig
@@ -756,7 +756,7 @@ def reference_texts(max_bytes: int = 6_000_000) -> list[str]:
     return texts
 
 
-def build_reference(folder: Path, tokenizer, max_bytes: int = 6_000_000) -> Reference:
+def build_reference(folder: Path, tokenizer, max_bytes: int = 4_000_000) -> Reference:
     """Tokenize and index the reference corpus, count its tokens for the lexicon; write both into `folder`."""
     texts = reference_texts(max_bytes)
     token_ids = tokenize_records(texts, tokenizer)

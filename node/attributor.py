@@ -101,6 +101,7 @@ class Attributor:
         self._tokenizer_id: str | None = None
         self._reference_folder: Path | None = None
         self._scoring: dict[str, asyncio.Task] = {}
+        self.score_data = True  # whether start_data_credit scores adapters (the node's adapter_credit setting)
 
     @classmethod
     def from_folders(cls, folders: Sequence[Path], min_span: int = DEFAULT_MIN_SPAN,
@@ -110,14 +111,24 @@ class Attributor:
         return attributor
 
     @classmethod
-    def for_node(cls, folders: Sequence[Path], tokenizer, home: Path) -> Attributor:
+    def for_node(cls, folders: Sequence[Path], tokenizer, home: Path, score_data: bool = True,
+                 reference_home: Path | None = None) -> Attributor:
         """Blocking (run it in a worker thread at start): indexes checked against the tokenizer, the reference
-        corpus built once under `home/reference` when some Datanet is indexed, data credits from `home/data_credit`."""
+        corpus built once per tokenizer under `$LONGTAIL_HOME/reference` (shared by the nodes of one machine) when
+        some Datanet is indexed, data credits in `$LONGTAIL_HOME/data_credit` (`home/data_credit` when
+        `reference_home` is given, as tests do)."""
+        from longtail.serving.base_models import longtail_home
+
         attributor = cls()
         attributor._tokenizer = tokenizer
         attributor._tokenizer_id = tokenizer_fingerprint(tokenizer)
-        attributor._reference_folder = Path(home) / "reference" / attributor._tokenizer_id.split(":")[-1]
-        attributor.credit_store = DataCreditStore(Path(home) / "data_credit")
+        attributor._reference_folder = Path(reference_home or longtail_home() / "reference") / \
+            attributor._tokenizer_id.split(":")[-1]
+        # Keyed by adapter id (a content hash) and Datanet id (which binds the records root): a pure function of
+        # those and the base model, so shared by the machine's nodes and kept across restarts.
+        attributor.credit_store = DataCreditStore((longtail_home() if reference_home is None else Path(home))
+                                                  / "data_credit")
+        attributor.score_data = score_data
         attributor.add_folders(folders)
         return attributor
 
@@ -138,7 +149,8 @@ class Attributor:
     def start_data_credit(self, entry: CatalogEntry, engine) -> None:
         """Score the adapter's data credit once, in the background (the first serve); a stored one is reused."""
         adapter_id = (entry.adapter_id or "").lower()
-        if not adapter_id or not entry.datanets or adapter_id in self.data_credits or adapter_id in self._scoring:
+        if not self.score_data or not adapter_id or not entry.datanets or adapter_id in self.data_credits \
+                or adapter_id in self._scoring:
             return
         task = asyncio.create_task(self.ensure_data_credit(entry, engine), name=f"data-credit-{adapter_id[:10]}")
         self._scoring[adapter_id] = task
@@ -174,6 +186,13 @@ class Attributor:
         self.set_data_credit(credit)
         log.info("data credit of adapter %s: %s", adapter_id, credit.gains_micro())
         return credit
+
+    async def close(self) -> None:
+        """Cancel scorings still running (at shutdown, before the engine stops): the next start scores them."""
+        tasks = list(self._scoring.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def searches(self, entry: CatalogEntry) -> bool:
         """Whether attributing an answer of this entry searches an index (work worth a worker thread)."""

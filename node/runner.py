@@ -20,7 +20,7 @@ from eth_account import Account
 
 from longtail.attribution.datanets import load_manifest
 from longtail.attribution.receipts import ReceiptDomain
-from longtail.attribution.spans import INDEX_FILE, build_datanet_index
+from longtail.attribution.spans import ensure_datanet_index
 from longtail.attribution.store import ReceiptLog
 from longtail.contracts.deployment import Deployment
 from longtail.node.adapter_admin import AdapterAdmin, serve_stored
@@ -78,8 +78,7 @@ def ensure_span_indexes(datanet_ids: set[str], tokenizer, root: Path = REPO_DATA
         if folder is None:
             log.warning("no local copy of Datanet %s: its span matching is skipped", datanet_id)
             continue
-        if not (folder / INDEX_FILE).exists():
-            build_datanet_index(folder, tokenizer)
+        ensure_datanet_index(folder, tokenizer)  # built when missing or bound to another tokenizer / records root
         folders.append(folder)
     return folders
 
@@ -104,6 +103,7 @@ class RunningNode:
         await self.runner.cleanup()
         if self.p2p is not None:
             await asyncio.to_thread(self.p2p.stop)
+        await self.node.attributor.close()  # data-credit scorings use the engine: cancelled before it stops
         await self.node.drain()  # voucher writes and credits use the engine and the store: both still open
         if self.owns_engine:
             await asyncio.to_thread(self.node.generation.engine_shutdown)
@@ -166,7 +166,8 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
         catalog.add(entry)
     datanet_ids = {d.datanet_id for entry in catalog.entries() for d in entry.datanets}
     folders = await asyncio.to_thread(ensure_span_indexes, datanet_ids, tokenizer)
-    attributor = await asyncio.to_thread(Attributor.from_folders, folders)
+    attributor = await asyncio.to_thread(Attributor.for_node, folders, tokenizer, config.node_home,
+                                         config.adapter_credit)
 
     store = receipt_log.store
 
@@ -184,6 +185,8 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     payments = PaymentIntake(key.address, chain.read_channel, chain.recover_voucher_signer, load_account,
                              save_voucher, channel_cache_seconds=config.channel_refresh_seconds)
     node = Node(config, key.address, catalog, generation, receipt_log, payments, attributor, base_id)
+    for entry in catalog.entries():  # data credit: scored once per adapter, in the background (issue 23)
+        attributor.start_data_credit(entry, engine)
     node.adapter_store = adapter_store
 
     async def fetch_adapter(adapter_id: str) -> CatalogEntry:
@@ -205,6 +208,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
                                         registration.price_per_1k_tokens)
         await asyncio.to_thread(attributor.add_folders,
                                 ensure_span_indexes({d.datanet_id for d in entry.datanets}, tokenizer))
+        attributor.start_data_credit(entry, engine)
         log.info("fetched adapter %s from a peer", adapter_id)
         return entry
 
@@ -212,6 +216,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
     async def index_datanets(entry: CatalogEntry) -> None:
         await asyncio.to_thread(attributor.add_folders,
                                 ensure_span_indexes({d.datanet_id for d in entry.datanets}, tokenizer))
+        attributor.start_data_credit(entry, engine)
 
     admin = AdapterAdmin(engine, catalog, adapter_store, shapes, config.price_per_1k_tokens,
                          config.operator_token_env, fetch=fetch_adapter, after_add=index_datanets)

@@ -206,11 +206,14 @@ class Node:
         answer_ids = self.answer_ids(result)
         price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(answer_ids))
         with times.stage("receipt"):
-            # On the event loop, not a worker thread: it is ~1-2 ms of work, and under load each of a worker's two
-            # hand-offs (there and back) waited about as long as the work itself (docs/node.md, "Latency").
+            # Signing and the append stay on the event loop, not a worker thread: ~1 ms of work, and under load each
+            # of a worker's two hand-offs waited about as long (docs/node.md, "Latency"). The span search, which
+            # grows with the answer and the Datanets, runs in a worker thread (docs/attribution.md, issue 23).
             try:
+                attribution = (await self.attributor.attribute_async(entry, answer_ids)
+                               if self.attributor.searches(entry) else None)
                 signed, attribution = self._attribute_and_append(request, entry, prompt_ids, result, reservation,
-                                                                 request_id, price)
+                                                                 request_id, price, attribution)
             except STORE_FAILURES as error:
                 await self.payments.release(reservation)
                 log.error("receipt for request %s not stored: %s", request_id, error)
@@ -234,11 +237,13 @@ class Node:
         return signed
 
     def _attribute_and_append(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
-                              result: GenerationResult, reservation, request_id: str,
-                              price: int) -> tuple[SignedReceipt, Attribution]:
-        """Blocking: weigh the Datanets, then sign and commit the receipt (durable when this returns)."""
+                              result: GenerationResult, reservation, request_id: str, price: int,
+                              attribution: Attribution | None = None) -> tuple[SignedReceipt, Attribution]:
+        """Blocking: weigh the Datanets (unless already weighed), then sign and commit the receipt (durable when
+        this returns)."""
         answer_ids = self.answer_ids(result)
-        attribution = self.attributor.attribute(entry, answer_ids)
+        if attribution is None:
+            attribution = self.attributor.attribute(entry, answer_ids)
         draft = ReceiptDraft(
             request_id=request_id,
             client=reservation.client,
