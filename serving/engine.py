@@ -216,9 +216,12 @@ class Engine:
         return self.adapters.describe(dict(self._tokens_served))
 
     def stats(self) -> EngineStats:
+        """Thread-safe (the node asks from a worker thread): the scheduler's counts are read between steps."""
+        with self._lock:
+            running, waiting = len(self.scheduler.running), self.scheduler.waiting() + self._inbox.qsize()
+            free_blocks = self.cache.pool.free_blocks
         snapshot = self.adapters.metrics.snapshot()
-        return EngineStats(self.cache.pool.num_blocks, self.cache.pool.free_blocks, len(self.scheduler.running),
-                           self.scheduler.waiting() + self._inbox.qsize(), self.steps, snapshot.bytes,
+        return EngineStats(self.cache.pool.num_blocks, free_blocks, running, waiting, self.steps, snapshot.bytes,
                            snapshot.budget, snapshot.evictions, snapshot.hits, snapshot.misses,
                            snapshot.load_failures, snapshot.load_latencies_s[-1000:], snapshot.cold_buckets,
                            snapshot.cold_sum_s, snapshot.cold_count, tuple(self.list_adapters()))
