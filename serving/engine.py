@@ -313,6 +313,12 @@ class Engine:
         if handle is not None:
             handle.done.set()
 
+    def fail_running(self, error: Exception) -> None:
+        """A step raised past its own guards (a bug): every running request ends with it; the driver goes on."""
+        with self._lock:
+            for request in list(self.scheduler.running):
+                self._finish(request, "error", error)
+
     def _drain_inbox(self) -> None:
         while True:
             try:

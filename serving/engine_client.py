@@ -104,8 +104,7 @@ class LocalEngine:
                     engine.wake.clear()
             except Exception as error:  # a bug must not kill the node silently: fail what runs, go on
                 log.exception("engine loop step failed")
-                for request in list(engine.scheduler.running):
-                    engine._finish(request, "error", error)
+                engine.fail_running(error)
 
     def shutdown(self) -> None:
         self._stop.set()
