@@ -694,6 +694,10 @@ def main() -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible; run it on a GPU machine, or pass --dry-run", file=sys.stderr)
         return 2
+    unknown = [s for s in args.sections.split(",") if s and s not in SECTIONS]
+    if unknown:
+        print(f"gpu_check: unknown sections {unknown}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
