@@ -170,6 +170,10 @@ def plant(kind: str, gen, tokenizer, rng, texts, tokens, shared, length=256):
             record = tokens[d][r]
             if d == 0 and r % 5 == 0:
                 continue
+            # Copies come from a record's own text: not a stock phrase (generic, found in many records) nor a
+            # shared sentence (whose truth is several Datanets; the "shared" kind plants those).
+            if any(p in texts[d][r] for p in STOCK_PHRASES) or any(sentence in texts[d][r] for sentence, _ in shared):
+                continue
             names = tokenizer.convert_ids_to_tokens(record)
             starts = word_start_positions(names)
             want = rng.randrange(8, 13) if kind == "8-12" else rng.randrange(13, 41) if kind == "13+" else rng.randrange(20, 41)
@@ -385,14 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", type=int, default=60, help="outputs per kind (shared, templated: a third)")
     parser.add_argument("--seed", type=int, default=23)
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
-    parser.add_argument("--reference-home", default=str(Path.home() / ".cache" / "longtail" / "reference-eval"))
+    parser.add_argument("--reference-home", default=None,
+                        help="where the reference corpus index lives (default: the node's, $LONGTAIL_HOME/reference)")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     t0 = time.perf_counter()
-    reference = ensure_reference(Path(args.reference_home), tokenizer)
+    from longtail.serving.base_models import longtail_home
+
+    home = Path(args.reference_home) if args.reference_home else longtail_home() / "reference"
+    reference = ensure_reference(home / tokenizer_fingerprint(tokenizer).split(":")[-1], tokenizer)
     print(f"reference corpus: {reference.index.size:,} positions ({time.perf_counter() - t0:.1f} s)", flush=True)
     baseline = load_baseline(args.baseline_rev)
     gen = Generator(tokenizer, args.seed)
