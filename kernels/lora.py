@@ -89,7 +89,7 @@ class TokenGroups(list):
                 if position < self.token_count:
                     starts.append(self.token_count)
                     slots.append(-1)
-                self.longest_segment = max((b - a for a, b in zip(starts, starts[1:])), default=0)
+                self.longest_segment = max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0)
                 self._segments = (torch.tensor(starts, dtype=torch.int64).to(self.device, non_blocking=True),
                                   torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True))
         return self._segments

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -259,9 +258,9 @@ def section_kernels(args) -> dict:
         out = torch.empty_like(query)
         scale = head_dim ** -0.5
         repeats = 20 if big else 1
-        triton_ms = _time_ms(lambda: paged_decode_attention_triton(out, query, keys, values, tables, lens, scale,
-                                                                   16), repeats)
-        sdpa_ms = _time_ms(lambda: gather_sdpa(query, keys, values, tables, lens, scale, 16), repeats)
+        arguments = (query, keys, values, tables, lens, scale, 16)
+        triton_ms = _time_ms(lambda a=arguments, o=out: paged_decode_attention_triton(o, *a), repeats)
+        sdpa_ms = _time_ms(lambda a=arguments: gather_sdpa(*a), repeats)
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         timings.append({"batch": batch, "context": context, "triton_ms": triton_ms, "gather_sdpa_ms": sdpa_ms,
                         "kv_bytes": kv_bytes, "triton_bytes_per_s": kv_bytes / (triton_ms / 1e3)})
@@ -403,7 +402,6 @@ def _peft_check(device) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     import peft  # noqa: F401  (ImportError: skipped)
-    from model_kit import TINY_ADAPTER_SPECS, build_peft_adapter, build_tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -412,6 +410,8 @@ def _peft_check(device) -> dict:
     from longtail.serving.model import LlamaModel
     from longtail.serving.model_runner import ModelRunner, SequenceChunk
     from longtail.serving.peft_format import load_adapter
+
+    from model_kit import TINY_ADAPTER_SPECS, build_peft_adapter, build_tiny_model
 
     with tempfile.TemporaryDirectory() as folder:
         base_dir = build_tiny_model(Path(folder) / "base")
@@ -494,7 +494,7 @@ def section_decode(args, shape: str) -> dict:
                 chunks = [SequenceChunk([tokens[i]], context, tables[i], loaded[i % count] if count else -1)
                           for i in range(batch)]
 
-                def step():
+                def step(chunks=chunks):
                     return runner.run(chunks).argmax(-1)
 
                 ms = _time_ms(step, repeats=2 if args.dry_run else 10, warmup=1 if args.dry_run else 3)

@@ -290,7 +290,7 @@ class LlamaModel:
         if self._extend_meta is None or self._extend_meta[0] is not plan:
             segments = plan.prefill
             first = segments[0].start
-            if any(b.start != a.start + a.length for a, b in zip(segments, segments[1:])):
+            if any(b.start != a.start + a.length for a, b in zip(segments, segments[1:], strict=False)):
                 return False
             width = max(-(-(s.context + s.length) // block_size) for s in segments)
             tables = torch.zeros(len(segments), width, dtype=torch.int64, device=self.device)
