@@ -31,8 +31,8 @@ from pathlib import Path
 # Same rule as serving/training.py's TrainConfig defaults: the records `longtail train` never trains on.
 HELD_OUT_SEED = 0
 HELD_OUT_FRACTION = 0.05
-MAX_RECORDS = 32  # per Datanet: bounds the one-off cost (about 32 forwards of 128 tokens, twice)
-MAX_TOKENS = 128  # per record
+MAX_RECORDS = 16  # per Datanet: bounds the one-off cost (16 forwards of at most 96 tokens, twice)
+MAX_TOKENS = 96  # per record
 CREDIT_VERSION = 1
 _ADAPTER_ID = re.compile(r"^0x[0-9a-f]{64}$")
 
@@ -129,15 +129,15 @@ def score_adapter(score: ScoreFn, adapter_id: str, held_out: dict[str, Sequence[
 
 async def score_adapter_async(score, adapter_id: str, held_out: dict[str, Sequence[Sequence[int]]],
                               max_records: int = MAX_RECORDS, max_tokens: int = MAX_TOKENS) -> DataCredit:
-    """`score_adapter` with an async `score` (the node's EngineClient), every forward submitted at once so the
-    engine batches them."""
-    import asyncio
-
+    """`score_adapter` with an async `score` (the node's EngineClient). One forward at a time: submitted all at once
+    they would make one long prefill step that answers in flight wait behind."""
     gains = {}
     for datanet_id, records in held_out.items():
         usable = _usable(records, max_records, max_tokens)
-        base = await asyncio.gather(*(score(ids[:1], ids[1:], None) for ids in usable))
-        adapter = await asyncio.gather(*(score(ids[:1], ids[1:], adapter_id) for ids in usable))
+        base, adapter = [], []
+        for ids in usable:
+            base.append(await score(ids[:1], ids[1:], None))
+            adapter.append(await score(ids[:1], ids[1:], adapter_id))
         gains[datanet_id.lower()] = DatanetGain(len(usable), sum(len(ids) - 1 for ids in usable),
                                                 float(sum(map(sum, base))), float(sum(map(sum, adapter))))
     return DataCredit(adapter_id.lower(), gains)
