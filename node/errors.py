@@ -80,6 +80,13 @@ class AdapterUnavailable(NodeError):
     code = "adapter_unavailable"
 
 
+class AdapterOwnerConflict(NodeError):
+    """The adapter's on-chain registration names another owner or other Datanet shares than its config declares
+    (an adapterId squatted, issue 20 attack 5), or a registered adapter declares none: not served for pay."""
+
+    code = "adapter_owner_conflict"
+
+
 class StorageUnavailable(NodeError):
     """The receipt store cannot write (disk full, database gone): no answer leaves without its durable receipt."""
 
@@ -124,6 +131,7 @@ HTTP_ERRORS: dict[type[Exception], ErrorMapping] = {
     PaymentRequired: ErrorMapping(402, "payment_required"),
     UnknownModel: ErrorMapping(404, "invalid_request_error"),
     NotFound: ErrorMapping(404, "invalid_request_error"),
+    AdapterOwnerConflict: ErrorMapping(409, "invalid_request_error"),
     NodeBusy: ErrorMapping(429, "rate_limit_error"),
     ChainUnavailable: ErrorMapping(503, "service_unavailable"),
     AdapterUnavailable: ErrorMapping(503, "service_unavailable"),

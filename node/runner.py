@@ -24,6 +24,7 @@ from longtail.attribution.spans import ensure_datanet_index
 from longtail.attribution.store import ReceiptLog
 from longtail.contracts.deployment import Deployment
 from longtail.node.adapter_admin import AdapterAdmin, serve_stored
+from longtail.node.adapter_binding import AdapterBindings
 from longtail.node.api import SERVER_OPTIONS, build_app
 from longtail.node.attributor import Attributor
 from longtail.node.catalog import Catalog, CatalogEntry
@@ -227,6 +228,7 @@ async def open_node(config: NodeConfig, private_key: bytes | None = None, engine
                                 config.redeem_min_amount)
     node.checkpointer = checkpointer
     node.chain = chain
+    node.adapter_bindings = AdapterBindings(chain.adapter_registration)
 
     runner = web.AppRunner(build_app(node, admin), access_log=None, **SERVER_OPTIONS)  # slow clients cut (api.py)
     await runner.setup()

@@ -117,6 +117,7 @@ class Node:
         self.started_at = int(time.time())
         self._end_token_ids: frozenset[int] | None = None
         self.checkpointer = None  # set by the runner when a chain is configured
+        self.adapter_bindings = None  # AdapterBindings, set by the runner when a chain is configured (issue 20, attack 5)
         self._credits: set[asyncio.Task] = set()
         self._credits_to_store: list[ReceiptCredit] = []  # computed, waiting for the next receipt's commit
         self._credit_flush: asyncio.TimerHandle | None = None
@@ -182,6 +183,8 @@ class Node:
         with times.stage("payment"):
             await self.payments.authorize(channel_id, authorization)
         entry = await self._resolve(request.model)
+        if self.adapter_bindings is not None:  # a squatted registration is refused before any engine work
+            await self.adapter_bindings.check(entry)
         prompt_ids = await self._prepare(request, times)
         max_price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + request.max_tokens)
         with times.stage("payment"):

@@ -62,6 +62,9 @@ _INERT_FIELDS = {"task_type", "auto_mapping", "peft_version", "base_model_name_o
                  "inference_mode", "lora_dropout", "megatron_core", "qalora_group_size", "loftq_config",
                  "eva_config", "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying",
                  "init_lora_weights"}
+# The trainer's declaration of who owns the adapter and its Datanet shares (issue 20, attack 5; docs/security.md).
+# Inside the content address, so nobody can change it without changing the adapterId.
+DECLARATION_FIELD = "longtail"
 # PEFT features that change inference and that the engine does not implement: each must be off.
 _UNSUPPORTED_FEATURES = {
     "fan_in_fan_out": "fan_in_fan_out=true (Conv1D-style transposed weights; Llama-family projections are nn.Linear)",
@@ -537,7 +540,9 @@ def validate_config(config: dict, *, max_rank: int = 256, path: Path | str | Non
         raise AdapterRejected(f"init_lora_weights = {init!r}: that initialisation rewrites the base model's "
                               "weights, so the adapter only fits a modified base; convert it to plain LoRA first",
                               path=path)
-    known = _SUPPORTED_FIELDS | _INERT_FIELDS | set(_UNSUPPORTED_FEATURES)
+    if config.get(DECLARATION_FIELD) is not None:
+        parse_declaration(config[DECLARATION_FIELD], path=path)
+    known = _SUPPORTED_FIELDS | _INERT_FIELDS | set(_UNSUPPORTED_FEATURES) | {DECLARATION_FIELD}
     for field, value in config.items():
         # A field from a newer PEFT is accepted only while its feature is off (its default).
         if field not in known and not _is_off(value):
@@ -569,6 +574,88 @@ def read_adapter_config(path: Path | str, max_rank: int = 256) -> dict:
     """The folder's `adapter_config.json`, parsed strictly and validated (see `validate_config`)."""
     folder = _adapter_folder(Path(path))
     return validate_config(_parse_config_file(folder / CONFIG_NAME), max_rank=max_rank, path=folder / CONFIG_NAME)
+
+
+# ---------------------------------------------------------------- the owner's declaration (issue 20, attack 5)
+
+MAX_DECLARED_DATANETS = 64  # the Registry takes any number; 64 lines bound what a hostile config costs to check
+_TOTAL_BPS = 10_000
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+@dataclass(frozen=True)
+class OwnerDeclaration:
+    """`adapter_config.json`'s `longtail` object: the owner (checksummed address) and its Datanet shares.
+
+    `datanets` is ((datanetId lowercase 0x-hex, bps), ...) sorted by id, bps summing to 10000, or empty.
+    """
+
+    owner: str
+    datanets: tuple[tuple[str, int], ...]
+
+    def to_json(self) -> dict:
+        return {"owner": self.owner, "datanets": [[d, bps] for d, bps in self.datanets]}
+
+
+def _is_hex(value: Any, digits: int) -> bool:
+    return (isinstance(value, str) and len(value) == 2 + digits and value[:2] == "0x"
+            and all(c in _HEX for c in value[2:]))
+
+
+def declaration_of(owner: str, datanets) -> OwnerDeclaration:
+    """A declaration from an owner address and (datanetId, bps) pairs in any order; validated like a parsed one."""
+    from eth_utils import to_checksum_address
+
+    if not _is_hex(owner, 40):
+        raise AdapterRejected(f"owner {owner!r} is not a 20-byte hex address")
+    shares = sorted((str(d).lower(), int(bps)) for d, bps in datanets)
+    return parse_declaration({"owner": to_checksum_address(owner), "datanets": [list(s) for s in shares]})
+
+
+def parse_declaration(value: Any, *, path: Path | str | None = None) -> OwnerDeclaration:
+    """Validate a `longtail` object strictly: exact keys, a checksummed owner, sorted unique Datanets, 10000 bps."""
+    from eth_utils import to_checksum_address
+
+    def reject(reason: str):
+        return AdapterRejected(f"{DECLARATION_FIELD}: {reason}", path=path)
+
+    if not isinstance(value, dict) or set(value) != {"owner", "datanets"}:
+        raise reject("must be an object with exactly the keys owner and datanets")
+    owner, lines = value["owner"], value["datanets"]
+    # Checksummed (EIP-55) only: a typo in a lowercase address would silently name an account nobody holds.
+    if not _is_hex(owner, 40) or to_checksum_address(owner) != owner or int(owner, 16) == 0:
+        raise reject(f"owner {str(owner)[:64]!r} is not a non-zero EIP-55 checksummed address")
+    if not isinstance(lines, list) or len(lines) > MAX_DECLARED_DATANETS:
+        raise reject(f"datanets must be a list of at most {MAX_DECLARED_DATANETS} [datanetId, bps] pairs")
+    shares = []
+    for line in lines:
+        if not (isinstance(line, list) and len(line) == 2 and _is_hex(line[0], 64) and line[0] == line[0].lower()
+                and isinstance(line[1], int) and not isinstance(line[1], bool) and 0 < line[1] <= _TOTAL_BPS):
+            raise reject(f"datanet line {str(line)[:160]} is not [lowercase 0x datanetId, bps in 1..10000]")
+        if int(line[0], 16) == 0:
+            raise reject("datanet id 0 names no Datanet")
+        shares.append((line[0], line[1]))
+    if any(a[0] >= b[0] for a, b in zip(shares, shares[1:], strict=False)):
+        raise reject("datanets must be sorted by id with no id twice")
+    if shares and sum(bps for _, bps in shares) != _TOTAL_BPS:
+        raise reject(f"datanet shares sum to {sum(bps for _, bps in shares)}, not {_TOTAL_BPS}")
+    return OwnerDeclaration(owner=owner, datanets=tuple(shares))
+
+
+def read_declaration(path: Path | str) -> OwnerDeclaration | None:
+    """The owner declaration of an adapter folder's config; None when it declares none."""
+    folder = _adapter_folder(Path(path))
+    config = _parse_config_file(folder / CONFIG_NAME)
+    value = config.get(DECLARATION_FIELD)
+    return None if value is None else parse_declaration(value, path=folder / CONFIG_NAME)
+
+
+def write_declaration(path: Path | str, declaration: OwnerDeclaration) -> None:
+    """Put the declaration into a folder's `adapter_config.json` (this changes the adapterId: run before hashing)."""
+    folder = _adapter_folder(Path(path))
+    config = _parse_config_file(folder / CONFIG_NAME)
+    config[DECLARATION_FIELD] = declaration.to_json()
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- plan: which modules, which ranks and scales
