@@ -93,3 +93,83 @@ def test_store_round_trips_and_refuses_hostile_files(tmp_path):
     (tmp_path / f"{other}.json").write_text('{"version": 1, "adapterId": 5}')
     with pytest.raises(AdapterCreditError, match="malformed"):
         store.get(other)
+
+
+class LetterTokenizer:
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+class FakeEngine:
+    """The EngineClient's `score`: the adapter predicts Datanet A's text better than the base, B's worse."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def score(self, prompt, output, adapter_id, client=None, background=False):
+        assert background and client == "data-credit"
+        self.calls += 1
+        better = prompt[0] == ord("a")
+        return [-1.0 if adapter_id and better else -3.0 if adapter_id else -2.0] * len(output)
+
+
+def test_attributor_scores_data_credit_once_stores_it_and_weighs_the_prior(tmp_path):
+    from longtail.node.attributor import Attributor
+    from longtail.node.catalog import CatalogEntry, DatanetShare
+
+    ids = {}
+    for letter in "ab":
+        records = [Record(f"{letter}{i}", f"{letter} record {i} " * 5, "0x" + "01" * 20) for i in range(60)]
+        manifest = build_manifest(f"d-{letter}", "0x" + "02" * 20, records)
+        write_datanet(tmp_path / letter, manifest, records)
+        ids[letter] = manifest.datanet_id
+    attributor = Attributor()
+    attributor._tokenizer = LetterTokenizer()
+    attributor.folders = {ids["a"]: tmp_path / "a", ids["b"]: tmp_path / "b"}
+    attributor.credit_store = DataCreditStore(tmp_path / "credit")
+    entry = CatalogEntry(name="x", adapter_id=ADAPTER, price_per_1k_tokens=1,
+                         datanets=(DatanetShare(ids["a"], "a", 4000), DatanetShare(ids["b"], "b", 6000)))
+    before = attributor.attribute(entry, [1, 2, 3])
+    assert dict(zip(before.vector.datanet_ids, before.vector.weights_bps)) == {ids["a"]: 4000, ids["b"]: 6000}
+    assert before.vector.evidence["dataGainMicroNatsPerToken"] is None
+    engine = FakeEngine()
+
+    async def serve():
+        attributor.start_data_credit(entry, engine)
+        attributor.start_data_credit(entry, engine)  # the second is a no-op while the first runs
+        await asyncio.gather(*attributor._scoring.values())
+
+    asyncio.run(serve())
+    assert engine.calls == 2 * 3 * 2  # 3 held-out records (5 % of 60) per Datanet, with and without the adapter
+    credit = attributor.data_credits[ADAPTER]
+    assert credit.gains_micro() == {ids["a"]: 1_000_000, ids["b"]: -1_000_000}
+    after = attributor.attribute(entry, [1, 2, 3])
+    assert dict(zip(after.vector.datanet_ids, after.vector.weights_bps)) == {ids["a"]: 10_000}
+    assert after.vector.evidence["dataGainMicroNatsPerToken"] == credit.gains_micro()
+    # Stored with the adapter: a restarted node reads it instead of scoring again.
+    restarted = Attributor()
+    restarted.credit_store = DataCreditStore(tmp_path / "credit")
+    restarted.folders = dict(attributor.folders)
+    engine.calls = 0
+    assert asyncio.run(restarted.ensure_data_credit(entry, engine)) == credit and engine.calls == 0
+
+
+def test_attribution_runs_in_a_worker_thread():
+    import threading
+
+    from longtail.attribution.spans import IndexedRecord, SpanIndex
+    from longtail.node.attributor import Attributor
+    from longtail.node.catalog import CatalogEntry, DatanetShare
+
+    seen = []
+
+    class Spy(Attributor):
+        def attribute(self, entry, output_token_ids):
+            seen.append(threading.get_ident())
+            return super().attribute(entry, output_token_ids)
+
+    spy = Spy({A.lower(): SpanIndex.build(A, [IndexedRecord("r", "0x" + "01" * 20, list(range(1, 30)))])})
+    entry = CatalogEntry(name="x", adapter_id=ADAPTER, price_per_1k_tokens=1, datanets=(DatanetShare(A, "a", 10_000),))
+    assert spy.searches(entry) and not spy.searches(CatalogEntry(name="base", adapter_id=None, price_per_1k_tokens=1))
+    result = asyncio.run(spy.attribute_async(entry, list(range(1, 30))))
+    assert seen and seen[0] != threading.get_ident() and result.matched_tokens == 29
