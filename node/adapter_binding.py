@@ -90,3 +90,26 @@ class AdapterBindings:
                                      retry_after_seconds=5) from None
         local = tuple((d.datanet_id.lower(), d.share_bps) for d in entry.datanets)
         return binding_problem(adapter_id, self._declarations[adapter_id], registration, local)
+
+
+class DeclarationMismatch(ValueError):
+    """A registration about to be sent differs from what the adapter declares: it would never be served for pay."""
+
+
+def check_before_registering(adapter_dir, owner: str, datanet_shares) -> OwnerDeclaration:
+    """Refuse to register an adapter under an owner or Datanet shares its config does not declare.
+
+    Such a registration is either a squat or a mistake; either way no node would serve it for pay.
+    """
+    declaration = read_declaration(adapter_dir)
+    if declaration is None:
+        raise DeclarationMismatch(f"{adapter_dir}: adapter_config.json declares no owner; retrain with "
+                                  "`longtail train --owner <address>` (docs/security.md, attack 5)")
+    if declaration.owner.lower() != owner.lower():
+        raise DeclarationMismatch(f"{adapter_dir}: declared owner is {declaration.owner}, not {owner}: refusing "
+                                  "to register someone else's adapter")
+    shares = tuple(sorted((str(d).lower(), int(bps)) for d, bps in datanet_shares))
+    if shares != declaration.datanets:
+        raise DeclarationMismatch(f"{adapter_dir}: Datanet shares {list(shares)} differ from the declared "
+                                  f"{list(declaration.datanets)}")
+    return declaration

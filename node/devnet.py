@@ -25,6 +25,7 @@ from longtail.contracts.anvil import DEV_ACCOUNTS, anvil_binary
 from longtail.contracts.client import LongtailContracts
 from longtail.contracts.deployment import OPEN, Deployment, deploy_all
 from longtail.contracts.registry import AdapterRegistration
+from longtail.node.adapter_binding import DeclarationMismatch, check_before_registering
 from longtail.node.catalog import read_datanet_shares
 from longtail.node.keys import create_keystore
 from longtail.node.processes import ProcessGroup, free_port, wait_for_port
@@ -137,6 +138,10 @@ def setup_chain(w3: Web3, adapters_dir: Path = ADAPTERS, datanets_dir: Path = DA
             raise DevnetError(f"shipped adapter {folder} is missing: run `make demo TRAIN=1`")
         adapter_id = adapter_id_of(folder)
         shares = tuple((d.datanet_id, d.share_bps) for d in read_datanet_shares(folder))
+        try:  # the node refuses any registration but the declared one; say so here rather than in every request
+            check_before_registering(folder, DEV_ACCOUNTS[owner_index].address, shares)
+        except DeclarationMismatch as error:
+            raise DevnetError(str(error)) from None
         contracts.registry.register_adapter(DEV_ACCOUNTS[owner_index], AdapterRegistration(
             adapter_id=adapter_id, base_model_id=base_id, datanet_shares=shares,
             price_per_1k_tokens=PRICE_PER_1K_TOKENS, fetch_uri=f"longtail://adapter/{adapter_id}"))

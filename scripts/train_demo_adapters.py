@@ -84,7 +84,16 @@ def train_one(spec: DemoAdapter, base: Path, out_root: Path) -> TrainResult:
         shares=[share for _, share in spec.datanets],
         resume=False,
         on_event=report,
+        owner=_devnet_owner(spec.name),
     )
+
+
+def _devnet_owner(name: str) -> str:
+    """The devnet account that registers this adapter: its config declares it (docs/security.md, attack 5)."""
+    from longtail.contracts.anvil import DEV_ACCOUNTS
+    from longtail.node.devnet import ADAPTER_OWNERS
+
+    return DEV_ACCOUNTS[ADAPTER_OWNERS[name]].address
 
 
 def _one_line(text: str, limit: int = 90) -> str:

@@ -607,7 +607,9 @@ def declaration_of(owner: str, datanets) -> OwnerDeclaration:
     from eth_utils import to_checksum_address
 
     if not _is_hex(owner, 40):
-        raise AdapterRejected(f"owner {owner!r} is not a 20-byte hex address")
+        raise AdapterRejected(f"owner {str(owner)[:64]!r} is not a 20-byte hex address")
+    if owner[2:] not in (owner[2:].lower(), owner[2:].upper()) and to_checksum_address(owner) != owner:
+        raise AdapterRejected(f"owner {owner} has a wrong EIP-55 checksum (a typo?)")
     shares = sorted((str(d).lower(), int(bps)) for d, bps in datanets)
     return parse_declaration({"owner": to_checksum_address(owner), "datanets": [list(s) for s in shares]})
 

@@ -522,19 +522,22 @@ def train_adapter(
     codec: TextCodec | None = None,
     resume: bool = True,
     on_event: Callable[[TrainingEvent], None] | None = None,
+    owner: str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `datanet_dirs` and write a PEFT folder with provenance to `out_dir`.
 
     Give a Hugging Face `tokenizer` or a `codec`; with neither, the tokenizer in
     the base model's folder is used. With `resume`, a matching checkpoint in
     `<out_dir>/checkpoint/` is continued; without it any checkpoint is discarded.
-    The checkpoint is removed once the adapter is written.
+    The checkpoint is removed once the adapter is written. With `owner` (the address that will register the
+    adapter), adapter_config.json declares it and the Datanet shares (peft_format.OwnerDeclaration): nodes
+    serve the adapter for pay only under a registration that matches (docs/security.md, attack 5).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from longtail.serving.base_models import base_model_id
-    from longtail.serving.peft_format import adapter_id_of
+    from longtail.serving.peft_format import AdapterRejected, adapter_id_of, declaration_of, write_declaration
 
     started = time.perf_counter()
     emit = on_event or (lambda event: None)
@@ -542,6 +545,10 @@ def train_adapter(
     base = Path(base)
     out_dir = Path(out_dir)
     datanets = resolve_shares([Path(d) for d in datanet_dirs], shares)
+    try:  # checked before hours of training, written after
+        declaration = declaration_of(owner, [(d.datanet_id, d.share_bps) for d in datanets]) if owner else None
+    except AdapterRejected as error:
+        raise TrainingError(f"--owner: {error}") from None
 
     emit(TrainingEvent("load", message=f"loading {base.name} and tokenizing {len(datanets)} Datanet(s)"))
     if codec is None:
@@ -657,6 +664,8 @@ def train_adapter(
     }
     training.pop("sample_tokens")
     adapter_file = write_adapter(model, out_dir, base.name, _metadata(datanets, base_id, training))
+    if declaration is not None:  # inside the adapterId: written before it is computed below
+        write_declaration(out_dir, declaration)
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
 
     result = TrainResult(

@@ -48,6 +48,8 @@ def train(
     checkpoint_every: int = typer.Option(_DEFAULTS.checkpoint_every, help="steps between checkpoints"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from <out>/checkpoint if present"),
     as_json: bool = typer.Option(False, "--json", help="print JSON for scripts (no progress bar)"),
+    owner: str = typer.Option(None, help="address that will register the adapter: declared in its config, so "
+                                         "nodes pay only that registration (docs/security.md)"),
 ) -> None:
     """Train a LoRA adapter on Datanets; its header records the Datanet ids and shares."""
     config = TrainConfig(
@@ -64,11 +66,11 @@ def train(
     try:
         base_dir = resolve_model(base)
         if as_json:
-            result = train_adapter(base_dir, datanet, out, config, shares=share or None, resume=resume)
+            result = train_adapter(base_dir, datanet, out, config, shares=share or None, resume=resume, owner=owner)
         else:
             with _ProgressView(config.steps) as view:
                 result = train_adapter(base_dir, datanet, out, config, shares=share or None, resume=resume,
-                                       on_event=view.update)
+                                       on_event=view.update, owner=owner)
     except (BaseModelError, TrainingError) as error:
         fail(str(error))
     except KeyboardInterrupt:
