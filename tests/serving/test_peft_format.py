@@ -15,13 +15,19 @@ from safetensors.torch import load_file, save_file
 
 from longtail.serving.peft_format import (
     CONFIG_NAME,
+    MAX_DECLARED_DATANETS,
     WEIGHTS_NAME,
     AdapterRejected,
     ModuleShapes,
+    OwnerDeclaration,
     adapter_id_of,
+    declaration_of,
     load_adapter,
+    parse_declaration,
     read_adapter_config,
+    read_declaration,
     read_safetensors_header,
+    write_declaration,
 )
 
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -312,3 +318,73 @@ def test_malformed_config_json(tiny_llama, tmp_path, shapes):
 def test_size_limit(tiny_llama, shapes):
     with pytest.raises(AdapterRejected, match="over the 1000-byte limit"):
         load_adapter(tiny_llama.adapter_dirs["r4-attn"], shapes, max_bytes=1000)
+
+
+# ---------------------------------------------------------------- the owner declaration (issue 20, attack 5)
+
+OWNER = "0x976EA74026E726554dB657fA54763abd0C3a0aa9"
+DN_A, DN_B = "0x" + "1e" * 32, "0x" + "82" * 32
+
+
+def test_declared_adapter_loads_here_and_in_peft_with_the_same_ranks_and_scales(tiny_llama, tmp_path, shapes):
+    """The `longtail` key is validated and kept by our loader; HF PEFT ignores it; the weights mean the same."""
+    folder = _copy(tiny_llama.adapter_dirs["r8-all"], tmp_path)
+    before_id = adapter_id_of(folder)
+    declaration = declaration_of(OWNER.lower(), [(DN_B, 4000), (DN_A, 6000)])
+    write_declaration(folder, declaration)
+    assert declaration == OwnerDeclaration(OWNER, ((DN_A, 6000), (DN_B, 4000)))
+    assert read_declaration(folder) == declaration
+    assert read_adapter_config(folder)["longtail"] == {"owner": OWNER, "datanets": [[DN_A, 6000], [DN_B, 4000]]}
+    assert adapter_id_of(folder) != before_id  # the declaration is inside the content address
+    ours = {_module_key(m.layer, m.module): (m.rank, m.scale) for m in load_adapter(folder, shapes).modules}
+    assert ours == _peft_modules(tiny_llama.base_dir, folder)
+    assert read_declaration(tiny_llama.adapter_dirs["r8-all"]) is None
+
+
+def test_a_declaration_without_datanets_is_valid():
+    assert parse_declaration({"owner": OWNER, "datanets": []}) == OwnerDeclaration(OWNER, ())
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"owner": OWNER.lower(), "datanets": []}, "checksummed"),
+    ({"owner": OWNER[:-1] + "8", "datanets": []}, "checksummed"),
+    ({"owner": "0x" + "00" * 20, "datanets": []}, "non-zero"),
+    ({"owner": OWNER[:-2], "datanets": []}, "checksummed"),
+    ({"owner": 12, "datanets": []}, "checksummed"),
+    ({"owner": OWNER}, "exactly the keys"),
+    ({"owner": OWNER, "datanets": [], "extra": 1}, "exactly the keys"),
+    ([OWNER, []], "exactly the keys"),
+    ({"owner": OWNER, "datanets": [[DN_B, 5000], [DN_A, 5000]]}, "sorted"),
+    ({"owner": OWNER, "datanets": [[DN_A, 5000], [DN_A, 5000]]}, "sorted"),
+    ({"owner": OWNER, "datanets": [[DN_A, 6000], [DN_B, 3999]]}, "sum to 9999"),
+    ({"owner": OWNER, "datanets": [[DN_A, 10001]]}, "bps in 1..10000"),
+    ({"owner": OWNER, "datanets": [[DN_A, 0], [DN_B, 10000]]}, "bps in 1..10000"),
+    ({"owner": OWNER, "datanets": [[DN_A, True]]}, "bps in 1..10000"),
+    ({"owner": OWNER, "datanets": [[DN_A, 10000.0]]}, "bps in 1..10000"),
+    ({"owner": OWNER, "datanets": [[DN_A.upper().replace("0X", "0x"), 10000]]}, "lowercase"),
+    ({"owner": OWNER, "datanets": [[DN_A[:-2], 10000]]}, "lowercase"),
+    ({"owner": OWNER, "datanets": [["0x" + "00" * 32, 10000]]}, "names no Datanet"),
+    ({"owner": OWNER, "datanets": [[DN_A, 10000, 1]]}, "lowercase"),
+    ({"owner": OWNER, "datanets": {DN_A: 10000}}, "at most"),
+    ({"owner": OWNER, "datanets": [["0x%064x" % (i + 1), 1] for i in range(MAX_DECLARED_DATANETS + 1)]}, "at most"),
+])
+def test_bad_declarations_are_rejected_with_the_reason(value, message):
+    with pytest.raises(AdapterRejected, match=message):
+        parse_declaration(value)
+
+
+def test_bad_declaration_in_a_config_is_rejected_by_the_loader(tiny_llama, tmp_path, shapes):
+    folder = _copy(tiny_llama.adapter_dirs["r4-attn"], tmp_path)
+    _edit_config(folder, longtail={"owner": OWNER, "datanets": [[DN_B, 5000], [DN_A, 5000]]})
+    with pytest.raises(AdapterRejected, match="sorted"):
+        load_adapter(folder, shapes)
+    _edit_config(folder, longtail={"owner": OWNER, "datanets": [[DN_A, 1]] * 20_000})  # ~1.5 MB: over the 1 MiB limit
+    with pytest.raises(AdapterRejected, match="limit|larger|bytes"):
+        read_declaration(folder)
+
+
+def test_declaring_an_owner_with_a_wrong_checksum_is_refused():
+    with pytest.raises(AdapterRejected, match="checksum"):
+        declaration_of(OWNER[:-1] + "8", [])
+    with pytest.raises(AdapterRejected, match="sum to"):
+        declaration_of(OWNER, [(DN_A, 5000)])
