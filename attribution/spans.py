@@ -1005,7 +1005,7 @@ def tokenize_records(texts: Sequence[str], tokenizer, batch_size: int = 512) -> 
 
 def build_datanet_index(folder: Path, tokenizer, out: Path | None = None) -> Path:
     """Tokenize a Datanet folder's records and write its span index (default `<folder>/span_index.lti`)."""
-    from longtail.attribution.datanets import verify_datanet, read_records
+    from longtail.attribution.datanets import read_records, verify_datanet
 
     folder = Path(folder)
     manifest = verify_datanet(folder)

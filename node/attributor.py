@@ -23,7 +23,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from longtail.attribution.adapter_credit import DataCredit, DataCreditStore, held_out_token_ids, score_adapter_async
+from longtail.attribution.adapter_credit import (
+    DataCredit,
+    DataCreditStore,
+    held_out_token_ids,
+    score_adapter_async,
+)
 from longtail.attribution.receipts import TOTAL_BPS, AttributionVector, MatchedSpan
 from longtail.attribution.spans import (
     DEFAULT_MIN_SPAN,

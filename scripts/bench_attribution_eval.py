@@ -45,7 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 import numpy as np  # noqa: E402
 
-from longtail.attribution.spans import IndexedRecord, SpanIndex, ensure_reference, tokenizer_fingerprint  # noqa: E402
+from longtail.attribution.spans import (  # noqa: E402
+    IndexedRecord,
+    SpanIndex,
+    attribute_output,
+    ensure_reference,
+    tokenizer_fingerprint,
+)
 from longtail.node.attributor import Attributor  # noqa: E402
 from longtail.node.catalog import CatalogEntry, DatanetShare  # noqa: E402
 from longtail.scripts.docs_section import write_section  # noqa: E402
@@ -261,7 +267,6 @@ def exact_records(pieces, output_truth, spans, records) -> tuple[int, int]:
     """For each planted copy with one source record: is the record with the most credit over it that record?"""
     found = total = 0
     weight = {(r.datanet_id, r.record_id): r.weight for r in records}
-    position = 0
     starts = []
     for i, owners in enumerate(output_truth):
         if owners and (i == 0 or output_truth[i - 1] is not owners):
@@ -285,8 +290,6 @@ def exact_records(pieces, output_truth, spans, records) -> tuple[int, int]:
         overlapping = [key for key in overlapping if key in listed] or overlapping
         if overlapping and max(overlapping, key=lambda k: (weight[k], k))[1] == f"r{rows[0]}":
             found += 1
-        position = end
-    del position
     return found, total
 
 
@@ -327,30 +330,32 @@ def run_scale(total_records, args, tokenizer, reference, baseline, gen):
         results = {}
         for label in ("before", "after"):
             stats = {k: {"tp": 0, "fp": 0, "fn": 0} for k in kinds}
-            moved = l1_errors = None
             moved, l1_errors, latencies, found, total = 0, [], [], 0, 0
             for _ in range(3):
                 attributor.attribute(entry, cases[0][1])
                 baseline.attribute_output(cases[0][1], old_indexes, 8)
             for kind, output, truth, pieces in cases:
-                t0 = time.perf_counter()
+                # Best of 3 per output: the 2 CI cores are shared with other jobs, whose bursts are not ours.
+                runs = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    if label == "after":
+                        attributor.attribute(entry, output)
+                    else:
+                        baseline_attribute(baseline, output, old_indexes)
+                    runs.append(time.perf_counter() - t0)
+                latency = min(runs)
                 if label == "after":
                     result = attributor.attribute(entry, output)
-                    latency = time.perf_counter() - t0
                     weights = dict(zip(result.vector.datanet_ids, result.vector.weights_bps, strict=True))
-                    evidence = result.vector.evidence
                     spans = result.spans
-                    covered = {i for s in spans for i in range(s.start, s.end)}
-                    # the tokens that earned credit: covered and not generic (recomputed from the kept spans)
-                    records = None
-                    from longtail.attribution.spans import attribute_output
+                    # The records and the tokens that earned credit (in a kept span, not generic): the same search
+                    # again, for what the receipt does not carry.
                     detail = attribute_output(output, list(new_indexes.values()), reference=reference)
                     records = detail.records
-                    credited = set(np.flatnonzero(detail.token_credit)) if detail.token_credit is not None else covered
-                    del evidence
+                    credited = set(np.flatnonzero(detail.credited).tolist())
                 else:
                     weights, spans, records, covered = baseline_attribute(baseline, output, old_indexes)
-                    latency = time.perf_counter() - t0
                     credited = covered
                 latencies.append(latency * 1e3)
                 planted = {i for i, owners in enumerate(truth) if owners}
@@ -422,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join([
         f"`python scripts/bench_attribution_eval.py --scales {args.scales} --outputs {args.outputs}` "
         f"(before: attribution/spans.py at {args.baseline_rev[:10]} with the 50/50 blend; after: this tree's "
-        f"`Attributor`; 256-token outputs, {args.outputs} per kind, a third for shared and templated; the 2-core CI "
-        f"CPU shared with other jobs).",
+        f"`Attributor`; 256-token outputs, {args.outputs} per kind, a third for shared and templated; latency: the "
+        f"whole attribution of one output, best of 3, on the 2-core CI CPU shared with other jobs).",
         "",
         "| records | | P / R 8-12 tok | P / R ≥13 tok | P / R near-verbatim | P / R shared | novel outputs moved "
         "| novel tokens credited | L1 mean / p95 | exact record | ms per 256 tok p50 / p99 | index B/token "

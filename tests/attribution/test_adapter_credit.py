@@ -130,7 +130,7 @@ def test_attributor_scores_data_credit_once_stores_it_and_weighs_the_prior(tmp_p
     entry = CatalogEntry(name="x", adapter_id=ADAPTER, price_per_1k_tokens=1,
                          datanets=(DatanetShare(ids["a"], "a", 4000), DatanetShare(ids["b"], "b", 6000)))
     before = attributor.attribute(entry, [1, 2, 3])
-    assert dict(zip(before.vector.datanet_ids, before.vector.weights_bps)) == {ids["a"]: 4000, ids["b"]: 6000}
+    assert dict(zip(before.vector.datanet_ids, before.vector.weights_bps, strict=True)) == {ids["a"]: 4000, ids["b"]: 6000}
     assert before.vector.evidence["dataGainMicroNatsPerToken"] is None
     engine = FakeEngine()
 
@@ -144,7 +144,7 @@ def test_attributor_scores_data_credit_once_stores_it_and_weighs_the_prior(tmp_p
     credit = attributor.data_credits[ADAPTER]
     assert credit.gains_micro() == {ids["a"]: 1_000_000, ids["b"]: -1_000_000}
     after = attributor.attribute(entry, [1, 2, 3])
-    assert dict(zip(after.vector.datanet_ids, after.vector.weights_bps)) == {ids["a"]: 10_000}
+    assert dict(zip(after.vector.datanet_ids, after.vector.weights_bps, strict=True)) == {ids["a"]: 10_000}
     assert after.vector.evidence["dataGainMicroNatsPerToken"] == credit.gains_micro()
     # Stored with the adapter: a restarted node reads it instead of scoring again.
     restarted = Attributor()

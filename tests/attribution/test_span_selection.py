@@ -181,7 +181,7 @@ def test_payment_moves_with_the_matched_fraction_and_the_body_lets_an_auditor_re
                           one_copy.spans)
     body = json.loads(signed.to_canonical_json())
     assert recompute_weights(body["attribution"]["evidence"]) == dict(zip(body["attribution"]["datanetIds"],
-                                                                        body["attribution"]["weightsBps"]))
+                                                                        body["attribution"]["weightsBps"], strict=True))
     assert SignedReceipt.from_json(body).attribution.evidence == evidence
 
 
