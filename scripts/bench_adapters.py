@@ -55,6 +55,7 @@ TARGET_SETS = (
 )
 TARGET_WEIGHTS = (0.4, 0.3, 0.15, 0.15)
 MIB = 1 << 20
+NOTE_HTTP = ("Peak RSS of the HTTP rows is the whole benchmark process after the earlier runs (replays, the other engine's run): memory freed by an engine that was shut down stays in the allocator, so it bounds the node from above rather than measuring it; a node's own figure is its base model and KV pool, the host budget, the device budget (the slot buffers on CPU) and the runtime. The ratios move by ±0.3 between runs on a shared 2-core machine (load average {load} at the end of this run): the 10-adapter baselines are as noisy as the 1,000-adapter runs.")
 
 
 class BufferSlots:
@@ -568,6 +569,7 @@ def main() -> None:
         "Peak RSS includes the Python/torch runtime and the budgets' buffers; the base model and KV pool are "
         "not loaded in the replay. Cold load = from a request's admission until its adapter's slot is usable "
         "(background disk read, validation, hash check on first read, copy into the slot).",
+        *(["", NOTE_HTTP.format(load=f"{os.getloadavg()[0]:.1f}")] if http_rows else []),
     ])
     print(table)
     if not args.no_docs:
