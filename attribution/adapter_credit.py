@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -178,7 +179,7 @@ class DataCreditStore:
     def put(self, credit: DataCredit) -> Path:
         path = self._path(credit.adapter_id)
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(credit.to_json(), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
         return path

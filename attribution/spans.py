@@ -34,6 +34,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -242,7 +243,7 @@ class SpanIndex:
                              "recordsRoot": self.records_root, "positions": self.size, "filterK": self.filter_k,
                              "sections": sections}, sort_keys=True).encode()
         start = -(-(len(INDEX_MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as out:
             out.write(INDEX_MAGIC + len(header).to_bytes(8, "little") + header)
             for name, array in arrays.items():
@@ -663,7 +664,7 @@ class Lexicon:
 
     def save(self, path: Path) -> None:
         path = Path(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as out:
             np.savez(out, begins_word=self.begins_word, ends_word=self.ends_word, delimiter=self.delimiter,
                      log_prob=self.log_prob, starts_word=self.starts_word)
