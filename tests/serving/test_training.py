@@ -403,3 +403,21 @@ def test_shipped_adapters_load_on_the_embedded_base_and_name_real_datanets(embed
             with model.disable_adapter():
                 plain = float(model(input_ids=block, labels=block).loss)
         assert adapted < plain - 0.5, f"{name}: held-out loss {adapted:.3f} with the adapter vs {plain:.3f} without"
+
+
+def test_owner_is_declared_in_the_config_with_the_trained_shares(learnable_base, datanets, tmp_path):
+    """`train --owner` writes the declaration nodes check against the Registry (issue 20, attack 5)."""
+    from longtail.serving.peft_format import adapter_id_of, read_adapter_config, read_declaration
+    from longtail.serving.training import TrainingError
+
+    owner = to_checksum_address("0x" + "ab" * 20)
+    out = tmp_path / "declared"
+    result = _train(learnable_base, [datanets["clauses"], datanets["recipes"]], out, shares=[7000, 3000],
+                    owner=owner.lower())
+    declared = read_declaration(out)
+    assert declared.owner == owner
+    assert declared.datanets == tuple(sorted((d.datanet_id.lower(), d.share_bps) for d in result.datanets))
+    assert read_adapter_config(out)["longtail"]["owner"] == owner
+    assert result.adapter_id == adapter_id_of(out) == json.loads((out / "longtail.json").read_text())["adapter_id"]
+    with pytest.raises(TrainingError, match="--owner"):
+        _train(learnable_base, [datanets["clauses"]], tmp_path / "bad", owner="0x1234")
