@@ -13,22 +13,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import pytest
 import torch
-from aiohttp import web
 
 from longtail.node.adapter_admin import AdapterAdmin, serve_stored
-from longtail.node.api import SERVER_OPTIONS, build_app
 from longtail.node.payments import ChannelState, PaymentIntake
 from longtail.serving.adapter_store import AdapterStore, HttpSource
 from longtail.serving.adapter_tiers import TierConfig
 from longtail.serving.engine import Engine
 from longtail.serving.engine_client import LocalEngine
 from longtail.serving.peft_format import ModuleShapes, load_adapter, write_random_adapter
+
+from http_edge import serving
 
 CLIENT = "0x" + "cc" * 20
 CHANNEL = "0x" + "01" * 32
@@ -97,21 +95,6 @@ def make_node(home: Path, engine: LocalEngine, name: str, fetch=None):
     if fetch is not None:
         node.adapter_fetcher = admin.just_in_time
     return node, admin
-
-
-@asynccontextmanager
-async def serving(node, admin):
-    runner = web.AppRunner(build_app(node, admin), access_log=None, **SERVER_OPTIONS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
-            yield session, f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-        node.receipt_log.close()
 
 
 def local_engine(kit, home: Path, device_bytes: int, host_bytes: int) -> LocalEngine:

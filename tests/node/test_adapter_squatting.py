@@ -27,7 +27,6 @@ from longtail.node.devnet import (
     PRICE_PER_1K_TOKENS,
     setup_chain,
 )
-from longtail.serving.base_models import embedded_model_dir
 from longtail.serving.peft_format import adapter_id_of, declaration_of, read_declaration, write_declaration
 
 PASSWORD = "test-password"
@@ -71,23 +70,6 @@ def test_our_tooling_refuses_to_register_someone_elses_adapter(tmp_path):
 
 
 # --- the attack on anvil ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def shared_model():
-    if not (embedded_model_dir() / "config.json").exists():
-        pytest.skip("embedded base model not prepared: run `make setup`")
-    if not all((ADAPTERS / name).exists() for name in NODE_ADAPTERS["node-b"]):
-        pytest.skip("shipped demo adapters missing from data/adapters")
-    from transformers import AutoTokenizer
-
-    from longtail.node.config import NodeConfig
-    from longtail.node.runner import build_engine
-
-    model_dir = embedded_model_dir()
-    engine = build_engine(NodeConfig(kv_cache_bytes=64 * 2**20), model_dir)
-    yield engine, AutoTokenizer.from_pretrained(model_dir)
-    getattr(engine, "shutdown", lambda: None)()
-
 
 @pytest.mark.slow
 @pytest.mark.chain

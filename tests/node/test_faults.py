@@ -17,16 +17,14 @@ import socket
 import sqlite3
 import threading
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from longtail.node.api import SERVER_OPTIONS, build_app
 from longtail.node.payments import ChannelState, PaymentIntake
 from longtail.serving.base_models import embedded_model_dir
+
+from http_edge import serving
 
 pytestmark = pytest.mark.slow
 CLIENT = "0x" + "cc" * 20
@@ -87,21 +85,6 @@ def make_node(tmp: Path, model, chain_up: dict | None = None):
     catalog = Catalog(CatalogEntry(name="base", adapter_id=None, price_per_1k_tokens=1000))
     return Node(config, address, catalog, GenerationGateway(engine, tokenizer), receipt_log, payments, Attributor(),
                 "0x" + "33" * 32)
-
-
-@asynccontextmanager
-async def serving(node):
-    runner = web.AppRunner(build_app(node), access_log=None, **SERVER_OPTIONS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
-            yield session, f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-        node.receipt_log.close()
 
 
 def run(coro, timeout=240):

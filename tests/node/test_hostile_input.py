@@ -12,17 +12,17 @@ import json
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
 
-import aiohttp
 import pytest
-from aiohttp import web
+from yarl import URL
 
 from longtail.node import api
-from longtail.node.api import SERVER_OPTIONS, build_app, json_depth, parse_json
+from longtail.node.api import json_depth, parse_json
 from longtail.node.errors import BadRequest, EngineDown
 from longtail.node.metrics import NodeMetrics
 from longtail.serving.errors import NonFiniteLogits, PromptTooLong
+
+from http_edge import serving
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -71,20 +71,6 @@ class RecordingService:
 
     def health(self) -> dict:
         return {"status": "ok"}
-
-
-@asynccontextmanager
-async def serving(service, **server_options):
-    runner = web.AppRunner(build_app(service), access_log=None, **{**SERVER_OPTIONS, **server_options})
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
-            yield session, (host, port)
-    finally:
-        await runner.cleanup()
 
 
 def run(coro):
@@ -261,8 +247,8 @@ def test_oversized_body_is_413_declared_or_not():
     run(scenario())
 
 
-async def _raw_connection(address):
-    reader, writer = await asyncio.open_connection(*address)
+async def _raw_connection(url):
+    reader, writer = await asyncio.open_connection(URL(url).host, URL(url).port)
     return reader, writer
 
 
