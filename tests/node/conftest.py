@@ -1,10 +1,11 @@
-"""Node fixtures: the real base model's engine, shared by the tests of one module that start real nodes."""
+"""Node fixtures: the real base model's engine and a deployed devnet chain, shared by the tests of one module."""
 
 from __future__ import annotations
 
 import pytest
 
-from longtail.node.devnet import ADAPTERS, NODE_ADAPTERS
+from longtail.contracts.anvil import Anvil
+from longtail.node.devnet import ADAPTERS, NODE_ADAPTERS, setup_chain
 from longtail.serving.base_models import embedded_model_dir
 
 
@@ -24,3 +25,23 @@ def shared_model():
     engine = build_engine(NodeConfig(kv_cache_bytes=64 * 2**20), model_dir)
     yield engine, AutoTokenizer.from_pretrained(model_dir)
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def deployed_chain(tmp_path_factory):
+    """anvil with the devnet's contracts, Datanets, adapters and staked nodes: (anvil, deployment, its file, ids)."""
+    anvil = Anvil().start()
+    deployment, adapter_ids = setup_chain(anvil.w3, log=lambda *_: None)
+    folder = tmp_path_factory.mktemp("chain")
+    deployment.save(folder / "deployment.json")
+    yield anvil, deployment, folder / "deployment.json", adapter_ids
+    anvil.stop()
+
+
+@pytest.fixture()
+def chain(deployed_chain):
+    """Each test starts from the freshly set-up chain: node keys are shared, their logs are not."""
+    anvil = deployed_chain[0]
+    snapshot = anvil.snapshot()
+    yield deployed_chain
+    anvil.revert(snapshot)

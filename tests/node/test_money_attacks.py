@@ -13,7 +13,7 @@ import dataclasses
 import aiohttp
 import pytest
 
-from longtail.contracts.anvil import DEV_ACCOUNTS, Anvil
+from longtail.contracts.anvil import DEV_ACCOUNTS
 from longtail.contracts.client import LongtailContracts
 from longtail.contracts.deployment import OPEN
 from longtail.node.devnet import (
@@ -22,7 +22,6 @@ from longtail.node.devnet import (
     NODE_ACCOUNTS,
     NODE_ADAPTERS,
     PRICE_PER_1K_TOKENS,
-    setup_chain,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.chain]
@@ -32,23 +31,12 @@ BODY = {"model": "reviews-r4", "messages": [{"role": "user", "content": "Comment
 
 
 @pytest.fixture(scope="module")
-def deployed_chain(tmp_path_factory):
-    anvil = Anvil().start()
-    deployment, adapter_ids = setup_chain(anvil.w3, log=lambda *_: None)
-    contracts = LongtailContracts.connect(anvil.w3, deployment)
-    contracts.token.mint(DEV_ACCOUNTS[0], DEV_ACCOUNTS[SECOND_CLIENT].address, 1_000 * OPEN)
-    folder = tmp_path_factory.mktemp("chain")
-    deployment.save(folder / "deployment.json")
-    yield anvil, deployment, folder / "deployment.json", adapter_ids
-    anvil.stop()
-
-
-@pytest.fixture()
-def chain(deployed_chain):
-    anvil = deployed_chain[0]
-    snapshot = anvil.snapshot()
-    yield deployed_chain
-    anvil.revert(snapshot)
+def deployed_chain(deployed_chain):
+    """The devnet chain, with OPEN for a second client."""
+    anvil, deployment = deployed_chain[:2]
+    LongtailContracts.connect(anvil.w3, deployment).token.mint(DEV_ACCOUNTS[0], DEV_ACCOUNTS[SECOND_CLIENT].address,
+                                                               1_000 * OPEN)
+    return deployed_chain
 
 
 async def start_node(tmp, chain_info, shared_model, **extra):

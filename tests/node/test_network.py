@@ -30,25 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.chain]
 PASSWORD = "test-password"
 
 
-@pytest.fixture(scope="module")
-def deployed_chain(tmp_path_factory):
-    anvil = Anvil().start()
-    deployment, adapter_ids = setup_chain(anvil.w3, log=lambda *_: None)
-    folder = tmp_path_factory.mktemp("chain")
-    deployment.save(folder / "deployment.json")
-    yield anvil, deployment, folder / "deployment.json", adapter_ids
-    anvil.stop()
-
-
-@pytest.fixture()
-def chain(deployed_chain):
-    """Each test starts from the freshly set-up chain: node keys are shared, their logs are not."""
-    anvil = deployed_chain[0]
-    snapshot = anvil.snapshot()
-    yield deployed_chain
-    anvil.revert(snapshot)
-
-
 def node_config(tmp: Path, name: str, deployment_file: Path, rpc_url: str, **extra):
     from longtail.node.config import NodeConfig
 
