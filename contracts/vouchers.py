@@ -124,9 +124,13 @@ class VoucherSigner:
         self.domain = domain
         self._key = coincurve.PrivateKey(bytes(HexBytes(private_key)))
 
+    def sign_digest(self, digest: bytes) -> bytes:
+        """r || s || v (v in {27, 28}) over a digest of this domain: RFC 6979 low-s, byte for byte eth-account's."""
+        recoverable = self._key.sign_recoverable(digest, hasher=None)
+        return recoverable[:64] + bytes([recoverable[64] + 27])
+
     def sign(self, channel_id: str | bytes, cumulative_amount: int) -> SignedVoucher:
-        recoverable = self._key.sign_recoverable(self.domain.digest(channel_id, cumulative_amount), hasher=None)
-        signature = recoverable[:64] + bytes([recoverable[64] + 27])
+        signature = self.sign_digest(self.domain.digest(channel_id, cumulative_amount))
         return SignedVoucher(channel_id="0x" + _bytes32(channel_id).hex(), cumulative_amount=int(cumulative_amount),
                              signature="0x" + signature.hex())
 

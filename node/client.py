@@ -179,7 +179,7 @@ class PayingClient:
 
     def authorize(self, channel_id: str, body: dict):
         """The channel client's signature over one request body (model, prompt, max_tokens), fresh nonce."""
-        return sign_request_authorization(self.vouchers, self.account.key, channel_id, body["model"],
+        return sign_request_authorization(self._voucher_signer, channel_id, body["model"],
                                           keccak(prompt_text_of(body).encode("utf-8")), int(body.get("max_tokens", 16)),
                                           int(time.time()) + MAX_AUTHORIZATION_SECONDS // 2)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import coincurve
 from hexbytes import HexBytes
 
 from longtail.attribution.receipts import recover_signer
@@ -17,6 +16,7 @@ from longtail.contracts.vouchers import (
     EIP712_DOMAIN_FIELDS,
     InvalidVoucher,
     SignedVoucher,
+    VoucherSigner,
     keccak,
     voucher_domain,
 )
@@ -102,14 +102,14 @@ def request_authorization_typed_data(domain: _Domain, auth: RequestAuthorization
     }
 
 
-def sign_request_authorization(domain: _Domain, private_key: bytes | str, channel_id: str, model: str,
-                               prompt_hash: bytes, max_tokens: int, expires_at: int,
-                               nonce: str | None = None) -> RequestAuthorization:
+def sign_request_authorization(signer: VoucherSigner, channel_id: str, model: str, prompt_hash: bytes,
+                               max_tokens: int, expires_at: int, nonce: str | None = None) -> RequestAuthorization:
+    """The channel client's authorization, signed with its voucher signer (same domain, key parsed once)."""
     nonce = nonce or "0x" + os.urandom(32).hex()
     model_hash = keccak(model.encode("utf-8"))
-    digest = request_authorization_digest(domain, channel_id, model_hash, prompt_hash, max_tokens, nonce, expires_at)
-    recoverable = coincurve.PrivateKey(bytes(HexBytes(private_key))).sign_recoverable(digest, hasher=None)
-    signature = "0x" + (recoverable[:64] + bytes([recoverable[64] + 27])).hex()
+    digest = request_authorization_digest(signer.domain, channel_id, model_hash, prompt_hash, max_tokens, nonce,
+                                          expires_at)
+    signature = "0x" + signer.sign_digest(digest).hex()
     return RequestAuthorization(channel_id.lower(), model_hash, bytes(prompt_hash), max_tokens, nonce.lower(),
                                 expires_at, signature)
 

@@ -153,12 +153,13 @@ def test_nobody_but_the_channels_client_can_spend_it(tmp_path, chain, shared_mod
         assert node.receipt_log.size == size + 1
         # An expired authorization (or one valid for hours) is refused.
         from longtail.attribution.receipts import keccak
+        from longtail.contracts.vouchers import VoucherSigner
         from longtail.node.client import prompt_text_of
         from longtail.node.vouchers import sign_request_authorization
 
         prompt_hash = keccak(prompt_text_of(BODY).encode("utf-8"))
-        stale = sign_request_authorization(victim.vouchers, victim.account.key, channel, BODY["model"], prompt_hash,
-                                           BODY["max_tokens"], expires_at=1)
+        stale = sign_request_authorization(VoucherSigner(victim.vouchers, victim.account.key), channel, BODY["model"],
+                                           prompt_hash, BODY["max_tokens"], expires_at=1)
         status, _ = await post(session, url, BODY, {"X-Longtail-Channel": channel, **stale.headers()})
         assert status == 402
         assert node.receipt_log.size == size + 1

@@ -54,6 +54,7 @@ def test_request_authorization_digest_is_the_eip712_document_and_binds_every_fie
     from eth_account.messages import encode_typed_data
 
     from longtail.attribution.receipts import keccak
+    from longtail.contracts.vouchers import VoucherSigner
     from longtail.node.vouchers import (
         VoucherDomain,
         recover_authorization_signer,
@@ -64,7 +65,8 @@ def test_request_authorization_digest_is_the_eip712_document_and_binds_every_fie
     domain = VoucherDomain(31337, "0x" + "22" * 20)
     client = Account.from_key(bytes(range(1, 33)))
     channel = "0x" + "01" * 32
-    auth = sign_request_authorization(domain, client.key, channel, "reviews-r4", keccak(b"prompt"), 16, 2_000_000_000)
+    auth = sign_request_authorization(VoucherSigner(domain, client.key), channel, "reviews-r4", keccak(b"prompt"), 16,
+                                      2_000_000_000)
     typed = encode_typed_data(full_message=request_authorization_typed_data(domain, auth))
     assert Account.recover_message(typed, signature=bytes.fromhex(auth.signature[2:])) == client.address
     assert recover_authorization_signer(domain, auth) == client.address
