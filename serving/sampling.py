@@ -56,53 +56,156 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
     """One token from fp32 logits [V]; returns (token, its log-probability under the unmodified distribution)."""
-    log_probs = torch.log_softmax(logits, dim=-1)
-    if params.temperature == 0.0:
-        token = int(torch.argmax(logits))
-        return token, float(log_probs[token])
-    # Shift by the max before dividing: with a tiny temperature (1e-40) logits / T overflows to inf and the softmax
-    # of inf - inf is NaN; shifted, the best token is 0 and the rest fall to -inf, which is the limit T -> 0.
-    scaled = (logits - logits.max()) / params.temperature
-    if params.top_k:
-        kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
-        drop[0] = False
-        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probabilities = torch.softmax(scaled, dim=-1)
-    try:
-        token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
-    except RuntimeError as error:  # a distribution with NaN/inf/negative mass: this row only cannot be sampled
-        raise SamplingFailed(f"could not sample (temperature={params.temperature}, top_p={params.top_p}, "
-                             f"top_k={params.top_k}): {error}") from None
-    return token, float(log_probs[token])
+    (pick,) = sample_rows(logits[None], [dataclasses.replace(params, logprobs=True)], [generator])
+    if isinstance(pick, SamplingFailed):
+        raise pick
+    return pick
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> list[tuple[int, float | None] | SamplingFailed]:
-    """One token per row of fp32 logits [N, V]; greedy rows in one argmax, others one by one with their seed.
+    """One token per row of fp32 logits [N, V], all rows in one batched pass and one device-to-host transfer.
 
-    The log-probability is returned only for rows whose params ask for it. A row that cannot be sampled gets its
-    `SamplingFailed` in place of a pick, so the caller fails that request alone and the batch goes on.
+    Greedy rows take the argmax; the others draw by inverse CDF from one uniform each, taken on the host from the
+    row's own generator (a seeded request gets the same tokens whatever else is in the batch) or, unseeded, from
+    torch's default one. The log-probability is returned only for rows whose params ask for it. A row that cannot
+    be sampled gets its `SamplingFailed` in place of a pick, so the caller fails that request alone.
     """
-    greedy = logits.argmax(dim=-1).tolist()
-    wanted = [i for i, p in enumerate(params) if p.logprobs]
-    log_probs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
-    row_of = {index: row for row, index in enumerate(wanted)}
-    results: list[tuple[int, float | None]] = []
-    for index, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
-        if row_params.temperature == 0.0:
-            token = greedy[index]
+    count, vocab = logits.shape
+    if count != len(params) or count != len(generators):
+        raise ValueError(f"{count} logit rows but {len(params)} params and {len(generators)} generators")
+    if count == 0:
+        return []
+    sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
+    tokens = logits.argmax(dim=-1)
+    failed = torch.zeros(count, dtype=torch.bool, device=logits.device)
+    if sampled:
+        inputs = _device_inputs(params, sampled, _uniforms([generators[row] for row in sampled]), vocab,
+                                logits.device)
+        subset = logits if len(sampled) == count else logits.index_select(0, inputs.rows)
+        drawn, mass_failed = _draw(_distribution(subset, inputs), inputs.uniform)
+        if len(sampled) == count:
+            tokens, failed = drawn, mass_failed
         else:
-            try:
-                token, _ = sample(logits[index], row_params, generator)
-            except SamplingFailed as error:
-                results.append(error)
-                continue
-        logprob = float(log_probs[row_of[index], token]) if log_probs is not None and index in row_of else None
-        results.append((token, logprob))
+            tokens = tokens.index_copy(0, inputs.rows, drawn)
+            failed = failed.index_copy(0, inputs.rows, mass_failed)
+    chosen = logits.gather(1, tokens[:, None])[:, 0]
+    # A greedy row whose best logit is NaN or +inf (or all -inf) has no token either.
+    failed = failed | ~torch.isfinite(chosen)
+    if any(p.logprobs for p in params):
+        logprobs = chosen - torch.logsumexp(logits, dim=-1)
+    else:
+        logprobs = torch.zeros_like(chosen)
+    # The one read back: tokens (< 2^53) and fp32 log-probabilities are exact in float64.
+    token_list, logprob_list, failed_list = torch.stack([tokens.double(), logprobs.double(), failed.double()]).tolist()
+    results: list[tuple[int, float | None] | SamplingFailed] = []
+    for row_params, token, logprob, row_failed in zip(params, token_list, logprob_list, failed_list, strict=True):
+        if row_failed:
+            results.append(SamplingFailed(
+                f"could not sample (temperature={row_params.temperature}, top_p={row_params.top_p}, "
+                f"top_k={row_params.top_k}): the distribution has NaN or infinite mass"))
+        else:
+            results.append((int(token), logprob if row_params.logprobs else None))
     return results
+
+
+def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution [N, V] each row of fp32 logits draws from under its params; a greedy row is one-hot."""
+    count, vocab = logits.shape
+    result = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).to(logits.dtype)
+    sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
+    if sampled:
+        inputs = _device_inputs(params, sampled, torch.ones(len(sampled), dtype=torch.float64), vocab, logits.device)
+        result = result.index_copy(0, inputs.rows, _distribution(logits.index_select(0, inputs.rows), inputs))
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowInputs:
+    """The sampled rows' indices [S] and parameters on the device; `filtered` indexes the rows that need the sort."""
+
+    rows: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    uniform: torch.Tensor
+    filtered: torch.Tensor | None
+
+
+def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One uniform per sampled row in (0, 1], on the host: a seeded row's from its own generator, so its draw does
+    not depend on the batch; the unseeded rows' from torch's default generator in one call. Zero is excluded since
+    it would select a leading zero-probability token."""
+    unseeded = sum(generator is None for generator in generators)
+    shared = iter(torch.rand(unseeded, dtype=torch.float64)) if unseeded else iter(())
+    return 1.0 - torch.cat([torch.rand(1, dtype=torch.float64, generator=generator) if generator is not None
+                            else next(shared)[None] for generator in generators])
+
+
+def _device_inputs(params: list[SamplingParams], sampled: list[int], uniform: torch.Tensor, vocab: int,
+                   device: torch.device) -> _RowInputs:
+    """Row indices, parameters and uniforms, all known on the host, in one host-to-device copy.
+
+    One float64 buffer (exact for the integers here), pinned and non-blocking on a GPU: nothing waits for the device.
+    """
+    chosen = [params[row] for row in sampled]
+    # Top-k at or above the vocabulary and top-p 1 change nothing: those rows skip the sort.
+    filtered = [i for i, p in enumerate(chosen) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    host = torch.cat([
+        torch.tensor([float(row) for row in sampled]
+                     + [float(p.temperature) for p in chosen]
+                     + [float(min(p.top_k, vocab) if p.top_k else vocab) for p in chosen]
+                     + [float(p.top_p) for p in chosen], dtype=torch.float64),
+        uniform,
+        torch.tensor([float(i) for i in filtered], dtype=torch.float64),
+    ])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    values = host.to(device, non_blocking=True)
+    size = len(sampled)
+    rows, temperature, top_k, top_p, uniform = values[:5 * size].view(5, size)
+    return _RowInputs(rows.long(), temperature.float(), top_k.long(), top_p.float(), uniform.float(),
+                      values[5 * size:].long() if filtered else None)
+
+
+def _distribution(logits: torch.Tensor, inputs: _RowInputs) -> torch.Tensor:
+    """Temperature, then top-k and top-p on the rows that ask for them, then softmax: probabilities [S, V]."""
+    # Shift by the max before dividing: with a tiny temperature (1e-40) logits / T overflows to inf and the softmax
+    # of inf - inf is NaN; shifted, the best token is 0 and the rest fall to -inf, which is the limit T -> 0. The
+    # floor keeps a temperature below fp32's smallest normal from becoming 0 (0 / 0) or a flushed denormal.
+    floor = torch.finfo(torch.float32).tiny
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / inputs.temperature.clamp_min(floor)[:, None]
+    filtered = inputs.filtered
+    if filtered is not None:
+        if filtered.numel() == scaled.shape[0]:
+            scaled = _filter(scaled, inputs.top_k, inputs.top_p)
+        else:
+            kept = _filter(scaled.index_select(0, filtered), inputs.top_k.index_select(0, filtered),
+                           inputs.top_p.index_select(0, filtered))
+            scaled = scaled.index_copy(0, filtered, kept)
+    return torch.softmax(scaled, dim=-1)
+
+
+def _draw(probabilities: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse CDF, one uniform in (0, 1] per row: (tokens [S], failed [S] where the mass is NaN or infinite)."""
+    cumulative = probabilities.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    # The target lies in (0, total]: the first index whose running mass reaches it has positive probability, and
+    # scaling by the row's own total keeps fp32 rounding of the sum from pushing it past the end.
+    target = (uniform[:, None] * total).contiguous()
+    tokens = torch.searchsorted(cumulative, target)[:, 0].clamp_(max=probabilities.shape[-1] - 1)
+    failed = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
+    return tokens, failed
+
+
+def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k (top_k = V: off), then top-p (1: off) over rows [F, V], with one sort; dropped logits become -inf."""
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    kth = sorted_logits.gather(1, (top_k - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probabilities = torch.softmax(sorted_logits, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays): drop a token when the mass
+    # before it already reaches top_p.
+    drop = (probabilities.cumsum(dim=-1) - probabilities >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop[:, 0] = False
+    return torch.empty_like(scaled).scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
