@@ -92,6 +92,14 @@ class ModelConfig:
             "up_proj": (self.hidden_size, self.intermediate_size), "down_proj": (self.intermediate_size, self.hidden_size),
         })
 
+    def parameter_count(self) -> int:
+        """Weights the model holds: embedding, (untied) head, every layer's projections, norms and biases."""
+        projections = sum(rows * columns for rows, columns in self.module_shapes().shapes.values())
+        biases = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        per_layer = projections + 2 * self.hidden_size + biases
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.vocab_size * self.hidden_size + head + self.num_layers * per_layer + self.hidden_size
+
     def inverse_frequencies(self) -> torch.Tensor:
         """RoPE inverse frequencies, with Llama-3 style scaling when the config asks for it."""
         dim = self.head_dim

@@ -14,6 +14,12 @@ decoding.
 Adapters always come through the tiers (`serving.adapter_tiers`): the engine
 builds its `TieredAdapters` from a plain `TierConfig`, with its own `LoraSlots`
 as the device tier; the number of adapters is bounded only by byte budgets.
+
+KV blocks follow the scheduler's plan: a request gets the blocks its prefill
+needs at admission and one more when its decoding crosses a block boundary; a
+request the scheduler preempts gives its blocks back and later prefills its
+prompt and output so far again (its sampler's generator goes on where it was,
+and its listener sees each token once).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from longtail.serving.errors import (
     RequestCancelled,
     UnknownAdapter,
 )
-from longtail.serving.kv_cache import PagedKVCache
+from longtail.serving.kv_cache import CPU_KV_CACHE_BYTES, PagedKVCache, kv_pool_bytes, step_activation_bytes
 from longtail.serving.lora_slots import LoraSlots
 from longtail.serving.model import LlamaModel
 from longtail.serving.model_runner import ModelRunner, SequenceChunk
@@ -161,22 +167,44 @@ class EngineStats:
     cold_wait_sum: float
     cold_wait_count: int
     adapters: tuple[AdapterInfo, ...] = ()
+    preemptions: int = 0                # running requests preempted for KV blocks since start (recomputed later)
+
+
+def device_kv_cache_bytes(model: LlamaModel, fraction: float, adapter_bytes: int, max_batch_tokens: int) -> int:
+    """The KV pool's bytes on a CUDA device, from its free memory now (the weights already loaded)."""
+    free, total = torch.cuda.mem_get_info(model.device)
+    weights = model.config.parameter_count() * model.dtype.itemsize
+    reserve = step_activation_bytes(model.config, max_batch_tokens, model.dtype)
+    pool = kv_pool_bytes(free, total, fraction, weights, adapter_bytes, reserve)
+    if pool <= 0:
+        raise ValueError(f"no device memory left for the KV cache: {free} of {total} bytes free, fraction "
+                         f"{fraction}, weights {weights}, adapter budget {adapter_bytes}, step reserve {reserve}")
+    return pool
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, kv_cache_bytes: int = 256 * 2**20, max_batch_tokens: int = 2048,
+    def __init__(self, model: LlamaModel, kv_cache_bytes: int | None = None, max_batch_tokens: int = 2048,
                  max_running: int = 256, block_size: int = 16, adapters: TierConfig | None = None,
                  initial_adapter_slots: int = 16, tokenizer: Detokenizer | None = None,
-                 min_prefill_chunk: int = 32, background_idle_seconds: float = 0.02) -> None:
+                 min_prefill_chunk: int = 32, background_idle_seconds: float = 0.02,
+                 gpu_memory_fraction: float = 0.9) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
         self.device = model.device
+        adapters = adapters or TierConfig()
+        if not 0.0 < gpu_memory_fraction <= 1.0:  # checked on every device, so a node's config fails the same way
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
+        if kv_cache_bytes is None:
+            # On CUDA the pool takes what the device has left; a CPU's RAM is shared with everything else
+            # (serving.kv_cache.CPU_KV_CACHE_BYTES).
+            kv_cache_bytes = CPU_KV_CACHE_BYTES if model.device.type != "cuda" else \
+                device_kv_cache_bytes(model, gpu_memory_fraction, adapters.device_bytes, max_batch_tokens)
         self.cache = PagedKVCache(model.config, kv_cache_bytes, block_size, model.device, model.dtype)
         # The slot table grows on demand: the device tier's byte budget, not a slot count, bounds the adapters.
         self.lora_slots = LoraSlots(model.config, initial_adapter_slots, device=model.device, dtype=model.dtype)
         self.runner = ModelRunner(model, self.cache, self.lora_slots)
-        self.adapters: AdapterProvider = TieredAdapters.from_config(adapters or TierConfig(),
-                                                                     model.config.module_shapes(), self.lora_slots)
+        self.adapters: AdapterProvider = TieredAdapters.from_config(adapters, model.config.module_shapes(),
+                                                                     self.lora_slots)
         self.scheduler = Scheduler(max_batch_tokens, max_running, min_prefill_chunk, background_idle_seconds)
         self.tokenizer = tokenizer
         self.eos_token_ids = set(model.config.eos_token_ids)
@@ -190,6 +218,7 @@ class Engine:
         self.driven = False  # True while a driver (engine_client.LocalEngine) runs steps on its own thread
         self.closed = threading.Event()  # set by shutdown: a driver stops stepping
         self.steps = 0
+        self.preemptions = 0
         self._tokens_served: dict[str, int] = {}
 
     @classmethod
@@ -224,7 +253,7 @@ class Engine:
         return EngineStats(self.cache.pool.num_blocks, free_blocks, running, waiting, self.steps, snapshot.bytes,
                            snapshot.budget, snapshot.evictions, snapshot.hits, snapshot.misses,
                            snapshot.load_failures, snapshot.load_latencies_s[-1000:], snapshot.cold_buckets,
-                           snapshot.cold_sum_s, snapshot.cold_count, tuple(self.list_adapters()))
+                           snapshot.cold_sum_s, snapshot.cold_count, tuple(self.list_adapters()), self.preemptions)
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -357,9 +386,24 @@ class Engine:
         return self.adapters.slot_of(adapter_id) is not None
 
     def _blocks_needed(self, request: Request) -> int:
+        """Blocks to admit `request`: its whole prefill, plus its first decoded token's position."""
         if isinstance(request, ScoreRequest):  # it never decodes: its prompt is all it keeps
-            return self.cache.blocks_for(len(request.prompt_ids))
-        return self.cache.blocks_for(len(request.prompt_ids) + request.params.max_tokens)
+            return self.cache.blocks_for(request.prefill_len)
+        return self.cache.blocks_for(request.prefill_len + 1)
+
+    def _blocks_to_grow(self, request: Request) -> int:
+        """Blocks a decoding request lacks for the token it writes this step (at position `cached`)."""
+        return max(0, self.cache.blocks_for(request.cached + 1) - len(request.blocks))
+
+    def _release_preempted(self, request: Request) -> None:
+        """The scheduler took `request` out of the batch: its blocks and its adapter pin go."""
+        self.cache.pool.release(request.blocks)
+        request.blocks = []
+        if isinstance(request, ScoreRequest):  # its rows are all computed again
+            request.logprobs.clear()
+        if request.adapter_id is not None:
+            self.adapters.unpin(request.adapter_id)
+        self.preemptions += 1
 
     def _admit(self, request: Request) -> bool:
         if request.adapter_id is not None and not self.adapters.knows(request.adapter_id):
@@ -379,7 +423,14 @@ class Engine:
             self._apply_cancellations()
             demand = {key: len(queue) for key, queue in self.scheduler.queues.items() if key is not None and queue}
             self._fail_unloadable(self.adapters.poll(demand))
-            plan = self.scheduler.schedule(self.cache.pool.free_blocks, self._blocks_needed, self._adapter_ready)
+            plan = self.scheduler.schedule(self.cache.pool.free_blocks, self._blocks_needed, self._adapter_ready,
+                                           self._blocks_to_grow)
+            for request in plan.preempted:
+                self._release_preempted(request)
+            for request in plan.decode:
+                grow = self._blocks_to_grow(request)
+                if grow:
+                    request.blocks.extend(self.cache.pool.allocate(grow))
             prefill = [(r, n) for r, n in plan.prefill if r.state is State.RUNNING or self._admit(r)]
             work: list[tuple[Request, int]] = [(r, 1) for r in plan.decode] + prefill
             chunks: list[SequenceChunk] = []
@@ -392,7 +443,7 @@ class Engine:
                 if request.prefilled:
                     tokens, logits_from = [request.output_ids[-1]], -1
                 else:
-                    tokens = request.prompt_ids[request.cached:request.cached + count]
+                    tokens = request.prefill_tokens(request.cached, request.cached + count)
                     logits_from = self._logits_from(request, len(tokens))
                 chunks.append(SequenceChunk(tokens, request.cached, request.blocks, slot, logits_from))
                 ran.append((request, len(tokens)))
@@ -419,7 +470,7 @@ class Engine:
             if request.cached + count <= request.first_scored:
                 return None
             return max(0, request.first_scored - request.cached)
-        return -1 if request.cached + count == len(request.prompt_ids) else None
+        return -1 if request.cached + count == request.prefill_len else None
 
     def _route_logits(self, requests: list[Request], chunks: list[SequenceChunk], logits: torch.Tensor) -> None:
         """One sampled row per generating request; a scoring request's rows go to `_score_rows`."""

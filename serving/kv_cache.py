@@ -2,8 +2,12 @@
 
 A sequence owns a list of blocks (its block table); token position `p` lives
 in slot `table[p // block_size] * block_size + p % block_size` of the flat pool.
-Sequences are admitted only when their blocks fit, and give them back on
-finish or cancel.
+A sequence is admitted with the blocks its prompt needs now, takes one more
+each time it decodes across a block boundary, and gives them all back on
+finish, cancel or preemption (the policy is `serving.scheduler`'s).
+
+The byte budget: given, or on CUDA sized from the device's free memory
+(`kv_pool_bytes`); on a CPU a fixed default (`CPU_KV_CACHE_BYTES`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,49 @@ import torch
 
 from longtail.serving.config import ModelConfig
 
+# On a CPU the pool lives in host RAM, which the process shares with the OS, the adapter host tier, the node,
+# the chain client and whatever else runs there: free memory says nothing about what the engine may take, so
+# the pool keeps a fixed default unless the operator gives one.
+CPU_KV_CACHE_BYTES = 256 * 2**20
+
+
+def kv_pool_bytes(free_bytes: int, total_bytes: int, fraction: float, weight_bytes: int, adapter_bytes: int,
+                  reserve_bytes: int = 0) -> int:
+    """The KV pool's byte budget on an accelerator, from its memory as `torch.cuda.mem_get_info` reports it.
+
+    `free_bytes` is measured with the weights already resident. The engine may use `fraction` of the device
+    (vLLM's `gpu_memory_utilization`): `fraction * total_bytes`, of which the weights hold `weight_bytes`; and
+    never more than `fraction` of what is free now, so memory that another process holds is left to it with
+    the same headroom. From that share, the adapter device tier's budget (`adapter_bytes`) and `reserve_bytes`
+    (a step's activations and logits) are set aside first; the rest is the pool. Returns 0 when nothing is left
+    (the caller refuses to start: a pool of 0 blocks serves nothing).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"memory fraction must be in (0, 1], got {fraction}")
+    if min(free_bytes, total_bytes, weight_bytes, adapter_bytes, reserve_bytes) < 0 or free_bytes > total_bytes:
+        raise ValueError(f"inconsistent memory figures: free {free_bytes}, total {total_bytes}, weights "
+                         f"{weight_bytes}, adapters {adapter_bytes}, reserve {reserve_bytes}")
+    share = min(int(fraction * total_bytes) - weight_bytes, int(fraction * free_bytes))
+    return max(0, share - adapter_bytes - reserve_bytes)
+
+
+def step_activation_bytes(config: ModelConfig, max_batch_tokens: int, dtype: torch.dtype) -> int:
+    """What one step of `max_batch_tokens` tokens allocates beside the cache, at its peak: the hidden state and
+    residual, the fused q/k/v and gate/up outputs, attention and MLP outputs (the engine's dtype), and fp32
+    logits twice over (a scoring step wants a row per token, then their log-softmax)."""
+    q_kv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    per_token = (4 * config.hidden_size + q_kv + config.num_heads * config.head_dim
+                 + 3 * config.intermediate_size) * dtype.itemsize
+    return max_batch_tokens * (per_token + 2 * config.vocab_size * 4)
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Keys and values of `block_size` tokens in every layer."""
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+
 
 class BlockPool:
-    """Free-list of block indices; the scheduler asks it whether a request fits."""
+    """Free-list of block indices; the scheduler is told how many are free and decides who gets them."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -37,7 +81,7 @@ class PagedKVCache:
     def __init__(self, config: ModelConfig, budget_bytes: int, block_size: int = 16,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.block_size = block_size
-        per_block = 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+        per_block = kv_bytes_per_block(config, block_size, dtype)
         num_blocks = max(1, budget_bytes // per_block)
         self.bytes = num_blocks * per_block
         slots = num_blocks * block_size

@@ -10,8 +10,15 @@ Policy (docs/serving.md):
   only when the queue's adapter is ready on the device. Both round-robin
   pointers move past the last one served, so a popular adapter cannot starve a
   rare one and a client flooding one adapter cannot starve another client of it;
-- a request reserves KV blocks for its prompt plus `max_tokens` at admission,
-  so a running request is never preempted;
+- a request is admitted when the KV blocks for what it prefills now (its prompt,
+  and the next token) are free; a decoding request takes one more block each
+  time it crosses a block boundary. When one needs a block and none is free,
+  the most recently admitted running request is preempted (vLLM's rule):
+  it gives its blocks back and returns to the head of its waiting queue with
+  the tokens it generated, which it prefills again with its prompt when it is
+  readmitted (recompute). The oldest running request is never preempted for a
+  younger one, and a request that fits the pool alone always fits, so every
+  request finishes. No request is admitted in a step that preempted one;
 - background requests (the node's adapter-credit scorings: evidence, not
   answers) wait in a queue of their own, FCFS, and are admitted only into a
   step that runs other work anyway, or once the oldest has waited
@@ -58,20 +65,44 @@ class Request:
     background: bool = False        # admitted only beside other work, or after an idle wait (module docstring)
     first_token_at: float | None = None
     finished_at: float | None = None
+    # Output tokens generated before the last preemption: prefilled again after the prompt when readmitted.
+    recomputed_outputs: int = 0
+    preemptions: int = 0
 
     @property
     def total_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens to put in the cache before decoding: the prompt, and after a preemption the earlier output."""
+        return len(self.prompt_ids) + self.recomputed_outputs
+
+    @property
     def prefilled(self) -> bool:
-        return self.cached >= len(self.prompt_ids)
+        return self.cached >= self.prefill_len
+
+    def prefill_tokens(self, start: int, stop: int) -> list[int]:
+        """Positions [start, stop) of the prompt followed by the recomputed output."""
+        prompt = len(self.prompt_ids)
+        if stop <= prompt:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - prompt):stop - prompt]
+
+    def preempt(self) -> None:
+        """Back to waiting with no cache: everything generated so far is prefilled again on readmission."""
+        self.state = State.WAITING
+        self.cached = 0
+        self.recomputed_outputs = len(self.output_ids)
+        self.preemptions += 1
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     decode: list[Request]                 # one token each
     prefill: list[tuple[Request, int]]    # (request, prompt tokens this step), continuing prompts first
+    # Taken out of the running batch this step (back at the head of their queues): their blocks go back.
+    preempted: list[Request] = dataclasses.field(default_factory=list)
 
 
 class AdapterQueue:
@@ -89,6 +120,11 @@ class AdapterQueue:
 
     def append(self, request: Request) -> None:
         self.by_client.setdefault(request.client, deque()).append(request)
+
+    def push_front(self, request: Request) -> None:
+        """A preempted request goes first: at the head of its client's queue, its client first in the rotation."""
+        self.by_client.setdefault(request.client, deque()).appendleft(request)
+        self.by_client.move_to_end(request.client, last=False)
 
     def head(self) -> Request:
         return next(iter(self.by_client.values()))[0]
@@ -124,7 +160,7 @@ class _Room:
     def take(self, request: Request) -> int | None:
         """Admit `request` if its KV blocks fit and its whole prompt, or at least `min_prefill_chunk` tokens of it,
         fit in the budget: returns the tokens it prefills now (and holds its room), else None."""
-        need, prompt = self.blocks_needed(request), len(request.prompt_ids)
+        need, prompt = self.blocks_needed(request), request.prefill_len - request.cached
         chunk = min(prompt, self.budget)
         if need > self.blocks_free or (chunk < prompt and chunk < self.min_prefill_chunk):
             return None
@@ -170,16 +206,23 @@ class Scheduler:
         return bool(queue) and queue.remove(request)
 
     def schedule(self, blocks_free: int, blocks_needed: Callable[[Request], int],
-                 adapter_ready: Callable[[str | None], bool]) -> StepPlan:
-        """Pick this step's work. `blocks_needed(r)` and `adapter_ready(adapter_id)` come from the engine."""
+                 adapter_ready: Callable[[str | None], bool],
+                 blocks_to_grow: Callable[[Request], int] = lambda request: 0) -> StepPlan:
+        """Pick this step's work. From the engine: `blocks_needed(r)`, the blocks a waiting request needs to be
+        admitted; `blocks_to_grow(r)`, the blocks a decoding request needs for this step's token;
+        `adapter_ready(adapter_id)`. The plan's decode requests may take their growth from the free blocks,
+        once the preempted requests' blocks are back."""
+        blocks_free, preempted = self._grow(blocks_free, blocks_to_grow)
         decode = [r for r in self.running if r.prefilled]
         budget = self.max_batch_tokens - len(decode)
         prefill: list[tuple[Request, int]] = []
         for request in self.running:
             if not request.prefilled and budget > 0:
-                chunk = min(len(request.prompt_ids) - request.cached, budget)
+                chunk = min(request.prefill_len - request.cached, budget)
                 prefill.append((request, chunk))
                 budget -= chunk
+        if preempted:  # the pool is short: what was just freed goes to the running requests' next blocks
+            return StepPlan(decode, prefill, preempted)
         room = _Room(blocks_free, budget, blocks_needed, self.min_prefill_chunk)
         admitted = self._admit(room, adapter_ready)
         for key in [k for k, q in self.queues.items() if not q]:
@@ -188,6 +231,35 @@ class Scheduler:
                                 self.clock() - self.background[0].arrival >= self.background_idle_seconds):
             admitted += self._admit_background(room, adapter_ready, len(self.running) + len(admitted))
         return StepPlan(decode, prefill + admitted)
+
+    def _grow(self, blocks_free: int, blocks_to_grow: Callable[[Request], int]) -> tuple[int, list[Request]]:
+        """Give each decoding request, oldest first, the blocks its next token needs; when none are free, preempt
+        the most recently admitted running request (possibly the one asking) until they are.
+        Returns the blocks left free and the preempted requests."""
+        preempted: list[Request] = []
+        for request in list(self.running):
+            if request.state is not State.RUNNING:  # preempted below for an older request: so is all after it
+                break
+            need = blocks_to_grow(request) if request.prefilled else 0
+            while need > blocks_free:
+                victim = self.running.pop()
+                blocks_free += len(victim.blocks)
+                victim.preempt()
+                self._requeue(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.state is State.RUNNING:
+                blocks_free -= need
+        return blocks_free, preempted
+
+    def _requeue(self, request: Request) -> None:
+        """A preempted request waits at the head of its queue, and its queue is first in the rotation."""
+        if request.background:
+            self.background.appendleft(request)
+            return
+        self.queues.setdefault(request.adapter_id, AdapterQueue()).push_front(request)
+        self.queues.move_to_end(request.adapter_id, last=False)
 
     def _admit_background(self, room: _Room, adapter_ready, running: int) -> list[tuple[Request, int]]:
         """FCFS from the background queue into what the step leaves; the head waits if it does not fit."""
