@@ -52,9 +52,11 @@ DEFAULT_MIN_SPAN = 8
 MIN_WORDS = 4  # a span holds at least this many whole words as well as min_span tokens
 FREQUENCY_CAP = 4  # a span found more often than this in all the adapter's Datanets together is boilerplate
 SPAN_BUDGET_PER_TOKEN = 0.05  # at most ceil(0.05 * output tokens) distinct spans, the most unique first
-# A span counts only if its tokens that are not generic carry this much surprisal (-sum of unigram log-probabilities,
-# nats): about four everyday words or two rare ones. A generic phrase plus a word or two of chance overlap falls short.
-MIN_SURPRISAL = 30.0
+# A span counts only if its tokens that are not generic carry this much surprisal in context: -sum of log P(token |
+# token before) under the reference corpus's bigram model, nats (docs/attribution.md, rule 6). 64 = a minimum-length
+# span (8 tokens) at 8 nats a token, each token about 1 in 3,000 given the one before: fluent generic English runs at
+# 3-6 nats a token under that model (a 14-token stock sentence: 59-61 nats), text no generic model predicts at 8-11.
+MIN_SURPRISAL = 64.0
 PLAIN_LOG_PROB = -math.log(50_000)  # every token alike when no lexicon is given (token-level rules)
 # Up to this many output positions that passed the k-gram filter, the scalar search: with the skip over covered
 # starts it beats the vectorized one at every answer length measured (docs/attribution.md).
@@ -62,6 +64,7 @@ SCALAR_SEARCH_MAX_HITS = 2048
 _HASH_MASK = (1 << 64) - 1
 INDEX_MAGIC = b"LTSPAN02"
 INDEX_VERSION = 2
+LEXICON_VERSION = 2  # 2: with the reference's bigram model
 _ALIGN = 64
 
 
@@ -617,13 +620,23 @@ class Lexicon:
     delimiter: np.ndarray  # bool: holds a newline (spans may not cross it)
     log_prob: np.ndarray  # float32, natural log, add-one smoothed counts
     starts_word: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))  # letter/digit after spaces
+    # The reference corpus's bigram model (Witten-Bell): pair keys `a * vocabulary + b`, sorted, with their counts,
+    # and per token a: how often it is followed by a token, and by how many distinct ones. Empty: no bigram model,
+    # a token's surprisal is its unigram one.
+    pair_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint64))
+    pair_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint32))
+    followed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint32))
+    followers: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint32))
 
     @classmethod
     def plain(cls) -> Lexicon:
         return cls(np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, np.float32))
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, counts: np.ndarray | None = None) -> Lexicon:
+    def from_tokenizer(cls, tokenizer, counts: np.ndarray | None = None,
+                       records: Sequence[Sequence[int]] = ()) -> Lexicon:
+        """The tokenizer's word and delimiter tables; unigram counts (`counts`) and the bigram model of `records`
+        (the reference corpus in token ids; pairs never cross a record's end)."""
         size = len(tokenizer)
         texts = [_token_text(tokenizer, i) for i in range(size)]
 
@@ -636,7 +649,21 @@ class Lexicon:
         delimiter = np.array(["\n" in t for t in texts])
         counts = np.zeros(size, np.int64) if counts is None else np.asarray(counts[:size], np.int64)
         log_prob = np.log((counts + 1) / (counts.sum() + size)).astype(np.float32)
-        return cls(begins, ends, delimiter, log_prob, starts)
+        return cls(begins, ends, delimiter, log_prob, starts).with_bigrams(records)
+
+    def with_bigrams(self, records: Sequence[Sequence[int]]) -> Lexicon:
+        """This lexicon with the bigram model of `records` (token ids; pairs never cross a record's end)."""
+        size = len(self.log_prob)
+        pairs = [np.asarray(r, np.int64) for r in records if len(r) > 1]
+        if not pairs or not size:
+            return self
+        first = np.concatenate([r[:-1] for r in pairs])
+        keys = first.astype(np.uint64) * np.uint64(size) + np.concatenate([r[1:] for r in pairs]).astype(np.uint64)
+        pair_keys, pair_counts = np.unique(keys, return_counts=True)
+        followed = np.bincount(first, minlength=size)[:size].astype(np.uint32)
+        followers = np.bincount((pair_keys // np.uint64(size)).astype(np.int64), minlength=size)[:size]
+        return dataclasses.replace(self, pair_keys=pair_keys, pair_counts=pair_counts.astype(np.uint32),
+                                   followed=followed, followers=followers.astype(np.uint32))
 
     def _lookup(self, table: np.ndarray, ids: np.ndarray, default) -> np.ndarray:
         inside = (ids >= 0) & (ids < len(table))
@@ -662,20 +689,47 @@ class Lexicon:
     def log_probs(self, ids: np.ndarray) -> np.ndarray:
         return self._lookup(self.log_prob, ids, np.float32(PLAIN_LOG_PROB))
 
+    def next_log_probs(self, ids: np.ndarray) -> np.ndarray:
+        """log P(ids[i] | ids[i-1]) under the reference's bigram model, Witten-Bell smoothed toward the unigram
+        (entry 0, which has no token before it: the unigram log-probability). Without a bigram model: unigram."""
+        unigram = self.log_probs(ids).astype(np.float64)
+        size = len(self.followed)
+        if not size or len(ids) < 2:
+            return unigram
+        before, after = ids[:-1], ids[1:]
+        inside = (before >= 0) & (before < size) & (after >= 0) & (after < size)
+        keys = np.where(inside, before, 0).astype(np.uint64) * np.uint64(size) + np.where(inside, after, 0).astype(
+            np.uint64)
+        at = np.minimum(np.searchsorted(self.pair_keys, keys), len(self.pair_keys) - 1)
+        pair = np.where(inside & (self.pair_keys[at] == keys), self.pair_counts[at], 0).astype(np.float64)
+        seen = self._lookup(self.followed, before, np.uint32(0)).astype(np.float64)
+        distinct = self._lookup(self.followers, before, np.uint32(0)).astype(np.float64)
+        # Witten-Bell: of a context seen c times with t distinct followers, a share t/(c+t) of the mass is left for
+        # the unigram model; a context never seen leaves all of it.
+        conditional = (pair + distinct * np.exp(unigram[1:])) / np.maximum(seen + distinct, 1.0)
+        conditional = np.where(seen > 0, conditional, np.exp(unigram[1:]))
+        return np.concatenate([unigram[:1], np.log(conditional)])
+
     def save(self, path: Path) -> None:
         path = Path(path)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as out:
             np.savez(out, begins_word=self.begins_word, ends_word=self.ends_word, delimiter=self.delimiter,
-                     log_prob=self.log_prob, starts_word=self.starts_word)
+                     log_prob=self.log_prob, starts_word=self.starts_word, pair_keys=self.pair_keys,
+                     pair_counts=self.pair_counts, followed=self.followed, followers=self.followers,
+                     version=np.array([LEXICON_VERSION]))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Lexicon:
         try:
             with np.load(path, allow_pickle=False) as data:
+                if "version" not in data or int(data["version"][0]) != LEXICON_VERSION:
+                    raise ValueError(f"lexicon version {data['version'][0] if 'version' in data else 1}, "
+                                     f"this node reads {LEXICON_VERSION}")
                 return cls(data["begins_word"], data["ends_word"], data["delimiter"], data["log_prob"],
-                           data["starts_word"])
+                           data["starts_word"], data["pair_keys"], data["pair_counts"], data["followed"],
+                           data["followers"])
         except (OSError, KeyError, ValueError) as error:
             raise SpanIndexError(f"cannot load lexicon {path}: {error}") from error
 
@@ -728,11 +782,23 @@ class Reference:
 
 REFERENCE_INDEX = "reference.lti"
 REFERENCE_LEXICON = "lexicon.npz"
+REFERENCE_SOURCE_BYTES = 4_000_000  # of the standard library's sources
+REFERENCE_PROSE_BYTES = 8_000_000  # of documentation prose
+MIN_DOCSTRING_CHARS = 80
 
 
-def reference_texts(max_bytes: int = 4_000_000) -> list[str]:
-    """The reference corpus: the Python standard library's own sources (code, docstrings, comments in English),
-    which every node installs with its interpreter, plus generated number lists and dates; deterministic."""
+def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int = REFERENCE_PROSE_BYTES) -> list[str]:
+    """The reference corpus, text that belongs to no Datanet and that every node has with its interpreter and its
+    dependencies; deterministic for one installation:
+
+    - generated number lists and dates;
+    - the Python standard library's sources (code, docstrings and comments), up to `source_bytes`;
+    - English prose: Python's own reference manual as `pydoc` ships it (`pydoc_data.topics`), then the docstrings of
+      the installed packages (site-packages in path order, read with `ast`), up to `prose_bytes` in all. Code
+      says little about how English runs; documentation does, and it holds the stock phrases an answer reuses
+      ("it is important to note that", "for more information, please refer to").
+    """
+    import ast
     import sysconfig
 
     texts = [", ".join(str(i * step) for i in range(start, start + 40))
@@ -744,6 +810,8 @@ def reference_texts(max_bytes: int = 4_000_000) -> list[str]:
     total = sum(map(len, texts))
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
+        if total >= source_bytes:
+            break
         if path.parent != stdlib and "test" in path.parent.name:
             continue
         try:
@@ -752,21 +820,47 @@ def reference_texts(max_bytes: int = 4_000_000) -> list[str]:
             continue
         texts.append(text)
         total += len(text)
-        if total >= max_bytes:
+    prose = 0
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # an interpreter built without its docs
+        topics = {}
+    for name in sorted(topics):
+        if prose >= prose_bytes:
             break
+        texts.append(topics[name])
+        prose += len(topics[name])
+    site = Path(sysconfig.get_paths()["purelib"])
+    for path in sorted(site.glob("*/**/*.py")):
+        if prose >= prose_bytes:
+            break
+        if any(part in ("test", "tests", "testing") for part in path.relative_to(site).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (OSError, SyntaxError, ValueError, MemoryError, RecursionError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node, clean=True)
+                if docstring and len(docstring) >= MIN_DOCSTRING_CHARS:  # one-liners are mostly names
+                    texts.append(docstring)
+                    prose += len(docstring)
     return texts
 
 
-def build_reference(folder: Path, tokenizer, max_bytes: int = 4_000_000) -> Reference:
-    """Tokenize and index the reference corpus, count its tokens for the lexicon; write both into `folder`."""
-    texts = reference_texts(max_bytes)
+def build_reference(folder: Path, tokenizer, source_bytes: int = REFERENCE_SOURCE_BYTES,
+                    prose_bytes: int = REFERENCE_PROSE_BYTES) -> Reference:
+    """Tokenize and index the reference corpus, count its tokens and token pairs for the lexicon; write both into
+    `folder`."""
+    texts = reference_texts(source_bytes, prose_bytes)
     token_ids = tokenize_records(texts, tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
     root = "0x" + hashlib.sha256(b"\0".join(t.encode() for t in texts)).hexdigest()
     index = SpanIndex.build("reference", (IndexedRecord(f"ref-{i}", "0x" + "00" * 20, ids)
                                           for i, ids in enumerate(token_ids)), fingerprint, root)
     counts = np.bincount(np.fromiter((t for ids in token_ids for t in ids), np.int64), minlength=len(tokenizer))
-    lexicon = Lexicon.from_tokenizer(tokenizer, counts)
+    lexicon = Lexicon.from_tokenizer(tokenizer, counts, token_ids)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index.save(folder / REFERENCE_INDEX)
@@ -913,8 +1007,8 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
         occurrences = sum(hi - lo for _, lo, hi in candidate.holders)
         if occurrences > frequency_cap:
             continue
-        if -float(log_probs[candidate.start:candidate.end][~generic[candidate.start:candidate.end]].sum()) \
-                < min_surprisal:
+        segment = slice(candidate.start, candidate.end)
+        if -float(lexicon.next_log_probs(ids[segment])[~generic[segment]].sum()) < min_surprisal:
             continue
         kept.append(candidate)
     kept.sort(key=lambda c: (float(log_probs[c.start:c.end].sum()), c.start, c.end))

@@ -103,16 +103,38 @@ def test_frequency_cap_and_reference_make_generic_text_earn_nothing():
 
 def test_budget_keeps_the_most_unique_spans():
     rng = random.Random(3)
-    common = words(rng, 9)
-    unique = words(rng, 9)
+    common = words(rng, 14)
+    unique = words(rng, 14)
     counts = {t: 30 for t in common}  # the reference corpus says these words are everyday ones
     index = SpanIndex.build(A, [IndexedRecord("c", "0x" + "01" * 20, common),
                                 IndexedRecord("u", "0x" + "02" * 20, unique)])
-    output = common + filler(3) + unique + filler(5)  # 26 tokens: budget ceil(0.05 * 26) = 2
+    output = common + filler(3) + unique + filler(5)  # 36 tokens: budget ceil(0.05 * 36) = 2
     reference = Reference(None, lexicon(counts))
-    assert attribute_output(output, [index], reference=reference).matched_tokens == 18
+    assert attribute_output(output, [index], reference=reference).matched_tokens == 28
     tight = attribute_output(output, [index], reference=reference, budget_per_token=0.01)  # one span
-    assert [(s.start, s.end) for s in tight.spans] == [(12, 21)] and tight.records[0].record_id == "u"
+    assert [(s.start, s.end) for s in tight.spans] == [(17, 31)] and tight.records[0].record_id == "u"
+
+
+def test_text_the_reference_bigram_model_predicts_is_no_evidence():
+    """A sentence of everyday words in their everyday order (each pair frequent in the reference corpus, the
+    sentence itself never there) earns nothing, even held by one record only; the same words shuffled into an
+    order the reference never shows still count."""
+    rng = random.Random(7)
+    vocabulary = words(rng, 20)
+    counts = {t: 30 for t in vocabulary}  # 5.0 nats each: 14 of them pass the 64-nat floor as unigrams
+    phrase = vocabulary[:14]
+    # The reference holds every pair of the phrase many times, in short pieces: no 8-gram of it (the reference
+    # index would mark that generic anyway), only how the words run.
+    pieces = [phrase[i:i + 3] for i in range(len(phrase) - 2)] * 40
+    fluent = Reference(None, lexicon(counts).with_bigrams(pieces))
+    shuffled = [phrase[i] for i in (3, 11, 0, 7, 13, 5, 9, 1, 12, 2, 8, 4, 10, 6)]
+    index = SpanIndex.build(A, [IndexedRecord("p", "0x" + "01" * 20, words(rng, 3) + phrase + words(rng, 3)),
+                                IndexedRecord("s", "0x" + "02" * 20, words(rng, 3) + shuffled + words(rng, 3))])
+    assert attribute_output(filler(20) + phrase + filler(20), [index], reference=fluent).matched_tokens == 0
+    assert attribute_output(filler(20) + shuffled + filler(20), [index], reference=fluent).matched_tokens == 14
+    # Without the bigram model the same sentence is 14 tokens of unigram surprisal: evidence.
+    unigram = Reference(None, lexicon(counts))
+    assert attribute_output(filler(20) + phrase + filler(20), [index], reference=unigram).matched_tokens == 14
 
 
 def test_a_span_in_several_datanets_is_split_among_all_holders():
@@ -132,7 +154,8 @@ def test_a_span_in_several_datanets_is_split_among_all_holders():
 def test_templated_records_credit_the_exact_source():
     rng = random.Random(5)
     head, tail = words(rng, 10), words(rng, 10)
-    slots = lambda i: [1000 + i, 1300 + i, 1600 + i, 1900 + i % 100]  # noqa: E731  what the template is filled with
+    # what the template is filled with: 8 tokens no other record repeats, 66 nats (8.3 each in the test's lexicon)
+    slots = lambda i: [1000 + i, 1300 + i, 1600 + i, 1900 + i % 100, 1001 + i, 1301 + i, 1601 + i, 1901 + i % 98]  # noqa: E731
     records = [IndexedRecord(f"t{i}", f"0x{i + 1:040x}", head + slots(i) + tail) for i in range(300)]
     index = SpanIndex.build(A, records)
     result = attribute_output(filler(8) + list(records[217].token_ids) + filler(8), [index],
