@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "attention_cpu.c"
 # No FMA contraction: RoPE then rounds exactly as torch's separate multiply and add do.
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ERRORS = {-1: "a slot or block index falls outside the cache", -2: "unsupported head layout",
            -3: "a context length is 0 or longer than its block table", -4: "out of memory"}
@@ -57,10 +57,11 @@ def _load() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.longtail_rope_write.restype = ctypes.c_int
-    library.longtail_rope_write.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    library.longtail_rope_write.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
+                                            i64]
     library.longtail_paged_decode.restype = ctypes.c_int
     library.longtail_paged_decode.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64,
-                                              i64, ctypes.c_float, ctypes.c_int]
+                                              i64, ctypes.c_float, ctypes.c_int, i64]
     _library = library
     return library
 
@@ -119,7 +120,8 @@ def rope_write(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, 
         raise AttentionShapeError("write_slots must be a contiguous int64 vector, one slot per token")
     code = library.longtail_rope_write(qkv.data_ptr(), qkv.stride(0), tokens, heads, kv_heads, head_dim,
                                        cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-                                       key_cache.shape[0], write_slots.data_ptr(), _DTYPES[qkv.dtype])
+                                       key_cache.shape[0], write_slots.data_ptr(), _DTYPES[qkv.dtype],
+                                       torch.get_num_threads())
     if code:
         raise AttentionShapeError(f"rope_write: {_ERRORS.get(code, f'error {code}')}")
 
@@ -169,7 +171,8 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: to
     code = library.longtail_paged_decode(
         out.data_ptr(), out.stride(0), query.data_ptr(), query.stride(0), key_cache.data_ptr(),
         value_cache.data_ptr(), key_cache.shape[0] // block_size, block_tables.data_ptr(), block_tables.shape[1],
-        context_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size, scale, _DTYPES[query.dtype])
+        context_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size, scale, _DTYPES[query.dtype],
+        torch.get_num_threads())
     if code:
         raise AttentionShapeError(f"paged_decode_attention: {_ERRORS.get(code, f'error {code}')}")
 
@@ -211,7 +214,7 @@ class BoundCache:
             raise AttentionShapeError("rope_write: qkv, cos, sin or write_slots do not fit the cache")
         code = self._rope(qkv.data_ptr(), qkv.stride(0), tokens, self.heads, self.kv_heads, self.head_dim,
                           cos.data_ptr(), sin.data_ptr(), self.key_addr[layer], self.value_addr[layer], self.slots,
-                          write_slots.data_ptr(), self.code)
+                          write_slots.data_ptr(), self.code, torch.get_num_threads())
         if code:
             raise AttentionShapeError(f"rope_write: {_ERRORS.get(code, f'error {code}')}")
 
@@ -228,6 +231,6 @@ class BoundCache:
         code = self._decode(out.data_ptr(), out.stride(0), query.data_ptr(), query.stride(0), self.key_addr[layer],
                             self.value_addr[layer], self.slots // self.block_size, block_tables.data_ptr(),
                             block_tables.shape[1], context_lens.data_ptr(), rows, self.heads, self.kv_heads,
-                            self.head_dim, self.block_size, scale, self.code)
+                            self.head_dim, self.block_size, scale, self.code, torch.get_num_threads())
         if code:
             raise AttentionShapeError(f"paged_decode_attention: {_ERRORS.get(code, f'error {code}')}")

@@ -10,7 +10,9 @@ once. Long runs (prompt chunks) stay on torch's matmul, which tiles them well.
 The reference is `kernels.lora.add_lora_runs` (same math, one torch matmul pair
 per run); tests compare the two. The kernel is compiled with the system C
 compiler on first use into `$LONGTAIL_HOME/kernels/` (keyed by source, flags and
-CPU), and ctypes releases the GIL while it runs. Without a compiler, or with
+CPU), and ctypes releases the GIL while it runs. It splits its (run, projection)
+pairs among `torch.get_num_threads()` OpenMP threads: one adapter's rows are a
+memory read that one core cannot saturate the bus with. Without a compiler, or with
 `LONGTAIL_KERNELS=torch`, `native_available()` is False and callers use the reference.
 """
 
@@ -33,7 +35,8 @@ from longtail.kernels.lora import LoraShapeError, Runs
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_runs.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
+# -fopenmp: the kernel shares its work among torch's OpenMP threads (libgomp.so.1, the copy torch loaded).
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Runs longer than this go to torch: a prompt chunk is a real matmul, where a tiled BLAS beats a plain loop.
 MAX_NATIVE_RUN = 16
 
@@ -99,7 +102,7 @@ def _load() -> ctypes.CDLL | None:
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_void_p]
+                         ctypes.c_void_p, ctypes.c_int64]
     _library = library
     return library
 
@@ -194,6 +197,7 @@ def add_lora_runs_native(out: torch.Tensor, x: torch.Tensor, runs: torch.Tensor,
     code = library.longtail_lora_runs_f32(
         x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(), out.stride(0), out.shape[1], out.shape[0],
         runs.data_ptr(), runs.shape[0], table.out_cols.shape[0], table.slot_count, table.out_cols.data_ptr(),
-        table.a_addr.data_ptr(), table.b_addr.data_ptr(), table.ranks.data_ptr(), table.scales.data_ptr())
+        table.a_addr.data_ptr(), table.b_addr.data_ptr(), table.ranks.data_ptr(), table.scales.data_ptr(),
+        torch.get_num_threads())
     if code:
         raise LoraShapeError(f"add_lora_runs_native: {_ERRORS.get(code, f'error {code}')}")

@@ -13,6 +13,11 @@
  * Built without FMA contraction (-ffp-contract=off): RoPE is then the same two products and
  * one sum per element as torch's `q * cos + rotate_half(q) * sin`.
  * Every function checks its indices before writing and returns a negative code if one is out of range.
+ *
+ * Threads: work is shared among `threads` OpenMP threads (tokens for RoPE, (row, kv head) pairs for
+ * decode attention); every output element is written by one thread, computed in the same order as
+ * with one, so results do not depend on the thread count. Built with -fopenmp, the library links the
+ * libgomp torch has already loaded (same soname): one thread pool for torch and for these kernels.
  */
 #include <math.h>
 #include <stdint.h>
@@ -47,13 +52,16 @@ static inline void store(void *base, int64_t index, float value, int dtype) {
  * cos/sin: [tokens, head_dim] fp32 (already the doubled half, as HF builds them). */
 int longtail_rope_write(void *qkv, int64_t qkv_stride, int64_t tokens, int64_t heads, int64_t kv_heads,
                         int64_t head_dim, const float *cos_t, const float *sin_t, void *key_cache,
-                        void *value_cache, int64_t cache_slots, const int64_t *write_slots, int dtype) {
+                        void *value_cache, int64_t cache_slots, const int64_t *write_slots, int dtype,
+                        int64_t threads) {
     for (int64_t t = 0; t < tokens; ++t)
         if (write_slots[t] < 0 || write_slots[t] >= cache_slots) return -1;
     const int64_t half = head_dim / 2, kv_width = kv_heads * head_dim;
-    float rotated[1024];
     if (head_dim > 1024 || head_dim % 2) return -2;
+    /* A decode step's few tokens are cheaper on one thread than a fork; a prompt's are not. */
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (threads > 1 && tokens >= 16)
     for (int64_t t = 0; t < tokens; ++t) {
+        float rotated[1024];
         const float *c = cos_t + t * head_dim, *s = sin_t + t * head_dim;
         const int64_t row = t * qkv_stride;
         for (int64_t h = 0; h < heads + kv_heads; ++h) {
@@ -84,7 +92,8 @@ int longtail_rope_write(void *qkv, int64_t qkv_stride, int64_t tokens, int64_t h
 int longtail_paged_decode(void *out, int64_t out_stride, const void *q, int64_t q_stride, const void *key_cache,
                           const void *value_cache, int64_t cache_blocks, const int64_t *block_tables,
                           int64_t table_stride, const int64_t *context_lens, int64_t rows, int64_t heads,
-                          int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, int dtype) {
+                          int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, int dtype,
+                          int64_t threads) {
     if (kv_heads <= 0 || heads % kv_heads || head_dim > 1024) return -2;
     int64_t longest = 0;
     for (int64_t r = 0; r < rows; ++r) {
@@ -96,19 +105,27 @@ int longtail_paged_decode(void *out, int64_t out_stride, const void *q, int64_t 
         }
         if (length > longest) longest = length;
     }
-    const int64_t group = heads / kv_heads, kv_width = kv_heads * head_dim;
-    float *scores = malloc(sizeof(float) * (size_t)(group * longest));
-    float *acc = malloc(sizeof(float) * (size_t)(group * head_dim));
-    float *query = malloc(sizeof(float) * (size_t)(group * head_dim));
-    float *key = malloc(sizeof(float) * (size_t)head_dim);
-    if (!scores || !acc || !query || !key) {
-        free(scores), free(acc), free(query), free(key);
-        return -4;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t length = context_lens[r];
-        const int64_t *table = block_tables + r * table_stride;
-        for (int64_t g = 0; g < kv_heads; ++g) {
+    const int64_t group = heads / kv_heads, kv_width = kv_heads * head_dim, pairs = rows * kv_heads;
+    int failed = 0;
+    /* Every (row, kv head) reads its own keys once for the whole query group; one pair is too
+       little to fork for, a batch's worth is not. */
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) if (threads > 1 && pairs * longest >= 4096)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(group * longest));
+        float *acc = malloc(sizeof(float) * (size_t)(group * head_dim));
+        float *query = malloc(sizeof(float) * (size_t)(group * head_dim));
+        float *key = malloc(sizeof(float) * (size_t)head_dim);
+        const int ready = scores && acc && query && key;
+        if (!ready) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t pair = 0; pair < pairs; ++pair) {
+            if (!ready) continue;
+            const int64_t r = pair / kv_heads, g = pair % kv_heads;
+            const int64_t length = context_lens[r];
+            const int64_t *table = block_tables + r * table_stride;
             for (int64_t j = 0; j < group; ++j)
                 for (int64_t i = 0; i < head_dim; ++i)
                     query[j * head_dim + i] = load(q, r * q_stride + (g * group + j) * head_dim + i, dtype);
@@ -163,7 +180,7 @@ int longtail_paged_decode(void *out, int64_t out_stride, const void *q, int64_t 
                 for (int64_t i = 0; i < head_dim; ++i)
                     store(out, r * out_stride + (g * group + j) * head_dim + i, acc[j * head_dim + i], dtype);
         }
+        free(scores), free(acc), free(query), free(key);
     }
-    free(scores), free(acc), free(query), free(key);
-    return 0;
+    return failed ? -4 : 0;
 }

@@ -13,6 +13,12 @@
  *
  * Returns 0, or a negative code when a run or a column range is out of bounds; everything is
  * checked before anything is written.
+ *
+ * Threads: the (run, projection) pairs are shared among `threads` OpenMP threads. Each pair
+ * writes its own rows and columns of `out`, so no two threads touch one element, and each
+ * element is computed in the same order as with one thread: the result does not depend on
+ * the thread count. The library links the libgomp torch has loaded (same soname), so these
+ * threads are torch's own pool, not a second one competing for the cores.
  */
 #include <stdint.h>
 
@@ -34,7 +40,7 @@ static void axpy(float *restrict y, const float *restrict x, float alpha, int64_
 int longtail_lora_runs_f32(const float *x, int64_t x_stride, int64_t in_dim, float *out, int64_t out_stride,
                            int64_t out_width, int64_t rows, const int64_t *runs, int64_t run_count,
                            int64_t proj_count, int64_t slot_count, const int64_t *out_cols, const int64_t *a_addr,
-                           const int64_t *b_addr, const int64_t *ranks, const float *scales) {
+                           const int64_t *b_addr, const int64_t *ranks, const float *scales, int64_t threads) {
     for (int64_t p = 0; p < proj_count; ++p) {
         if (out_cols[2 * p] < 0 || out_cols[2 * p + 1] < 0 || out_cols[2 * p] + out_cols[2 * p + 1] > out_width)
             return -2;
@@ -43,31 +49,33 @@ int longtail_lora_runs_f32(const float *x, int64_t x_stride, int64_t in_dim, flo
         if (runs[3 * r] < 0 || runs[3 * r] >= slot_count) return -1;
         if (runs[3 * r + 1] < 0 || runs[3 * r + 2] > rows || runs[3 * r + 1] > runs[3 * r + 2]) return -3;
     }
-    float shrunk[TOKEN_TILE][RANK_TILE];
-    for (int64_t r = 0; r < run_count; ++r) {
+    const int64_t pairs = run_count * proj_count;
+    /* A pair is at least a rank x in_dim read: worth a fork once there are two of them. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads > 0 ? threads : 1) if (threads > 1 && pairs > 1)
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+        const int64_t r = pair / proj_count, p = pair % proj_count;
         const int64_t slot = runs[3 * r], begin = runs[3 * r + 1], end = runs[3 * r + 2];
-        for (int64_t p = 0; p < proj_count; ++p) {
-            const int64_t index = p * slot_count + slot, rank = ranks[index];
-            if (rank <= 0) continue;
-            const float *a = (const float *)(intptr_t)a_addr[index];
-            const float *b = (const float *)(intptr_t)b_addr[index];
-            const float scale = scales[index];
-            const int64_t first_col = out_cols[2 * p], width = out_cols[2 * p + 1];
-            for (int64_t t0 = begin; t0 < end; t0 += TOKEN_TILE) {
-                const int64_t tokens = end - t0 < TOKEN_TILE ? end - t0 : TOKEN_TILE;
-                /* The rank is split in tiles: each B row only needs its own A row's dot products. */
-                for (int64_t j0 = 0; j0 < rank; j0 += RANK_TILE) {
-                    const int64_t width_j = rank - j0 < RANK_TILE ? rank - j0 : RANK_TILE;
-                    for (int64_t j = 0; j < width_j; ++j) {
-                        const float *a_row = a + (j0 + j) * in_dim;
-                        for (int64_t t = 0; t < tokens; ++t)
-                            shrunk[t][j] = scale * dot(x + (t0 + t) * x_stride, a_row, in_dim);
-                    }
-                    for (int64_t j = 0; j < width_j; ++j) {
-                        const float *b_row = b + (j0 + j) * width;
-                        for (int64_t t = 0; t < tokens; ++t)
-                            axpy(out + (t0 + t) * out_stride + first_col, b_row, shrunk[t][j], width);
-                    }
+        const int64_t index = p * slot_count + slot, rank = ranks[index];
+        if (rank <= 0) continue;
+        float shrunk[TOKEN_TILE][RANK_TILE];
+        const float *a = (const float *)(intptr_t)a_addr[index];
+        const float *b = (const float *)(intptr_t)b_addr[index];
+        const float scale = scales[index];
+        const int64_t first_col = out_cols[2 * p], width = out_cols[2 * p + 1];
+        for (int64_t t0 = begin; t0 < end; t0 += TOKEN_TILE) {
+            const int64_t tokens = end - t0 < TOKEN_TILE ? end - t0 : TOKEN_TILE;
+            /* The rank is split in tiles: each B row only needs its own A row's dot products. */
+            for (int64_t j0 = 0; j0 < rank; j0 += RANK_TILE) {
+                const int64_t width_j = rank - j0 < RANK_TILE ? rank - j0 : RANK_TILE;
+                for (int64_t j = 0; j < width_j; ++j) {
+                    const float *a_row = a + (j0 + j) * in_dim;
+                    for (int64_t t = 0; t < tokens; ++t)
+                        shrunk[t][j] = scale * dot(x + (t0 + t) * x_stride, a_row, in_dim);
+                }
+                for (int64_t j = 0; j < width_j; ++j) {
+                    const float *b_row = b + (j0 + j) * width;
+                    for (int64_t t = 0; t < tokens; ++t)
+                        axpy(out + (t0 + t) * out_stride + first_col, b_row, shrunk[t][j], width);
                 }
             }
         }
