@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -114,6 +115,31 @@ def token_groups(token_slots: torch.Tensor) -> TokenGroups:
             ranges.append((first, last + 1) if last - first + 1 == count else None)
         start += count
     return TokenGroups(groups, ranges, token_count=slots.shape[0], device=slots.device)
+
+
+def token_groups_of(token_slots: Sequence[int], device: torch.device | str = "cpu") -> TokenGroups:
+    """`token_groups` from the slots as host ints (the runner has them): nothing is read back from the device.
+
+    The token order goes to the device in one copy (pinned and asynchronous on CUDA); each group's
+    indices are a slice of it.
+    """
+    count = len(token_slots)
+    order = sorted(range(count), key=token_slots.__getitem__)  # stable: each group's tokens stay increasing
+    device = torch.device(device)
+    host = torch.tensor(order, dtype=torch.int64)
+    on_device = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    groups, ranges, start = [], [], 0
+    while start < count:
+        slot = token_slots[order[start]]
+        end = start
+        while end < count and token_slots[order[end]] == slot:
+            end += 1
+        if slot >= 0:
+            groups.append((slot, on_device[start:end]))
+            first, last = order[start], order[end - 1]
+            ranges.append((first, last + 1) if last - first + 1 == end - start else None)
+        start = end
+    return TokenGroups(groups, ranges, token_count=count, device=device)
 
 
 def _targeted(groups: Groups, ranks: list[int]):

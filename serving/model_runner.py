@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from longtail.kernels.lora import kernel_backend, runs_of, token_groups
+from longtail.kernels.lora import kernel_backend, runs_of, token_groups_of
 from longtail.kernels.lora_cpu import native_available, split_runs
 from longtail.serving.kv_cache import PagedKVCache
 from longtail.serving.lora_slots import LoraSlots
@@ -39,6 +39,16 @@ class SequenceChunk:
     @property
     def is_decode(self) -> bool:
         return len(self.token_ids) == 1 and self.context > 0
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step input to the device without stalling the host: pinned and asynchronous on CUDA.
+
+    The copy is ordered on the stream before the kernels that read it, so nothing waits for it here.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class ModelRunner:
@@ -84,7 +94,7 @@ class ModelRunner:
             if not chunk.is_decode:
                 gather = self.cache.slot_indices(chunk.blocks, 0, chunk.context + length) if context else None
                 segments.append(PrefillSegment(starts[index], length, chunk.context,
-                                               gather.to(device) if gather is not None else None))
+                                               _to_device(gather, device) if gather is not None else None))
         logits_index: list[int] = []
         for index, chunk in enumerate(chunks):
             if chunk.logits_from is None:
@@ -95,8 +105,8 @@ class ModelRunner:
         decode = [chunks[i] for i in decode_order]
         context_lens = [c.context + 1 for c in decode]
         tokens = len(ids)
-        packed = torch.tensor(ids + positions + write_slots + token_slots + logits_index + context_lens,
-                              dtype=torch.int64).to(device)
+        packed = _to_device(torch.tensor(ids + positions + write_slots + token_slots + logits_index + context_lens,
+                                         dtype=torch.int64), device)
         parts = packed.split([tokens, tokens, tokens, tokens, len(logits_index), len(decode)])
         runs = runs_of(token_slots)
         native_runs = None
@@ -105,13 +115,13 @@ class ModelRunner:
         slot_tensor = parts[3]
         return BatchPlan(
             input_ids=parts[0], positions=parts[1], write_slots=parts[2], token_slots=slot_tensor,
-            # The torch backend reads only the runs; the grouping (a sort and a host sync) is for the GPU kernels.
-            lora_groups=token_groups(slot_tensor) if (runs or native_runs is not None)
+            # The torch backend reads only the runs; the grouping is for the GPU kernels, made from host ints.
+            lora_groups=token_groups_of(token_slots, device) if (runs or native_runs is not None)
             and kernel_backend() != "torch" else [],
             lora_runs=runs, native_runs=native_runs,
             prefill=segments,
             decode_count=len(decode),
-            decode_gather=self._block_tables(decode, context_lens, block_size).to(device),
+            decode_gather=_to_device(self._block_tables(decode, context_lens, block_size), device),
             context_lens=parts[5],
             logits_index=parts[4],
         )
