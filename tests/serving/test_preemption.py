@@ -185,22 +185,21 @@ def test_seeded_sampling_continues_its_own_generator_across_a_preemption(sharp_l
 def test_the_most_recently_admitted_request_is_preempted_and_resumes_first(sharp_llama):
     engine = engine_with_blocks(sharp_llama, 4)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    # Each needs 1 block at admission (prompt 10 + 1) and 3 by its end: the pool fits both only at first.
-    first = engine.submit(list(range(3, 13)), None, params)
-    second = engine.submit(list(range(20, 30)), None, params)
+    # The first two need 1 block at admission (prompt 10 + 1) and 3 by their end: the pool fits both only at
+    # first. The third needs 3 blocks at once, so it waits from the start.
+    prompts = [list(range(3, 13)), list(range(20, 30)), list(range(40, 80))]
+    all_params = [params, params, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)]
+    first, second, third = submit_all(engine, prompts, [None] * 3, all_params)
     while second.request.preemptions == 0:
         assert engine.step()
+        assert third.request.state is State.WAITING
     assert first.request.preemptions == 0 and first.request.state is State.RUNNING
     assert second.request.state is State.WAITING and second.request.blocks == []
-    assert engine.scheduler.queues[None].head() is second.request
-    third = engine.submit(list(range(40, 50)), None, params)
-    engine.step()
-    assert engine.scheduler.waiting_requests()[0] is second.request, "the preempted request is next, not a newcomer"
+    assert engine.scheduler.waiting_requests() == [second.request, third.request], \
+        "the preempted request goes back ahead of the request that was waiting before it"
     run_to_end(engine, [first, second, third])
-    alone = engine_with_blocks(sharp_llama, None)
-    assert [h.wait().token_ids for h in (first, second, third)] == \
-        [o.token_ids for o in alone.generate([list(range(3, 13)), list(range(20, 30)), list(range(40, 50))],
-                                             [None] * 3, params)]
+    alone = engine_with_blocks(sharp_llama, None).generate(prompts, [None] * 3, all_params)
+    assert [h.wait().token_ids for h in (first, second, third)] == [o.token_ids for o in alone]
     assert all_blocks_free(engine)
 
 
@@ -229,8 +228,9 @@ def test_scoring_preempted_mid_prompt_gives_the_same_log_probabilities(sharp_lla
     prompts = [list(range(3, 17)), list(range(30, 44))]  # 14 tokens: their first new block is at the 3rd decode
     params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     generator = torch.Generator().manual_seed(5)
-    score_prompt = torch.randint(3, 384, (70,), generator=generator).tolist()
-    score_output = torch.randint(3, 384, (21,), generator=generator).tolist()  # 90 tokens run: 6 blocks
+    # 90 tokens run (6 blocks), the scored rows from the 20th: it has scored 40 tokens when it is preempted.
+    score_prompt = torch.randint(3, 384, (20,), generator=generator).tolist()
+    score_output = torch.randint(3, 384, (71,), generator=generator).tolist()
     large = engine_with_blocks(sharp_llama, None)
     expected_scores = large.score(score_prompt, score_output, None)
     expected = large.generate(prompts, [None] * 2, params)
@@ -242,6 +242,7 @@ def test_scoring_preempted_mid_prompt_gives_the_same_log_probabilities(sharp_lla
         scoring = tiny.submit_score(score_prompt, score_output, None, background=background)
         run_to_end(tiny, [*handles, scoring])
         assert scoring.request.preemptions >= 1, "the scoring request was the most recently admitted"
+        assert len(scoring.scores()) == len(score_output)
         assert scoring.scores() == pytest.approx(expected_scores, abs=1e-4)
         assert [h.wait().token_ids for h in handles] == [o.token_ids for o in expected]
         assert all_blocks_free(tiny)
