@@ -1,5 +1,5 @@
 """Scheduling policy: round-robin across adapters and clients (no starvation), KV admission, token budget,
-chunked prefill."""
+chunked prefill, and preemption when a decoding request needs a block the pool does not have."""
 
 from __future__ import annotations
 
@@ -146,3 +146,69 @@ def test_background_requests_count_as_waiting_and_can_be_withdrawn():
     assert scheduler.waiting() == 1 and scheduler.waiting_requests() == [waiting]
     assert scheduler.remove_waiting(waiting) and not scheduler.remove_waiting(waiting)
     assert scheduler.waiting() == 0
+
+
+def decoding(scheduler, *requests, blocks=1):
+    """Requests running and past their prompt, holding `blocks` blocks each, in admission order."""
+    for r in requests:
+        r.state, r.cached, r.blocks = State.RUNNING, len(r.prompt_ids), list(range(blocks))
+        r.output_ids = [7]
+        scheduler.running.append(r)
+
+
+def test_a_decoding_request_short_of_a_block_preempts_the_most_recently_admitted():
+    scheduler = Scheduler(max_batch_tokens=100, max_running=10)
+    old, middle, young = request(1, None), request(2, "a"), request(3, "a")
+    decoding(scheduler, old, middle, young, blocks=2)
+    waiting = request(4, "a")
+    scheduler.add(waiting)
+    grow = {1: 1, 2: 0, 3: 0}  # only the oldest crosses a block boundary this step
+    plan = scheduler.schedule(0, lambda r: 1, lambda a: True, lambda r: grow[r.request_id])
+    assert plan.preempted == [young] and scheduler.running == [old, middle]
+    assert plan.decode == [old, middle] and plan.prefill == [], "nothing is admitted in a step that preempted"
+    assert young.state is State.WAITING and young.cached == 0 and young.preemptions == 1
+    assert young.prefill_len == 4 + 1, "its prompt and the token it generated are prefilled again"
+    assert young.prefill_tokens(0, 5) == [1, 1, 1, 1, 7]
+    assert scheduler.waiting_requests() == [young, waiting], "back at the head of its queue"
+    assert young.blocks == [0, 1], "the engine, not the scheduler, returns its blocks to the pool"
+
+
+def test_preemption_takes_as_many_as_needed_and_the_asking_request_itself_when_it_is_the_youngest():
+    scheduler = Scheduler(max_batch_tokens=100, max_running=10)
+    a, b, c = request(1, None), request(2, None), request(3, None)
+    decoding(scheduler, a, b, c, blocks=1)
+    c.blocks = []  # it holds nothing: preempting it frees no block, so b must go too
+    plan = scheduler.schedule(0, lambda r: 1, lambda adapter: True, lambda r: 1)
+    # a needs 1: c (0 blocks) then b (1 block) are preempted; a's block comes from b.
+    assert plan.preempted == [c, b] and plan.decode == [a]
+    assert scheduler.waiting_requests() == [b, c], "the older preempted request resumes first"
+    scheduler.running.clear()
+    lone = request(9, None)
+    decoding(scheduler, a, lone, blocks=1)
+    plan = scheduler.schedule(0, lambda r: 1, lambda adapter: True, lambda r: 1 if r is lone else 0)
+    assert plan.preempted == [lone] and plan.decode == [a], "the youngest, short itself, gives way to the older"
+
+
+def test_growth_within_the_free_blocks_preempts_nobody_and_leaves_the_rest_to_admission():
+    scheduler = Scheduler(max_batch_tokens=100, max_running=10)
+    a, b = request(1, None), request(2, None)
+    decoding(scheduler, a, b)
+    scheduler.add(request(3, None))
+    scheduler.add(request(4, None))
+    plan = scheduler.schedule(3, lambda r: 1, lambda adapter: True, lambda r: 1)  # 2 for growth, 1 to admit
+    assert plan.preempted == [] and plan.decode == [a, b]
+    assert [r.request_id for r, _ in plan.prefill] == [3]
+
+
+def test_a_preempted_background_request_waits_at_the_head_of_the_background_queue():
+    scheduler = Scheduler(max_batch_tokens=100, max_running=10)
+    a = request(1, None)
+    scoring = background(2, arrival=0.0, prompt=40)
+    decoding(scheduler, a)
+    scoring.state, scoring.cached, scoring.blocks = State.RUNNING, 16, [5, 6, 7]
+    scheduler.running.append(scoring)
+    later = background(3, arrival=0.0)
+    scheduler.add(later)
+    plan = scheduler.schedule(0, lambda r: 1, lambda adapter: True, lambda r: 1 if r is a else 0)
+    assert plan.preempted == [scoring] and list(scheduler.background) == [scoring, later]
+    assert scoring.cached == 0 and scoring.prefill_len == 40
