@@ -18,7 +18,9 @@ Policy (docs/serving.md):
   the tokens it generated, which it prefills again with its prompt when it is
   readmitted (recompute). The oldest running request is never preempted for a
   younger one, and a request that fits the pool alone always fits, so every
-  request finishes. No request is admitted in a step that preempted one;
+  request finishes. No request is admitted in a step that preempted one, nor
+  while a preempted request at the head of its queue waits for blocks (so the
+  newcomers of other adapters cannot keep it out);
 - background requests (the node's adapter-credit scorings: evidence, not
   answers) wait in a queue of their own, FCFS, and are admitted only into a
   step that runs other work anyway, or once the oldest has waited
@@ -287,6 +289,9 @@ class Scheduler:
                 request = queue.head()
                 chunk = room.take(request)
                 if chunk is None:
+                    if request.preemptions and room.blocks_needed(request) > room.blocks_free:
+                        # A preempted request is owed its blocks: nobody else takes them while it waits for them.
+                        room.blocks_free = 0
                     continue
                 queue.pop_head()
                 admitted.append((request, chunk))

@@ -212,3 +212,21 @@ def test_a_preempted_background_request_waits_at_the_head_of_the_background_queu
     plan = scheduler.schedule(0, lambda r: 1, lambda adapter: True, lambda r: 1 if r is a else 0)
     assert plan.preempted == [scoring] and list(scheduler.background) == [scoring, later]
     assert scoring.cached == 0 and scoring.prefill_len == 40
+
+
+def test_newcomers_do_not_take_the_blocks_a_preempted_request_waits_for():
+    scheduler = Scheduler(max_batch_tokens=100, max_running=10)
+    preempted, newcomer = request(1, "a", prompt=40), request(2, "b")
+    preempted.preemptions = 1
+    scheduler.add(preempted)
+    scheduler.add(newcomer)
+    need = {1: 3, 2: 1}
+    plan = scheduler.schedule(2, lambda r: need[r.request_id], lambda adapter: True)
+    assert plan.prefill == [], "2 free blocks: too few for the preempted request, and held for it"
+    plan = scheduler.schedule(3, lambda r: need[r.request_id], lambda adapter: True)
+    assert [r.request_id for r, _ in plan.prefill] == [1]
+    fresh = Scheduler(max_batch_tokens=100, max_running=10)
+    fresh.add(request(1, "a", prompt=40))
+    fresh.add(request(2, "b"))
+    assert [r.request_id for r, _ in fresh.schedule(2, lambda r: need[r.request_id], lambda a: True).prefill] == \
+        [2], "a request never preempted holds nothing for itself: the next queue's head is admitted"
