@@ -172,6 +172,9 @@ class EngineStats:
 
 def device_kv_cache_bytes(model: LlamaModel, fraction: float, adapter_bytes: int, max_batch_tokens: int) -> int:
     """The KV pool's bytes on a CUDA device, from its free memory now (the weights already loaded)."""
+    # Loading fused q/k/v and gate/up by concatenation: the unfused originals sit in torch's allocator cache,
+    # which the driver counts as used; handed back first, they count as free.
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(model.device)
     weights = model.config.parameter_count() * model.dtype.itemsize
     reserve = step_activation_bytes(model.config, max_batch_tokens, model.dtype)
