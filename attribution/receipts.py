@@ -245,31 +245,6 @@ class MatchedSpan:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterCredit:
-    """Per-token log-probability gain of the output under the adapter over the base model.
-
-    Filled by the engine when it scores the output with and without the adapter;
-    absent (None in the body) when that extra forward was not run.
-    """
-
-    tokens: int
-    adapter_logprob: float
-    base_logprob: float
-
-    @property
-    def gain_per_token(self) -> float:
-        return (self.adapter_logprob - self.base_logprob) / self.tokens if self.tokens else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "adapterLogprob": self.adapter_logprob, "baseLogprob": self.base_logprob,
-                "gainPerToken": self.gain_per_token}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AdapterCredit:
-        return cls(int(data["tokens"]), float(data["adapterLogprob"]), float(data["baseLogprob"]))
-
-
-@dataclasses.dataclass(frozen=True)
 class SignedReceipt:
     """A receipt, its 65-byte signature (r || s || v, v in {27, 28}) and the body served beside it."""
 
@@ -278,7 +253,6 @@ class SignedReceipt:
     domain: ReceiptDomain
     attribution: AttributionVector = dataclasses.field(default_factory=lambda: AttributionVector())
     spans: tuple[MatchedSpan, ...] = ()
-    adapter_credit: AdapterCredit | None = None
 
     @functools.cached_property
     def digest(self) -> bytes:
@@ -298,7 +272,6 @@ class SignedReceipt:
             "signature": "0x" + self.signature.hex(),
             "attribution": self.attribution.to_json(),
             "spans": [s.to_json() for s in self.spans],
-            "adapterCredit": self.adapter_credit.to_json() if self.adapter_credit else None,
         }
 
     def to_canonical_json(self) -> bytes:
@@ -318,7 +291,6 @@ class SignedReceipt:
                 domain=ReceiptDomain.from_json(data["domain"]),
                 attribution=AttributionVector.from_json(data.get("attribution") or {}),
                 spans=tuple(MatchedSpan.from_json(s) for s in data.get("spans") or ()),
-                adapter_credit=AdapterCredit.from_json(data["adapterCredit"]) if data.get("adapterCredit") else None,
             )
         except (KeyError, TypeError) as error:
             raise MalformedReceipt("body", str(error), "missing or mistyped member") from error
@@ -345,7 +317,6 @@ class ReceiptDraft:
     timestamp: int
     attribution: AttributionVector = dataclasses.field(default_factory=lambda: AttributionVector())
     spans: tuple[MatchedSpan, ...] = ()
-    adapter_credit: AdapterCredit | None = None
 
     def to_receipt(self, node: str, seq: int) -> Receipt:
         return Receipt(node=node, seq=seq, request_id=self.request_id, client=self.client,
@@ -462,7 +433,7 @@ class ReceiptSigner:
         return recoverable[:64] + bytes([recoverable[64] + 27])
 
     def sign(self, receipt: Receipt, attribution: AttributionVector | None = None,
-             spans: Sequence[MatchedSpan] = (), adapter_credit: AdapterCredit | None = None) -> SignedReceipt:
+             spans: Sequence[MatchedSpan] = ()) -> SignedReceipt:
         attribution = attribution if attribution is not None else AttributionVector()
         if receipt.node != self.address:
             raise WrongSigner(expected=receipt.node, actual=self.address)
@@ -470,17 +441,15 @@ class ReceiptSigner:
             raise AttributionMismatch(f"attribution vector hashes to {attribution.hash}, "
                                       f"receipt carries {receipt.attribution_hash}")
         digest = receipt_digest(receipt, self.domain)
-        signed = SignedReceipt(receipt, self.sign_digest(digest), self.domain, attribution, tuple(spans),
-                               adapter_credit)
+        signed = SignedReceipt(receipt, self.sign_digest(digest), self.domain, attribution, tuple(spans))
         signed.__dict__["digest"] = digest  # the cached property's own slot: the digest is hashed once per receipt
         return signed
 
 
 def sign_receipt(receipt: Receipt, private_key: bytes | str, domain: ReceiptDomain,
-                 attribution: AttributionVector | None = None, spans: Sequence[MatchedSpan] = (),
-                 adapter_credit: AdapterCredit | None = None) -> SignedReceipt:
+                 attribution: AttributionVector | None = None, spans: Sequence[MatchedSpan] = ()) -> SignedReceipt:
     """Sign one receipt (for many, keep a ReceiptSigner)."""
-    return ReceiptSigner(private_key, domain).sign(receipt, attribution, spans, adapter_credit)
+    return ReceiptSigner(private_key, domain).sign(receipt, attribution, spans)
 
 
 def recover_signer(digest: bytes, signature: bytes) -> str:

@@ -1,8 +1,7 @@
 """The receipt log's SQL store and the `ReceiptLog` that signs, persists and proves receipts.
 
 Tables: `receipts` (one row per signed receipt, unique `(node, seq)`),
-`adapter_credits` (evidence computed after a receipt was served, an annex
-keyed like it), `checkpoints` (tree sizes and roots the node committed to) and
+`checkpoints` (tree sizes and roots the node committed to) and
 `channels` (payment channel state the node has seen). SQLite in WAL mode with
 `synchronous=FULL` by default, PostgreSQL by URL, through the same models and
 the same statements: PostgreSQL runs them through SQLAlchemy's execution,
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sqlite3
 import threading
 import time
@@ -51,7 +49,6 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from longtail.attribution.log import MerkleLog
 from longtail.attribution.merkle import leaf_hash
 from longtail.attribution.receipts import (
-    AdapterCredit,
     ReceiptDomain,
     ReceiptDraft,
     ReceiptSigner,
@@ -83,18 +80,6 @@ class ReceiptRow(Base):
     digest: Mapped[bytes] = mapped_column(LargeBinary(32))
     leaf_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     body: Mapped[str] = mapped_column(Text)
-
-
-class AdapterCreditRow(Base):
-    """A receipt's adapter credit, computed after the answer left. It is not signed (not in the digest), so it
-    lives beside the append-only receipt row instead of rewriting it."""
-
-    __tablename__ = "adapter_credits"
-
-    node: Mapped[str] = mapped_column(String(42), primary_key=True)
-    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(66), index=True)
-    credit: Mapped[str] = mapped_column(Text)  # AdapterCredit.to_json(), compact
 
 
 class CheckpointRow(Base):
@@ -130,20 +115,6 @@ class Checkpoint:
     created_at: int
     epoch: int | None = None
     tx_hash: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ReceiptCredit:
-    """The adapter credit of receipt `(node, seq)`, to keep unless one is stored already."""
-
-    node: str
-    seq: int
-    request_id: str
-    credit: AdapterCredit
-
-    def row(self) -> dict[str, Any]:
-        return {"node": self.node, "seq": self.seq, "request_id": self.request_id.lower(),
-                "credit": json.dumps(self.credit.to_json(), sort_keys=True, separators=(",", ":"))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +168,7 @@ class ReceiptStore:
         self.engine = engine
         Base.metadata.create_all(engine)
         # SQLite has one writer at a time, and a writer that finds the database locked sleeps 1, 2, 5, 10 ms...
-        # before retrying: receipts, vouchers and credits written from several threads would queue that way.
+        # before retrying: receipts and vouchers written from several threads would queue that way.
         # A lock in the process hands the turn over at once instead.
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         self._insert_new = _insert_new_statements(engine.dialect.name)
@@ -225,11 +196,9 @@ class ReceiptStore:
         self.engine.dispose()
 
     # receipts
-    def insert_receipts(self, signed: Sequence[SignedReceipt], vouchers: Sequence[ChannelVoucher] = (),
-                        credits: Sequence[ReceiptCredit] = ()) -> None:
-        """Insert all in one transaction, with `vouchers` and `credits` kept as `record_voucher` and
-        `add_adapter_credits` would; returns once committed (durable). A paid request's voucher and the credits
-        computed since the last receipt ride in its transaction: one commit instead of three."""
+    def insert_receipts(self, signed: Sequence[SignedReceipt], vouchers: Sequence[ChannelVoucher] = ()) -> None:
+        """Insert all in one transaction, with `vouchers` kept as `record_voucher` would; returns once committed
+        (durable). A paid request's voucher rides in its receipt's transaction: one commit instead of two."""
         rows = [{
             "node": s.receipt.node, "seq": s.receipt.seq, "request_id": s.receipt.request_id,
             "channel_id": s.receipt.channel_id, "price": str(s.receipt.price), "digest": s.digest,
@@ -240,8 +209,6 @@ class ReceiptStore:
                 writes.run_many(_INSERT_RECEIPT, rows)
                 for voucher in vouchers:
                     self._keep_voucher(writes, voucher)
-                for credit in credits:
-                    self._add_new(writes, AdapterCreditRow, credit.row())
         except IntegrityError as error:
             seqs = [r["seq"] for r in rows]
             raise LogConflict(f"seq {min(seqs)}..{max(seqs)} already taken for node {rows[0]['node']}: "
@@ -272,28 +239,15 @@ class ReceiptStore:
             return connection.scalar(select(ReceiptRow.body).where(ReceiptRow.node == node, ReceiptRow.seq == seq))
 
     def bodies_for_request(self, request_id: str) -> list[str]:
-        """Bodies as served: the stored body, with its adapter credit filled in once the annex holds one."""
+        """The stored bodies of the receipts with this request id."""
         with self.engine.connect() as connection:
-            rows = connection.execute(_with_credit(select(ReceiptRow.body, AdapterCreditRow.credit))
-                                      .where(ReceiptRow.request_id == request_id.lower()))
-            return [_served_body(body, credit) for body, credit in rows]
+            return list(connection.scalars(select(ReceiptRow.body).where(ReceiptRow.request_id == request_id.lower())))
 
     def bodies(self, node: str, start: int = 0, limit: int = 100) -> list[str]:
-        """Bodies as served (see `bodies_for_request`), in `seq` order."""
+        """Stored bodies in `seq` order."""
         with self.engine.connect() as connection:
-            rows = connection.execute(_with_credit(select(ReceiptRow.body, AdapterCreditRow.credit)).where(
-                ReceiptRow.node == node, ReceiptRow.seq >= start).order_by(ReceiptRow.seq).limit(limit))
-            return [_served_body(body, credit) for body, credit in rows]
-
-    # adapter credit (an annex of the log: evidence, not covered by the signature)
-    def add_adapter_credit(self, node: str, seq: int, request_id: str, credit: AdapterCredit) -> bool:
-        """Keep the credit of receipt `(node, seq)`; the first one stored stays. Returns whether it was kept."""
-        return self.add_adapter_credits([ReceiptCredit(node, seq, request_id, credit)]) == 1
-
-    def add_adapter_credits(self, credits: Sequence[ReceiptCredit]) -> int:
-        """Keep each credit unless its receipt has one already, in one transaction; returns how many were kept."""
-        with self._writing() as writes:
-            return sum(self._add_new(writes, AdapterCreditRow, credit.row()) for credit in credits)
+            return list(connection.scalars(select(ReceiptRow.body).where(
+                ReceiptRow.node == node, ReceiptRow.seq >= start).order_by(ReceiptRow.seq).limit(limit)))
 
     def _add_new(self, writes: _Writes, table: type[Base], values: dict[str, Any]) -> bool:
         """Insert a row unless its key is taken (then nothing changes); returns whether it was inserted."""
@@ -306,12 +260,6 @@ class ReceiptStore:
         except IntegrityError:
             return False
         return True
-
-    def adapter_credit(self, node: str, seq: int) -> AdapterCredit | None:
-        with self.engine.connect() as connection:
-            text = connection.scalar(select(AdapterCreditRow.credit).where(
-                AdapterCreditRow.node == node, AdapterCreditRow.seq == seq))
-        return AdapterCredit.from_json(json.loads(text)) if text else None
 
     def channel_total(self, node: str, channel_id: str) -> int:
         """Sum of the prices of this node's receipts on a channel: what the client owes in total."""
@@ -414,7 +362,7 @@ def _insert_new_statements(dialect: str) -> dict[type[Base], Any]:
     """Per table, an INSERT that does nothing when the key is taken (a normal outcome, not an error that would end
     the transaction); empty for a dialect without ON CONFLICT. On PostgreSQL with RETURNING: psycopg reports no
     rowcount for it."""
-    tables = (ChannelRow, AdapterCreditRow)
+    tables = (ChannelRow,)
     if dialect == "sqlite":
         return {table: sqlite_insert(table).on_conflict_do_nothing() for table in tables}
     if dialect == "postgresql":
@@ -454,7 +402,7 @@ class _DriverWrites:
     """SQLite's writes on one connection the store keeps, run by the sqlite3 driver: the same statements,
     compiled by SQLAlchemy once per statement and set of parameters.
 
-    Why: a paid request's receipt, voucher and credits are written on the node's event loop before its answer
+    Why: a paid request's receipt and voucher are written on the node's event loop before its answer
     leaves, and SQLAlchemy's per-execution machinery (cache key, execution context, result) cost ~0.5 ms of the
     ~2 ms that took on this CPU, more than the SQL (docs/node.md). Callers hold the store's write lock, so one
     connection serves every thread in turn (SQLAlchemy opens SQLite files with check_same_thread off).
@@ -521,20 +469,6 @@ class _DriverWrites:
         self._pooled.close()
 
 
-def _with_credit(query):
-    return query.outerjoin(AdapterCreditRow, (AdapterCreditRow.node == ReceiptRow.node)
-                           & (AdapterCreditRow.seq == ReceiptRow.seq))
-
-
-def _served_body(body: str, credit: str | None) -> str:
-    """The canonical body with `adapterCredit` from the annex (the digest and signature do not cover it)."""
-    if credit is None:
-        return body
-    data = json.loads(body)
-    data["adapterCredit"] = json.loads(credit)
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 class ReceiptLog:
     """One node's receipt log: assigns `seq`, signs, persists, and answers roots and proofs.
 
@@ -565,23 +499,21 @@ class ReceiptLog:
     def domain(self) -> ReceiptDomain:
         return self.signer.domain
 
-    def append(self, draft: ReceiptDraft, vouchers: Sequence[ChannelVoucher] = (),
-               credits: Sequence[ReceiptCredit] = ()) -> SignedReceipt:
-        """Sign and durably store one receipt (`vouchers` and `credits` in the same commit); returns it with its
-        `seq`."""
-        return self.append_many([draft], vouchers, credits)[0]
+    def append(self, draft: ReceiptDraft, vouchers: Sequence[ChannelVoucher] = ()) -> SignedReceipt:
+        """Sign and durably store one receipt (`vouchers` in the same commit); returns it with its `seq`."""
+        return self.append_many([draft], vouchers)[0]
 
-    def append_many(self, drafts: Sequence[ReceiptDraft], vouchers: Sequence[ChannelVoucher] = (),
-                    credits: Sequence[ReceiptCredit] = ()) -> list[SignedReceipt]:
-        """Sign a batch with consecutive `seq`s and commit it once (group commit), `vouchers` and `credits` with
-        it; durable on return."""
+    def append_many(self, drafts: Sequence[ReceiptDraft], vouchers: Sequence[ChannelVoucher] = ()) \
+            -> list[SignedReceipt]:
+        """Sign a batch with consecutive `seq`s and commit it once (group commit), `vouchers` with it; durable on
+        return."""
         if not drafts:
             return []
         with self._lock:
             start = self.tree.size
-            signed = [self.signer.sign(d.to_receipt(self.node, start + i), d.attribution, d.spans, d.adapter_credit)
+            signed = [self.signer.sign(d.to_receipt(self.node, start + i), d.attribution, d.spans)
                       for i, d in enumerate(drafts)]
-            self.store.insert_receipts(signed, vouchers, credits)
+            self.store.insert_receipts(signed, vouchers)
             # Only a committed batch enters the in-memory tree, so a failed commit leaves no trace.
             for s in signed:
                 self.tree.append(s.leaf_hash)

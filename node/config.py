@@ -59,8 +59,8 @@ class NodeConfig:
     # The environment variable holding the operator's token for POST/DELETE /v1/adapters (unset: both refused).
     operator_token_env: str = "LONGTAIL_OPERATOR_TOKEN"
     announce_ttl_seconds: float = 30.0
+    # Score each adapter's data credit (held-out gain per Datanet, docs/attribution.md) once, when first served.
     adapter_credit: bool = True
-    adapter_credit_backlog: int = 64
     gil_switch_interval_ms: float = 0.5
     engine_process: bool = True
 

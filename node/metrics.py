@@ -45,7 +45,6 @@ class NodeMetrics:
     log_size: Gauge
     checkpoints: Counter
     checkpoint_failures: Counter
-    adapter_credits: Counter
 
     @classmethod
     def create(cls) -> NodeMetrics:
@@ -65,8 +64,6 @@ class NodeMetrics:
             checkpoints=Counter("longtail_checkpoints", "Checkpoints posted on chain", registry=registry),
             checkpoint_failures=Counter("longtail_checkpoint_failures", "Checkpoint attempts that failed",
                                         registry=registry),
-            adapter_credits=Counter("longtail_adapter_credits", "Adapter credits by outcome (stored, skipped "
-                                    "when the backlog is full, failed)", ["outcome"], registry=registry),
         )
 
     def render(self) -> bytes:

@@ -4,12 +4,9 @@ It owns no policy of its own: payments decide admission (`node.payments`),
 the engine generates (`serving`), the attributor weighs Datanets
 (`node.attributor`), the receipt log signs and persists (`attribution.store`).
 The order of one request is fixed by DESIGN.md: check payment, generate,
-attribute, sign + append (durable), settle, answer. Adapter credit is evidence
-outside the signed receipt: it is computed after the answer left, in the
-engine's batch, and stored as an annex of the receipt in the transaction of
-the next receipt (or on its own within CREDIT_FLUSH_SECONDS when no receipt
-comes), so storing it costs no commit and no worker thread of its own
-(docs/node.md).
+attribute, sign + append (durable), settle, answer. Nothing is computed per
+request after the answer: what an adapter's data is worth is scored once per
+adapter, on held-out records, by the attributor (docs/attribution.md).
 """
 
 from __future__ import annotations
@@ -26,8 +23,8 @@ from collections.abc import AsyncIterator
 
 import sqlalchemy.exc
 
-from longtail.attribution.receipts import AdapterCredit, ReceiptDraft, SignedReceipt, keccak
-from longtail.attribution.store import ChannelVoucher, ReceiptCredit, ReceiptLog
+from longtail.attribution.receipts import ReceiptDraft, SignedReceipt, keccak
+from longtail.attribution.store import ChannelVoucher, ReceiptLog
 from longtail.node.attributor import Attribution, Attributor
 from longtail.node.catalog import Catalog, CatalogEntry
 from longtail.node.config import NodeConfig
@@ -50,8 +47,6 @@ from longtail.node.timing import StageTimes
 
 log = logging.getLogger("longtail.node")
 
-# How long a computed adapter credit waits for a receipt's commit to ride in before it is stored on its own.
-CREDIT_FLUSH_SECONDS = 1.0
 # What a failing receipt store raises (disk full, database unreachable): a 503 for the client, not a bug's 500.
 STORE_FAILURES = (OSError, sqlite3.OperationalError, sqlalchemy.exc.OperationalError)
 # Prompts longer than this (characters) are tokenised on a worker thread: a megabyte takes the tokenizer about a
@@ -118,9 +113,6 @@ class Node:
         self._end_token_ids: frozenset[int] | None = None
         self.checkpointer = None  # set by the runner when a chain is configured
         self.adapter_bindings = None  # AdapterBindings, set by the runner when a chain is configured (issue 20, attack 5)
-        self._credits: set[asyncio.Task] = set()
-        self._credits_to_store: list[ReceiptCredit] = []  # computed, waiting for the next receipt's commit
-        self._credit_flush: asyncio.TimerHandle | None = None
         self.stats.log_size.set(receipt_log.size)
 
     # --- inference ------------------------------------------------------------------------------
@@ -205,7 +197,7 @@ class Node:
 
     async def _finish(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
                       result: GenerationResult, reservation, request_id: str, times: StageTimes) -> SignedReceipt:
-        """Attribute, sign and durably append the receipt, then charge the channel; credit follows later."""
+        """Attribute, sign and durably append the receipt, then charge the channel."""
         answer_ids = self.answer_ids(result)
         price = price_for_tokens(entry.price_per_1k_tokens, len(prompt_ids) + len(answer_ids))
         with times.stage("receipt"):
@@ -236,7 +228,6 @@ class Node:
         if self.checkpointer is not None:
             self.checkpointer.notify_receipt()
         self._owed_after[signed.receipt.request_id] = owed
-        self._start_credit(entry, prompt_ids, result, signed)
         return signed
 
     def _attribute_and_append(self, request: CompletionRequest, entry: CatalogEntry, prompt_ids: list[int],
@@ -268,91 +259,15 @@ class Node:
         voucher = self.payments.unstored_voucher(reservation.channel_id)
         vouchers = () if voucher is None else (ChannelVoucher(
             reservation.channel_id, reservation.client, voucher.cumulative_amount, voucher.signature),)
-        credits, self._credits_to_store = self._credits_to_store, []
-        try:
-            signed = self.receipt_log.append(draft, vouchers, credits)
-        except BaseException:
-            self._credits_to_store[:0] = credits  # not stored: they wait for the next commit or the flush
-            self._schedule_credit_flush()
-            raise
+        signed = self.receipt_log.append(draft, vouchers)
         if voucher is not None:
             self.payments.mark_stored(reservation.channel_id, voucher)
-        if credits:
-            self.stats.adapter_credits.labels("stored").inc(len(credits))
         return signed, attribution
 
-    # --- adapter credit (evidence after the answer) ---------------------------------------------
-
-    def _start_credit(self, entry: CatalogEntry, prompt_ids: list[int], result: GenerationResult,
-                      signed: SignedReceipt) -> None:
-        """Score the answer under the base model in the background; a full backlog skips it (it is optional)."""
-        if not self.config.adapter_credit or entry.adapter_id is None or not result.token_ids \
-                or len(result.logprobs) != len(result.token_ids):
-            return
-        if len(self._credits) >= self.config.adapter_credit_backlog:
-            self.stats.adapter_credits.labels("skipped").inc()
-            log.info("adapter credit of request %s skipped: %d credits already pending",
-                     signed.receipt.request_id, len(self._credits))
-            return
-        task = asyncio.create_task(self._adapter_credit(prompt_ids, result, signed),
-                                   name=f"credit-{signed.receipt.seq}")
-        self._credits.add(task)
-        task.add_done_callback(self._credits.discard)
-
-    async def _adapter_credit(self, prompt_ids: list[int], result: GenerationResult, signed: SignedReceipt) -> None:
-        """Per-token log-probability gain of the answer under the adapter over the base model, queued to store."""
-        receipt = signed.receipt
-        try:
-            base = await self.generation.base_logprobs(prompt_ids, result.token_ids)
-        except Exception as error:  # credit is evidence, not a condition of service
-            self.stats.adapter_credits.labels("failed").inc()
-            log.warning("adapter credit of request %s failed: %s", receipt.request_id, error)
-            return
-        credit = AdapterCredit(tokens=len(result.token_ids), adapter_logprob=float(sum(result.logprobs)),
-                               base_logprob=float(sum(base)))
-        self._credits_to_store.append(ReceiptCredit(receipt.node, receipt.seq, receipt.request_id, credit))
-        self._schedule_credit_flush()
-
-    def _schedule_credit_flush(self) -> None:
-        if self._credit_flush is None and self._credits_to_store:
-            self._credit_flush = asyncio.get_running_loop().call_later(CREDIT_FLUSH_SECONDS, self._flush_credits_soon)
-
-    def _flush_credits_soon(self) -> None:
-        """No receipt took the queued credits within CREDIT_FLUSH_SECONDS: store them on their own."""
-        self._credit_flush = None
-        if self._credits_to_store:
-            task = asyncio.create_task(self._flush_credits(), name="credit-flush")
-            self._credits.add(task)
-            task.add_done_callback(self._credits.discard)
-
-    async def _flush_credits(self) -> None:
-        credits, self._credits_to_store = self._credits_to_store, []
-        if not credits:
-            return
-        try:
-            await asyncio.to_thread(self.receipt_log.store.add_adapter_credits, credits)
-        except Exception as error:  # the store is failing; the receipts themselves will report it
-            self.stats.adapter_credits.labels("failed").inc(len(credits))
-            log.warning("%d adapter credits could not be stored: %s", len(credits), error)
-            return
-        self.stats.adapter_credits.labels("stored").inc(len(credits))
-
-    async def drain(self, timeout: float = 30.0) -> None:
-        """At shutdown, before the engine stops and the store closes: finish pending credits and store them
-        (those still computing after `timeout` are cancelled: credit is optional evidence)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self._credits:  # a flush the timer starts meanwhile is waited for too
-            pending = set(self._credits)
-            _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
-            if late:
-                for task in late:
-                    task.cancel()
-                log.warning("%d adapter credits cancelled at shutdown", len(late))
-                await asyncio.gather(*late, return_exceptions=True)
-        if self._credit_flush is not None:
-            self._credit_flush.cancel()
-            self._credit_flush = None
-        await self._flush_credits()
+    async def drain(self) -> None:
+        """At shutdown, before the engine stops: the background work that uses the engine (the attributor's
+        data-credit scorings) is cancelled; the next start scores what was left."""
+        await self.attributor.close()
 
     def _longtail_field(self, signed: SignedReceipt) -> dict:
         """The receipt body, plus the cumulative amount the client's next voucher must cover."""

@@ -14,7 +14,6 @@ import pytest
 
 from longtail.attribution.merkle import leaf_hash, verify_consistency, verify_inclusion
 from longtail.attribution.receipts import (
-    AdapterCredit,
     AttributionVector,
     ReceiptDomain,
     ReceiptDraft,
@@ -25,7 +24,6 @@ from longtail.attribution.store import (
     ChannelVoucher,
     Checkpoint,
     LogConflict,
-    ReceiptCredit,
     ReceiptLog,
     ReceiptStore,
     StoreError,
@@ -122,26 +120,19 @@ def test_a_voucher_is_kept_only_when_it_pays_more(database, first, second, kept)
     store.close()
 
 
-def test_a_voucher_and_credits_ride_in_a_receipts_commit_and_fall_with_it(database):
+def test_a_voucher_rides_in_a_receipts_commit_and_falls_with_it(database):
     url, schema = database
     log = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
     rival = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
     channel, client = "0x" + "ce" * 32, "0x" + "c1" * 20
-    first = log.append(draft(0), [ChannelVoucher(channel, client, 700, "0x" + "aa" * 65)])  # a new channel row
-    credit = AdapterCredit(tokens=3, adapter_logprob=-1.5, base_logprob=-4.0)
-    # Lower voucher: the receipt only; the credit of receipt 0 (computed after it was served) rides along.
-    log.append(draft(1), [ChannelVoucher(channel, client, 600, "0x" + "bb" * 65)],
-               [ReceiptCredit(log.node, 0, first.receipt.request_id, credit)])
+    log.append(draft(0), [ChannelVoucher(channel, client, 700, "0x" + "aa" * 65)])  # a new channel row
+    log.append(draft(1), [ChannelVoucher(channel, client, 600, "0x" + "bb" * 65)])  # lower voucher: the receipt only
     assert log.size == 2
     state = log.store.channel(channel)
     assert (state.voucher_amount, state.voucher_signature) == (700, "0x" + "aa" * 65)
-    assert log.store.adapter_credit(log.node, 0) == credit
-    late = ReceiptCredit(log.node, 1, draft(1).request_id, credit)
-    with pytest.raises(LogConflict):  # seq 0 is taken: the receipt, its voucher and credit are refused together
-        rival.append(draft(9), [ChannelVoucher(channel, client, 900, "0x" + "cc" * 65)], [late])
+    with pytest.raises(LogConflict):  # seq 0 is taken: the receipt and its voucher are refused together
+        rival.append(draft(9), [ChannelVoucher(channel, client, 900, "0x" + "cc" * 65)])
     assert log.store.channel(channel).voucher_amount == 700
-    assert log.store.adapter_credit(log.node, 1) is None
-    assert log.store.add_adapter_credits([late, ReceiptCredit(log.node, 0, first.receipt.request_id, credit)]) == 1
     log.close()
     rival.close()
 
@@ -178,20 +169,9 @@ def test_a_failed_commit_leaves_nothing_for_the_next_write(tmp_path):
     assert ReceiptLog.open(f"sqlite:///{tmp_path / 'log.sqlite'}", NODE_KEY, DOMAIN).verify() == 1
 
 
-def test_the_first_adapter_credit_of_a_receipt_stays(database):
-    url, schema = database
-    log = ReceiptLog.open(url, NODE_KEY, DOMAIN, schema=schema)
-    signed = log.append(draft(0))
-    first, second = AdapterCredit(8, -4.0, -9.0), AdapterCredit(8, -1.0, -2.0)
-    assert log.store.add_adapter_credit(log.node, 0, signed.receipt.request_id, first)
-    assert not log.store.add_adapter_credit(log.node, 0, signed.receipt.request_id, second)
-    assert log.store.adapter_credit(log.node, 0) == first
-    log.close()
-
-
 WRITER = textwrap.dedent("""
     import sys
-    from longtail.attribution.receipts import AdapterCredit, AttributionVector, ReceiptDomain, ReceiptDraft
+    from longtail.attribution.receipts import AttributionVector, ReceiptDomain, ReceiptDraft
     from longtail.attribution.store import ReceiptLog
     url, schema = sys.argv[1], (sys.argv[2] or None)
     domain = ReceiptDomain(31337, "0x5fbdb2315678afecb367f032d93f642f64180aa3")
