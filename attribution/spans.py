@@ -51,6 +51,8 @@ DEFAULT_MIN_SPAN = 8
 # Span selection (docs/attribution.md, "Which spans count").
 MIN_WORDS = 4  # a span holds at least this many whole words as well as min_span tokens
 FREQUENCY_CAP = 4  # a span found more often than this in all the adapter's Datanets together is boilerplate
+# ...unless all its occurrences sit in one Datanet, which chance would do with probability under this (rule 4b).
+CONCENTRATION_P = 1e-4
 SPAN_BUDGET_PER_TOKEN = 0.05  # at most ceil(0.05 * output tokens) distinct spans, the most unique first
 # A span counts only if its tokens that are not generic carry this much surprisal in context: -sum of log P(token |
 # token before) under the reference corpus's bigram model, nats (docs/attribution.md, rule 6). 64 = a minimum-length
@@ -364,17 +366,21 @@ class SpanIndex:
         return np.where(valid, lcp, 0)
 
     def find_spans(self, token_ids: Sequence[int], min_span: int = DEFAULT_MIN_SPAN,
-                   hashes: np.ndarray | None = None, codes: np.ndarray | None = None) -> list[SpanHit]:
+                   hashes: np.ndarray | None = None, codes: np.ndarray | None = None,
+                   starts: np.ndarray | None = None) -> list[SpanHit]:
         """Maximal spans of the output, at least `min_span` tokens long, that occur in this Datanet.
 
         The search takes whichever of the scalar and the vectorized search is faster at its size
         (docs/attribution.md). `hashes` (`gram_hashes(token_ids, filter_k)`) and `codes` (`encode(token_ids)`) may
-        be passed when the caller has them.
+        be passed when the caller has them. `starts` (bool per output position): search only matches starting
+        there (a match starting elsewhere is found from its first allowed position on, shortened).
         """
         query = self.encode(token_ids) if codes is None else codes
         if len(query) < min_span:
             return []
         hits = self._gram_hits(query, min_span, hashes, token_ids)
+        if starts is not None:
+            hits = [h for h in hits if starts[h]]
         if len(hits) <= SCALAR_SEARCH_MAX_HITS:
             return self._spans_scalar(query, hits, min_span)
         return self._spans_vectorized(query, np.asarray(hits, np.int64), min_span)
@@ -979,10 +985,6 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
             hashes[k] = gram_hashes(token_ids, k)
         return hashes[k]
 
-    if reference.index is not None:
-        for hit in reference.index.find_spans(token_ids, min_span, grams(reference.index.filter_k)):
-            for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
-                generic[s:e] = True
     pieces: dict[tuple[int, int], _Candidate] = {}
     for number, index in enumerate(indexes):
         codes = index.encode(token_ids)
@@ -995,11 +997,31 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
                 else:
                     lo, hi = index.interval(codes[s:e])
                 pieces.setdefault((s, e), _Candidate(s, e, [])).holders.append((number, lo, hi))
-    if pieces and all(index.filter_k == min_span for index in indexes):
+    if not pieces:
+        return [], generic
+    if reference.index is not None:
+        # Generic marks matter only over candidates: the reference (the largest index) is searched only where a
+        # match could reach one, so an answer pays for reference probes only around Datanet matches.
+        near = np.zeros(length, bool)
+        for candidate in pieces.values():
+            near[max(0, candidate.start - min_span + 1):candidate.end] = True
+        for hit in reference.index.find_spans(token_ids, min_span, grams(reference.index.filter_k), starts=near):
+            for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
+                generic[s:e] = True
+    if all(index.filter_k == min_span for index in indexes):
         # A min_span-gram the adapter's Datanets hold more than frequency_cap times is boilerplate wherever it
         # sits: a rare span made of one plus a word or two of chance extension earns nothing for it.
-        counts = sum(index.gram_counts(token_ids, grams(min_span)) for index in indexes)
-        for j in np.flatnonzero(counts > frequency_cap):
+        # Unless one Datanet holds every occurrence, more of them than generic text spread over the Datanets in
+        # proportion to their sizes would put there by chance (share^count < CONCENTRATION_P): that is the
+        # Datanet's own boilerplate (a template, a house style), evidence for it though not for one record.
+        per_index = [index.gram_counts(token_ids, grams(min_span)) for index in indexes]
+        counts = sum(per_index)
+        frequent = counts > frequency_cap
+        if len(indexes) > 1 and frequent.any():
+            sizes = np.array([index.size for index in indexes], np.float64)
+            for held, share in zip(per_index, sizes / sizes.sum(), strict=True):
+                frequent &= ~((held == counts) & (counts * math.log(share) < math.log(CONCENTRATION_P)))
+        for j in np.flatnonzero(frequent):
             generic[j:j + min_span] = True
     kept = []
     log_probs = lexicon.log_probs(ids)

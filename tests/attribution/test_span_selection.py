@@ -166,6 +166,25 @@ def test_templated_records_credit_the_exact_source():
     assert attribute_output(filler(8) + head + filler(8), [index], reference=Reference(None, lexicon())).spans == ()
 
 
+def test_one_datanets_own_boilerplate_is_evidence_for_it():
+    """A template that fills a fifth of A's records and none of B's is A's signature: copying a whole templated
+    record pays A for the template's tokens too (the record for them all); spread over both, it is generic."""
+    rng = random.Random(6)
+    head, tail = words(rng, 10), words(rng, 10)
+    slots = lambda i: [1000 + i, 1300 + i, 1600 + i, 1900 + i % 100, 1001 + i, 1301 + i, 1601 + i, 1901 + i % 98]  # noqa: E731
+    plain = [IndexedRecord(f"p{i}", "0x" + "01" * 20, words(rng, 20)) for i in range(70)]
+    templated = [IndexedRecord(f"t{i}", "0x" + "02" * 20, head + slots(i) + tail) for i in range(60)]
+    # A holds 61% of the tokens: 60 occurrences all there has chance 0.61^60, far under CONCENTRATION_P.
+    only_a = [SpanIndex.build(A, plain[:10] + templated), SpanIndex.build(B, plain[10:])]
+    output = filler(8) + list(templated[7].token_ids) + filler(8)
+    result = attribute_output(output, only_a, reference=Reference(None, lexicon()))
+    assert result.matched_tokens == 28 and result.vector.datanet_ids == (A,)
+    assert [r.record_id for r in result.records] == ["t7"]
+    # The same template spread over both Datanets (30 records each), as generic text would be: only the slots pay.
+    both = [SpanIndex.build(A, plain[:40] + templated[:30]), SpanIndex.build(B, plain[40:] + templated[30:])]
+    assert attribute_output(output, both, reference=Reference(None, lexicon())).matched_tokens == 8
+
+
 def entry(shares: dict[str, int]) -> CatalogEntry:
     return CatalogEntry(name="a", adapter_id="0x" + "ad" * 32, price_per_1k_tokens=1,
                         datanets=tuple(DatanetShare(d, d[:6], s) for d, s in shares.items()))
