@@ -322,14 +322,15 @@ def prefers_segments(token_count: int, segments: Segments) -> bool:
 def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
              token_slots: torch.Tensor, slot_offsets: torch.Tensor, slot_ranks: torch.Tensor,
              slot_scales: torch.Tensor, max_rank: int, out_col_start: int = 0, groups: Groups | None = None,
-             segments: Segments | None = None) -> None:
+             segments: Segments | None = None, per_token: bool = False) -> None:
     """out[:, start:start+W] += scale * (x A^T) B per token's adapter slot, in place.
 
     Torch backend: the grouped reference (`groups`, from `token_groups`, skips
     regrouping). Triton backend: SGMV when the tokens form long runs of one slot,
     BGMV otherwise. For batches of at least SGMV_MIN_TOKENS the runs come from
     `segments`, else from `groups` (on the host, cached per step), else from
-    `segments_from_token_slots` (one device sync).
+    `segments_from_token_slots` (one device sync). `per_token` (Triton only) always takes BGMV, which reads
+    each token's slot on the device: a CUDA graph's replay must not depend on the host's grouping.
     """
     token_count = token_slots.shape[0]
     if max_rank == 0 or token_count == 0:
@@ -342,13 +343,13 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_rows: t
     from longtail.kernels import lora_triton
 
     longest = None
-    if segments is None and token_count >= SGMV_MIN_TOKENS:
+    if segments is None and token_count >= SGMV_MIN_TOKENS and not per_token:
         if isinstance(groups, TokenGroups):
             segments = groups.segments()  # host-side and cached per step; None when a slot's tokens are split
             longest = groups.longest_segment  # known on the host: the launches then read nothing back
         else:
             segments = segments_from_token_slots(token_slots)
-    if segments is not None and prefers_segments(token_count, segments):
+    if segments is not None and not per_token and prefers_segments(token_count, segments):
         seg_starts, seg_slots = segments
         shrunk = lora_triton.lora_shrink_sgmv_triton(x, a_rows, seg_starts, seg_slots, slot_offsets, slot_ranks,
                                                      max_rank, longest=longest)

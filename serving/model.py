@@ -58,6 +58,7 @@ class BatchPlan:
     logits_index: torch.Tensor     # [N] batch indices whose next-token logits are wanted
     lora_runs: Runs = dataclasses.field(default_factory=list)  # (slot, begin, end) runs for the CPU torch path
     native_runs: torch.Tensor | None = None  # [n, 3] short runs for the CPU C kernel (kernels.lora_cpu)
+    lora_per_token: bool = False   # a CUDA graph's plan: LoRA reads every token's slot on the device (BGMV)
 
 
 @dataclasses.dataclass
@@ -185,7 +186,8 @@ class LlamaModel:
     @staticmethod
     def _add_lora(out: torch.Tensor, x: torch.Tensor, layer: int, columns, plan: BatchPlan,
                   lora: LoraSlots | None) -> None:
-        if lora is None or not (plan.lora_groups or plan.lora_runs or plan.native_runs is not None):
+        if lora is None or not (plan.lora_groups or plan.lora_runs or plan.native_runs is not None
+                                or plan.lora_per_token):
             return
         if (plan.lora_runs or plan.native_runs is not None) and kernel_backend() == "torch":
             if plan.native_runs is not None:  # decode: one C call for the whole projection group
@@ -200,7 +202,7 @@ class LlamaModel:
             if max_rank:
                 add_lora(out, x, buffers.a_rows[layer], buffers.b_rows[layer], plan.token_slots, buffers.offsets,
                          buffers.ranks[layer], buffers.scales[layer], max_rank, out_col_start=column,
-                         groups=plan.lora_groups)
+                         groups=plan.lora_groups or None, per_token=plan.lora_per_token)
 
     def _attention(self, x: torch.Tensor, layer: int, plan: BatchPlan, cache: PagedKVCache,
                    cos: torch.Tensor, sin: torch.Tensor, lora: LoraSlots | None) -> torch.Tensor:

@@ -9,12 +9,14 @@ returns the wanted logits in the order the chunks were given.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import torch
 
 from longtail.kernels.lora import kernel_backend, runs_of, token_groups_of
 from longtail.kernels.lora_cpu import native_available, split_runs
+from longtail.serving.cuda_graphs import BUCKETS, DecodeGraphs
 from longtail.serving.kv_cache import PagedKVCache
 from longtail.serving.lora_slots import LoraSlots
 from longtail.serving.model import BatchPlan, LlamaModel, PrefillSegment
@@ -52,13 +54,20 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, lora_slots: LoraSlots) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, lora_slots: LoraSlots,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.lora_slots = lora_slots
+        # CUDA: decode steps replay captured graphs (serving.cuda_graphs); LONGTAIL_CUDA_GRAPHS=0 runs them eagerly.
+        if graphs is None and model.device.type == "cuda" and os.environ.get("LONGTAIL_CUDA_GRAPHS", "").strip() != "0":
+            graphs = DecodeGraphs(model, cache, lora_slots, max_running=BUCKETS[-1])
+        self.graphs = graphs
 
     def run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         """fp32 logits: for each chunk in order, its `logit_rows` rows (chunks wanting none add none)."""
+        if self.graphs is not None and self.graphs.runs(chunks):
+            return self.graphs.run(chunks)
         plan = self.plan(chunks)
         with torch.inference_mode():
             return self.model.forward(plan, self.cache, self.lora_slots)
