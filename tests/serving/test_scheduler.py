@@ -230,3 +230,16 @@ def test_newcomers_do_not_take_the_blocks_a_preempted_request_waits_for():
     fresh.add(request(2, "b"))
     assert [r.request_id for r, _ in fresh.schedule(2, lambda r: need[r.request_id], lambda a: True).prefill] == \
         [2], "a request never preempted holds nothing for itself: the next queue's head is admitted"
+
+
+def test_a_preempted_request_prefills_its_prompt_then_its_output_in_any_chunks():
+    r = Request(1, [10, 11, 12], None, SamplingParams(max_tokens=8))
+    r.output_ids = [20, 21, 22]
+    r.preempt()
+    assert r.prefill_len == 6 and not r.prefilled
+    whole = [10, 11, 12, 20, 21, 22]
+    for start in range(6):
+        for stop in range(start, 7):
+            assert r.prefill_tokens(start, stop) == whole[start:stop]
+    r.output_ids.append(23)  # sampled from the recomputed prefill's last row: not part of the prefill
+    assert r.prefill_tokens(0, 6) == whole and r.prefill_len == 6
