@@ -117,6 +117,8 @@ def test_on_a_cpu_the_pool_keeps_its_fixed_default(tiny_llama):
     engine = Engine.from_pretrained(tiny_llama.base_dir)
     per_block = kv_bytes_per_block(engine.model_config, engine.cache.block_size, torch.float32)
     assert engine.cache.pool.num_blocks == CPU_KV_CACHE_BYTES // per_block
+    with pytest.raises(ValueError, match="gpu_memory_fraction"):  # refused on a CPU too: the config is wrong
+        Engine(engine.model, kv_cache_bytes=2**20, gpu_memory_fraction=1.2)
 
 
 # --- growth and preemption ------------------------------------------------------------------------------------
