@@ -77,23 +77,27 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     if count == 0:
         return []
     sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
-    tokens = logits.argmax(dim=-1)
-    failed = torch.zeros(count, dtype=torch.bool, device=logits.device)
-    if sampled:
+    if not sampled:
+        tokens = logits.argmax(dim=-1)
+        failed = torch.zeros(count, dtype=torch.bool, device=logits.device)
+    else:
         inputs = _device_inputs(params, sampled, _uniforms([generators[row] for row in sampled]), vocab,
                                 logits.device)
         subset = logits if len(sampled) == count else logits.index_select(0, inputs.rows)
         drawn, mass_failed = _draw(_distribution(subset, inputs), inputs.uniform)
-        if len(sampled) == count:
+        if len(sampled) == count:  # argmax over the vocabulary costs as much as a softmax: only for greedy rows
             tokens, failed = drawn, mass_failed
         else:
-            tokens = tokens.index_copy(0, inputs.rows, drawn)
-            failed = failed.index_copy(0, inputs.rows, mass_failed)
+            tokens = logits.argmax(dim=-1).index_copy_(0, inputs.rows, drawn)
+            failed = torch.zeros(count, dtype=torch.bool, device=logits.device).index_copy_(0, inputs.rows,
+                                                                                             mass_failed)
     chosen = logits.gather(1, tokens[:, None])[:, 0]
     # A greedy row whose best logit is NaN or +inf (or all -inf) has no token either.
     failed = failed | ~torch.isfinite(chosen)
     if any(p.logprobs for p in params):
-        logprobs = chosen - torch.logsumexp(logits, dim=-1)
+        # log_softmax rather than logsumexp: torch's CPU exp and logsumexp are ~10x slower on -inf and very negative
+        # inputs, which masked vocabularies hold; log_softmax and softmax are not.
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
     else:
         logprobs = torch.zeros_like(chosen)
     # The one read back: tokens (< 2^53) and fp32 log-probabilities are exact in float64.
@@ -111,8 +115,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
 
 def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution [N, V] each row of fp32 logits draws from under its params; a greedy row is one-hot."""
-    count, vocab = logits.shape
-    result = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).to(logits.dtype)
+    vocab = logits.shape[-1]
+    # scatter rather than one_hot, which reads the indices back to check them
+    result = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
     if sampled:
         inputs = _device_inputs(params, sampled, torch.ones(len(sampled), dtype=torch.float64), vocab, logits.device)
@@ -122,7 +127,9 @@ def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 @dataclasses.dataclass(frozen=True)
 class _RowInputs:
-    """The sampled rows' indices [S] and parameters on the device; `filtered` indexes the rows that need the sort."""
+    """The sampled rows' indices [S] and parameters on the device; `filtered` indexes the rows that top-k or top-p
+    change, and `width` (on the host) is how many of their largest logits the filter must see: the largest top-k
+    among them, or the whole vocabulary when one has top-p without top-k."""
 
     rows: torch.Tensor
     temperature: torch.Tensor
@@ -130,6 +137,8 @@ class _RowInputs:
     top_p: torch.Tensor
     uniform: torch.Tensor
     filtered: torch.Tensor | None
+    width: int
+    ties_beyond_width: bool
 
 
 def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -164,8 +173,11 @@ def _device_inputs(params: list[SamplingParams], sampled: list[int], uniform: to
     values = host.to(device, non_blocking=True)
     size = len(sampled)
     rows, temperature, top_k, top_p, uniform = values[:5 * size].view(5, size)
+    width = max((min(chosen[i].top_k, vocab) if chosen[i].top_k else vocab for i in filtered), default=vocab)
+    # Only top-p needs the mass of tokens tied with the k-th value that `topk(width)` may have left out.
+    ties_beyond_width = width < vocab and any(chosen[i].top_p < 1.0 for i in filtered)
     return _RowInputs(rows.long(), temperature.float(), top_k.long(), top_p.float(), uniform.float(),
-                      values[5 * size:].long() if filtered else None)
+                      values[5 * size:].long() if filtered else None, width, ties_beyond_width)
 
 
 def _distribution(logits: torch.Tensor, inputs: _RowInputs) -> torch.Tensor:
@@ -174,15 +186,15 @@ def _distribution(logits: torch.Tensor, inputs: _RowInputs) -> torch.Tensor:
     # of inf - inf is NaN; shifted, the best token is 0 and the rest fall to -inf, which is the limit T -> 0. The
     # floor keeps a temperature below fp32's smallest normal from becoming 0 (0 / 0) or a flushed denormal.
     floor = torch.finfo(torch.float32).tiny
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / inputs.temperature.clamp_min(floor)[:, None]
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)).div_(inputs.temperature.clamp_min(floor)[:, None])
     filtered = inputs.filtered
     if filtered is not None:
         if filtered.numel() == scaled.shape[0]:
-            scaled = _filter(scaled, inputs.top_k, inputs.top_p)
+            scaled = _filter(scaled, inputs.top_k, inputs.top_p, inputs.width, inputs.ties_beyond_width)
         else:
             kept = _filter(scaled.index_select(0, filtered), inputs.top_k.index_select(0, filtered),
-                           inputs.top_p.index_select(0, filtered))
-            scaled = scaled.index_copy(0, filtered, kept)
+                           inputs.top_p.index_select(0, filtered), inputs.width, inputs.ties_beyond_width)
+            scaled = scaled.index_copy_(0, filtered, kept)
     return torch.softmax(scaled, dim=-1)
 
 
@@ -198,14 +210,32 @@ def _draw(probabilities: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Ten
     return tokens, failed
 
 
-def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-k (top_k = V: off), then top-p (1: off) over rows [F, V], with one sort; dropped logits become -inf."""
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    kth = sorted_logits.gather(1, (top_k - 1)[:, None])
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    probabilities = torch.softmax(sorted_logits, dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays): drop a token when the mass
-    # before it already reaches top_p.
-    drop = (probabilities.cumsum(dim=-1) - probabilities >= top_p[:, None]) & (top_p < 1.0)[:, None]
-    drop[:, 0] = False
-    return torch.empty_like(scaled).scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int,
+            ties_beyond_width: bool) -> torch.Tensor:
+    """Top-k (top_k = V: off), then top-p (1: off) over rows [F, V], in place; dropped logits become -inf.
+
+    Both keep a prefix of the logits in descending order, so each row's filter is one cutoff value: the last kept
+    logit. Only the sorted values are used, never the order of tied tokens, so the result is the same whether the
+    values come from a full sort or from `topk(width)` (enough: every row's k is at most `width`), and tokens tied
+    with the cutoff stay together. That keeps a row's draws independent of the other rows in its batch.
+    """
+    if width >= scaled.shape[-1]:
+        values = torch.sort(scaled, dim=-1, descending=True).values
+    else:
+        values = torch.topk(scaled, width, dim=-1).values  # sorted, largest first
+    kth = values.gather(1, (top_k - 1)[:, None])
+    # softmax, not exp: torch's CPU exp is ~10x slower on -inf and very negative inputs (tiny temperatures).
+    weights = torch.softmax(values.masked_fill(values < kth, float("-inf")), dim=-1)
+    if ties_beyond_width:
+        # Top-p measures mass within what top-k keeps, ties with the k-th value included; a tie can lie beyond
+        # `width`, and each such token weighs what the k-th one does.
+        left_out = (scaled == kth).sum(dim=-1, keepdim=True) - (values == kth).sum(dim=-1, keepdim=True)
+        total = 1.0 + left_out * weights.gather(1, (top_k - 1)[:, None])
+    else:
+        total = 1.0
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+    before = (weights.cumsum(dim=-1) - weights) / total
+    keep = (values >= kth) & ((before < top_p[:, None]) | (top_p >= 1.0)[:, None])
+    keep[:, 0] = True  # the first token always stays (top_p 0)
+    cutoff = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+    return scaled.masked_fill_(scaled < cutoff, float("-inf"))

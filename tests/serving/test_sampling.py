@@ -59,11 +59,34 @@ def test_batched_distributions_equal_the_per_row_reference():
 
 
 def test_top_p_keeps_the_smallest_prefix_that_reaches_it():
-    """Four equal tokens (exact quarters): top_p 0.5 is reached by two, 0.51 needs three, 0 keeps one."""
-    flat = torch.zeros(3, 4)
-    kept = probabilities(flat, [SamplingParams(top_p=0.5), SamplingParams(top_p=0.51), SamplingParams(top_p=0.0)])
-    assert (kept > 0).sum(dim=-1).tolist() == [2, 3, 1]
-    torch.testing.assert_close(kept[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    row = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0, -1.0])
+    mass = torch.softmax(row, dim=-1).cumsum(dim=-1).tolist()
+    params = [SamplingParams(top_p=mass[1] - 1e-4), SamplingParams(top_p=mass[1] + 1e-4),
+              SamplingParams(top_p=mass[3] + 1e-4), SamplingParams(top_p=0.0), SamplingParams(top_p=0.999999)]
+    kept = (probabilities(row.expand(len(params), -1), params) > 0).sum(dim=-1).tolist()
+    assert kept == [2, 3, 5, 1, 6]
+
+
+def test_tokens_tied_at_the_cutoff_stay_together():
+    """Four equal tokens: which of them a cutoff would keep is arbitrary, so all stay (top-k and top-p alike)."""
+    row = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, -2.0]])
+    for params in (SamplingParams(top_k=2), SamplingParams(top_k=2, top_p=0.9), SamplingParams(top_p=0.5)):
+        kept = probabilities(row, [params])[0] > 0
+        assert kept.tolist() == [True, True, True, True, True, False], params
+    top = probabilities(torch.zeros(1, 4), [SamplingParams(top_p=0.0)])[0]
+    torch.testing.assert_close(top, torch.full((4,), 0.25))
+
+
+def test_top_p_after_top_k_weighs_every_tie_at_the_k_th_logit():
+    """Top-k 3 keeps six tokens here (four tie at the third logit); top-p 0.75 measures mass among all six, whether
+    the batch's widest top-k is 3 (the ties lie beyond the values looked at) or 10."""
+    row = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 3.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0])
+    params = SamplingParams(top_k=3, top_p=0.75)
+    alone = probabilities(row[None], [params])[0]
+    beside = probabilities(torch.stack([row, row]), [params, SamplingParams(top_k=10, top_p=0.5)])[0]
+    assert (alone > 0).tolist() == [True] * 6 + [False] * 6
+    torch.testing.assert_close(alone, beside)
+    torch.testing.assert_close(alone[:6], torch.softmax(row[:6], dim=-1))
 
 
 def test_greedy_rows_take_the_argmax_and_logprobs_are_the_unmodified_ones():
@@ -105,8 +128,11 @@ def draw_sequence(logits: torch.Tensor, params: SamplingParams, steps: int, neig
     SamplingParams(temperature=1.2, top_p=0.8, seed=-5),
     SamplingParams(temperature=0.9, top_k=20, top_p=0.6, seed=0),
 ])
-def test_a_seeded_request_draws_the_same_alone_or_in_any_batch(params):
+@pytest.mark.parametrize("tied", [False, True], ids=["distinct", "tied-logits"])
+def test_a_seeded_request_draws_the_same_alone_or_in_any_batch(params, tied):
     logits = mixed_logits(rows=6, vocab=200, seed=4)
+    if tied:  # integer logits: many ties at every top-k and top-p cutoff
+        logits = logits.round()
     alone = draw_sequence(logits, params, 12, [], 0)
     assert alone == draw_sequence(logits, params, 12, [], 0)  # same seed, same tokens, run after run
     neighbours = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.0), SamplingParams(top_p=0.3, seed=1),
