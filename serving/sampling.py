@@ -78,33 +78,33 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         return []
     sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
     if not sampled:
-        tokens = logits.argmax(dim=-1)
-        failed = torch.zeros(count, dtype=torch.bool, device=logits.device)
+        # max gives the argmax and the logit that says whether the row had one: a greedy row whose best logit is
+        # NaN or +inf (or all -inf) has no token either.
+        best, tokens = logits.max(dim=-1)
+        usable = torch.isfinite(best)
     else:
         inputs = _device_inputs(params, sampled, _uniforms([generators[row] for row in sampled]), vocab,
                                 logits.device)
         subset = logits if len(sampled) == count else logits.index_select(0, inputs.rows)
-        drawn, mass_failed = _draw(_distribution(subset, inputs), inputs.uniform)
+        drawn, drawable = _draw(_distribution(subset, inputs), inputs.uniform)
         if len(sampled) == count:  # argmax over the vocabulary costs as much as a softmax: only for greedy rows
-            tokens, failed = drawn, mass_failed
+            tokens = drawn
         else:
             tokens = logits.argmax(dim=-1).index_copy_(0, inputs.rows, drawn)
-            failed = torch.zeros(count, dtype=torch.bool, device=logits.device).index_copy_(0, inputs.rows,
-                                                                                             mass_failed)
-    chosen = logits.gather(1, tokens[:, None])[:, 0]
-    # A greedy row whose best logit is NaN or +inf (or all -inf) has no token either.
-    failed = failed | ~torch.isfinite(chosen)
+            drawable = torch.ones(count, dtype=torch.bool, device=logits.device).index_copy_(0, inputs.rows, drawable)
+        usable = drawable & torch.isfinite(logits.gather(1, tokens[:, None])[:, 0])
+    tokens = tokens.masked_fill(~usable, -1)  # -1: this row could not be sampled
+    # The one read back: tokens (< 2^53) and fp32 log-probabilities are exact in float64.
     if any(p.logprobs for p in params):
         # log_softmax rather than logsumexp: torch's CPU exp and logsumexp are ~10x slower on -inf and very negative
         # inputs, which masked vocabularies hold; log_softmax and softmax are not.
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.clamp(min=0)[:, None])[:, 0]
+        token_list, logprob_list = torch.stack([tokens.double(), logprobs.double()]).tolist()
     else:
-        logprobs = torch.zeros_like(chosen)
-    # The one read back: tokens (< 2^53) and fp32 log-probabilities are exact in float64.
-    token_list, logprob_list, failed_list = torch.stack([tokens.double(), logprobs.double(), failed.double()]).tolist()
+        token_list, logprob_list = tokens.tolist(), [None] * count
     results: list[tuple[int, float | None] | SamplingFailed] = []
-    for row_params, token, logprob, row_failed in zip(params, token_list, logprob_list, failed_list, strict=True):
-        if row_failed:
+    for row_params, token, logprob in zip(params, token_list, logprob_list, strict=True):
+        if token < 0:
             results.append(SamplingFailed(
                 f"could not sample (temperature={row_params.temperature}, top_p={row_params.top_p}, "
                 f"top_k={row_params.top_k}): the distribution has NaN or infinite mass"))
@@ -199,15 +199,15 @@ def _distribution(logits: torch.Tensor, inputs: _RowInputs) -> torch.Tensor:
 
 
 def _draw(probabilities: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse CDF, one uniform in (0, 1] per row: (tokens [S], failed [S] where the mass is NaN or infinite)."""
+    """Inverse CDF, one uniform in (0, 1] per row: (tokens [S], drawable [S]: False where the mass is NaN or
+    infinite)."""
     cumulative = probabilities.cumsum(dim=-1)
     total = cumulative[:, -1:]
     # The target lies in (0, total]: the first index whose running mass reaches it has positive probability, and
     # scaling by the row's own total keeps fp32 rounding of the sum from pushing it past the end.
     target = (uniform[:, None] * total).contiguous()
     tokens = torch.searchsorted(cumulative, target)[:, 0].clamp_(max=probabilities.shape[-1] - 1)
-    failed = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
-    return tokens, failed
+    return tokens, torch.isfinite(total[:, 0]) & (total[:, 0] > 0)
 
 
 def _filter(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int,
