@@ -328,17 +328,25 @@ def random_adapters(config, count: int, slots, dtype, rank: int = RANK) -> list[
     return loaded
 
 
-def _engine_steps(model, paged: bool, lora_slot: int, slots, block_size: int = 16):
-    """Logits of a mixed batch (two prompts, one in two chunks) then two decode steps, on a fresh cache."""
+def _engine_steps(model, paged: bool, lora_slot: int, slots, block_size: int = 16, graphs: bool = False):
+    """Logits of a mixed batch (two prompts, one in two chunks) then decode steps, on a fresh cache.
+
+    `graphs`: decode steps replay CUDA graphs (on a CPU dry run, the function kept and called again).
+    """
     import torch
 
+    from longtail.serving.cuda_graphs import DecodeGraphs, cuda_capture
     from longtail.serving.kv_cache import PagedKVCache
     from longtail.serving.model_runner import ModelRunner, SequenceChunk
 
     model.paged_kernels = paged
     model._extend_meta = None
     cache = PagedKVCache(model.config, 4 * 2**20, block_size=block_size, device=model.device, dtype=model.dtype)
-    runner = ModelRunner(model, cache, slots)
+    runner = ModelRunner(model, cache, slots, graphs=None)
+    runner.graphs = None  # eager unless asked: the comparisons below are of the kernels
+    if graphs:
+        runner.graphs = DecodeGraphs(model, cache, slots, max_running=8, max_context=128,
+                                     capture=cuda_capture if model.device.type == "cuda" else (lambda f: f))
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (37, 21)]
     tables = [cache.pool.allocate(cache.blocks_for(64)) for _ in prompts]
@@ -348,6 +356,11 @@ def _engine_steps(model, paged: bool, lora_slot: int, slots, block_size: int = 1
                           SequenceChunk([prompts[1][-1]], 21, tables[1], -1)])]
     logits.append(runner.run([SequenceChunk([prompts[0][-1]], 37, tables[0], lora_slot),
                               SequenceChunk([prompts[1][0]], 22, tables[1], -1)]))
+    logits.append(runner.run([SequenceChunk([prompts[1][1]], 23, tables[1], -1),  # rows in another order
+                              SequenceChunk([prompts[0][0]], 38, tables[0], lora_slot)]))
+    logits.append(runner.run([SequenceChunk([prompts[0][1]], 39, tables[0], lora_slot)]))
+    if graphs and runner.graphs.captures == 0:
+        raise RuntimeError("no decode step went through a graph")
     return torch.cat(logits)
 
 
@@ -383,7 +396,8 @@ def section_engine(args) -> dict:
         bf16_slot = random_adapters(bf16.config, 1, bf16_slots, torch.bfloat16, rank=8)[0]
         _check(results, "paged kernels vs gather+SDPA (logits, bf16)", _engine_steps(bf16, True, bf16_slot,
                bf16_slots), _engine_steps(bf16, False, bf16_slot, bf16_slots), 5e-2, 5e-2)
-    notes.append("CUDA graphs vs eager: not run (the engine has no CUDA-graph path yet; docs/kernels.md)")
+    _check(results, "CUDA graphs vs eager (decode logits, paged kernels, fp32)",
+           _engine_steps(model, True, slot, slots, graphs=True), paged, 1e-4, 1e-4)
     try:
         results.append(_peft_check(device))
     except ImportError as error:
@@ -478,7 +492,9 @@ def section_decode(args, shape: str) -> dict:
     most = max(adapter_counts)
     slots = LoraSlots(model.config, initial_slots=most, initial_rows=most * RANK, device=device, dtype=dtype)
     loaded = random_adapters(model.config, most, slots, dtype)
-    runner = ModelRunner(model, cache, slots)
+    runner = ModelRunner(model, cache, slots)  # on CUDA its decode steps replay graphs (serving.cuda_graphs)
+    eager = ModelRunner(model, cache, slots)
+    eager.graphs = None
     tables = [cache.pool.allocate(per_row) for _ in range(max(batches))]
     generator = torch.Generator().manual_seed(9)
     tokens = torch.randint(3, model.config.vocab_size, (max(batches),), generator=generator).tolist()
@@ -494,13 +510,16 @@ def section_decode(args, shape: str) -> dict:
                 chunks = [SequenceChunk([tokens[i]], context, tables[i], loaded[i % count] if count else -1)
                           for i in range(batch)]
 
-                def step(chunks=chunks):
+                def step(chunks=chunks, runner=runner):
                     return runner.run(chunks).argmax(-1)
 
                 ms = _time_ms(step, repeats=2 if args.dry_run else 10, warmup=1 if args.dry_run else 3)
+                eager_ms = _time_ms(lambda chunks=chunks: eager.run(chunks).argmax(-1),
+                                    repeats=2 if args.dry_run else 10, warmup=1 if args.dry_run else 3)
                 need = roofline_bytes(model, count, batch, context)
                 roofline_ms = need["total"] / copy * 1e3
-                rows.append({"batch": batch, "adapters": count, "step_ms": ms, "tokens_per_s": batch / (ms / 1e3),
+                rows.append({"batch": batch, "adapters": count, "step_ms": ms, "eager_ms": eager_ms,
+                             "graphs": runner.graphs is not None, "tokens_per_s": batch / (ms / 1e3),
                              "roofline_ms": roofline_ms, "of_roofline": roofline_ms / ms, "bytes": need})
     base = {r["batch"]: r["step_ms"] for r in rows if r["adapters"] == 0}
     for row in rows:
@@ -635,15 +654,17 @@ def render(results: dict) -> tuple[str, list[str]]:
             continue
         md += ["", f"## {name}: {section['shape']}, bf16, context {section['context']} per row, "
                    f"copy {_fmt_bw(section['copy_bandwidth'])}", "",
-               "| batch | adapters | step ms | tokens/s | roofline ms | of roofline | LoRA overhead |",
-               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+               "| batch | adapters | step ms (graphs) | eager ms | tokens/s | roofline ms | of roofline | LoRA overhead |",
+               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         summary.append(f"{name} ({section['context']} ctx): batch/adapters -> ms, tok/s, of roofline, LoRA +%")
         line = []
         for r in rows:
             overhead = f"{r['lora_overhead']:+.0%}" if r["lora_overhead"] is not None else "n/a"
-            md.append(f"| {r['batch']} | {r['adapters']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+            md.append(f"| {r['batch']} | {r['adapters']} | {r['step_ms']:.2f} | {r['eager_ms']:.2f} | "
+                      f"{r['tokens_per_s']:.0f} | "
                       f"{r['roofline_ms']:.2f} | {r['of_roofline']:.0%} | {overhead} |")
-            line.append(f"{r['batch']}/{r['adapters']}: {r['step_ms']:.1f}ms {r['tokens_per_s']:.0f}t/s "
+            line.append(f"{r['batch']}/{r['adapters']}: {r['step_ms']:.1f}ms (eager {r['eager_ms']:.1f}) "
+                        f"{r['tokens_per_s']:.0f}t/s "
                         f"{r['of_roofline']:.0%} {overhead}")
         for i in range(0, len(line), 3):
             summary.append("  " + " | ".join(line[i:i + 3]))

@@ -45,20 +45,21 @@ def test_dry_run_runs_every_section(tmp_path):
                  "paged extend"):
         assert kind in names
     assert all(c["ok"] for c in kernels + report["sections"]["engine"]["checks"])
+    assert any(c["check"].startswith("CUDA graphs vs eager") for c in report["sections"]["engine"]["checks"])
     rows = report["sections"]["decode-8b"]["rows"]
     assert {(r["batch"], r["adapters"]) for r in rows} == {(1, 0), (1, 1), (4, 0), (4, 1), (4, 4)}
     for row in rows:
         assert row["step_ms"] > 0 and row["roofline_ms"] > 0 and row["bytes"]["weights"] > 0
         assert (row["bytes"]["lora"] > 0) == (row["adapters"] > 0)
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "| batch | adapters | step ms |" in markdown and "## kernels correctness" in markdown
+    assert "| batch | adapters | step ms (graphs) | eager ms |" in markdown and "## kernels correctness" in markdown
 
 
 def fake_report(step_ms: dict, crashed: str | None = None) -> dict:
     rows = []
     for (batch, adapters), ms in step_ms.items():
         base = step_ms[(batch, 0)]
-        rows.append({"batch": batch, "adapters": adapters, "step_ms": ms, "tokens_per_s": batch / (ms / 1e3),
+        rows.append({"batch": batch, "adapters": adapters, "step_ms": ms, "eager_ms": ms, "tokens_per_s": batch / (ms / 1e3),
                      "roofline_ms": 5.0, "of_roofline": 5.0 / ms, "lora_overhead": ms / base - 1, "bytes": {}})
     sections = {"device": {"status": "ok", "name": "NVIDIA H200", "copy_bandwidth": 4.0e12},
                 "decode-8b": {"status": "ok", "shape": "llama-3.1-8b", "context": 512, "copy_bandwidth": 4.0e12,
