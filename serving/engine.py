@@ -206,6 +206,9 @@ class Engine:
         # The slot table grows on demand: the device tier's byte budget, not a slot count, bounds the adapters.
         self.lora_slots = LoraSlots(model.config, initial_adapter_slots, device=model.device, dtype=model.dtype)
         self.runner = ModelRunner(model, self.cache, self.lora_slots)
+        # What requests may hold: the pool less what the runner took for good (the CUDA graphs' scratch block).
+        # A request is refused unless it fits this alone, which is what makes every admitted request finish.
+        self.request_blocks = self.cache.pool.free_blocks
         self.adapters: AdapterProvider = TieredAdapters.from_config(adapters, model.config.module_shapes(),
                                                                      self.lora_slots)
         self.scheduler = Scheduler(max_batch_tokens, max_running, min_prefill_chunk, background_idle_seconds)
@@ -280,8 +283,8 @@ class Engine:
         if adapter_id is not None and not self.adapters.knows(adapter_id):
             raise UnknownAdapter(adapter_id)
         needed = self.cache.blocks_for(cached_tokens)
-        if needed > self.cache.pool.num_blocks:
-            raise KvCacheTooSmall(f"{what} needs {needed} KV blocks, the pool has {self.cache.pool.num_blocks}")
+        if needed > self.request_blocks:
+            raise KvCacheTooSmall(f"{what} needs {needed} KV blocks, the pool has {self.request_blocks} for requests")
 
     def submit(self, prompt_ids: Sequence[int], adapter_id: str | None, params: SamplingParams,
                listener: Callable[[StreamEvent], None] | None = None, client: str | None = None) -> RequestHandle:

@@ -262,3 +262,26 @@ def test_a_request_larger_than_the_pool_is_refused_and_one_that_fills_it_runs(sh
     assert whole.wait().finish_reason == "length" and len(whole.wait().token_ids) == 44
     assert all(h.wait().finish_reason == "length" for h in small)
     assert all_blocks_free(engine)
+
+
+def test_blocks_the_runner_keeps_for_good_are_not_promised_to_requests(sharp_llama, monkeypatch):
+    """On CUDA the decode graphs take a scratch block from the pool at start: a request that needs the whole pool
+    would then never fit, so it is refused at submit, and one that fits what is left still runs beside others."""
+    import longtail.serving.engine as engine_module
+
+    class RunnerWithScratch(engine_module.ModelRunner):
+        def __init__(self, model, cache, lora_slots):
+            super().__init__(model, cache, lora_slots)
+            self.scratch_block = cache.pool.allocate(1)[0]
+
+    monkeypatch.setattr(engine_module, "ModelRunner", RunnerWithScratch)
+    engine = engine_with_blocks(sharp_llama, 5)
+    assert engine.request_blocks == 4
+    with pytest.raises(KvCacheTooSmall):
+        engine.submit(list(range(3, 23)), None, SamplingParams(max_tokens=60))  # 80 tokens: 5 blocks
+    params = SamplingParams(max_tokens=44, temperature=0.0, ignore_eos=True)
+    whole = engine.submit(list(range(3, 23)), None, params)  # 64 tokens: every block requests may have
+    small = [engine.submit([5 + i, 6, 7], None, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+             for i in range(3)]
+    run_to_end(engine, [whole, *small])
+    assert len(whole.wait().token_ids) == 44 and engine.cache.pool.free_blocks == 4
