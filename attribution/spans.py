@@ -468,9 +468,10 @@ class SpanIndex:
                 continue
             pattern = query[width * start:width * (start + min(run_end - start, MAX_SPAN))]
             rank = self._lower_bound(pattern)
-            longest = max(self._common_codes(rank - 1, pattern), self._common_codes(rank, pattern))
+            before, at = self._common_codes(rank - 1, pattern), self._common_codes(rank, pattern)
+            longest = max(before, at)
             if longest >= min_span:  # filter false positives end here
-                matches.append((start, longest))
+                matches.append((start, longest, rank - 1 if before > at else rank))
                 # A later start reaches past this match's end only through the min_span-gram ending one token
                 # beyond it; when that gram is no hit, every start up to it is covered by this match: not searched.
                 last_gram = start + longest + 1 - min_span
@@ -478,14 +479,31 @@ class SpanIndex:
                     skip_through = last_gram
         spans: list[SpanHit] = []
         reached = -1
-        for start, longest in matches:
+        for start, longest, found in matches:
             # Not maximal when an earlier match covers it (equivalently, the match one token earlier does).
             if start + longest <= reached:
                 continue
             reached = start + longest
-            pattern = query[width * start:width * (start + longest)]
-            spans.append(SpanHit(start, start + longest, self._lower_bound(pattern), self._upper_bound(pattern)))
+            spans.append(SpanHit(start, start + longest,
+                                 *self._interval_around(query[width * start:width * (start + longest)], found)))
         return spans
+
+    def _interval_around(self, pattern: bytes, rank: int) -> tuple[int, int]:
+        """[lo, hi) of the suffixes starting with `pattern`, given a rank among them: galloping out from it, then
+        bisecting the last step, O(log occurrences) probes instead of two searches of the whole array (a kept span
+        occurs a few times at most)."""
+        key = self._suffix_key(len(pattern))
+        low, step = rank, 1
+        while low - step >= 0 and key(low - step) == pattern:
+            low -= step
+            step *= 2
+        lo = bisect.bisect_left(range(self.size), pattern, max(0, low - step + 1), low, key=key)
+        high, step = rank, 1
+        while high + step < self.size and key(high + step) == pattern:
+            high += step
+            step *= 2
+        hi = bisect.bisect_right(range(self.size), pattern, high + 1, min(self.size, high + step), key=key)
+        return lo, hi
 
     def interval(self, codes: Sequence[int]) -> tuple[int, int]:
         """Suffix-array interval [lo, hi) of the suffixes starting with `codes` (this index's codes, all known)."""
@@ -1011,26 +1029,34 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
     if all(index.filter_k == min_span for index in indexes):
         # A min_span-gram the adapter's Datanets hold more than frequency_cap times is boilerplate wherever it
         # sits: a rare span made of one plus a word or two of chance extension earns nothing for it.
-        # Unless one Datanet holds every occurrence, more of them than generic text spread over the Datanets in
-        # proportion to their sizes would put there by chance (share^count < CONCENTRATION_P): that is the
+        # Unless one Datanet holds the occurrences, more of them than generic text spread over the Datanets in
+        # proportion to their sizes would put there by chance (share^count < CONCENTRATION_P), and every other
+        # Datanet at most one (a count of one is also what a Bloom filter's false positive reads as): that is the
         # Datanet's own boilerplate (a template, a house style), evidence for it though not for one record.
         per_index = [index.gram_counts(token_ids, grams(min_span)) for index in indexes]
         counts = sum(per_index)
         frequent = counts > frequency_cap
         if len(indexes) > 1 and frequent.any():
             sizes = np.array([index.size for index in indexes], np.float64)
+            widest = np.max(per_index, axis=0)
+            spread = np.sum([held > 1 for held in per_index], axis=0)  # Datanets holding it more than once
             for held, share in zip(per_index, sizes / sizes.sum(), strict=True):
-                frequent &= ~((held == counts) & (counts * math.log(share) < math.log(CONCENTRATION_P)))
+                alone = (held == widest) & (spread <= 1) & (held * math.log(share) < math.log(CONCENTRATION_P))
+                frequent &= ~alone
         for j in np.flatnonzero(frequent):
             generic[j:j + min_span] = True
     kept = []
     log_probs = lexicon.log_probs(ids)
+    in_context = lexicon.next_log_probs(ids)  # once per output; a span's first token takes its unigram instead
     for candidate in pieces.values():
         occurrences = sum(hi - lo for _, lo, hi in candidate.holders)
         if occurrences > frequency_cap:
             continue
         segment = slice(candidate.start, candidate.end)
-        if -float(lexicon.next_log_probs(ids[segment])[~generic[segment]].sum()) < min_surprisal:
+        surprisal = -float(in_context[segment][~generic[segment]].sum())
+        if not generic[candidate.start]:
+            surprisal += float(in_context[candidate.start] - log_probs[candidate.start])
+        if surprisal < min_surprisal:
             continue
         kept.append(candidate)
     kept.sort(key=lambda c: (float(log_probs[c.start:c.end].sum()), c.start, c.end))

@@ -167,7 +167,12 @@ def plant(kind: str, gen, tokenizer, rng, texts, tokens, shared, length=256):
             pieces.append((piece, owners, kind))
             continue
         if kind == "template":
-            r = rng.randrange(0, len(texts[0]), 5)
+            # A templated record as the template made it: not one a shared sentence was appended to (whose truth
+            # would be several Datanets; the "shared" kind plants those).
+            while True:
+                r = rng.randrange(0, len(texts[0]), 5)
+                if not any(sentence in texts[0][r] for sentence, _ in shared):
+                    break
             pieces.append((list(tokens[0][r]), {DATANETS[0]: [r]}, kind))
             continue
         d = rng.randrange(4)
