@@ -87,10 +87,12 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                                 logits.device)
         subset = logits if len(sampled) == count else logits.index_select(0, inputs.rows)
         drawn, drawable = _draw(_distribution(subset, inputs), inputs.uniform)
-        if len(sampled) == count:  # argmax over the vocabulary costs as much as a softmax: only for greedy rows
+        # The argmax costs as much as a softmax: only when there are greedy rows. `max` returns the same first
+        # index as `argmax`, ~3x faster on this CPU.
+        if len(sampled) == count:
             tokens = drawn
         else:
-            tokens = logits.argmax(dim=-1).index_copy_(0, inputs.rows, drawn)
+            tokens = logits.max(dim=-1).indices.index_copy_(0, inputs.rows, drawn)
             drawable = torch.ones(count, dtype=torch.bool, device=logits.device).index_copy_(0, inputs.rows, drawable)
         usable = drawable & torch.isfinite(logits.gather(1, tokens[:, None])[:, 0])
     tokens = tokens.masked_fill(~usable, -1)  # -1: this row could not be sampled
@@ -117,7 +119,7 @@ def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     """The distribution [N, V] each row of fp32 logits draws from under its params; a greedy row is one-hot."""
     vocab = logits.shape[-1]
     # scatter rather than one_hot, which reads the indices back to check them
-    result = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    result = torch.zeros_like(logits).scatter_(1, logits.max(dim=-1, keepdim=True).indices, 1.0)
     sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
     if sampled:
         inputs = _device_inputs(params, sampled, torch.ones(len(sampled), dtype=torch.float64), vocab, logits.device)
@@ -127,18 +129,19 @@ def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 @dataclasses.dataclass(frozen=True)
 class _RowInputs:
-    """The sampled rows' indices [S] and parameters on the device; `filtered` indexes the rows that top-k or top-p
-    change, and `width` (on the host) is how many of their largest logits the filter must see: the largest top-k
-    among them, or the whole vocabulary when one has top-p without top-k."""
+    """The sampled rows' indices [S] and parameters on the device, and the rows (among the S) that filter, in two
+    groups: `by_top_k` (top-k below the vocabulary, maybe top-p too) looks at the `width` largest logits, the
+    largest top-k among them (known on the host); `by_sort` (top-p alone) needs the whole vocabulary sorted."""
 
     rows: torch.Tensor
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     uniform: torch.Tensor
-    filtered: torch.Tensor | None
+    by_top_k: torch.Tensor | None
     width: int
     ties_beyond_width: bool
+    by_sort: torch.Tensor | None
 
 
 def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -159,25 +162,29 @@ def _device_inputs(params: list[SamplingParams], sampled: list[int], uniform: to
     """
     chosen = [params[row] for row in sampled]
     # Top-k at or above the vocabulary and top-p 1 change nothing: those rows skip the sort.
-    filtered = [i for i, p in enumerate(chosen) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    # Top-k at or above the vocabulary is off; rows with neither filter skip both groups.
+    by_top_k = [i for i, p in enumerate(chosen) if 0 < p.top_k < vocab]
+    by_sort = [i for i, p in enumerate(chosen) if not 0 < p.top_k < vocab and p.top_p < 1.0]
     host = torch.cat([
         torch.tensor([float(row) for row in sampled]
                      + [float(p.temperature) for p in chosen]
                      + [float(min(p.top_k, vocab) if p.top_k else vocab) for p in chosen]
                      + [float(p.top_p) for p in chosen], dtype=torch.float64),
         uniform,
-        torch.tensor([float(i) for i in filtered], dtype=torch.float64),
+        torch.tensor([float(i) for i in by_top_k + by_sort], dtype=torch.float64),
     ])
     if device.type == "cuda":
         host = host.pin_memory()
     values = host.to(device, non_blocking=True)
     size = len(sampled)
     rows, temperature, top_k, top_p, uniform = values[:5 * size].view(5, size)
-    width = max((min(chosen[i].top_k, vocab) if chosen[i].top_k else vocab for i in filtered), default=vocab)
+    width = max((chosen[i].top_k for i in by_top_k), default=vocab)
     # Only top-p needs the mass of tokens tied with the k-th value that `topk(width)` may have left out.
-    ties_beyond_width = width < vocab and any(chosen[i].top_p < 1.0 for i in filtered)
+    ties_beyond_width = any(chosen[i].top_p < 1.0 for i in by_top_k)
+    groups = values[5 * size:].long()
     return _RowInputs(rows.long(), temperature.float(), top_k.long(), top_p.float(), uniform.float(),
-                      values[5 * size:].long() if filtered else None, width, ties_beyond_width)
+                      groups[:len(by_top_k)] if by_top_k else None, width, ties_beyond_width,
+                      groups[len(by_top_k):] if by_sort else None)
 
 
 def _distribution(logits: torch.Tensor, inputs: _RowInputs) -> torch.Tensor:
@@ -187,14 +194,18 @@ def _distribution(logits: torch.Tensor, inputs: _RowInputs) -> torch.Tensor:
     # floor keeps a temperature below fp32's smallest normal from becoming 0 (0 / 0) or a flushed denormal.
     floor = torch.finfo(torch.float32).tiny
     scaled = (logits - logits.amax(dim=-1, keepdim=True)).div_(inputs.temperature.clamp_min(floor)[:, None])
-    filtered = inputs.filtered
-    if filtered is not None:
-        if filtered.numel() == scaled.shape[0]:
-            scaled = _filter(scaled, inputs.top_k, inputs.top_p, inputs.width, inputs.ties_beyond_width)
+    # Two groups so that one top-p row does not make the top-k rows sort the whole vocabulary; a row's result does
+    # not depend on its group's width (see `_filter`).
+    for rows, width, ties_beyond_width in ((inputs.by_top_k, inputs.width, inputs.ties_beyond_width),
+                                           (inputs.by_sort, scaled.shape[-1], False)):
+        if rows is None:
+            continue
+        if rows.numel() == scaled.shape[0]:
+            scaled = _filter(scaled, inputs.top_k, inputs.top_p, width, ties_beyond_width)
         else:
-            kept = _filter(scaled.index_select(0, filtered), inputs.top_k.index_select(0, filtered),
-                           inputs.top_p.index_select(0, filtered), inputs.width, inputs.ties_beyond_width)
-            scaled = scaled.index_copy_(0, filtered, kept)
+            kept = _filter(scaled.index_select(0, rows), inputs.top_k.index_select(0, rows),
+                           inputs.top_p.index_select(0, rows), width, ties_beyond_width)
+            scaled = scaled.index_copy_(0, rows, kept)
     return torch.softmax(scaled, dim=-1)
 
 
