@@ -161,7 +161,6 @@ def _device_inputs(params: list[SamplingParams], sampled: list[int], uniform: to
     One float64 buffer (exact for the integers here), pinned and non-blocking on a GPU: nothing waits for the device.
     """
     chosen = [params[row] for row in sampled]
-    # Top-k at or above the vocabulary and top-p 1 change nothing: those rows skip the sort.
     # Top-k at or above the vocabulary is off; rows with neither filter skip both groups.
     by_top_k = [i for i, p in enumerate(chosen) if 0 < p.top_k < vocab]
     by_sort = [i for i, p in enumerate(chosen) if not 0 < p.top_k < vocab and p.top_p < 1.0]
