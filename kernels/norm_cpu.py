@@ -1,0 +1,134 @@
+"""The CPU engine's layer glue in C (`csrc/norm_cpu.c`): residual add + RMSNorm, and SiLU(gate) * up.
+
+Beside each kernel is its torch reference (HF's LlamaRMSNorm and `F.silu(gate) * up`, the code
+the model ran before); tests compare the two. Built like the other CPU kernels (`kernels.lora_cpu`:
+system C compiler on first use, cached under `$LONGTAIL_HOME/kernels/`, `LONGTAIL_KERNELS=torch`
+turns it off).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longtail.kernels.lora_cpu import build, library_path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+class NormShapeError(ValueError):
+    """Tensors handed to a layer-glue kernel disagree on a shape, dtype or layout."""
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _tried
+    if _tried:
+        return _library
+    _tried = True
+    try:
+        path = library_path(SOURCE, FLAGS)
+        if not path.exists():
+            build(path, SOURCE, FLAGS)
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("CPU norm kernel unavailable, using the torch reference: %s", error)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.longtail_add_rms_norm.restype = ctypes.c_int
+    library.longtail_add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float,
+                                              ctypes.c_int, i64]
+    library.longtail_silu_mul.restype = ctypes.c_int
+    library.longtail_silu_mul.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int, i64]
+    _library = library
+    return library
+
+
+def available() -> bool:
+    """True when the C kernel is built (or builds now) and `LONGTAIL_KERNELS` does not force torch."""
+    if os.environ.get("LONGTAIL_KERNELS", "").strip().lower() == "torch":
+        return False
+    return _load() is not None
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(x.dtype)
+
+
+def add_rms_norm_ref(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """residual += delta (in place, when given); returns RMSNorm(residual)."""
+    if delta is not None:
+        residual.add_(delta)
+    return rms_norm_ref(residual, weight, eps)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _rows(tensor: torch.Tensor, width: int, dtype: torch.dtype, what: str) -> None:
+    if (tensor.dim() != 2 or tensor.shape[1] != width or tensor.stride(1) != 1 or tensor.dtype != dtype
+            or tensor.device.type != "cpu"):
+        raise NormShapeError(f"{what}: expected [rows, {width}] {dtype} CPU rows, got {tuple(tensor.shape)} "
+                             f"{tensor.dtype}")
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """`add_rms_norm_ref` in one pass: residual [T, H] updated in place, the normed rows returned."""
+    library = _load()
+    if library is None:
+        raise RuntimeError("the CPU norm kernel is not available (see available())")
+    dtype, hidden = residual.dtype, residual.shape[-1]
+    if dtype not in _DTYPES:
+        raise NormShapeError(f"add_rms_norm: fp32 or bf16 only, got {dtype}")
+    _rows(residual, hidden, dtype, "add_rms_norm residual")
+    if delta is not None:
+        _rows(delta, hidden, dtype, "add_rms_norm delta")
+        if delta.shape[0] != residual.shape[0]:
+            raise NormShapeError("add_rms_norm: residual and delta have different row counts")
+    if weight.shape != (hidden,) or weight.dtype != dtype or not weight.is_contiguous():
+        raise NormShapeError(f"add_rms_norm: weight must be a contiguous [{hidden}] {dtype} vector")
+    out = torch.empty(residual.shape, dtype=dtype)
+    code = library.longtail_add_rms_norm(
+        residual.data_ptr(), residual.stride(0), delta.data_ptr() if delta is not None else None,
+        delta.stride(0) if delta is not None else 0, weight.data_ptr(), out.data_ptr(), out.stride(0),
+        residual.shape[0], hidden, eps, _DTYPES[dtype], torch.get_num_threads())
+    if code:
+        raise NormShapeError(f"add_rms_norm: error {code}")
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu_mul_ref` in one pass: gate_up [T, 2 W] -> [T, W]."""
+    library = _load()
+    if library is None:
+        raise RuntimeError("the CPU norm kernel is not available (see available())")
+    dtype = gate_up.dtype
+    if dtype not in _DTYPES or gate_up.shape[-1] % 2:
+        raise NormShapeError(f"silu_mul: fp32 or bf16 [rows, 2 W], got {tuple(gate_up.shape)} {dtype}")
+    width = gate_up.shape[-1] // 2
+    _rows(gate_up, 2 * width, dtype, "silu_mul gate_up")
+    out = torch.empty(gate_up.shape[0], width, dtype=dtype)
+    code = library.longtail_silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0),
+                                     gate_up.shape[0], width, _DTYPES[dtype], torch.get_num_threads())
+    if code:
+        raise NormShapeError(f"silu_mul: error {code}")
+    return out
