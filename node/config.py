@@ -51,7 +51,10 @@ class NodeConfig:
     max_tokens_limit: int = 256
     max_waiting_requests: int = 64
     device: str = "cpu"
-    kv_cache_bytes: int = 256 * 2**20
+    # None: 256 MiB on a CPU (host memory is shared with everything else); on CUDA the pool takes what is free
+    # after the weights, the adapter budget and a step's activations, times gpu_memory_fraction (serving.engine).
+    kv_cache_bytes: int | None = None
+    gpu_memory_fraction: float = 0.9
     # Adapter tiers (docs/adapters.md): bytes of adapter factors held on the device and in host memory. No count cap:
     # the node stores any number of adapters, the device holds what its budget fits, the rest wait one load away.
     device_adapter_bytes: int = 256 * 2**20

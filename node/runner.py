@@ -119,7 +119,8 @@ def tier_config(config: NodeConfig) -> TierConfig:
 
 def build_engine(config: NodeConfig, model_dir: Path) -> EngineClient:
     """The engine in its own process (`engine_process`, the default: docs/node.md says why) or on a thread here."""
-    options = {"kv_cache_bytes": config.kv_cache_bytes, "adapters": tier_config(config)}
+    options = {"kv_cache_bytes": config.kv_cache_bytes, "gpu_memory_fraction": config.gpu_memory_fraction,
+               "adapters": tier_config(config)}
     if config.engine_process:
         from longtail.serving.engine_process import EngineProcess
 
