@@ -238,3 +238,27 @@ def test_one_device_to_host_transfer_per_call(monkeypatch, mix):
             monkeypatch.setattr(torch.Tensor, name, function)
     assert counts == {**dict.fromkeys(HOST_READS, 0), "tolist": 1}
     assert all(isinstance(p, tuple) for p in picks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA's own sync detector")
+def test_on_a_gpu_the_only_synchronizing_call_is_the_read_back():
+    """CUDA's sync debug mode warns on every call that waits for the device: one, the final read back."""
+    import warnings
+
+    logits = mixed_logits(seed=12).cuda()
+    params = [SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=row, logprobs=True)
+              for row, p in enumerate(MIXED)]
+    generators = [p.generator() for p in params]
+    sample_rows(logits, params, [p.generator() for p in params])  # warm the caching allocators
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            picks = sample_rows(logits, params, generators)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronizing = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(synchronizing) == 1, [str(w.message) for w in synchronizing]
+    on_cpu = sample_rows(logits.cpu(), params, [p.generator() for p in params])
+    assert [pick[0] for pick in picks] == [pick[0] for pick in on_cpu]
