@@ -307,7 +307,9 @@ def old_index_bytes(index) -> int:
 
 
 def run_scale(total_records, args, tokenizer, reference, baseline, gen):
-    rng = random.Random(args.seed + total_records)
+    # The outputs' own stream: seeded like build_datanets' it would replay the draws that made the shared
+    # sentences, and the novel filler would repeat pieces of them.
+    rng = random.Random(f"outputs-{args.seed + total_records}")
     texts, tokens, shared = build_datanets(gen, tokenizer, total_records, args.seed + total_records)
     token_count = sum(len(t) for ts in tokens for t in ts)
     fingerprint = tokenizer_fingerprint(tokenizer)
