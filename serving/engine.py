@@ -50,7 +50,14 @@ from longtail.serving.errors import (
     RequestCancelled,
     UnknownAdapter,
 )
-from longtail.serving.kv_cache import CPU_KV_CACHE_BYTES, PagedKVCache, kv_pool_bytes, step_activation_bytes
+from longtail.serving.kv_cache import (
+    CPU_ADAPTER_BYTES,
+    CPU_KV_CACHE_BYTES,
+    PagedKVCache,
+    adapter_device_bytes,
+    kv_pool_bytes,
+    step_activation_bytes,
+)
 from longtail.serving.lora_slots import LoraSlots
 from longtail.serving.model import LlamaModel
 from longtail.serving.model_runner import ModelRunner, SequenceChunk
@@ -170,19 +177,25 @@ class EngineStats:
     preemptions: int = 0                # running requests preempted for KV blocks since start (recomputed later)
 
 
-def device_kv_cache_bytes(model: LlamaModel, fraction: float, adapter_bytes: int, max_batch_tokens: int) -> int:
-    """The KV pool's bytes on a CUDA device, from its free memory now (the weights already loaded)."""
+def device_kv_cache_bytes(model: LlamaModel, fraction: float, adapter_bytes: int | None,
+                          max_batch_tokens: int) -> tuple[int, int]:
+    """(KV pool bytes, adapter device budget) on a CUDA device, from its free memory now (the weights loaded).
+
+    `adapter_bytes` None: the adapter tier takes `kv_cache.ADAPTER_SHARE` of what the weights and a step leave.
+    """
     # Loading fused q/k/v and gate/up by concatenation: the unfused originals sit in torch's allocator cache,
     # which the driver counts as used; handed back first, they count as free.
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(model.device)
     weights = model.config.parameter_count() * model.dtype.itemsize
     reserve = step_activation_bytes(model.config, max_batch_tokens, model.dtype)
+    if adapter_bytes is None:
+        adapter_bytes = adapter_device_bytes(free, total, fraction, weights, reserve)
     pool = kv_pool_bytes(free, total, fraction, weights, adapter_bytes, reserve)
     if pool <= 0:
         raise ValueError(f"no device memory left for the KV cache: {free} of {total} bytes free, fraction "
                          f"{fraction}, weights {weights}, adapter budget {adapter_bytes}, step reserve {reserve}")
-    return pool
+    return pool, adapter_bytes
 
 
 class Engine:
@@ -197,11 +210,16 @@ class Engine:
         adapters = adapters or TierConfig()
         if not 0.0 < gpu_memory_fraction <= 1.0:  # checked on every device, so a node's config fails the same way
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
-        if kv_cache_bytes is None:
-            # On CUDA the pool takes what the device has left; a CPU's RAM is shared with everything else
-            # (serving.kv_cache.CPU_KV_CACHE_BYTES).
-            kv_cache_bytes = CPU_KV_CACHE_BYTES if model.device.type != "cuda" else \
-                device_kv_cache_bytes(model, gpu_memory_fraction, adapters.device_bytes, max_batch_tokens)
+        if model.device.type == "cuda" and (kv_cache_bytes is None or adapters.device_bytes is None):
+            # On CUDA the pool and the adapter tier take what the device has left.
+            pool, adapter_bytes = device_kv_cache_bytes(model, gpu_memory_fraction, adapters.device_bytes,
+                                                        max_batch_tokens)
+            kv_cache_bytes = pool if kv_cache_bytes is None else kv_cache_bytes
+            adapters = dataclasses.replace(adapters, device_bytes=adapter_bytes)
+        # A CPU's RAM is shared with everything else: fixed defaults (serving.kv_cache.CPU_KV_CACHE_BYTES).
+        kv_cache_bytes = CPU_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_bytes
+        if adapters.device_bytes is None:
+            adapters = dataclasses.replace(adapters, device_bytes=CPU_ADAPTER_BYTES)
         self.cache = PagedKVCache(model.config, kv_cache_bytes, block_size, model.device, model.dtype)
         # The slot table grows on demand: the device tier's byte budget, not a slot count, bounds the adapters.
         self.lora_slots = LoraSlots(model.config, initial_adapter_slots, device=model.device, dtype=model.dtype)

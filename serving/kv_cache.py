@@ -20,6 +20,8 @@ from longtail.serving.config import ModelConfig
 # the chain client and whatever else runs there: free memory says nothing about what the engine may take, so
 # the pool keeps a fixed default unless the operator gives one.
 CPU_KV_CACHE_BYTES = 256 * 2**20
+# The adapter device tier's default on a CPU, for the same reason.
+CPU_ADAPTER_BYTES = 256 * 2**20
 
 
 def kv_pool_bytes(free_bytes: int, total_bytes: int, fraction: float, weight_bytes: int, adapter_bytes: int,
@@ -40,6 +42,22 @@ def kv_pool_bytes(free_bytes: int, total_bytes: int, fraction: float, weight_byt
                          f"{weight_bytes}, adapters {adapter_bytes}, reserve {reserve_bytes}")
     share = min(int(fraction * total_bytes) - weight_bytes, int(fraction * free_bytes))
     return max(0, share - adapter_bytes - reserve_bytes)
+
+
+# Of the engine's device share left after the weights and a step's activations, what the adapter device tier
+# gets when no budget is given (S-LoRA's unified pool, split once): on an 80-141 GB GPU that is 6-11 GB of
+# adapter factors (hundreds of rank-16 adapters of an 8B model); the KV pool keeps the other nine tenths.
+ADAPTER_SHARE = 0.1
+
+
+def adapter_device_bytes(free_bytes: int, total_bytes: int, fraction: float, weight_bytes: int,
+                         reserve_bytes: int = 0, share: float = ADAPTER_SHARE) -> int:
+    """The adapter device tier's budget on an accelerator when none is configured: `share` of the engine's
+    share (as `kv_pool_bytes` computes it) after the weights and `reserve_bytes`; 0 when nothing is left."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"adapter share must be in [0, 1), got {share}")
+    engine_share = kv_pool_bytes(free_bytes, total_bytes, fraction, weight_bytes, 0, reserve_bytes)
+    return int(share * engine_share)
 
 
 def step_activation_bytes(config: ModelConfig, max_batch_tokens: int, dtype: torch.dtype) -> int:

@@ -7,11 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from longtail.serving.adapter_tiers import TierConfig
 from longtail.serving.config import ModelConfig
 from longtail.serving.engine import Engine, device_kv_cache_bytes
 from longtail.serving.errors import KvCacheTooSmall, RequestCancelled
 from longtail.serving.kv_cache import (
+    CPU_ADAPTER_BYTES,
     CPU_KV_CACHE_BYTES,
+    adapter_device_bytes,
     kv_bytes_per_block,
     kv_pool_bytes,
     step_activation_bytes,
@@ -105,9 +108,14 @@ def test_on_cuda_the_engine_sizes_its_pool_from_free_memory(tiny_llama, monkeypa
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     weights = config.parameter_count() * 4
     reserve = step_activation_bytes(config, 512, torch.float32)
-    assert device_kv_cache_bytes(model, 0.9, GiB, 512) == int(0.9 * 8 * GiB) - GiB - reserve
+    assert device_kv_cache_bytes(model, 0.9, GiB, 512) == (int(0.9 * 8 * GiB) - GiB - reserve, GiB)
+    # No adapter budget given: the adapter tier takes a tenth of what the weights and a step leave.
+    share = int(0.9 * 8 * GiB) - reserve
+    pool, adapters = device_kv_cache_bytes(model, 0.9, None, 512)
+    assert adapters == int(0.1 * share) == adapter_device_bytes(8 * GiB, 10 * GiB, 0.9, weights, reserve)
+    assert pool == share - adapters
     assert kv_pool_bytes(8 * GiB, 10 * GiB, 0.9, weights, GiB, reserve) == int(0.9 * 8 * GiB) - GiB - reserve
-    assert asked == [model.device]
+    assert asked == [model.device] * 2
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (GiB, 10 * GiB))
     with pytest.raises(ValueError, match="no device memory left"):
         device_kv_cache_bytes(model, 0.9, 2 * GiB, 512)
@@ -117,6 +125,8 @@ def test_on_a_cpu_the_pool_keeps_its_fixed_default(tiny_llama):
     engine = Engine.from_pretrained(tiny_llama.base_dir)
     per_block = kv_bytes_per_block(engine.model_config, engine.cache.block_size, torch.float32)
     assert engine.cache.pool.num_blocks == CPU_KV_CACHE_BYTES // per_block
+    assert Engine(engine.model, adapters=TierConfig(device_bytes=None)).adapters.metrics.snapshot().budget["device"] \
+        == CPU_ADAPTER_BYTES
     with pytest.raises(ValueError, match="gpu_memory_fraction"):  # refused on a CPU too: the config is wrong
         Engine(engine.model, kv_cache_bytes=2**20, gpu_memory_fraction=1.2)
 
