@@ -552,19 +552,13 @@ class Engine:
         if not requests:
             return
         now = time.perf_counter()
-        # One pass: a row's sum is finite exactly when every logit is (fp32 logits never come near overflow).
-        finite = torch.isfinite(logits.sum(dim=-1)).tolist()
-        for request, ok in zip(requests, finite, strict=True):
-            if not ok:
-                self._finish(request, "error", NonFiniteLogits(request.request_id))
-        live = [(row, r) for row, (r, ok) in enumerate(zip(requests, finite, strict=True)) if ok]
-        if not live:
-            return
-        rows = torch.tensor([row for row, _ in live])
-        picks = sample_rows(logits[rows], [r.params for _, r in live], [r.generator for _, r in live])
-        for (_, request), pick in zip(live, picks, strict=True):
+        # The sampler's one device read per step also says which rows could not be sampled; only for those is
+        # the row read again, to tell a model that produced NaN/inf (NonFiniteLogits) from a sampler failure.
+        picks = sample_rows(logits, [r.params for r in requests], [r.generator for r in requests])
+        for row, (request, pick) in enumerate(zip(requests, picks, strict=True)):
             if isinstance(pick, Exception):  # this row's sampler failed: only its request ends (issue 21)
-                self._finish(request, "error", pick)
+                finite = bool(torch.isfinite(logits[row].sum()))
+                self._finish(request, "error", pick if finite else NonFiniteLogits(request.request_id))
                 continue
             token, logprob = pick
             request.output_ids.append(token)

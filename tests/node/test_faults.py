@@ -117,17 +117,17 @@ def test_extreme_but_valid_sampling_beside_ordinary_requests_all_answer(tmp_path
 
 def test_a_row_whose_sampler_fails_ends_only_its_own_request(tmp_path, model, monkeypatch):
     """The second line behind the edge's checks: a sampler failure on one row is that request's 500 alone."""
-    from longtail.serving import sampling
+    from longtail.serving import engine as engine_module
     from longtail.serving.errors import SamplingFailed
 
-    original = sampling.sample
+    original = engine_module.sample_rows  # the batch sampler: one call per step, one result per row
 
-    def failing_for_half(logits, params, generator):
-        if params.temperature == 0.5:
-            raise SamplingFailed("injected: this row's distribution degenerated")
-        return original(logits, params, generator)
+    def failing_for_half(logits, params, generators):
+        picks = original(logits, params, generators)
+        return [SamplingFailed("injected: this row's distribution degenerated") if p.temperature == 0.5 else pick
+                for p, pick in zip(params, picks, strict=True)]
 
-    monkeypatch.setattr(sampling, "sample", failing_for_half)
+    monkeypatch.setattr(engine_module, "sample_rows", failing_for_half)
 
     async def scenario():
         node = make_node(tmp_path, model)
@@ -146,20 +146,22 @@ def test_a_row_whose_sampler_fails_ends_only_its_own_request(tmp_path, model, mo
 
 
 def test_a_stream_whose_engine_fails_mid_answer_ends_with_an_error_event(tmp_path, model, monkeypatch):
-    from longtail.serving import sampling
+    from longtail.serving import engine as engine_module
     from longtail.serving.errors import SamplingFailed
 
-    original = sampling.sample
+    original = engine_module.sample_rows
     drawn = {"count": 0}
 
-    def fail_on_third_token(logits, params, generator):
-        if params.temperature == 0.5:
-            drawn["count"] += 1
-            if drawn["count"] == 3:
-                raise SamplingFailed("injected after two tokens")
-        return original(logits, params, generator)
+    def fail_on_third_token(logits, params, generators):
+        picks = original(logits, params, generators)
+        for index, row_params in enumerate(params):
+            if row_params.temperature == 0.5:
+                drawn["count"] += 1
+                if drawn["count"] == 3:
+                    picks[index] = SamplingFailed("injected after two tokens")
+        return picks
 
-    monkeypatch.setattr(sampling, "sample", fail_on_third_token)
+    monkeypatch.setattr(engine_module, "sample_rows", fail_on_third_token)
 
     async def scenario():
         node = make_node(tmp_path, model)
