@@ -211,7 +211,11 @@ def plant(kind: str, gen, tokenizer, rng, texts, tokens, shared, length=256):
         pieces.append((piece, truth, kind))
     budget = length - sum(len(p[0]) for p in pieces)
     fill = novel_tokens(gen, tokenizer, rng, max(budget, 0) + 64)
-    cuts = sorted(rng.randrange(budget + 1) for _ in pieces)
+    # A copy goes in where a filler word starts: cut anywhere, the filler's next word piece would glue onto the
+    # copy's last word (" dyed" + "thus"), which no model repeating a record writes.
+    names = tokenizer.convert_ids_to_tokens(fill[:max(budget, 0) + 1])
+    openings = [i for i in range(max(budget, 0) + 1) if names[i].startswith("Ġ")] or [0]
+    cuts = sorted(rng.choice(openings) for _ in pieces)
     output, truth = [], []
     last = 0
     for cut, item in zip(cuts, pieces, strict=True):

@@ -268,3 +268,20 @@ def test_datanet_index_is_bound_to_its_tokenizer_and_records_root(tmp_path):
         load_datanet_index(tmp_path / "d")
     ensure_datanet_index(tmp_path / "d", Tokenizer(0))
     assert load_datanet_index(tmp_path / "d").records_root != manifest.records_root
+
+
+def test_lexicon_keeps_its_bigram_model_and_refuses_an_older_file(tmp_path):
+    rng = random.Random(8)
+    text = words(rng, 30)
+    fluent = lexicon().with_bigrams([text] * 5)
+    fluent.save(tmp_path / "lexicon.npz")
+    again = Lexicon.load(tmp_path / "lexicon.npz")
+    ids = np.array(text[:12])
+    assert np.array_equal(again.next_log_probs(ids), fluent.next_log_probs(ids))
+    # Each pair seen 5 times and never followed otherwise: P = (5 + p) / 6 in context, against p = 1/4000 alone.
+    assert -again.next_log_probs(ids)[1:].sum() < 0.05 * -again.log_probs(ids)[1:].sum()
+    old = lexicon()
+    np.savez(tmp_path / "old.npz", begins_word=old.begins_word, ends_word=old.ends_word, delimiter=old.delimiter,
+             log_prob=old.log_prob, starts_word=old.starts_word)  # version 1: no bigram model, no version
+    with pytest.raises(SpanIndexError, match="lexicon version"):
+        Lexicon.load(tmp_path / "old.npz")
