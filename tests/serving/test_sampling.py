@@ -240,6 +240,7 @@ def test_one_device_to_host_transfer_per_call(monkeypatch, mix):
     assert all(isinstance(p, tuple) for p in picks)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA's own sync detector")
 def test_on_a_gpu_the_only_synchronizing_call_is_the_read_back():
     """CUDA's sync debug mode warns on every call that waits for the device: one, the final read back."""
