@@ -8,53 +8,29 @@ Two calls per layer replace ~30 small torch calls:
 
 The decode call takes (query, key_cache, value_cache, block_tables, context_lens, scale), the
 shape a GPU paged-attention kernel takes too, so `serving/model.py` can pick a kernel per device.
-Built like `kernels.lora_cpu` (system C compiler on first use, cached per source, flags and CPU;
+Built by `kernels.native` (system C compiler on first use, cached per source, flags and CPU;
 ctypes releases the GIL); `available()` is False without a compiler or with `LONGTAIL_KERNELS=torch`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import subprocess
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from longtail.kernels.lora_cpu import build, library_path
+from longtail.kernels.native import CSRC, EXACT_FLAGS, NativeLibrary
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("csrc") / "attention_cpu.c"
-# No FMA contraction: RoPE then rounds exactly as torch's separate multiply and add do.
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ERRORS = {-1: "a slot or block index falls outside the cache", -2: "unsupported head layout",
            -3: "a context length is 0 or longer than its block table", -4: "out of memory"}
-
-_library: ctypes.CDLL | None = None
-_tried = False
 
 
 class AttentionShapeError(ValueError):
     """Tensors handed to the attention kernel disagree on a shape, dtype or index range."""
 
 
-def _load() -> ctypes.CDLL | None:
-    global _library, _tried
-    if _tried:
-        return _library
-    _tried = True
-    try:
-        path = library_path(SOURCE, FLAGS)
-        if not path.exists():
-            build(path, SOURCE, FLAGS)
-        library = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning("CPU attention kernel unavailable, using the torch reference: %s", error)
-        return None
+def _declare(library: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.longtail_rope_write.restype = ctypes.c_int
     library.longtail_rope_write.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
@@ -62,15 +38,18 @@ def _load() -> ctypes.CDLL | None:
     library.longtail_paged_decode.restype = ctypes.c_int
     library.longtail_paged_decode.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64,
                                               i64, ctypes.c_float, ctypes.c_int, i64]
-    _library = library
-    return library
+
+
+# No FMA contraction: RoPE then rounds exactly as torch's separate multiply and add do.
+_native = NativeLibrary(CSRC / "attention_cpu.c", _declare, EXACT_FLAGS)
+
+
+_load = _native.get
 
 
 def available() -> bool:
     """True when the C kernel is built (or builds now) and `LONGTAIL_KERNELS` does not force torch."""
-    if os.environ.get("LONGTAIL_KERNELS", "").strip().lower() == "torch":
-        return False
-    return _load() is not None
+    return _native.available()
 
 
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, dtype: torch.dtype) -> None:

@@ -8,9 +8,9 @@ down) to every run in one call, so what remains is reading each adapter's rows
 once. Long runs (prompt chunks) stay on torch's matmul, which tiles them well.
 
 The reference is `kernels.lora.add_lora_runs` (same math, one torch matmul pair
-per run); tests compare the two. The kernel is compiled with the system C
-compiler on first use into `$LONGTAIL_HOME/kernels/` (keyed by source, flags and
-CPU), and ctypes releases the GIL while it runs. It splits its (run, projection)
+per run); tests compare the two. The kernel is built and loaded by
+`kernels.native` (the system C compiler on first use, cached under
+`$LONGTAIL_HOME/kernels/`), and ctypes releases the GIL while it runs. It splits its (run, projection)
 pairs among `torch.get_num_threads()` OpenMP threads: one adapter's rows are a
 memory read that one core cannot saturate the bus with. Without a compiler, or with
 `LONGTAIL_KERNELS=torch`, `native_available()` is False and callers use the reference.
@@ -20,98 +20,42 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 
+from longtail.kernels import native
 from longtail.kernels.lora import LoraShapeError, Runs
+from longtail.kernels.native import CSRC, FLAGS, NativeLibrary
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("csrc") / "lora_runs.c"
-# -fopenmp: the kernel shares its work among torch's OpenMP threads (libgomp.so.1, the copy torch loaded).
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 # Runs longer than this go to torch: a prompt chunk is a real matmul, where a tiled BLAS beats a plain loop.
 MAX_NATIVE_RUN = 16
 
 _ERRORS = {-1: "a run names a slot outside the table", -2: "a projection's columns fall outside the output",
            -3: "a run's tokens fall outside the batch"}
 
-_library: ctypes.CDLL | None = None
-_library_tried = False
 
-
-def _home() -> Path:
-    return Path(os.environ.get("LONGTAIL_HOME") or Path.home() / ".cache" / "longtail")
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def library_path(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
-    """Where a compiled kernel lives: one file per (source, flags, CPU), so a stale build is never loaded."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode()
-                         + platform.machine().encode()).hexdigest()[:16]
-    return _home() / "kernels" / f"{source.stem}-{key}.so"
-
-
-def build(target: Path, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
-    """Compile a kernel into `target` (atomically: concurrent builders never see half a file)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-    result = subprocess.run([compiler, *flags, "-o", str(partial), str(source), "-lm"], capture_output=True,
-                            text=True, timeout=300)
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"{compiler} failed on {source.name}: {result.stderr.strip()[:2000]}")
-    os.replace(partial, target)
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    global _library, _library_tried
-    if _library_tried:
-        return _library
-    _library_tried = True
-    try:
-        path = library_path()
-        if not path.exists():
-            build(path)
-        library = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning("CPU LoRA kernel unavailable, using the torch reference: %s", error)
-        return None
+def _declare(library: ctypes.CDLL) -> None:
     function = library.longtail_lora_runs_f32
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_int64]
-    _library = library
-    return library
+
+
+SOURCE = CSRC / "lora_runs.c"
+_native = NativeLibrary(SOURCE, _declare)
+
+
+def build(target: Path, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile this kernel (or `source`) into `target`; see `kernels.native.build`."""
+    return native.build(target, source, flags)
 
 
 def native_available() -> bool:
     """True when the C kernel is built (or builds now) and `LONGTAIL_KERNELS` does not force the torch reference."""
-    if os.environ.get("LONGTAIL_KERNELS", "").strip().lower() == "torch":
-        return False
-    return _load() is not None
+    return _native.available()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +126,7 @@ def add_lora_runs_native(out: torch.Tensor, x: torch.Tensor, runs: torch.Tensor,
     `runs` comes from `split_runs`; `table` from `run_table`. Raises LoraShapeError on a
     mismatch instead of touching memory it does not own.
     """
-    library = _load()
+    library = _native.get()
     if library is None:
         raise RuntimeError("the CPU LoRA kernel is not available (see native_available)")
     if x.dtype != torch.float32 or out.dtype != torch.float32 or x.device.type != "cpu" or out.device.type != "cpu":

@@ -1,7 +1,7 @@
 """The CPU engine's layer glue in C (`csrc/norm_cpu.c`): residual add + RMSNorm, and SiLU(gate) * up.
 
 Beside each kernel is its torch reference (HF's LlamaRMSNorm and `F.silu(gate) * up`, the code
-the model ran before); tests compare the two. Built like the other CPU kernels (`kernels.lora_cpu`:
+the model ran before); tests compare the two. Built like the other CPU kernels (`kernels.native`:
 system C compiler on first use, cached under `$LONGTAIL_HOME/kernels/`, `LONGTAIL_KERNELS=torch`
 turns it off).
 """
@@ -9,58 +9,35 @@ turns it off).
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import subprocess
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from longtail.kernels.lora_cpu import build, library_path
+from longtail.kernels.native import CSRC, EXACT_FLAGS, NativeLibrary
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("csrc") / "norm_cpu.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-_library: ctypes.CDLL | None = None
-_tried = False
 
 
 class NormShapeError(ValueError):
     """Tensors handed to a layer-glue kernel disagree on a shape, dtype or layout."""
 
 
-def _load() -> ctypes.CDLL | None:
-    global _library, _tried
-    if _tried:
-        return _library
-    _tried = True
-    try:
-        path = library_path(SOURCE, FLAGS)
-        if not path.exists():
-            build(path, SOURCE, FLAGS)
-        library = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning("CPU norm kernel unavailable, using the torch reference: %s", error)
-        return None
+def _declare(library: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.longtail_add_rms_norm.restype = ctypes.c_int
     library.longtail_add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float,
                                               ctypes.c_int, i64]
     library.longtail_silu_mul.restype = ctypes.c_int
     library.longtail_silu_mul.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int, i64]
-    _library = library
-    return library
+
+
+_native = NativeLibrary(CSRC / "norm_cpu.c", _declare, EXACT_FLAGS)
+_load = _native.get
 
 
 def available() -> bool:
     """True when the C kernel is built (or builds now) and `LONGTAIL_KERNELS` does not force torch."""
-    if os.environ.get("LONGTAIL_KERNELS", "").strip().lower() == "torch":
-        return False
-    return _load() is not None
+    return _native.available()
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,28 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float load(const void *base, int64_t index, int dtype) {
-    if (dtype == 0) return ((const float *)base)[index];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[index] << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline void store(void *base, int64_t index, float value, int dtype) {
-    if (dtype == 0) {
-        ((float *)base)[index] = value;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) { /* NaN stays NaN */
-        ((uint16_t *)base)[index] = (uint16_t)((bits >> 16) | 0x40);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    ((uint16_t *)base)[index] = (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 /* qkv: [tokens, (heads + 2 kv_heads) * head_dim] rows `qkv_stride` elements apart; q and k are
  * rotated in place, then k and v are copied to slot write_slots[t] of the caches.

@@ -18,39 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float load(const void *base, int64_t index, int dtype) {
-    if (dtype == 0) return ((const float *)base)[index];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[index] << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline float round_to(float value, int dtype) {
-    if (dtype == 0) return value;
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return value; /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    bits &= 0xffff0000u;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline void store(void *base, int64_t index, float value, int dtype) {
-    if (dtype == 0) {
-        ((float *)base)[index] = value;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        ((uint16_t *)base)[index] = (uint16_t)((bits >> 16) | 0x40);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    ((uint16_t *)base)[index] = (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 /* For each row r: when `delta` is given, residual[r] += delta[r] (in place); then
  * out[r] = weight * round(residual[r] * rsqrt(mean(residual[r]^2) + eps)). */
