@@ -18,10 +18,6 @@ from longtail.node.requests import CompletionRequest
 from longtail.serving.engine_client import EngineClient, as_client
 from longtail.serving.errors import EngineUnavailable
 
-# Scoring for adapter credit is background work in the engine (serving.scheduler): it joins steps that answers run
-# anyway, so it neither starts a step that competes for the CPU with the node's receipts nor delays an answer.
-CREDIT_CLIENT = "longtail:adapter-credit"
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
@@ -50,19 +46,20 @@ class GenerationGateway:
             return list(encoded["input_ids"])
         return list(self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
 
-    def sampling_params(self, request: CompletionRequest, logprobs: bool = False):
+    def sampling_params(self, request: CompletionRequest):
         from longtail.serving.sampling import SamplingParams
 
+        # Token log-probabilities only when the client asked (OpenAI's `logprobs`, chat only): a step whose rows
+        # all leave them off skips the log-softmax over the vocabulary.
         return SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                               top_k=request.top_k, seed=request.seed, stop=list(request.stop),
-                              logprobs=request.logprobs or logprobs)
+                              logprobs=request.logprobs)
 
     async def stream(self, request: CompletionRequest, entry: CatalogEntry,
                      prompt_ids: list[int]) -> AsyncIterator[GenerationResult]:
         """Yield a cumulative result after each token; the last one carries the finish reason."""
         started = time.perf_counter()
-        # An adapter's answer needs its token log-probabilities: they are its credit against the base model.
-        params = self.sampling_params(request, logprobs=entry.adapter_id is not None)
+        params = self.sampling_params(request)
         try:
             # aclosing: a client that leaves early cancels the engine request now, not when garbage is collected.
             async with contextlib.aclosing(self._results(request, entry, prompt_ids, params, started)) as results:
@@ -109,14 +106,6 @@ class GenerationGateway:
     def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
-
-    async def base_logprobs(self, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
-        """The output scored by the bare base model (for adapter credit), inside the engine's batch as background
-        work: beside answers, never instead of them."""
-        try:
-            return await self.engine.score(prompt_ids, output_ids, None, client=CREDIT_CLIENT, background=True)
-        except EngineUnavailable as error:
-            raise EngineDown(str(error), retry_after_seconds=error.retry_after_seconds) from error
 
     def engine_shutdown(self) -> None:
         """Stop the engine (its driver thread, or its process)."""

@@ -105,7 +105,7 @@ class RunningNode:
         if self.p2p is not None:
             await asyncio.to_thread(self.p2p.stop)
         await self.node.attributor.close()  # data-credit scorings use the engine: cancelled before it stops
-        await self.node.drain()  # voucher writes and credits use the engine and the store: both still open
+        await self.node.drain()  # the node's background engine work (data-credit scorings) ends before the engine
         if self.owns_engine:
             await asyncio.to_thread(self.node.generation.engine_shutdown)
         self.node.receipt_log.close()

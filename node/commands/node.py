@@ -51,8 +51,7 @@ FLAG_HELP = {
     "host_adapter_bytes": "bytes of adapters kept in host memory (evicted beyond; the rest stay on disk)",
     "operator_token_env": "environment variable holding the token for POST/DELETE /v1/adapters",
     "announce_ttl_seconds": "lifetime of a gossip announcement",
-    "adapter_credit": "score adapter answers under the base model for adapter credit",
-    "adapter_credit_backlog": "scorings pending at most; beyond, credit is skipped",
+    "adapter_credit": "score each adapter's held-out data credit once, when first served (never per request)",
     "gil_switch_interval_ms": "CPython's GIL switch interval in this process",
     "engine_process": "run the engine in its own process (default) or on a thread of the node's",
 }
