@@ -139,8 +139,9 @@ class LlamaModel:
                     setattr(weights_, name, _pack(getattr(weights_, name)))
         self.cpu_attention = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
             attention_cpu.available()
-        # The residual adds, RMSNorms and SiLU * up as C calls (kernels.norm_cpu): two per layer instead of ~16.
-        self.cpu_norm = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and norm_cpu.available()
+        # The residual adds and RMSNorms as C calls (kernels.norm_cpu): two per layer instead of ~14 small ones. In
+        # fp32 only: in bf16 torch's vectorised ops beat the kernel's scalar conversions from 32 rows up.
+        self.cpu_norm = device.type == "cpu" and dtype == torch.float32 and norm_cpu.available()
         # CUDA: Triton paged attention reads K/V in place (kernels/paged_attention.py); LONGTAIL_PAGED_ATTENTION=0
         # keeps the gather + SDPA path (the GPU check compares the two).
         self.paged_kernels = device.type == "cuda" and os.environ.get("LONGTAIL_PAGED_ATTENTION", "").strip() != "0"
@@ -320,11 +321,8 @@ class LlamaModel:
         weights = self.layers[layer]
         gate_up = _linear(x, weights.gate_up)
         self._add_lora(gate_up, x, layer, self.gate_up_columns, plan, lora)
-        if self.cpu_norm:
-            hidden = norm_cpu.silu_mul(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
         down = _linear(hidden, weights.down)
         self._add_lora(down, hidden, layer, (("down_proj", 0),), plan, lora)
         return down

@@ -1,14 +1,13 @@
-/* The CPU engine's elementwise layer glue: residual add + RMSNorm in one pass, and SiLU(gate) * up.
+/* The CPU engine's residual add + RMSNorm in one pass.
  *
  * Why C: per layer the torch code made ~16 small calls (RMSNorm's cast, pow, mean, add, rsqrt, mul,
- * cast and scale, twice; the residual adds; silu, mul). Each is a few microseconds of dispatch and,
+ * cast and scale, twice; the residual adds). Each is a few microseconds of dispatch and,
  * under OpenMP, a fork and a barrier over a [tokens, hidden] tensor that one core streams in less
- * time than the barrier takes. Here each is one call that reads and writes every element once.
+ * time than the barrier takes. Here each add + norm is one call that reads and writes every element once.
  *
  * Rounding follows the torch code it replaces (HF's LlamaRMSNorm): the residual add rounds to the
  * model dtype; the norm runs in fp32, its result is rounded to the model dtype, then scaled by the
- * weight and rounded again. SiLU is computed in fp32 and rounded before the product, as torch does
- * for bf16. Tensors are fp32 (dtype 0) or bf16 (dtype 1, as uint16).
+ * weight and rounded again. Tensors are fp32 (dtype 0) or bf16 (dtype 1, as uint16).
  *
  * Threads: rows are shared among `threads` OpenMP threads once a call has enough elements; each row
  * is computed the same way whatever the thread count. Built with -fopenmp, the library links the
@@ -49,22 +48,6 @@ int longtail_add_rms_norm(void *residual, int64_t residual_stride, const void *d
         for (int64_t i = 0; i < hidden; ++i) {
             const float normed = round_to(load(residual, at + i, dtype) * inverse, dtype);
             store(out, to + i, load(weight, i, dtype) * normed, dtype);
-        }
-    }
-    return 0;
-}
-
-/* out[r, i] = round(silu(gate_up[r, i])) * gate_up[r, width + i]: the gate and up halves of a fused matmul. */
-int longtail_silu_mul(const void *gate_up, int64_t gate_up_stride, void *out, int64_t out_stride, int64_t rows,
-                      int64_t width, int dtype, int64_t threads) {
-    if (rows < 0 || width <= 0) return -1;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (threads > 1 && rows * width >= 32768)
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t at = r * gate_up_stride, to = r * out_stride;
-        for (int64_t i = 0; i < width; ++i) {
-            const float gate = load(gate_up, at + i, dtype);
-            const float activated = round_to(gate / (1.0f + expf(-gate)), dtype);
-            store(out, to + i, activated * load(gate_up, at + width + i, dtype), dtype);
         }
     }
     return 0;
