@@ -203,6 +203,7 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from longtail.serving.adapter_tiers import TierConfig
     from longtail.serving.base_models import ensure_embedded_model
     from longtail.serving.engine import Engine
 
@@ -212,8 +213,11 @@ def main() -> int:
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     with tempfile.TemporaryDirectory() as scratch:
         folders = make_adapters(model_dir, Path(scratch), args.adapters, (8, 64), seed=11)
+        # Every adapter resident, as PEFT holds them all: this compares serving, not the tiers (scripts/bench_adapters
+        # measures those); with the default 256 MiB device tier some adapters wait seconds for a slot.
         engine = Engine.from_pretrained(model_dir, device=args.device, dtype=dtype, kv_cache_bytes=512 * 2**20,
-                                        initial_adapter_slots=args.adapters, max_batch_tokens=1024)
+                                        initial_adapter_slots=args.adapters, max_batch_tokens=1024,
+                                        adapters=TierConfig(device_bytes=8 << 30, host_bytes=8 << 30))
         vocab = engine.model_config.vocab_size
         adapter_ids = [engine.add_adapter(f) for f in folders]
         run_engine(engine, jobs[:4], adapter_ids, vocab)  # warm-up
