@@ -11,6 +11,8 @@ import torch
 
 from longtail.kernels.lora import add_lora, lora_expand_ref, lora_shrink_ref, token_groups
 
+from device_reads import DeviceReads
+
 
 def test_sgmv_prefill_with_groups_reads_nothing_back(monkeypatch):
     monkeypatch.setenv("LONGTAIL_KERNELS", "triton")
@@ -24,17 +26,11 @@ def test_sgmv_prefill_with_groups_reads_nothing_back(monkeypatch):
     x = torch.randn(slots.shape[0], hidden, generator=generator)
     groups = token_groups(slots)  # the engine does this once per step, outside the layers
     out = torch.zeros(slots.shape[0], width)
-    counts = {"item": 0, "tolist": 0, "__int__": 0}
-    original = {name: getattr(torch.Tensor, name) for name in counts}
-    for name in counts:
-        def counted(self, *args, _name=name, **kwargs):
-            counts[_name] += 1
-            return original[_name](self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = DeviceReads(monkeypatch, ("item", "tolist", "__int__"))
+    reads.active = True
     add_lora(out, x, a_rows, b_rows, slots, offsets, torch.tensor(ranks), scales, 16, groups=groups)
-    for name, function in original.items():
-        monkeypatch.setattr(torch.Tensor, name, function)
+    reads.active = False
+    counts = reads.counts
     assert counts == {"item": 0, "tolist": 0, "__int__": 0}
     assert groups.longest_segment == 40
     expected = torch.zeros_like(out)

@@ -17,27 +17,7 @@ from longtail.kernels.lora import token_groups, token_groups_of
 from longtail.serving.engine import Engine
 from longtail.serving.sampling import SamplingParams
 
-READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")
-
-
-class DeviceReads:
-    """Counts the Tensor methods that copy device data to the host, while installed."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.counts = dict.fromkeys(READS, 0)
-        self.active = False
-        for name in READS:
-            original = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _name=name, _original=original, **kwargs):
-                if self.active:
-                    self.counts[_name] += 1
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-    def total(self) -> int:
-        return sum(self.counts.values())
+from device_reads import DeviceReads
 
 
 def gpu_configured(engine: Engine) -> Engine:

@@ -11,6 +11,8 @@ import torch
 from longtail.serving.errors import SamplingFailed
 from longtail.serving.sampling import SamplingParams, probabilities, sample_rows
 
+from device_reads import READS, DeviceReads
+
 
 def reference_probabilities(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row, the straightforward way: temperature, top-k by torch.topk, top-p by a sort, softmax."""
@@ -209,7 +211,6 @@ def test_an_empty_batch_and_mismatched_lengths():
         sample_rows(torch.zeros(2, 10), [SamplingParams()], [None])
 
 
-HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")
 
 
 @pytest.mark.parametrize("mix", ["mixed", "greedy", "sampled", "logprobs-free"])
@@ -223,20 +224,14 @@ def test_one_device_to_host_transfer_per_call(monkeypatch, mix):
         "logprobs-free": list(MIXED),
     }[mix]
     generators = [p.generator() for p in params]
-    counts = dict.fromkeys(HOST_READS, 0)
-    original = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    for name in HOST_READS:
-        def counted(self, *args, _name=name, **kwargs):
-            counts[_name] += 1
-            return original[_name](self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = DeviceReads(monkeypatch)
+    reads.active = True
     try:
         picks = sample_rows(logits, params, generators)
     finally:
-        for name, function in original.items():
-            monkeypatch.setattr(torch.Tensor, name, function)
-    assert counts == {**dict.fromkeys(HOST_READS, 0), "tolist": 1}
+        reads.active = False
+    counts = reads.counts
+    assert counts == {**dict.fromkeys(READS, 0), "tolist": 1}
     assert all(isinstance(p, tuple) for p in picks)
 
 
