@@ -90,14 +90,18 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN-packed weights on a CPU: by default for bf16 only; `LONGTAIL_PACKED_WEIGHTS=1` (fp32 too) or `=0`.
 
-    Measured with torch 2.13 on this AVX-512 CPU (docs/serving.md): in bf16 the packed matmuls take 0.6-0.7x the
+    Measured with torch 2.13 on an AVX-512 CPU (docs/serving.md): in bf16 the packed matmuls take 0.6-0.7x the
     plain ones' time at 1-128 rows; in fp32 the plain (MKL) ones are as fast from 4 rows up and faster for one
     row (a decode step at batch 1: 29 ms plain against 37 ms packed), so fp32 stays plain.
     """
     setting = os.environ.get("LONGTAIL_PACKED_WEIGHTS", "").strip()
     if setting == "0" or device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return dtype == torch.bfloat16 or (setting == "1" and dtype == torch.float32)
+    if dtype == torch.bfloat16:
+        # oneDNN's bf16 reorder needs AVX-512 (BW/VL/DQ) and raises on an AVX2-only CPU (an AMD EPYC of this
+        # project's CI is one): there bf16 weights stay plain and torch's own bf16 matmuls run.
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return setting == "1" and dtype == torch.float32
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
