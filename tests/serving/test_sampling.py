@@ -254,7 +254,9 @@ def test_on_a_gpu_the_only_synchronizing_call_is_the_read_back():
             picks = sample_rows(logits, params, generators)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    synchronizing = [w for w in caught if "synchroniz" in str(w.message)]
+    # torch prints one notice that the mode is a prototype when it is switched on; the warnings that count are
+    # the ones it raises for a call ("called a synchronizing CUDA operation"), seen on an H200 with torch 2.11.
+    synchronizing = [w for w in caught if "called a synchronizing" in str(w.message)]
     assert len(synchronizing) == 1, [str(w.message) for w in synchronizing]
     on_cpu = sample_rows(logits.cpu(), params, [p.generator() for p in params])
     assert [pick[0] for pick in picks] == [pick[0] for pick in on_cpu]
