@@ -13,7 +13,8 @@ On a CPU in bf16 the weights are kept in oneDNN's blocked layout (packed once at
 `packing_available`), and
 RoPE + the cache write and decode attention are one C call each
 (`kernels.attention_cpu`): decode attention reads keys and values where they lie in the
-paged cache. Elsewhere (CUDA) decode attention gathers the rows' blocks and runs SDPA;
+paged cache, and matmuls of a few rows (decode) stream each weight once through a C kernel
+(`kernels.linear_cpu`). Elsewhere (CUDA) decode attention gathers the rows' blocks and runs SDPA;
 `_decode_attention` is the one place a device's paged-attention kernel plugs in.
 """
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from longtail.kernels import attention_cpu, norm_cpu
+from longtail.kernels import attention_cpu, linear_cpu, norm_cpu
 from longtail.kernels.lora import Runs, add_lora, add_lora_runs, kernel_backend
 from longtail.kernels.lora_cpu import add_lora_runs_native
 from longtail.serving.config import ModelConfig
@@ -141,6 +142,12 @@ class LlamaModel:
             for weights_ in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
                     setattr(weights_, name, _pack(getattr(weights_, name)))
+        # Matmuls of a few rows (decode) as one C pass over each weight (kernels.linear_cpu): from one row in fp32,
+        # from two in bf16, where torch's own one-row bf16 path is faster (docs/serving.md); 0 = off.
+        self.small_linear_from = 0
+        if device.type == "cpu" and not self.packed and dtype in (torch.float32, torch.bfloat16) and \
+                linear_cpu.available():
+            self.small_linear_from = 1 if dtype == torch.float32 else 2
         self.cpu_attention = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
             attention_cpu.available()
         # The residual adds and RMSNorms as C calls (kernels.norm_cpu): two per layer instead of ~14 small ones. In
@@ -190,6 +197,12 @@ class LlamaModel:
         config = ModelConfig.from_model_dir(model_dir)
         return cls(config, _load_tensors(Path(model_dir), device, dtype), device, dtype)
 
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.small_linear_from and self.small_linear_from <= x.shape[0] <= linear_cpu.MAX_ROWS and \
+                linear_cpu.fits(x, weight):
+            return linear_cpu.linear_small(x, weight, bias)
+        return _linear(x, weight, bias)
+
     @staticmethod
     def _add_lora(out: torch.Tensor, x: torch.Tensor, layer: int, columns, plan: BatchPlan,
                   lora: LoraSlots | None) -> None:
@@ -215,7 +228,7 @@ class LlamaModel:
                    cos: torch.Tensor, sin: torch.Tensor, lora: LoraSlots | None) -> torch.Tensor:
         config, weights = self.config, self.layers[layer]
         tokens = x.shape[0]
-        qkv = _linear(x, weights.qkv, weights.qkv_bias)
+        qkv = self._matmul(x, weights.qkv, weights.qkv_bias)
         self._add_lora(qkv, x, layer, self.qkv_columns, plan, lora)
         q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         keys, values = cache.keys[layer], cache.values[layer]
@@ -257,7 +270,7 @@ class LlamaModel:
                 self._decode_attention(out[:rows], q[:rows], keys, values, plan.decode_gather, plan.context_lens,
                                        cache.block_size)
         flat = out.reshape(tokens, -1)
-        projected = _linear(flat, weights.o)
+        projected = self._matmul(flat, weights.o)
         self._add_lora(projected, flat, layer, (("o_proj", 0),), plan, lora)
         return projected
 
@@ -323,11 +336,11 @@ class LlamaModel:
 
     def _mlp(self, x: torch.Tensor, layer: int, plan: BatchPlan, lora: LoraSlots | None) -> torch.Tensor:
         weights = self.layers[layer]
-        gate_up = _linear(x, weights.gate_up)
+        gate_up = self._matmul(x, weights.gate_up)
         self._add_lora(gate_up, x, layer, self.gate_up_columns, plan, lora)
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up
-        down = _linear(hidden, weights.down)
+        down = self._matmul(hidden, weights.down)
         self._add_lora(down, hidden, layer, (("down_proj", 0),), plan, lora)
         return down
 
@@ -347,9 +360,9 @@ class LlamaModel:
                 delta = self._mlp(hidden, layer, plan, lora)
             last = x[plan.logits_index]
             last.add_(delta[plan.logits_index])
-            return _linear(norm_cpu.add_rms_norm(last, None, self.norm, eps), self.lm_head).float()
+            return self._matmul(norm_cpu.add_rms_norm(last, None, self.norm, eps), self.lm_head).float()
         for layer, weights in enumerate(self.layers):
             x = x + self._attention(norm_cpu.rms_norm_ref(x, weights.input_norm, eps), layer, plan, cache, cos, sin, lora)
             x = x + self._mlp(norm_cpu.rms_norm_ref(x, weights.post_attention_norm, eps), layer, plan, lora)
         last = norm_cpu.rms_norm_ref(x[plan.logits_index], self.norm, eps)
-        return _linear(last, self.lm_head).float()
+        return self._matmul(last, self.lm_head).float()
