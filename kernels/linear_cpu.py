@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from longtail.kernels.native import CSRC, NativeLibrary
 
-MAX_ROWS = 8  # the C kernel's own limit (csrc/linear_small.c)
+MAX_ROWS = 32  # the C kernel's own limit (csrc/linear_small.c)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 

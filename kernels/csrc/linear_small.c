@@ -22,7 +22,7 @@ typedef float f8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
-#define MAX_ROWS 8
+#define MAX_ROWS 32
 
 static inline __attribute__((always_inline)) f8 load8(const void *base, int64_t index, int dtype) {
     f8 value;
