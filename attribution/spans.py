@@ -66,7 +66,7 @@ SCALAR_SEARCH_MAX_HITS = 2048
 _HASH_MASK = (1 << 64) - 1
 INDEX_MAGIC = b"LTSPAN02"
 INDEX_VERSION = 2
-LEXICON_VERSION = 2  # 2: with the reference's bigram model
+LEXICON_VERSION = 3  # 2: with the reference's bigram model; 3: with the base model's generic answers
 _ALIGN = 64
 
 
@@ -804,6 +804,9 @@ class Reference:
         return cls(None, Lexicon.plain())
 
 
+# What the embedded base model writes unaided (scripts/generate_reference.py made it; shipped, so every node builds
+# the same reference without running a model).
+REFERENCE_GENERATED = Path(__file__).resolve().parent / "reference" / "generic_answers.txt.gz"
 REFERENCE_INDEX = "reference.lti"
 REFERENCE_LEXICON = "lexicon.npz"
 REFERENCE_SOURCE_BYTES = 4_000_000  # of the standard library's sources
@@ -815,6 +818,7 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
     """The reference corpus, text that belongs to no Datanet and that every node has with its interpreter and its
     dependencies; deterministic for one installation:
 
+    - what the embedded base model writes unaided (`generated_answers`, shipped with the package);
     - generated number lists and dates;
     - the Python standard library's sources (code, docstrings and comments), up to `source_bytes`;
     - English prose: Python's own reference manual as `pydoc` ships it (`pydoc_data.topics`), then the docstrings of
@@ -825,7 +829,8 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
     import ast
     import sysconfig
 
-    texts = [", ".join(str(i * step) for i in range(start, start + 40))
+    texts = generated_answers()
+    texts += [", ".join(str(i * step) for i in range(start, start + 40))
              for step in (1, 2, 3, 4, 5, 10, 20, 25, 50, 100, 1000) for start in (0, 1)]
     texts += [f"{year}-{month:02d}-{day:02d}" + f" {day} {name} {year}"
               for year in range(1990, 2031) for month, name in enumerate(
@@ -874,6 +879,16 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
                     texts.append(docstring)
                     prose += len(docstring)
     return texts
+
+
+def generated_answers(path: Path = REFERENCE_GENERATED) -> list[str]:
+    """The shipped answers of the base model, one per line with `\\n` and `\\\\` escaped."""
+    import gzip
+    import re
+
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
+    unescape = re.compile(r"\\(.)")
+    return [unescape.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), line) for line in lines if line]
 
 
 def build_reference(folder: Path, tokenizer, source_bytes: int = REFERENCE_SOURCE_BYTES,
