@@ -21,7 +21,9 @@ paged cache, and matmuls of a few rows (decode) stream each weight once through 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -89,11 +91,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN-packed weights on a CPU: by default for bf16 only; `LONGTAIL_PACKED_WEIGHTS=1` (fp32 too) or `=0`.
+    """oneDNN-packed weights on a CPU: bf16 where oneDNN has its AVX-512 bf16 path; fp32 where a probe of this CPU
+    finds them faster (`packing_pays`); `LONGTAIL_PACKED_WEIGHTS=1` (fp32 always) or `=0` (never).
 
-    Measured with torch 2.13 on an AVX-512 CPU (docs/serving.md): in bf16 the packed matmuls take 0.6-0.7x the
-    plain ones' time at 1-128 rows; in fp32 the plain (MKL) ones are as fast from 4 rows up and faster for one
-    row (a decode step at batch 1: 29 ms plain against 37 ms packed), so fp32 stays plain.
+    Measured with torch 2.13 (docs/serving.md): on an AVX-512 EPYC packed bf16 took 0.6-0.7x the plain time at
+    1-128 rows and packed fp32 was no faster than MKL's plain sgemm; on an AVX2-only EPYC packed fp32 took 0.8x at
+    64-128 rows. Rows up to `linear_cpu.MAX_ROWS` go to our own kernel on the plain copy either way.
     """
     setting = os.environ.get("LONGTAIL_PACKED_WEIGHTS", "").strip()
     if setting == "0" or device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -102,7 +105,25 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
         # oneDNN's bf16 reorder needs AVX-512 (BW/VL/DQ) and raises on an AVX2-only CPU (an AMD EPYC of this
         # project's CI is one): there bf16 weights stay plain and torch's own bf16 matmuls run.
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return setting == "1" and dtype == torch.float32
+    return dtype == torch.float32 and (setting == "1" or packing_pays())
+
+
+@functools.cache
+def packing_pays(rows: int = 128, hidden: int = 1024, width: int = 4096, repeats: int = 5) -> bool:
+    """Whether oneDNN's packed fp32 matmul beats the plain one on this CPU by 10 % or more: both timed on one
+    decode-sized shape, alternating, best of `repeats` (about 0.2 s, once per process). Either choice computes
+    the same function; only speed differs (tests/serving/test_cpu_fast_path.py holds them equal)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(width, hidden, generator=generator)
+    x = torch.randn(rows, hidden, generator=generator)
+    packed = _pack(weight)
+    best = {"plain": float("inf"), "packed": float("inf")}
+    for _ in range(repeats):
+        for name, w in (("plain", weight), ("packed", packed)):
+            began = time.perf_counter()
+            _linear(x, w)
+            best[name] = min(best[name], time.perf_counter() - began)
+    return best["packed"] < 0.9 * best["plain"]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -136,18 +157,29 @@ class LlamaModel:
         head = weights.pop("lm_head.weight", None)
         self.lm_head = self.embed if config.tie_word_embeddings or head is None else head
         self.layers = [self._fuse(weights, layer) for layer in range(config.num_layers)]
+        # Matmuls of a few rows (decode) as one C pass over each plain weight (kernels.linear_cpu): from one row in
+        # fp32, from two in bf16, where torch's own one-row bf16 path is faster (docs/serving.md); 0 = off.
+        self.small_linear_from = 0
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and linear_cpu.available():
+            self.small_linear_from = 1 if dtype == torch.float32 else 2
+        # Packed copies for the larger matmuls, keyed by the plain tensor they copy. With the C kernel the plain
+        # weights stay too (twice the weight memory: the price of the fast path at every batch size); without it
+        # the packed copies replace them. The embedding keeps its plain copy: a tied head is packed apart from it.
         self.packed = packing_available(device, dtype)
-        if self.packed:  # the embedding keeps its plain copy: a tied head is packed apart from it
-            self.lm_head = _pack(self.lm_head)
+        self._packed: dict[int, torch.Tensor] = {}
+        if self.packed:
+            keep_plain = bool(self.small_linear_from)
+            if keep_plain:
+                self._packed[id(self.lm_head)] = _pack(self.lm_head)
+            else:
+                self.lm_head = _pack(self.lm_head)
             for weights_ in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
-                    setattr(weights_, name, _pack(getattr(weights_, name)))
-        # Matmuls of a few rows (decode) as one C pass over each weight (kernels.linear_cpu): from one row in fp32,
-        # from two in bf16, where torch's own one-row bf16 path is faster (docs/serving.md); 0 = off.
-        self.small_linear_from = 0
-        if device.type == "cpu" and not self.packed and dtype in (torch.float32, torch.bfloat16) and \
-                linear_cpu.available():
-            self.small_linear_from = 1 if dtype == torch.float32 else 2
+                    plain = getattr(weights_, name)
+                    if keep_plain:
+                        self._packed[id(plain)] = _pack(plain)
+                    else:
+                        setattr(weights_, name, _pack(plain))
         self.cpu_attention = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
             attention_cpu.available()
         # The residual adds and RMSNorms as C calls (kernels.norm_cpu): two per layer instead of ~14 small ones. In
@@ -201,7 +233,7 @@ class LlamaModel:
         if self.small_linear_from and self.small_linear_from <= x.shape[0] <= linear_cpu.MAX_ROWS and \
                 linear_cpu.fits(x, weight):
             return linear_cpu.linear_small(x, weight, bias)
-        return _linear(x, weight, bias)
+        return _linear(x, self._packed.get(id(weight), weight), bias)
 
     @staticmethod
     def _add_lora(out: torch.Tensor, x: torch.Tensor, layer: int, columns, plan: BatchPlan,

@@ -49,3 +49,20 @@ def test_bf16_option_stays_near_fp32(sharp_llama, monkeypatch):
     # bf16 keeps 8 bits of mantissa: the first token's log-probability moves by a few hundredths, not more.
     torch.testing.assert_close(first_bf16, first, atol=0.15, rtol=0)
     assert all(o.finish_reason == "length" and len(o.token_ids) == 20 for o in bf16)
+
+
+def test_packed_copies_take_the_large_matmuls_and_the_plain_weights_stay(sharp_llama, monkeypatch):
+    """With the small-row C kernel on, packing adds copies for more than `MAX_ROWS` rows and keeps the plain
+    weights it reads; without the kernel the packed copies replace them (one copy of the weights)."""
+    from longtail.kernels import linear_cpu
+
+    monkeypatch.setenv("LONGTAIL_PACKED_WEIGHTS", "1")
+    model = Engine.from_pretrained(sharp_llama.base_dir, dtype=torch.float32, kv_cache_bytes=8 * 2**20).model
+    assert model.packed and model.small_linear_from == (1 if linear_cpu.available() else 0)
+    if model.small_linear_from:
+        assert not model.layers[0].qkv.is_mkldnn
+        assert len(model._packed) == 4 * len(model.layers) + 1
+        assert all(w.is_mkldnn for w in model._packed.values())
+    monkeypatch.setenv("LONGTAIL_KERNELS", "torch")
+    model = Engine.from_pretrained(sharp_llama.base_dir, dtype=torch.float32, kv_cache_bytes=8 * 2**20).model
+    assert model.small_linear_from == 0 and model.layers[0].qkv.is_mkldnn and not model._packed
