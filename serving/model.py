@@ -168,18 +168,16 @@ class LlamaModel:
         self.packed = packing_available(device, dtype)
         self._packed: dict[int, torch.Tensor] = {}
         if self.packed:
-            keep_plain = bool(self.small_linear_from)
-            if keep_plain:
-                self._packed[id(self.lm_head)] = _pack(self.lm_head)
-            else:
-                self.lm_head = _pack(self.lm_head)
+            def pack(plain: torch.Tensor) -> torch.Tensor:
+                if not self.small_linear_from:
+                    return _pack(plain)
+                self._packed[id(plain)] = _pack(plain)
+                return plain
+
+            self.lm_head = pack(self.lm_head)
             for weights_ in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
-                    plain = getattr(weights_, name)
-                    if keep_plain:
-                        self._packed[id(plain)] = _pack(plain)
-                    else:
-                        setattr(weights_, name, _pack(plain))
+                    setattr(weights_, name, pack(getattr(weights_, name)))
         self.cpu_attention = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
             attention_cpu.available()
         # The residual adds and RMSNorms as C calls (kernels.norm_cpu): two per layer instead of ~14 small ones. In
@@ -230,8 +228,7 @@ class LlamaModel:
         return cls(config, _load_tensors(Path(model_dir), device, dtype), device, dtype)
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.small_linear_from and self.small_linear_from <= x.shape[0] <= linear_cpu.MAX_ROWS and \
-                linear_cpu.fits(x, weight):
+        if self.small_linear_from and x.shape[0] >= self.small_linear_from and linear_cpu.fits(x, weight):
             return linear_cpu.linear_small(x, weight, bias)
         return _linear(x, self._packed.get(id(weight), weight), bias)
 
