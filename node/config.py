@@ -57,7 +57,7 @@ class NodeConfig:
     gpu_memory_fraction: float = 0.9
     # Adapter tiers (docs/adapters.md): bytes of adapter factors held on the device and in host memory. No count cap:
     # the node stores any number of adapters, the device holds what its budget fits, the rest wait one load away.
-    device_adapter_bytes: int | None = None  # None: 256 MiB on a CPU, a tenth of what is free on CUDA
+    device_adapter_bytes: int | None = None  # None: 1 GiB on a CPU, a tenth of what is free on CUDA
     host_adapter_bytes: int = 2 * 2**30
     # The environment variable holding the operator's token for POST/DELETE /v1/adapters (unset: both refused).
     operator_token_env: str = "LONGTAIL_OPERATOR_TOKEN"

@@ -199,7 +199,7 @@ class TierConfig:
     """
 
     store_home: str | None = None
-    device_bytes: int | None = 256 << 20  # None: the engine sizes it (CUDA: from free memory; CPU: 256 MiB)
+    device_bytes: int | None = None  # None: the engine sizes it (CUDA: from free memory; CPU: CPU_ADAPTER_BYTES)
     host_bytes: int = 2 << 30
     disk_bytes: int | None = None
     max_rank: int = 256

@@ -125,6 +125,7 @@ def test_on_a_cpu_the_pool_keeps_its_fixed_default(tiny_llama):
     engine = Engine.from_pretrained(tiny_llama.base_dir)
     per_block = kv_bytes_per_block(engine.model_config, engine.cache.block_size, torch.float32)
     assert engine.cache.pool.num_blocks == CPU_KV_CACHE_BYTES // per_block
+    assert engine.adapters.metrics.snapshot().budget["device"] == CPU_ADAPTER_BYTES  # TierConfig() leaves it to us
     assert Engine(engine.model, adapters=TierConfig(device_bytes=None)).adapters.metrics.snapshot().budget["device"] \
         == CPU_ADAPTER_BYTES
     with pytest.raises(ValueError, match="gpu_memory_fraction"):  # refused on a CPU too: the config is wrong
