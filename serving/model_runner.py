@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from longtail.kernels.lora import kernel_backend, runs_of, token_groups_of
+from longtail.kernels.lora_cpu import DTYPES as LORA_KERNEL_DTYPES
 from longtail.kernels.lora_cpu import native_available, split_runs
 from longtail.serving.cuda_graphs import BUCKETS, DecodeGraphs
 from longtail.serving.kv_cache import PagedKVCache
@@ -119,7 +120,7 @@ class ModelRunner:
         parts = packed.split([tokens, tokens, tokens, tokens, len(logits_index), len(decode)])
         runs = runs_of(token_slots)
         native_runs = None
-        if runs and device.type == "cpu" and self.model.dtype == torch.float32 and native_available():
+        if runs and device.type == "cpu" and self.model.dtype in LORA_KERNEL_DTYPES and native_available():
             native_runs, runs = split_runs(runs)
         slot_tensor = parts[3]
         return BatchPlan(

@@ -62,6 +62,26 @@ def test_kernel_equals_the_definition_and_the_torch_reference(seed, hidden, widt
     torch.testing.assert_close(out, reference, **FP32)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), hidden=st.integers(1, 70), widths=st.lists(st.integers(1, 40), min_size=1,
+       max_size=3), ranks=rank_lists, data=st.data())
+def test_bf16_kernel_rounds_where_the_torch_reference_does(seed, hidden, widths, ranks, data):
+    """bf16 factors, activations and output: within bf16 rounding of torch's two bf16 matmuls per run."""
+    slots = sorted(data.draw(st.lists(st.integers(-1, len(ranks) - 1), min_size=1, max_size=24)))
+    cases, parts, width = projection_group(seed, len(slots), hidden, widths, ranks, slots)
+    parts = [(a.bfloat16(), b.bfloat16(), *rest) for a, b, *rest in parts]
+    x = cases[0].x.bfloat16()
+    runs = runs_of(slots)
+    out = torch.full((len(slots), width), 0.25, dtype=torch.bfloat16)
+    reference = out.clone()
+    add_lora_runs_native(out, x, torch.tensor(runs, dtype=torch.int64).reshape(-1, 3), run_table(parts))
+    for part in parts:
+        add_lora_runs(reference, x, runs, slot_weights(*part[:5]), out_col_start=part[5])
+    assert out.dtype == torch.bfloat16
+    scale = max(1.0, reference.float().abs().max().item())
+    torch.testing.assert_close(out.float(), reference.float(), atol=2e-2 * scale, rtol=2e-2)
+
+
 def test_row_strided_activations_and_a_slice_of_a_wider_output():
     slots = [0, 0, 1, -1, 1, 1]
     cases, parts, width = projection_group(3, len(slots), 12, [5, 7], [4, 9], slots)
@@ -102,8 +122,14 @@ def test_bad_tensors_are_refused():
     table, runs = run_table(parts), torch.tensor(runs_of(slots))
     with pytest.raises(LoraShapeError, match="columns fall outside"):
         add_lora_runs_native(torch.zeros(2, width - 1), cases[0].x, runs, table)
-    with pytest.raises(LoraShapeError, match="fp32"):
+    with pytest.raises(LoraShapeError, match="table's dtype"):
         add_lora_runs_native(torch.zeros(2, width, dtype=torch.float64), cases[0].x.double(), runs, table)
+    with pytest.raises(LoraShapeError, match="table's dtype"):  # bf16 activations against fp32 factors
+        add_lora_runs_native(torch.zeros(2, width, dtype=torch.bfloat16), cases[0].x.bfloat16(), runs, table)
+    with pytest.raises(LoraShapeError, match="one dtype"):
+        run_table([(torch.zeros(4, 6), torch.zeros(4, 5, dtype=torch.bfloat16), [0], [4], [1.0], 0)])
+    with pytest.raises(LoraShapeError, match="fp32 or bf16"):
+        run_table([(torch.zeros(4, 6).double(), torch.zeros(4, 5).double(), [0], [4], [1.0], 0)])
     with pytest.raises(LoraShapeError, match="contiguous rows"):
         add_lora_runs_native(torch.zeros(width, 2).T, cases[0].x, runs, table)
     with pytest.raises(LoraShapeError, match="input width"):
@@ -116,5 +142,5 @@ def test_build_writes_a_loadable_library(tmp_path):
     import ctypes
 
     target = build(tmp_path / "lora_runs.so")
-    assert ctypes.CDLL(str(target)).longtail_lora_runs_f32
+    assert ctypes.CDLL(str(target)).longtail_lora_runs
     assert [p.name for p in tmp_path.iterdir()] == ["lora_runs.so"]  # no partial file left behind

@@ -42,8 +42,16 @@ def test_fast_path_equals_the_torch_path(sharp_llama, monkeypatch):
 
 
 def test_bf16_option_stays_near_fp32(sharp_llama, monkeypatch):
+    from longtail.kernels import lora_cpu
+    from longtail.serving import model
+
     fp32 = run(sharp_llama, monkeypatch, fast=True)
+    served = []
+    kernel = model.add_lora_runs_native
+    monkeypatch.setattr(model, "add_lora_runs_native", lambda out, *rest: served.append(out.dtype) or kernel(out, *rest))
     bf16 = run(sharp_llama, monkeypatch, fast=True, dtype=torch.bfloat16)
+    # the adapters' decode runs went through the C LoRA kernel in bf16 (not torch's per-run matmuls)
+    assert set(served) == ({torch.bfloat16} if lora_cpu.native_available() else set())
     first = torch.tensor([o.logprobs[0] for o in fp32])
     first_bf16 = torch.tensor([o.logprobs[0] for o in bf16])
     # bf16 keeps 8 bits of mantissa: the first token's log-probability moves by a few hundredths, not more.
