@@ -182,7 +182,7 @@ class LlamaModel:
             attention_cpu.available()
         # The residual adds and RMSNorms as C calls (kernels.norm_cpu): two per layer instead of ~14 small ones. In
         # fp32 only: in bf16 torch's vectorised ops beat the kernel's scalar conversions from 32 rows up.
-        self.cpu_norm = device.type == "cpu" and dtype == torch.float32 and norm_cpu.available()
+        self.cpu_norm = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and norm_cpu.available()
         # CUDA: Triton paged attention reads K/V in place (kernels/paged_attention.py); LONGTAIL_PAGED_ATTENTION=0
         # keeps the gather + SDPA path (the GPU check compares the two).
         self.paged_kernels = device.type == "cuda" and os.environ.get("LONGTAIL_PAGED_ATTENTION", "").strip() != "0"

@@ -23,6 +23,25 @@ static inline __attribute__((always_inline)) f8 load8(const void *base, int64_t 
     return value;
 }
 
+/* Each lane rounded to bf16 (nearest even, as torch rounds a bf16 result; NaN stays a quiet NaN), kept as fp32. */
+static inline f8 rounded8(f8 v) {
+    u32x8 bits;
+    memcpy(&bits, &v, sizeof bits);
+    const u32x8 nan = (u32x8)((bits & 0x7fffffffu) > 0x7f800000u);
+    const u32x8 even = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    bits = (nan & ((bits | 0x400000u) & 0xffff0000u)) | (~nan & even);
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* Eight lanes already rounded to bf16 (`rounded8`), stored as bf16. */
+static inline void store8_bf16(uint16_t *target, f8 rounded) {
+    u32x8 bits;
+    memcpy(&bits, &rounded, sizeof bits);
+    const u16x8 half = __builtin_convertvector(bits >> 16, u16x8);
+    memcpy(target, &half, sizeof half);
+}
+
 static inline float lanes_sum(f8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
