@@ -770,7 +770,10 @@ def load_adapter(path: Path | str, shapes: ModuleShapes, max_rank: int = 256, ma
 
     # numpy, not torch, for the per-element work: numpy runs it on this thread alone, while torch would
     # fan out to the intra-op pool the engine's matmuls use (a background load then stalls the batch).
-    # bfloat16 has no numpy type, so those files take the torch path.
+    # bfloat16 has no numpy type: a bf16 engine's factors are rounded from fp32 bits in numpy (`_bf16_bits`), and
+    # only bf16 files take the torch path. (A torch conversion on a loader thread gives that thread an OpenMP
+    # team of its own; with more OpenMP threads than cores libgomp throttles its spinning, and every parallel
+    # region of the engine's step then waits on a futex: 20 -> 32 ms a token on a 2-core CPU.)
     numpy_path = all(header.tensors[k].dtype != "BF16" for p in plans for k in (p.key_a, p.key_b))
     target_numpy = _NUMPY_DTYPES.get(dtype)
     modules: list[LoraModule] = []
@@ -791,10 +794,22 @@ def load_adapter(path: Path | str, shapes: ModuleShapes, max_rank: int = 256, ma
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
+def _bf16_bits(value: np.ndarray) -> np.ndarray:
+    """Finite values as bf16 bit patterns (uint16), rounded to nearest even from fp32 as torch's `.to` rounds."""
+    bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return rounded.astype(np.uint16)
+
+
 def _checked_tensor(value, key: str, dtype: torch.dtype, target_numpy, path: Path) -> torch.Tensor:
     """Reject non-finite values in the file, and values the conversion to `dtype` would overflow."""
     if isinstance(value, np.ndarray):
         finite = bool(np.isfinite(value).all())
+        if finite and dtype == torch.bfloat16:
+            bits = _bf16_bits(value)
+            if bool(((bits >> np.uint16(7)) & np.uint16(0xFF) == 0xFF).any()):
+                raise AdapterRejected(f"tensor {key!r} holds values that overflow {dtype}", path=path)
+            return torch.from_numpy(bits).view(torch.bfloat16)
         if finite and target_numpy is not None:
             converted = value.astype(target_numpy, copy=False)
             if not np.isfinite(converted).all():

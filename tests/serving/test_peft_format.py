@@ -120,6 +120,39 @@ def test_qwen2_shapes_and_dtype(tiny_qwen2):
     assert tuple(k.lora_b.shape) == (32, 8)  # GQA: 2 kv heads x 16
 
 
+def test_bf16_factors_round_as_torch_rounds_without_torch_threads(tiny_llama, shapes, tmp_path, monkeypatch):
+    """A bf16 engine's factors are rounded in numpy on the loading thread: the same bits as torch's `.to`, and no
+    torch conversion there (it would give the loader thread an OpenMP team, and libgomp then throttles the
+    engine's: docs/serving.md), and a value that rounds past bf16's largest is refused."""
+    from longtail.serving.peft_format import _bf16_bits
+
+    values = torch.cat([torch.randn(4096) * 10 ** torch.randint(-30, 30, (4096,)).float(),
+                        torch.tensor([0.0, -0.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3.3895e38, -1e-45])])
+    assert torch.equal(torch.from_numpy(_bf16_bits(values.numpy())).view(torch.bfloat16), values.to(torch.bfloat16))
+    folder = tiny_llama.adapter_dirs["r8-all"]
+    fp32 = load_adapter(folder, shapes)
+    conversions = []
+    to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        if any(isinstance(a, torch.dtype) for a in (*args, *kwargs.values())) and self.dtype != torch.bfloat16:
+            conversions.append(self.dtype)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    ours = load_adapter(folder, shapes, dtype=torch.bfloat16)
+    monkeypatch.undo()
+    assert conversions == []  # rounded in numpy, not by a torch op that would start an OpenMP team on this thread
+    for mine, reference in zip(ours.modules, fp32.modules, strict=True):
+        assert torch.equal(mine.lora_a, reference.lora_a.to(torch.bfloat16))
+        assert torch.equal(mine.lora_b, reference.lora_b.to(torch.bfloat16))
+    huge = _copy(folder, tmp_path)
+    _rewrite_tensors(huge, lambda tensors: tensors.update({k: torch.full_like(t, 3.4e38) for k, t in tensors.items()
+                                                           if "lora_B" in k}))
+    with pytest.raises(AdapterRejected, match="overflow"):
+        load_adapter(huge, shapes, dtype=torch.bfloat16)
+
+
 def test_adapter_id_is_keccak_of_canonical_config_and_file(tiny_llama, tmp_path):
     folder = _copy(tiny_llama.adapter_dirs["r4-attn"], tmp_path)
     config = json.loads((folder / CONFIG_NAME).read_text())
