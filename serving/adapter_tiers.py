@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -403,7 +404,9 @@ class TieredAdapters:
         tiers = cls(store, shapes, slots, device_budget_bytes=config.device_bytes,
                     host_budget_bytes=config.host_bytes, disk_budget_bytes=config.disk_bytes,
                     dtype=slots.dtype, device=slots.device, metrics=metrics, loader_threads=config.loader_threads)
-        tiers._private_home = private  # removed at close
+        # Removed at close, or when the process exits without one (a script that never shuts its engine down
+        # would otherwise leave a copy of every adapter it served in the temporary folder).
+        tiers._private_cleanup = weakref.finalize(tiers, shutil.rmtree, private, True) if private else None
         return tiers
 
     @classmethod
@@ -422,9 +425,9 @@ class TieredAdapters:
             self._jobs.put(None)
         for worker in self._workers:
             worker.join(timeout=5)
-        private = getattr(self, "_private_home", None)
-        if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
+        cleanup = getattr(self, "_private_cleanup", None)
+        if cleanup is not None:
+            cleanup()
 
     # ------------------------------------------------------------ introspection (tests, benchmarks, /metrics)
 

@@ -482,3 +482,27 @@ def test_adapters_with_waiting_requests_stay_until_a_cold_one_starves(store, tmp
         assert tiers.metrics.snapshot().evictions["device"] == 2
     finally:
         tiers.close()
+
+
+def test_a_private_store_goes_at_shutdown_and_at_exit_without_one(tiny_llama, tmp_path):
+    """An engine without a store home keeps its adapters in a temporary folder: shut down, the folder goes; a
+    process that exits without shutting its engine down leaves nothing behind either."""
+    import subprocess
+    import sys
+
+    from longtail.serving.engine import Engine
+
+    engine = Engine.from_pretrained(tiny_llama.base_dir)
+    engine.add_adapter(next(iter(tiny_llama.adapter_dirs.values())))
+    home = Path(engine.adapters.store.home)
+    assert home.is_dir()
+    engine.shutdown()
+    assert not home.exists()
+    script = ("import sys\nfrom longtail.serving.engine import Engine\n"
+              "engine = Engine.from_pretrained(sys.argv[1])\nengine.add_adapter(sys.argv[2])\n"
+              "print(engine.adapters.store.home)\n")  # and exits without engine.shutdown()
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_llama.base_dir),
+                           str(next(iter(tiny_llama.adapter_dirs.values())))], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    left = Path(done.stdout.strip().splitlines()[-1])
+    assert left.name.startswith("longtail-engine-adapters-") and not left.exists()
