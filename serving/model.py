@@ -90,6 +90,16 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return F.linear(x, weight, bias)
 
 
+@functools.cache
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles (and the OS lets the process use them), as torch's own probe reports."""
+    probe = getattr(torch._C._cpu, "_init_amx", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN-packed weights on a CPU: bf16 where oneDNN has its AVX-512 bf16 path; fp32 where a probe of this CPU
     finds them faster (`packing_pays`); `LONGTAIL_PACKED_WEIGHTS=1` (fp32 always) or `=0` (never).
@@ -158,10 +168,14 @@ class LlamaModel:
         self.lm_head = self.embed if config.tie_word_embeddings or head is None else head
         self.layers = [self._fuse(weights, layer) for layer in range(config.num_layers)]
         # Matmuls of a few rows (decode) as one C pass over each plain weight (kernels.linear_cpu): from one row in
-        # fp32, from two in bf16, where torch's own one-row bf16 path is faster (docs/serving.md); 0 = off.
+        # fp32, from two in bf16, where torch's own one-row bf16 path is faster (docs/serving.md); 0 = off. With
+        # AMX, oneDNN's packed bf16 matmuls beat it at every row count, so bf16 leaves them all to oneDNN there.
         self.small_linear_from = 0
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and linear_cpu.available():
-            self.small_linear_from = 1 if dtype == torch.float32 else 2
+            if dtype == torch.float32:
+                self.small_linear_from = 1
+            elif not (packing_available(device, dtype) and amx_available()):
+                self.small_linear_from = 2
         # Packed copies for the larger matmuls, keyed by the plain tensor they copy. With the C kernel the plain
         # weights stay too (twice the weight memory: the price of the fast path at every batch size); without it
         # the packed copies replace them. The embedding keeps its plain copy: a tied head is packed apart from it.

@@ -8,7 +8,7 @@ import torch
 
 from longtail.kernels.attention_cpu import available
 from longtail.serving.engine import Engine
-from longtail.serving.model import packing_available
+from longtail.serving.model import amx_available, packing_available
 from longtail.serving.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not available(), reason="no C compiler: the CPU attention kernel cannot be built")
@@ -23,6 +23,8 @@ def run(kit, monkeypatch, fast: bool, dtype=torch.float32):
     assert engine.model.packed == (fast and packing_available(torch.device("cpu"), dtype))
     if dtype == torch.bfloat16:
         assert engine.model.packed == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        # with AMX every bf16 matmul goes to oneDNN; without it our kernel takes 2-32 rows
+        assert engine.model.small_linear_from in ((0,) if engine.model.packed and amx_available() else (0, 2))
     engine.model.cpu_attention = fast and engine.model.cpu_attention
     ids = {name: engine.add_adapter(path) for name, path in kit.adapter_dirs.items()}
     generator = torch.Generator().manual_seed(5)
