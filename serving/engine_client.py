@@ -90,6 +90,23 @@ class LocalEngine:
         self._thread = threading.Thread(target=self._loop, name="longtail-engine", daemon=True)
         self._thread.start()
 
+    def run(self) -> None:
+        """Run steps on the calling thread until `stop` or `shutdown` from another thread.
+
+        For a process whose thread that loaded the model stays alive (the engine process's main thread): libgomp
+        throttles its spin-waiting once a second thread has run OpenMP regions while the first lives, and then
+        every parallel region of a step waits on a futex (a decode step 1.3-1.5x slower on 2 cores,
+        docs/serving.md). Stepping on the loading thread keeps one OpenMP team in the process.
+        """
+        self._stop.clear()
+        self.engine.driven = True
+        self._loop()
+
+    def stop(self) -> None:
+        """Make the step loop return after the step in flight; the engine stays up (`shutdown` ends it)."""
+        self._stop.set()
+        self.engine.wake.set()
+
     def _loop(self) -> None:
         engine = self.engine
         while not (self._stop.is_set() or engine.closed.is_set()):

@@ -61,7 +61,6 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
 
         engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, **options)
         driver = LocalEngine(engine)
-        driver.start()
     except BaseException as error:  # the parent raises it: a bad model folder is the operator's to fix
         send(("error", 0, error))
         return
@@ -100,35 +99,45 @@ def _serve(connection, model_dir: str, device: str, dtype, options: dict) -> Non
         handles[call_id] = box[0]
         submitted.set()
 
-    while True:
-        try:
-            operation, call_id, *arguments = connection.recv()
-        except (EOFError, OSError):  # the parent is gone: nobody is left to serve
-            break
-        try:
-            if operation == "submit":
-                prompt, adapter_id, params, client = arguments
-                handles[call_id] = engine.submit(prompt, adapter_id, params, client=client,
-                                                 listener=on_stream_event(call_id))
-            elif operation == "score":
-                submit_score(call_id, *arguments)
-            elif operation == "cancel":
-                handle = handles.get(call_id)
-                if handle is not None:
-                    handle.cancel()
-            elif operation in ("add_adapter", "remove_adapter", "list_adapters", "stats"):
-                # Store I/O and SQLite reads: off the receiving thread, so streams keep flowing meanwhile.
-                method = getattr(engine, operation)
-                threading.Thread(target=reply, args=(call_id, lambda m=method, a=arguments: m(*a)),
-                                 daemon=True).start()
-            elif operation == "shutdown":
-                driver.shutdown()
-                send(("result", call_id, None))
+    shutdown_call: list[int] = []
+
+    def answer() -> None:
+        while True:
+            try:
+                operation, call_id, *arguments = connection.recv()
+            except (EOFError, OSError):  # the parent is gone: nobody is left to serve
                 break
-            else:
-                send(("error", call_id, ValueError(f"unknown engine operation {operation!r}")))
-        except Exception as error:  # a refused request (typed error) fails that call only
-            send(("error", call_id, error))
+            try:
+                if operation == "submit":
+                    prompt, adapter_id, params, client = arguments
+                    handles[call_id] = engine.submit(prompt, adapter_id, params, client=client,
+                                                     listener=on_stream_event(call_id))
+                elif operation == "score":
+                    submit_score(call_id, *arguments)
+                elif operation == "cancel":
+                    handle = handles.get(call_id)
+                    if handle is not None:
+                        handle.cancel()
+                elif operation in ("add_adapter", "remove_adapter", "list_adapters", "stats"):
+                    # Store I/O and SQLite reads: off the receiving thread, so streams keep flowing meanwhile.
+                    method = getattr(engine, operation)
+                    threading.Thread(target=reply, args=(call_id, lambda m=method, a=arguments: m(*a)),
+                                     daemon=True).start()
+                elif operation == "shutdown":
+                    shutdown_call.append(call_id)
+                    break
+                else:
+                    send(("error", call_id, ValueError(f"unknown engine operation {operation!r}")))
+            except Exception as error:  # a refused request (typed error) fails that call only
+                send(("error", call_id, error))
+        driver.stop()  # asked to, or the parent is gone: nobody is left to serve
+
+    threading.Thread(target=answer, name="longtail-engine-connection", daemon=True).start()
+    # The steps run on this thread, the one that loaded the model (LocalEngine.run says why).
+    driver.run()
+    driver.shutdown()
+    if shutdown_call:
+        send(("result", shutdown_call[0], None))
 
 
 class EngineProcess:

@@ -117,3 +117,32 @@ def test_refusals_and_cancellation_alike(client):
     while client.stats().free_kv_blocks != free and time.monotonic() < deadline:
         time.sleep(0.02)
     assert client.stats().free_kv_blocks == free, "leaving the stream cancelled the request; its blocks are back"
+
+
+def test_run_steps_on_the_calling_thread_until_stop(tiny_llama):
+    """`LocalEngine.run` keeps the steps on the thread that loaded the model (the engine process's main thread):
+    a second thread running OpenMP regions while the first lives makes libgomp throttle both (docs/serving.md)."""
+    import threading
+
+    engine = Engine.from_pretrained(tiny_llama.base_dir)
+    driver = LocalEngine(engine)
+    stepped_on: set[int] = set()
+    step = engine.step
+
+    def recording_step() -> int:
+        stepped_on.add(threading.get_ident())
+        return step()
+
+    engine.step = recording_step
+    finished = threading.Event()
+
+    def client() -> None:
+        engine.submit([5, 6, 7], None, SamplingParams(max_tokens=4, temperature=0.0),
+                      listener=lambda event: event.finish_reason is not None and finished.set())
+        finished.wait(timeout=60)
+        driver.stop()
+
+    threading.Thread(target=client, daemon=True).start()
+    driver.run()  # returns once the client thread stops it
+    assert finished.is_set() and stepped_on == {threading.get_ident()}
+    driver.shutdown()
