@@ -193,7 +193,6 @@ def main() -> int:
     used = sorted(set(with_adapters))
     first_use = {adapter: i for i, adapter in reversed(list(enumerate(with_adapters)))}
     warm_prompts = [prompts[first_use[a]] for a in used]
-    warm_adapters = list(used)
     def render(sections) -> str:
         total = sum(lengths)
         lines = [f"## CPU engine against vLLM ({len(jobs)} requests, {total} output tokens, {len(used)} distinct adapters "
@@ -259,7 +258,7 @@ def main() -> int:
 
             # Warm-up: kernels built, and every adapter of the trace loaded once (a first use reads it from disk on
             # both systems; the table is about serving, so neither pays that inside a timed round).
-            ours(warm_prompts, [2] * len(warm_prompts), warm_adapters)
+            ours(warm_prompts, [2] * len(warm_prompts), used)
             results: dict[str, dict] = {}
             modes = [("vllm_base", False, base_only, "ours_base")]
             if not args.skip_vllm_lora:
@@ -272,7 +271,7 @@ def main() -> int:
                 startup = time.perf_counter() - started
                 try:
                     if lora:
-                        driver.run(warm_prompts, [2] * len(warm_prompts), warm_adapters)  # warm-up, as ours
+                        driver.run(warm_prompts, [2] * len(warm_prompts), used)  # warm-up, as ours
                     else:
                         driver.run(prompts[:8], [4] * 8, which[:8])
                     rounds = args.lora_rounds if lora else args.rounds

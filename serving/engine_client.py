@@ -124,8 +124,7 @@ class LocalEngine:
                 engine.fail_running(error)
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self.engine.wake.set()
+        self.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

@@ -170,16 +170,16 @@ class LlamaModel:
         # Matmuls of a few rows (decode) as one C pass over each plain weight (kernels.linear_cpu): from one row in
         # fp32, from two in bf16, where torch's own one-row bf16 path is faster (docs/serving.md); 0 = off. With
         # AMX, oneDNN's packed bf16 matmuls beat it at every row count, so bf16 leaves them all to oneDNN there.
+        self.packed = packing_available(device, dtype)
         self.small_linear_from = 0
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and linear_cpu.available():
             if dtype == torch.float32:
                 self.small_linear_from = 1
-            elif not (packing_available(device, dtype) and amx_available()):
+            elif not (self.packed and amx_available()):
                 self.small_linear_from = 2
         # Packed copies for the larger matmuls, keyed by the plain tensor they copy. With the C kernel the plain
         # weights stay too (twice the weight memory: the price of the fast path at every batch size); without it
         # the packed copies replace them. The embedding keeps its plain copy: a tied head is packed apart from it.
-        self.packed = packing_available(device, dtype)
         self._packed: dict[int, torch.Tensor] = {}
         if self.packed:
             def pack(plain: torch.Tensor) -> torch.Tensor:

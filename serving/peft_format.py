@@ -807,7 +807,7 @@ def _checked_tensor(value, key: str, dtype: torch.dtype, target_numpy, path: Pat
         finite = bool(np.isfinite(value).all())
         if finite and dtype == torch.bfloat16:
             bits = _bf16_bits(value)
-            if bool(((bits >> np.uint16(7)) & np.uint16(0xFF) == 0xFF).any()):
+            if bool((((bits >> np.uint16(7)) & np.uint16(0xFF)) == 0xFF).any()):  # exponent all ones: rounded to inf
                 raise AdapterRejected(f"tensor {key!r} holds values that overflow {dtype}", path=path)
             return torch.from_numpy(bits).view(torch.bfloat16)
         if finite and target_numpy is not None:
