@@ -8,13 +8,11 @@ segments one by one, all decode tokens in one call.
 q/k/v and gate/up are fused into one matmul each at load time; each adapter's
 delta is added into its projection's columns of the fused output.
 
-On a CPU in bf16 the weights are kept in oneDNN's blocked layout (packed once at load:
-`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor's freezing uses; fp32 stays plain, see
-`packing_available`), and
-RoPE + the cache write and decode attention are one C call each
-(`kernels.attention_cpu`): decode attention reads keys and values where they lie in the
-paged cache, and matmuls of a few rows (decode) stream each weight once through a C kernel
-(`kernels.linear_cpu`). Elsewhere (CUDA) decode attention gathers the rows' blocks and runs SDPA;
+On a CPU the weights are packed once at load (`weight_format`): in fp32 into our GEMM's panels
+(`kernels.gemm_cpu`, every matmul from one row up), in bf16 into oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor's freezing uses). RoPE + the cache write and
+decode attention are one C call each (`kernels.attention_cpu`): decode attention reads keys and values where
+they lie in the paged cache. Elsewhere (CUDA) decode attention gathers the rows' blocks and runs SDPA;
 `_decode_attention` is the one place a device's paged-attention kernel plugs in.
 """
 
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from longtail.kernels import attention_cpu, linear_cpu, norm_cpu
+from longtail.kernels import attention_cpu, gemm_cpu, linear_cpu, norm_cpu
 from longtail.kernels.lora import Runs, add_lora, add_lora_runs, kernel_backend
 from longtail.kernels.lora_cpu import add_lora_runs_native
 from longtail.serving.config import ModelConfig
@@ -65,17 +63,20 @@ class BatchPlan:
     lora_per_token: bool = False   # a CUDA graph's plan: LoRA reads every token's slot on the device (BGMV)
 
 
+Weight = torch.Tensor | gemm_cpu.PackedWeight  # plain, oneDNN-packed (an mkldnn tensor) or in our GEMM's panels
+
+
 @dataclasses.dataclass
 class LayerWeights:
     """One decoder layer, with q/k/v and gate/up concatenated along the output dimension."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
-    qkv: torch.Tensor                 # [q + 2 kv, hidden]
+    qkv: Weight                       # [q + 2 kv, hidden]
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    gate_up: torch.Tensor             # [2 intermediate, hidden]
-    down: torch.Tensor
+    o: Weight
+    gate_up: Weight                   # [2 intermediate, hidden]
+    down: Weight
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -90,32 +91,27 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return F.linear(x, weight, bias)
 
 
-@functools.cache
-def amx_available() -> bool:
-    """Whether this CPU has AMX tiles (and the OS lets the process use them), as torch's own probe reports."""
-    probe = getattr(torch._C._cpu, "_init_amx", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+def weight_format(device: torch.device, dtype: torch.dtype) -> str:
+    """How the projection weights are kept: "panels" (fp32 on a CPU with our GEMM kernel), "onednn" (oneDNN's
+    blocked layout: bf16 where oneDNN has its AVX-512 bf16 path; fp32 without our kernel where a probe finds it
+    faster, `packing_pays`) or "plain". `LONGTAIL_PACKED_WEIGHTS=0` keeps them plain (torch's own matmuls: the
+    reference the tests hold the packed paths to); `=1` packs fp32 without asking the probe.
 
-
-def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN-packed weights on a CPU: bf16 where oneDNN has its AVX-512 bf16 path; fp32 where a probe of this CPU
-    finds them faster (`packing_pays`); `LONGTAIL_PACKED_WEIGHTS=1` (fp32 always) or `=0` (never).
-
-    Measured with torch 2.13 (docs/serving.md): on an AVX-512 EPYC packed bf16 took 0.6-0.7x the plain time at
-    1-128 rows and packed fp32 was no faster than MKL's plain sgemm; on an AVX2-only EPYC packed fp32 took 0.8x at
-    64-128 rows. Rows up to `linear_cpu.MAX_ROWS` go to our own kernel on the plain copy either way.
+    Measured with torch 2.13 (docs/serving.md): on the 2-core AVX-512 EPYC our GEMM took 0.6x oneDNN's packed
+    time at 1-32 rows and 0.8-0.95x at 64-128, 1.0x from 512; packed bf16 took 0.6-0.7x the plain time.
     """
     setting = os.environ.get("LONGTAIL_PACKED_WEIGHTS", "").strip()
-    if setting == "0" or device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
+    if setting == "0" or device.type != "cpu":
+        return "plain"
+    if dtype == torch.float32 and gemm_cpu.available():
+        return "panels"
+    if not torch.backends.mkldnn.is_available():
+        return "plain"
     if dtype == torch.bfloat16:
         # oneDNN's bf16 reorder needs AVX-512 (BW/VL/DQ) and raises on an AVX2-only CPU (an AMD EPYC of this
         # project's CI is one): there bf16 weights stay plain and torch's own bf16 matmuls run.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32 and (setting == "1" or packing_pays())
+        return "onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "plain"
+    return "onednn" if dtype == torch.float32 and (setting == "1" or packing_pays()) else "plain"
 
 
 @functools.cache
@@ -167,35 +163,23 @@ class LlamaModel:
         head = weights.pop("lm_head.weight", None)
         self.lm_head = self.embed if config.tie_word_embeddings or head is None else head
         self.layers = [self._fuse(weights, layer) for layer in range(config.num_layers)]
-        # Matmuls of a few rows (decode) as one C pass over each plain weight (kernels.linear_cpu): from one row in
-        # fp32, from two in bf16, where torch's own one-row bf16 path is faster (docs/serving.md); 0 = off. With
-        # AMX, oneDNN's packed bf16 matmuls beat it at every row count, so bf16 leaves them all to oneDNN there.
-        self.packed = packing_available(device, dtype)
-        self.small_linear_from = 0
-        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and linear_cpu.available():
-            if dtype == torch.float32:
-                self.small_linear_from = 1
-            elif not (self.packed and amx_available()):
-                self.small_linear_from = 2
-        # Packed copies for the larger matmuls, keyed by the plain tensor they copy. With the C kernel the plain
-        # weights stay too (twice the weight memory: the price of the fast path at every batch size); without it
-        # the packed copies replace them. The embedding keeps its plain copy: a tied head is packed apart from it.
-        self._packed: dict[int, torch.Tensor] = {}
+        self.weight_format = weight_format(device, dtype)
+        self.packed = self.weight_format != "plain"
+        # bf16 matmuls of 2-32 rows (decode) as one C pass over each plain weight (kernels.linear_cpu), where bf16
+        # weights stay plain (no oneDNN bf16 path: torch's plain bf16 matmuls are slow there). Where oneDNN packs
+        # bf16 it won at every row count, with AMX and without (docs/serving.md); fp32 has our GEMM. 0 = off.
+        self.small_linear_from = 2 if (device.type == "cpu" and dtype == torch.bfloat16 and not self.packed
+                                       and linear_cpu.available()) else 0
         if self.packed:
-            def pack(plain: torch.Tensor) -> torch.Tensor:
-                if not self.small_linear_from:
-                    return _pack(plain)
-                self._packed[id(plain)] = _pack(plain)
-                return plain
-
+            pack = gemm_cpu.pack if self.weight_format == "panels" else _pack
+            # The embedding keeps its plain copy: a tied head is packed apart from it.
             self.lm_head = pack(self.lm_head)
             for weights_ in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
                     setattr(weights_, name, pack(getattr(weights_, name)))
         self.cpu_attention = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
             attention_cpu.available()
-        # The residual adds and RMSNorms as C calls (kernels.norm_cpu): two per layer instead of ~14 small ones. In
-        # fp32 only: in bf16 torch's vectorised ops beat the kernel's scalar conversions from 32 rows up.
+        # The residual adds and RMSNorms as C calls (kernels.norm_cpu): two per layer instead of ~14 small ones.
         self.cpu_norm = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and norm_cpu.available()
         # CUDA: Triton paged attention reads K/V in place (kernels/paged_attention.py); LONGTAIL_PAGED_ATTENTION=0
         # keeps the gather + SDPA path (the GPU check compares the two).
@@ -241,10 +225,12 @@ class LlamaModel:
         config = ModelConfig.from_model_dir(model_dir)
         return cls(config, _load_tensors(Path(model_dir), device, dtype), device, dtype)
 
-    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(weight, gemm_cpu.PackedWeight):
+            return gemm_cpu.gemm(x, weight, bias)
         if self.small_linear_from and x.shape[0] >= self.small_linear_from and linear_cpu.fits(x, weight):
             return linear_cpu.linear_small(x, weight, bias)
-        return _linear(x, self._packed.get(id(weight), weight), bias)
+        return _linear(x, weight, bias)
 
     @staticmethod
     def _add_lora(out: torch.Tensor, x: torch.Tensor, layer: int, columns, plan: BatchPlan,

@@ -1,14 +1,16 @@
-"""The CPU engine's fast path (oneDNN-packed weights, C RoPE/cache write and paged decode attention) against
-the plain torch path, and the bf16 option against fp32, in one mixed batch with chunked prompts."""
+"""The CPU engine's fast path (packed weights: our GEMM's panels in fp32, oneDNN's layout in bf16; C RoPE/cache
+write and paged decode attention) against the plain torch path, and the bf16 option against fp32, in one mixed
+batch with chunked prompts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from longtail.kernels import gemm_cpu
 from longtail.kernels.attention_cpu import available
 from longtail.serving.engine import Engine
-from longtail.serving.model import amx_available, packing_available
+from longtail.serving.model import weight_format
 from longtail.serving.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not available(), reason="no C compiler: the CPU attention kernel cannot be built")
@@ -20,11 +22,14 @@ def run(kit, monkeypatch, fast: bool, dtype=torch.float32):
     engine = Engine.from_pretrained(kit.base_dir, dtype=dtype, kv_cache_bytes=8 * 2**20, max_batch_tokens=24,
                                     min_prefill_chunk=8)
     # bf16 packing needs oneDNN's AVX-512 bf16 path; on an AVX2-only CPU bf16 weights stay plain (and must work).
-    assert engine.model.packed == (fast and packing_available(torch.device("cpu"), dtype))
-    if dtype == torch.bfloat16:
+    assert engine.model.weight_format == weight_format(torch.device("cpu"), dtype)
+    assert engine.model.packed == (fast and engine.model.weight_format != "plain")
+    if dtype == torch.float32 and fast:
+        assert engine.model.weight_format == ("panels" if gemm_cpu.available() else engine.model.weight_format)
+    if dtype == torch.bfloat16 and fast:
         assert engine.model.packed == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        # with AMX every bf16 matmul goes to oneDNN; without it our kernel takes 2-32 rows
-        assert engine.model.small_linear_from in ((0,) if engine.model.packed and amx_available() else (0, 2))
+        # oneDNN's packed bf16 takes every row count; our small-row kernel only serves plain bf16 weights
+        assert engine.model.small_linear_from == 0
     engine.model.cpu_attention = fast and engine.model.cpu_attention
     ids = {name: engine.add_adapter(path) for name, path in kit.adapter_dirs.items()}
     generator = torch.Generator().manual_seed(5)
@@ -61,18 +66,17 @@ def test_bf16_option_stays_near_fp32(sharp_llama, monkeypatch):
     assert all(o.finish_reason == "length" and len(o.token_ids) == 20 for o in bf16)
 
 
-def test_packed_copies_take_the_large_matmuls_and_the_plain_weights_stay(sharp_llama, monkeypatch):
-    """With the small-row C kernel on, packing adds copies for more than `MAX_ROWS` rows and keeps the plain
-    weights it reads; without the kernel the packed copies replace them (one copy of the weights)."""
-    from longtail.kernels import linear_cpu
-
-    monkeypatch.setenv("LONGTAIL_PACKED_WEIGHTS", "1")
+def test_fp32_weights_are_packed_once_into_panels(sharp_llama, monkeypatch):
+    """fp32 on a CPU keeps one copy of each projection, in our GEMM's panels (the plain tensors are not kept);
+    without the C kernels the weights are oneDNN-packed or plain, never both."""
+    monkeypatch.delenv("LONGTAIL_PACKED_WEIGHTS", raising=False)
     model = Engine.from_pretrained(sharp_llama.base_dir, dtype=torch.float32, kv_cache_bytes=8 * 2**20).model
-    assert model.packed and model.small_linear_from == (1 if linear_cpu.available() else 0)
-    if model.small_linear_from:
-        assert not model.layers[0].qkv.is_mkldnn
-        assert len(model._packed) == 4 * len(model.layers) + 1
-        assert all(w.is_mkldnn for w in model._packed.values())
+    if gemm_cpu.available():
+        assert model.weight_format == "panels" and model.small_linear_from == 0
+        layer = model.layers[0]
+        assert all(isinstance(w, gemm_cpu.PackedWeight) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        assert isinstance(model.lm_head, gemm_cpu.PackedWeight) and not isinstance(model.embed, gemm_cpu.PackedWeight)
     monkeypatch.setenv("LONGTAIL_KERNELS", "torch")
     model = Engine.from_pretrained(sharp_llama.base_dir, dtype=torch.float32, kv_cache_bytes=8 * 2**20).model
-    assert model.small_linear_from == 0 and model.layers[0].qkv.is_mkldnn and not model._packed
+    assert model.weight_format in ("onednn", "plain") and model.small_linear_from == 0
+    assert model.layers[0].qkv.is_mkldnn == (model.weight_format == "onednn")
