@@ -19,7 +19,7 @@ def _has_avx512() -> bool:
         return False
 
 
-# The AVX-512 build tiles 12 x 32 with k in chunks of 384 and rows in blocks of 144; the AVX2 build 6 x 16 and
+# The AVX-512 build tiles 12 x 32 with k in chunks of 768 and rows in blocks of 144; the AVX2 build 6 x 16 and
 # blocks of 72. The shapes cross every edge: a partial row tile, a partial panel, a partial k chunk, two row blocks.
 SHAPES = [(1, 8, 1), (7, 13, 5), (13, 576, 96), (145, 800, 33), (30, 1536, 259), (200, 96, 4099)]
 
