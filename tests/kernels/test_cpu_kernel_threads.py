@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longtail.kernels import attention_cpu, lora_cpu
+from longtail.kernels import attention_cpu, gemm_cpu, lora_cpu
 from longtail.kernels.lora import runs_of
 
 from .test_attention_cpu import paged_case
@@ -34,7 +34,7 @@ def test_our_kernels_add_no_openmp_runtime():
     (Other wheels may bundle a renamed copy of their own, e.g. pydivsufsort's `libgomp-<hash>.so.1.0.0`; that
     one is theirs. What ours must not do is pull in a second `libgomp.so.1`, such as the system's.)
     """
-    assert attention_cpu.available() and lora_cpu.native_available()
+    assert attention_cpu.available() and lora_cpu.native_available() and gemm_cpu.available()
     mapped = {Path(line.split()[-1]).resolve() for line in Path("/proc/self/maps").read_text().splitlines()
               if line.rstrip().endswith(("libgomp.so.1", "libiomp5.so"))}
     assert mapped == {(Path(torch.__file__).parent / "lib" / "libgomp.so.1").resolve()}, mapped
@@ -92,3 +92,14 @@ def test_lora_runs_give_the_same_bits_on_one_thread_and_on_four():
             lora_cpu.add_lora_runs_native(out, x, runs, table)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
+
+
+def test_gemm_gives_the_same_bits_on_any_thread_count():
+    """Each thread owns whole panels (output columns), summed in k order: no result depends on the split."""
+    generator = torch.Generator().manual_seed(3)
+    packed, x = gemm_cpu.pack(torch.randn(3000, 576, generator=generator)), torch.randn(70, 576, generator=generator)
+    results = []
+    for count in (1, 2, 3):
+        with threads(count):
+            results.append(gemm_cpu.gemm(x, packed))
+    assert all(torch.equal(results[0], other) for other in results[1:])

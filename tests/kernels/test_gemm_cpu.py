@@ -60,20 +60,6 @@ def test_the_avx2_build_matches_torch_too():
     check(weight_library=library)
 
 
-def test_threads_do_not_change_the_result():
-    generator = torch.Generator().manual_seed(3)
-    packed, x = pack(torch.randn(3000, 576, generator=generator)), torch.randn(70, 576, generator=generator)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = gemm(x, packed)
-        torch.set_num_threads(max(2, threads))
-        many = gemm(x, packed)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, many)
-
-
 @pytest.mark.parametrize("case", ["bf16 weight", "1-D weight", "bf16 x", "width", "bias", "no rows", "transposed x"])
 def test_refuses_what_it_cannot_read(case):
     weight, x, bias = torch.randn(16, 32), torch.randn(2, 32), None
