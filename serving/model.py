@@ -97,7 +97,7 @@ def weight_format(device: torch.device, dtype: torch.dtype) -> str:
     faster, `packing_pays`) or "plain". `LONGTAIL_PACKED_WEIGHTS=0` keeps them plain (torch's own matmuls: the
     reference the tests hold the packed paths to); `=1` packs fp32 without asking the probe.
 
-    Measured with torch 2.13 (docs/serving.md): on the 2-core AVX-512 EPYC our GEMM took 0.6x oneDNN's packed
+    Measured with torch 2.13 (docs/serving.md): on the 2-core AVX-512 EPYC our GEMM took 0.6-0.8x oneDNN's packed
     time at 1-32 rows and 0.8-0.95x at 64-128, 1.0x from 512; packed bf16 took 0.6-0.7x the plain time.
     """
     setting = os.environ.get("LONGTAIL_PACKED_WEIGHTS", "").strip()
