@@ -43,11 +43,13 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _source_bytes(source: Path) -> bytes:
-    """The source and every local header it includes (`#include "x.h"`): what the build depends on."""
+def _source_bytes(source: Path, seen: set[Path] | None = None) -> bytes:
+    """The source and every local header it includes (`#include "x.h"`), and theirs: what the build depends on."""
+    seen = set() if seen is None else seen
+    seen.add(source)
     text = source.read_bytes()
-    headers = re.findall(rb'^\s*#include\s+"([^"]+)"', text, flags=re.MULTILINE)
-    return text + b"".join((source.parent / h.decode()).read_bytes() for h in headers)
+    headers = [source.parent / h.decode() for h in re.findall(rb'^\s*#include\s+"([^"]+)"', text, flags=re.MULTILINE)]
+    return text + b"".join(_source_bytes(h, seen) for h in headers if h not in seen)
 
 
 def library_path(source: Path, flags: tuple[str, ...] = FLAGS) -> Path:
