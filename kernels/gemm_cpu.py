@@ -15,6 +15,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from longtail.kernels.lora import LoraShapeError
+from longtail.kernels.lora_cpu import RunTable
 from longtail.kernels.native import CSRC, FLAGS, NativeLibrary
 
 
@@ -30,6 +32,9 @@ def _declare(library: ctypes.CDLL) -> None:
     library.longtail_gemm_pack.argtypes = [ptr, i64, i64, ptr]
     library.longtail_gemm_packed.restype = ctypes.c_int
     library.longtail_gemm_packed.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
+    library.longtail_gemm_packed_lora.restype = ctypes.c_int
+    library.longtail_gemm_packed_lora.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64,
+                                                  ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
 
 
 _native = NativeLibrary(CSRC / "gemm_fp32.c", _declare)
@@ -93,16 +98,22 @@ def gemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return F.linear(x, weight, bias)
 
 
-def gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`gemm_ref` for x [rows, in] (fp32, CPU) against a packed weight (and bias [out])."""
+def _operands(name: str, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x as the kernel reads it (rows with unit stride), after checking x and bias against the weight."""
     if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != weight.in_features:
-        raise GemmShapeError(f"gemm: x {tuple(x.shape)} {x.dtype} on {x.device} against a packed "
+        raise GemmShapeError(f"{name}: x {tuple(x.shape)} {x.dtype} on {x.device} against a packed "
                              f"{weight.shape} weight: needs fp32 CPU rows of {weight.in_features}")
-    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
-        x = x.contiguous()
     if bias is not None and (bias.shape != (weight.out_features,) or bias.dtype != torch.float32
                              or not bias.is_contiguous()):
-        raise GemmShapeError(f"gemm: bias must be a contiguous [{weight.out_features}] fp32 vector")
+        raise GemmShapeError(f"{name}: bias must be a contiguous [{weight.out_features}] fp32 vector")
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    return x
+
+
+def gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`gemm_ref` for x [rows, in] (fp32, CPU) against a packed weight (and bias [out])."""
+    x = _operands("gemm", x, weight, bias)
     out = torch.empty((x.shape[0], weight.out_features), dtype=torch.float32)
     if not x.shape[0]:  # a step with no logits wanted (scoring) asks for none
         return out
@@ -112,4 +123,35 @@ def gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
         torch.get_num_threads())
     if code:
         raise GemmShapeError(f"gemm: error {code}")
+    return out
+
+
+_LORA_ERRORS = {-1: "bad sizes", -2: "a projection's columns fall outside the output",
+                -3: "a run names a slot outside the table", -4: "a run's tokens fall outside the batch",
+                -5: "no memory for the kernel's scratch"}
+
+
+def gemm_lora(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, runs: torch.Tensor,
+              table: RunTable) -> torch.Tensor:
+    """`gemm` plus, for every run (slot, begin, end) of `runs` and projection p of `table` (the group whose outputs
+    this weight stacks), out[t, cols_p] += scale_{p,s} * (x[t] A_{p,s}^T) B_{p,s}^T: `kernels.lora_cpu`'s
+    `add_lora_runs_native` fused into the matmul, so the factors stream in while the base output is computed.
+    fp32 only; raises LoraShapeError when the table does not fit x or the weight."""
+    x = _operands("gemm_lora", x, weight, bias)
+    if table.dtype != torch.float32 or table.in_dim != weight.in_features:
+        raise LoraShapeError(f"gemm_lora: a {table.dtype} table of input width {table.in_dim} against a packed "
+                             f"fp32 {weight.shape} weight")
+    if runs.dtype != torch.int64 or runs.dim() != 2 or runs.shape[1] != 3 or not runs.is_contiguous():
+        raise LoraShapeError("gemm_lora: runs must be a contiguous [n, 3] int64 tensor")
+    out = torch.empty((x.shape[0], weight.out_features), dtype=torch.float32)
+    if not x.shape[0]:
+        return out
+    code = _library(weight.library).longtail_gemm_packed_lora(
+        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.panels.data_ptr(),
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), weight.out_features,
+        torch.get_num_threads(), runs.data_ptr(), runs.shape[0], table.out_cols.shape[0], table.slot_count,
+        table.out_cols.data_ptr(), table.a_addr.data_ptr(), table.b_addr.data_ptr(), table.ranks.data_ptr(),
+        table.scales.data_ptr())
+    if code:
+        raise LoraShapeError(f"gemm_lora: {_LORA_ERRORS.get(code, f'error {code}')}")
     return out

@@ -232,19 +232,26 @@ class LlamaModel:
             return linear_cpu.linear_small(x, weight, bias)
         return _linear(x, weight, bias)
 
-    @staticmethod
-    def _add_lora(out: torch.Tensor, x: torch.Tensor, layer: int, columns, plan: BatchPlan,
-                  lora: LoraSlots | None) -> None:
+    def _project(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, layer: int, columns,
+                 plan: BatchPlan, lora: LoraSlots | None) -> torch.Tensor:
+        """x through `weight` (a projection group: `columns` names its projections and their first output
+        columns) plus the LoRA of every adapter in the step that targets them."""
         if lora is None or not (plan.lora_groups or plan.lora_runs or plan.native_runs is not None
                                 or plan.lora_per_token):
-            return
+            return self._matmul(x, weight, bias)
         if (plan.lora_runs or plan.native_runs is not None) and kernel_backend() == "torch":
-            if plan.native_runs is not None:  # decode: one C call for the whole projection group
-                add_lora_runs_native(out, x, plan.native_runs, lora.run_table(columns, layer))
-            for name, column in columns:
-                if plan.lora_runs:
+            if plan.native_runs is not None and isinstance(weight, gemm_cpu.PackedWeight):
+                # decode runs fused into the matmul: the factors stream in while the base output is computed
+                out = gemm_cpu.gemm_lora(x, weight, bias, plan.native_runs, lora.run_table(columns, layer))
+            else:
+                out = self._matmul(x, weight, bias)
+                if plan.native_runs is not None:  # decode: one C call for the whole projection group
+                    add_lora_runs_native(out, x, plan.native_runs, lora.run_table(columns, layer))
+            if plan.lora_runs:
+                for name, column in columns:
                     add_lora_runs(out, x, plan.lora_runs, lora.views(name, layer), out_col_start=column)
-            return
+            return out
+        out = self._matmul(x, weight, bias)
         for name, column in columns:
             buffers = lora.buffers[name]
             max_rank = buffers.max_rank[layer]
@@ -252,13 +259,13 @@ class LlamaModel:
                 add_lora(out, x, buffers.a_rows[layer], buffers.b_rows[layer], plan.token_slots, buffers.offsets,
                          buffers.ranks[layer], buffers.scales[layer], max_rank, out_col_start=column,
                          groups=plan.lora_groups or None, per_token=plan.lora_per_token)
+        return out
 
     def _attention(self, x: torch.Tensor, layer: int, plan: BatchPlan, cache: PagedKVCache,
                    cos: torch.Tensor, sin: torch.Tensor, lora: LoraSlots | None) -> torch.Tensor:
         config, weights = self.config, self.layers[layer]
         tokens = x.shape[0]
-        qkv = self._matmul(x, weights.qkv, weights.qkv_bias)
-        self._add_lora(qkv, x, layer, self.qkv_columns, plan, lora)
+        qkv = self._project(x, weights.qkv, weights.qkv_bias, layer, self.qkv_columns, plan, lora)
         q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         keys, values = cache.keys[layer], cache.values[layer]
         if self.cpu_attention:  # rotates q and k in place inside qkv, copies k and v to their slots
@@ -299,8 +306,7 @@ class LlamaModel:
                 self._decode_attention(out[:rows], q[:rows], keys, values, plan.decode_gather, plan.context_lens,
                                        cache.block_size)
         flat = out.reshape(tokens, -1)
-        projected = self._matmul(flat, weights.o)
-        self._add_lora(projected, flat, layer, (("o_proj", 0),), plan, lora)
+        projected = self._project(flat, weights.o, None, layer, (("o_proj", 0),), plan, lora)
         return projected
 
     def _kernels(self, cache: PagedKVCache) -> attention_cpu.BoundCache:
@@ -365,12 +371,10 @@ class LlamaModel:
 
     def _mlp(self, x: torch.Tensor, layer: int, plan: BatchPlan, lora: LoraSlots | None) -> torch.Tensor:
         weights = self.layers[layer]
-        gate_up = self._matmul(x, weights.gate_up)
-        self._add_lora(gate_up, x, layer, self.gate_up_columns, plan, lora)
+        gate_up = self._project(x, weights.gate_up, None, layer, self.gate_up_columns, plan, lora)
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up
-        down = self._matmul(hidden, weights.down)
-        self._add_lora(down, hidden, layer, (("down_proj", 0),), plan, lora)
+        down = self._project(hidden, weights.down, None, layer, (("down_proj", 0),), plan, lora)
         return down
 
     def forward(self, plan: BatchPlan, cache: PagedKVCache, lora: LoraSlots | None) -> torch.Tensor:

@@ -22,30 +22,30 @@
 #include <omp.h>
 #endif
 
-#ifdef __AVX512F__
-#define LANES 16
+#include "lora_pair.h"
+
+#if LANES == 16
 #define MR 12
 #else
-#define LANES 8
 #define MR 6
 #endif
 #define NR (2 * LANES)
 #ifndef KC
 #define KC 768
 #endif
+/* The fused LoRA's prefetch: at most one cache line per PF_STRIDE k steps of a tile. One per step slowed the tiles
+ * (the prefetches held the line fill buffers the panels' loads need): 114-row decode step, 38 adapters, 2-core
+ * Xeon: base 99-107 ms; LoRA after the GEMM +38; fused with a line per 1, 2, 3, 4, 6 k steps +31, +22, +19,
+ * +28, +32. PREFETCH=0 builds it without (a test checks the results are the same bits). */
+#ifndef PF_STRIDE
+#define PF_STRIDE 2
+#endif
+#ifndef PREFETCH
+#define PREFETCH 1
+#endif
 #ifndef MC
 #define MC (12 * MR)
 #endif
-
-typedef float vf __attribute__((vector_size(LANES * 4)));
-
-static inline vf vload(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* One tile: `mr` rows (a constant at every call site, so the accumulators live in registers) by NR columns,
  * over k in [0, kc). `first`: the tile starts from bias (or zero), else from what `out` holds. `valid`: columns
@@ -53,11 +53,25 @@ static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline __attribute__((always_inline)) void tile(const int mr, const float *x, int64_t x_stride,
                                                        const float *panel, int64_t kc, float *out,
                                                        int64_t out_stride, int first, const float *bias,
-                                                       int64_t valid) {
+                                                       int64_t valid, const char *prefetch, int64_t lines) {
     vf c0[MR], c1[MR];
     for (int i = 0; i < mr; ++i) c0[i] = c1[i] = (vf){0};
-    for (int64_t k = 0; k < kc; ++k) {
-        const vf b0 = vload(panel + k * NR), b1 = vload(panel + k * NR + LANES);
+    /* `lines` (<= kc / PF_STRIDE) cache lines from `prefetch` on their way to L2, one per PF_STRIDE k steps: the
+     * LoRA factors the thread reads after these tiles, fetched while the FMAs leave the memory bus idle. */
+    int64_t k = 0;
+    for (int64_t line = 0; line < lines; ++line) {
+        __builtin_prefetch(prefetch + line * 64, 0, 2);
+        for (int step = 0; step < PF_STRIDE; ++step, ++k) {
+            const vf b0 = loadf(panel + k * NR), b1 = loadf(panel + k * NR + LANES);
+            for (int i = 0; i < mr; ++i) {
+                const float a = x[i * x_stride + k];
+                c0[i] += a * b0;
+                c1[i] += a * b1;
+            }
+        }
+    }
+    for (; k < kc; ++k) {
+        const vf b0 = loadf(panel + k * NR), b1 = loadf(panel + k * NR + LANES);
         for (int i = 0; i < mr; ++i) {
             const float a = x[i * x_stride + k];
             c0[i] += a * b0;
@@ -69,18 +83,18 @@ static inline __attribute__((always_inline)) void tile(const int mr, const float
         if (valid == NR) {
             vf base0, base1;
             if (first) {
-                base0 = bias ? vload(bias) : (vf){0};
-                base1 = bias ? vload(bias + LANES) : (vf){0};
+                base0 = bias ? loadf(bias) : (vf){0};
+                base1 = bias ? loadf(bias + LANES) : (vf){0};
             } else {
-                base0 = vload(row);
-                base1 = vload(row + LANES);
+                base0 = loadf(row);
+                base1 = loadf(row + LANES);
             }
-            vstore(row, base0 + c0[i]);
-            vstore(row + LANES, base1 + c1[i]);
+            storef(row, base0 + c0[i]);
+            storef(row + LANES, base1 + c1[i]);
         } else {
             float lanes[NR];
-            vstore(lanes, c0[i]);
-            vstore(lanes + LANES, c1[i]);
+            storef(lanes, c0[i]);
+            storef(lanes + LANES, c1[i]);
             for (int64_t j = 0; j < valid; ++j)
                 row[j] = (first ? (bias ? bias[j] : 0.0f) : row[j]) + lanes[j];
         }
@@ -88,10 +102,11 @@ static inline __attribute__((always_inline)) void tile(const int mr, const float
 }
 
 #define TILE_CASE(n) \
-    case n: tile(n, x, x_stride, panel, kc, out, out_stride, first, bias, valid); break;
+    case n: tile(n, x, x_stride, panel, kc, out, out_stride, first, bias, valid, prefetch, lines); break;
 
 static void tile_any(int mr, const float *x, int64_t x_stride, const float *panel, int64_t kc, float *out,
-                     int64_t out_stride, int first, const float *bias, int64_t valid) {
+                     int64_t out_stride, int first, const float *bias, int64_t valid, const char *prefetch,
+                     int64_t lines) {
     switch (mr) {
         TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
 #if MR > 6
@@ -141,11 +156,176 @@ int longtail_gemm_packed(const float *x, int64_t x_stride, int64_t rows, int64_t
                     for (int64_t m = m0; m < m0 + mc; m += MR) {
                         const int mr = (int)(m0 + mc - m < MR ? m0 + mc - m : MR);
                         tile_any(mr, x + m * x_stride + k0, x_stride, panel, kc, out + m * out_stride + p * NR,
-                                 out_stride, k0 == 0, tile_bias, valid);
+                                 out_stride, k0 == 0, tile_bias, valid, NULL, 0);
                     }
                 }
             }
         }
     }
+    return 0;
+}
+
+
+/* ---- The base matmul with the LoRA of a decode step fused in ----
+ *
+ * Why: in a decode step the LoRA of a projection group is a stream over every active adapter's factors (691 MB
+ * a step for the 38 adapters of the bench trace), read at DRAM speed once the base matmul is done, while during
+ * that matmul the cores are busy with FMAs and the memory bus is nearly idle. Here each thread interleaves the
+ * two: while it computes its tiles of the base output it prefetches into L2, a line per PF_STRIDE k steps, the factors of
+ * its next LoRA pairs (spread evenly over its tiles), and runs each pair once its factors are fetched. The pairs
+ * write their LoRA terms to a scratch; after a barrier they are added to the finished base output, so each
+ * output is base + LoRA as the unfused kernels (and torch's reference) compute it. */
+
+/* One thread's LoRA work: its pairs (indices into the run x projection table) and where their factors lie. */
+typedef struct {
+    const int64_t *list;
+    int64_t count;
+    const int64_t *runs, *out_cols, *a_addr, *b_addr, *ranks;
+    int64_t proj_count, slot_count, in_dim;
+} lora_plan;
+
+/* The thread's prefetch position: line `at` of span `span` (pair span / 2; its A rows, then its B rows). */
+typedef struct {
+    const char *at, *end;
+    int64_t span;
+} factor_cursor;
+
+static void span_bounds(const lora_plan *plan, factor_cursor *c) {
+    const int64_t pair = plan->list[c->span / 2], r = pair / plan->proj_count, p = pair % plan->proj_count;
+    const int64_t index = p * plan->slot_count + plan->runs[3 * r];
+    const int64_t width = c->span % 2 ? plan->out_cols[2 * p + 1] : plan->in_dim;
+    const char *first = (const char *)(intptr_t)(c->span % 2 ? plan->b_addr[index] : plan->a_addr[index]);
+    c->at = (const char *)((uintptr_t)first & ~(uintptr_t)63);
+    c->end = first + plan->ranks[index] * width * (int64_t)sizeof(float);
+}
+
+static int64_t span_lines(const lora_plan *plan, int64_t span) {
+    factor_cursor c = {.span = span};
+    span_bounds(plan, &c);
+    return (c.end - c.at + 63) / 64;
+}
+
+/* Up to `want` lines from the cursor, all in one span: their first address in *from, their count returned. */
+static int64_t take_lines(const lora_plan *plan, factor_cursor *c, int64_t want, const char **from) {
+    if (c->span >= 2 * plan->count || want <= 0) return 0;
+    const int64_t left = (c->end - c->at + 63) / 64, lines = want < left ? want : left;
+    *from = c->at;
+    c->at += lines * 64;
+    if (c->at >= c->end && ++c->span < 2 * plan->count) span_bounds(plan, c);
+    return lines;
+}
+
+/* As longtail_gemm_packed, then out[t, cols_p] += scale * (x[t] A^T) B^T for every run (slot, begin, end) and
+ * projection p of the group (the table of kernels/csrc/lora_runs.c, fp32 factors; x is the LoRA's input too).
+ * Returns 0; -1 on bad sizes, -2 a projection's columns outside n, -3 a run's slot outside the table, -4 a run's
+ * tokens outside the rows, -5 no memory; nothing is written unless it returns 0. */
+int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, int64_t k, const float *packed,
+                              const float *bias, float *out, int64_t out_stride, int64_t n, int64_t threads,
+                              const int64_t *runs, int64_t run_count, int64_t proj_count, int64_t slot_count,
+                              const int64_t *out_cols, const int64_t *a_addr, const int64_t *b_addr,
+                              const int64_t *ranks, const float *scales) {
+    if (rows < 1 || k < 1 || n < 1 || x_stride < k || out_stride < n || run_count < 0 || proj_count < 1) return -1;
+    int64_t widest = 0;
+    for (int64_t p = 0; p < proj_count; ++p) {
+        if (out_cols[2 * p] < 0 || out_cols[2 * p + 1] < 0 || out_cols[2 * p] + out_cols[2 * p + 1] > n) return -2;
+        if (out_cols[2 * p + 1] > widest) widest = out_cols[2 * p + 1];
+    }
+    for (int64_t r = 0; r < run_count; ++r) {
+        if (runs[3 * r] < 0 || runs[3 * r] >= slot_count) return -3;
+        if (runs[3 * r + 1] < 0 || runs[3 * r + 2] > rows || runs[3 * r + 1] > runs[3 * r + 2]) return -4;
+    }
+    const int64_t panels = (n + NR - 1) / NR;
+    const int team = threads > 1 && rows * n * k >= (1 << 16) ? (int)threads : 1;
+    const int64_t padded = (k + LANES - 1) / LANES * LANES, padded_width = (widest + LANES - 1) / LANES * LANES;
+    const int64_t per_thread = TOKEN_TILE * (padded + padded_width) + 16;
+    /* Pairs with work, and the factor bytes before each: threads take contiguous shares of equal bytes. */
+    int64_t *list = malloc((size_t)(2 * run_count * proj_count + 1) * sizeof(int64_t));
+    float *delta = malloc((size_t)(rows * n) * sizeof(float));
+    float *scratch = aligned_alloc(64, (size_t)(team * per_thread * (int64_t)sizeof(float) + 63) / 64 * 64);
+    if (!list || !delta || !scratch) {
+        free(list);
+        free(delta);
+        free(scratch);
+        return -5;
+    }
+    int64_t count = 0, total = 0;
+    int64_t *before = list + run_count * proj_count;
+    for (int64_t r = 0; r < run_count; ++r)
+        for (int64_t p = 0; p < proj_count; ++p) {
+            const int64_t index = p * slot_count + runs[3 * r];
+            if (ranks[index] <= 0 || runs[3 * r + 1] == runs[3 * r + 2]) continue;
+            before[count] = total;
+            list[count++] = r * proj_count + p;
+            total += ranks[index] * (k + out_cols[2 * p + 1]);
+        }
+#pragma omp parallel num_threads(team)
+    {
+        int64_t id = 0, size = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        size = omp_get_num_threads();
+#endif
+        const int64_t begin = panels * id / size, end = panels * (id + 1) / size;
+        int64_t first = 0, last = 0;
+        while (first < count && before[first] * size < total * id) ++first;
+        last = first;
+        while (last < count && before[last] * size < total * (id + 1)) ++last;
+        const lora_plan plan = {list + first, last - first, runs, out_cols, a_addr, b_addr, ranks,
+                                proj_count, slot_count, k};
+        float *xs = scratch + id * per_thread, *lora = xs + TOKEN_TILE * padded;
+        int64_t lines_total = 0;
+        for (int64_t span = 0; span < 2 * plan.count; ++span) lines_total += span_lines(&plan, span);
+        const int64_t tiles = ((k + KC - 1) / KC) * ((rows + MR - 1) / MR) * (end - begin);
+        const int64_t rate = tiles && PREFETCH ? (lines_total + tiles - 1) / tiles : 0;
+        factor_cursor cursor = {.span = 0};
+        if (plan.count) span_bounds(&plan, &cursor);
+        int64_t owed = 0, done = 0;
+#define RUN_PAIR(q)                                                                                               \
+        do {                                                                                                      \
+            const int64_t pair_ = plan.list[q], r_ = pair_ / proj_count, p_ = pair_ % proj_count;                 \
+            const int64_t index_ = p_ * slot_count + runs[3 * r_];                                               \
+            lora_pair(x, x_stride, k, delta, n, 1, runs[3 * r_ + 1], runs[3 * r_ + 2],                           \
+                      (const void *)(intptr_t)a_addr[index_], (const void *)(intptr_t)b_addr[index_],           \
+                      ranks[index_], scales[index_], out_cols[2 * p_], out_cols[2 * p_ + 1], xs, padded, lora,   \
+                      padded_width, 0);                                                                         \
+        } while (0)
+        for (int64_t k0 = 0; k0 < k; k0 += KC) {
+            const int64_t kc = k - k0 < KC ? k - k0 : KC;
+            for (int64_t m0 = 0; m0 < rows; m0 += MC) {
+                const int64_t mc = rows - m0 < MC ? rows - m0 : MC;
+                for (int64_t p = begin; p < end; ++p) {
+                    const float *panel = packed + (p * k + k0) * NR;
+                    const int64_t valid = n - p * NR < NR ? n - p * NR : NR;
+                    const float *tile_bias = bias ? bias + p * NR : NULL;
+                    for (int64_t m = m0; m < m0 + mc; m += MR) {
+                        const int mr = (int)(m0 + mc - m < MR ? m0 + mc - m : MR);
+                        const int64_t want = rate + owed < kc / PF_STRIDE ? rate + owed : kc / PF_STRIDE;
+                        const char *from = NULL;
+                        const int64_t lines = take_lines(&plan, &cursor, want, &from);
+                        owed = want - lines;
+                        tile_any(mr, x + m * x_stride + k0, x_stride, panel, kc, out + m * out_stride + p * NR,
+                                 out_stride, k0 == 0, tile_bias, valid, from, lines);
+                        for (; done < plan.count && cursor.span > 2 * done + 1; ++done) RUN_PAIR(done);
+                    }
+                }
+            }
+        }
+        for (; done < plan.count; ++done) RUN_PAIR(done);
+#undef RUN_PAIR
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < count; ++q) {
+            const int64_t r = list[q] / proj_count, p = list[q] % proj_count;
+            const int64_t col0 = out_cols[2 * p], width = out_cols[2 * p + 1];
+            for (int64_t t = runs[3 * r + 1]; t < runs[3 * r + 2]; ++t) {
+                float *target = out + t * out_stride + col0;
+                const float *term = delta + t * n + col0;
+                for (int64_t c = 0; c < width; ++c) target[c] += term[c];
+            }
+        }
+    }
+    free(list);
+    free(delta);
+    free(scratch);
     return 0;
 }

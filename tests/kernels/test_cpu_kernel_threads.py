@@ -103,3 +103,16 @@ def test_gemm_gives_the_same_bits_on_any_thread_count():
         with threads(count):
             results.append(gemm_cpu.gemm(x, packed))
     assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+def test_fused_gemm_lora_gives_the_same_bits_on_any_thread_count():
+    """Threads own whole panels and whole (run, projection) pairs; the LoRA terms are added after a barrier."""
+    from .test_gemm_lora_cpu import big_case
+
+    weight, bias, x, runs, table, _ = big_case()
+    packed = gemm_cpu.pack(weight)
+    results = []
+    for count in (1, 2, 3):
+        with threads(count):
+            results.append(gemm_cpu.gemm_lora(x, packed, bias, runs, table))
+    assert all(torch.equal(results[0], other) for other in results[1:])

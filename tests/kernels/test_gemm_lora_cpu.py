@@ -1,0 +1,119 @@
+"""The base matmul with the decode step's LoRA fused in (gemm_fp32.c's longtail_gemm_packed_lora) against the two
+kernels it fuses (the packed GEMM, then the LoRA runs kernel) and the fp64 definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longtail.kernels import gemm_cpu, lora_cpu
+from longtail.kernels.lora import LoraShapeError, runs_of
+
+from .test_gemm_cpu import _has_avx512
+from .test_lora_cpu import projection_group
+from .test_lora_kernels import naive_delta
+
+pytestmark = pytest.mark.skipif(not (gemm_cpu.available() and lora_cpu.native_available()),
+                                reason="no C compiler: the CPU kernels cannot be built")
+
+rank_lists = st.lists(st.sampled_from([0, 1, 3, 8, 16, 63, 64, 65, 128]), min_size=1, max_size=5)
+
+
+def group_case(seed: int, hidden: int, widths: list[int], ranks: list[int], slots: list[int], extra: int = 0):
+    """A projection group's packed weight (its outputs side by side, `extra` columns no adapter touches), bias,
+    x, runs and LoRA table, and the fp64 definition of the answer."""
+    cases, parts, width = projection_group(seed, len(slots), hidden, widths, ranks, slots)
+    generator = torch.Generator().manual_seed(seed + 99)
+    weight = torch.randn(width + extra, hidden, generator=generator) * 0.1
+    bias = torch.randn(width + extra, generator=generator)
+    x = cases[0].x
+    runs = torch.tensor(runs_of(slots), dtype=torch.int64).reshape(-1, 3)
+    want = x.double() @ weight.double().T + bias.double()
+    for case, part in zip(cases, parts, strict=True):
+        want += naive_delta(case, width + extra, part[5])
+    return weight, bias, x, runs, lora_cpu.run_table(parts), want
+
+
+def unfused(x, packed, bias, runs, table):
+    out = gemm_cpu.gemm(x, packed, bias)
+    lora_cpu.add_lora_runs_native(out, x, runs, table)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), hidden=st.one_of(st.integers(1, 70), st.sampled_from([576, 800])),
+       widths=st.lists(st.integers(1, 40), min_size=1, max_size=3), ranks=rank_lists, data=st.data(),
+       extra=st.integers(0, 40))
+def test_fused_equals_the_two_kernels_and_the_definition(seed, hidden, widths, ranks, data, extra):
+    slots = data.draw(st.lists(st.integers(-1, len(ranks) - 1), min_size=1, max_size=40))
+    if data.draw(st.booleans()):
+        slots.sort()  # runs of many tokens as well as interleaved single ones
+    weight, bias, x, runs, table, want = group_case(seed, hidden, widths, ranks, slots, extra)
+    packed = gemm_cpu.pack(weight)
+    got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
+    # the same pair math and the same tiles, only interleaved: the same bits as the two calls
+    assert torch.equal(got, unfused(x, packed, bias, runs, table))
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * hidden ** 0.5, rtol=1e-4)
+
+
+def big_case():
+    """A decode step's shape: 40 rows in runs of 1-4 tokens over 12 adapters, k past one 768 chunk."""
+    slots = [s for s in range(12) for _ in range(1 + s % 4)][:40]
+    return group_case(7, 800, [96, 40, 40], [8, 16, 64, 0, 32, 8, 64, 16, 8, 33, 64, 8], slots, extra=5)
+
+
+def test_prefetching_never_changes_a_result():
+    """The build with no prefetch (PREFETCH=0) gives the same bits: the prefetch only moves data into cache."""
+    library = gemm_cpu.library_with_flags("-DPREFETCH=0")
+    if library.get() is None:
+        pytest.skip("the compiler cannot build the variant")
+    weight, bias, x, runs, table, want = big_case()
+    got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight), bias, runs, table)
+    assert torch.equal(got, gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table))
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="this CPU builds the AVX2 variant already")
+def test_the_avx2_build_fuses_the_same_answer():
+    library = gemm_cpu.library_with_flags("-mno-avx512f")
+    if library.get() is None:
+        pytest.skip("the compiler cannot build without AVX-512")
+    weight, bias, x, runs, table, want = big_case()
+    got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table)
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["slot", "tokens", "columns", "input width", "bf16 table", "runs dtype", "x"])
+def test_refuses_what_does_not_fit(case):
+    weight, bias, x, runs, table, _ = big_case()
+    packed = gemm_cpu.pack(weight)
+    if case == "slot":
+        runs = runs.clone()
+        runs[0, 0] = table.slot_count
+    elif case == "tokens":
+        runs = runs.clone()
+        runs[-1, 2] = x.shape[0] + 1
+    elif case == "columns":  # a group wider than the weight's outputs
+        packed, bias = gemm_cpu.pack(weight[:100]), None
+    elif case == "input width":
+        packed = gemm_cpu.pack(torch.randn(weight.shape[0], 799))
+        x = torch.randn(x.shape[0], 799)
+    elif case == "bf16 table":
+        table = lora_cpu.run_table([(torch.zeros(8, 800, dtype=torch.bfloat16), torch.zeros(8, 4, dtype=torch.bfloat16),
+                                     [0], [8], [1.0], 0)])
+    elif case == "runs dtype":
+        runs = runs.int()
+    else:
+        x = x.double()
+    error = gemm_cpu.GemmShapeError if case == "x" else LoraShapeError
+    with pytest.raises(error):
+        gemm_cpu.gemm_lora(x, packed, bias, runs, table)
+
+
+def test_no_rows_is_an_empty_answer():
+    weight, bias, _, _, table, _ = big_case()
+    out = gemm_cpu.gemm_lora(torch.randn(0, 800), gemm_cpu.pack(weight), bias, torch.zeros(0, 3, dtype=torch.int64),
+                             table)
+    assert out.shape == (0, weight.shape[0])
