@@ -242,10 +242,13 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
     int64_t *list = malloc((size_t)(2 * run_count * proj_count + 1) * sizeof(int64_t));
     float *delta = malloc((size_t)(rows * n) * sizeof(float));
     float *scratch = aligned_alloc(64, (size_t)(team * per_thread * (int64_t)sizeof(float) + 63) / 64 * 64);
-    if (!list || !delta || !scratch) {
+    /* Per thread: its first and last pair, and the next one not yet claimed (a cache line each). */
+    int64_t *claims = calloc((size_t)team * 8 * 3, sizeof(int64_t));
+    if (!list || !delta || !scratch || !claims) {
         free(list);
         free(delta);
         free(scratch);
+        free(claims);
         return -5;
     }
     int64_t count = 0, total = 0;
@@ -270,6 +273,10 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
         while (first < count && before[first] * size < total * id) ++first;
         last = first;
         while (last < count && before[last] * size < total * (id + 1)) ++last;
+        int64_t *const next = claims + id * 8, *const ends = claims + 8 * team;
+        *next = first;
+        ends[id * 8] = last;
+#pragma omp barrier
         const lora_plan plan = {list + first, last - first, runs, out_cols, a_addr, b_addr, ranks,
                                 proj_count, slot_count, k};
         float *xs = scratch + id * per_thread, *lora = xs + TOKEN_TILE * padded;
@@ -279,10 +286,11 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
         const int64_t rate = tiles && PREFETCH ? (lines_total + tiles - 1) / tiles : 0;
         factor_cursor cursor = {.span = 0};
         if (plan.count) span_bounds(&plan, &cursor);
-        int64_t owed = 0, done = 0;
-#define RUN_PAIR(q)                                                                                               \
+        int64_t owed = 0;
+        /* Pair g of the whole list, claimed by this thread (its own, or another's it took over at the end). */
+#define RUN_PAIR(g)                                                                                               \
         do {                                                                                                      \
-            const int64_t pair_ = plan.list[q], r_ = pair_ / proj_count, p_ = pair_ % proj_count;                 \
+            const int64_t pair_ = list[g], r_ = pair_ / proj_count, p_ = pair_ % proj_count;                      \
             const int64_t index_ = p_ * slot_count + runs[3 * r_];                                               \
             lora_pair(x, x_stride, k, delta, n, 1, runs[3 * r_ + 1], runs[3 * r_ + 2],                           \
                       (const void *)(intptr_t)a_addr[index_], (const void *)(intptr_t)b_addr[index_],           \
@@ -305,12 +313,22 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
                         owed = want - lines;
                         tile_any(mr, x + m * x_stride + k0, x_stride, panel, kc, out + m * out_stride + p * NR,
                                  out_stride, k0 == 0, tile_bias, valid, from, lines);
-                        for (; done < plan.count && cursor.span > 2 * done + 1; ++done) RUN_PAIR(done);
+                        /* the thread's next pair, once its factors are fetched (unless another thread took it) */
+                        for (int64_t g; (g = __atomic_load_n(next, __ATOMIC_RELAXED)) < last &&
+                                        cursor.span > 2 * (g - first) + 1;) {
+                            if ((g = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) >= last) break;
+                            RUN_PAIR(g);
+                        }
                     }
                 }
             }
         }
-        for (; done < plan.count; ++done) RUN_PAIR(done);
+        /* Its tiles done: the rest of its pairs, then whatever the other threads have not started. Every pair is
+         * claimed once (an atomic counter per thread) and computed the same by any thread: the same bits. */
+        for (int64_t turn = 0; turn < size; ++turn) {
+            const int64_t owner = (id + turn) % size, end_of = ends[owner * 8];
+            for (int64_t g; (g = __atomic_fetch_add(claims + owner * 8, 1, __ATOMIC_RELAXED)) < end_of;) RUN_PAIR(g);
+        }
 #undef RUN_PAIR
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -327,5 +345,6 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
     free(list);
     free(delta);
     free(scratch);
+    free(claims);
     return 0;
 }
