@@ -5,7 +5,9 @@ run meets one small matmul pair per projection per layer. As torch calls each
 pair costs ~13 us of dispatch whatever its size, which made half of the LoRA
 time; the kernel applies a layer's whole projection group (q/k/v, o, gate/up,
 down) to every run in one call, so what remains is reading each adapter's rows
-once. Long runs (prompt chunks) stay on torch's matmul, which tiles them well.
+once. Long runs (prompt chunks) stay on torch's matmul, which tiles them well. Where the model's fp32
+weights are in the packed GEMM's panels, the same pair math runs inside the GEMM instead
+(`kernels.gemm_cpu.gemm_lora`), its factors prefetched while the base output is computed.
 fp32 and bf16 (the model's dtype; bf16 rounds where torch's bf16 matmuls do): in bf16
 torch's per-run matmuls held adapters-on throughput at 0.24x of base on a 38-adapter trace.
 

@@ -228,6 +228,12 @@ def main() -> int:
                 ratio_lines.append(f"With adapters: **{best('ours_lora') / best('vllm_lora'):.1f}×** vLLM with LoRA "
                                    f"(target ≥ 4), **{best('ours_lora') / best('ours_base'):.2f}×** our base-only "
                                    "throughput (target ≥ 0.9).")
+                pair = results["ours_alternating"]
+                rounds_text = "; ".join(f"{total / b:.0f} / {total / a:.0f}" for b, a in zip(pair["base"], pair["lora"],
+                                                                                          strict=True))
+                ratio_lines.append(f"Ours alone, base and adapters on alternating over {len(pair['base'])} rounds "
+                                   f"(base / adapters on, tok/s: {rounds_text}): adapters on "
+                                   f"**{min(pair['base']) / min(pair['lora']):.2f}×** our base.")
                 same, compared = agreement(results["ours_lora"]["tokens"], results["vllm_lora"]["tokens"], args.sample)
                 checks.append(f"adapters on {same}/{compared}")
             startups = ", ".join(f"{k.removeprefix('vllm_')} {v['startup']:.0f} s" for k, v in results.items()
@@ -286,6 +292,13 @@ def main() -> int:
                             results[system]["tokens"] = result["tokens"]
                             print(f"{dtype_name} {system} round {round_}: {sum(lengths) / result['seconds']:.1f} "
                                   "tok/s", flush=True)
+                    if lora:  # our adapters-on against our base, alternating in this process: the same drift for both
+                        pair = results["ours_alternating"] = {"base": [], "lora": []}
+                        for round_ in range(args.rounds):
+                            for key, which_ in (("base", base_only), ("lora", with_adapters)):
+                                pair[key].append(ours(prompts, lengths, which_)["seconds"])
+                                print(f"{dtype_name} ours {key} (alternating) round {round_}: "
+                                      f"{sum(lengths) / pair[key][-1]:.1f} tok/s", flush=True)
                     adapter = which[0]
                     for system, run in ((vllm_name, driver.run), (ours_name, ours)):
                         results[system]["single"] = single_stream(run, single_prompt, adapter, args.single_tokens,
