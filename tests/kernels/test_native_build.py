@@ -29,6 +29,17 @@ def test_a_changed_header_is_a_new_build(tmp_path, monkeypatch):
     assert library_path(source).exists()
 
 
+def test_a_header_included_by_a_header_keys_the_build_too(tmp_path):
+    """gemm_fp32.c includes lora_pair.h, which includes simd.h: a change two includes down is a new build."""
+    source = tmp_path / "kernel.c"
+    source.write_text('#include "outer.h"\nint longtail_value(void) { return VALUE; }\n')
+    (tmp_path / "outer.h").write_text('#include "inner.h"\n#include "outer.h"\n')  # a cycle is read once
+    (tmp_path / "inner.h").write_text("#define VALUE 1\n")
+    first = library_path(source)
+    (tmp_path / "inner.h").write_text("#define VALUE 2\n")
+    assert library_path(source) != first
+
+
 def test_a_kernel_that_cannot_build_is_unavailable_not_fatal(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGTAIL_HOME", str(tmp_path / "home"))
     source = tmp_path / "broken.c"
