@@ -130,42 +130,6 @@ void longtail_gemm_pack(const float *weight, int64_t n, int64_t k, float *packed
             }
 }
 
-/* x [rows, k] (row stride x_stride, unit column stride), packed as above for n outputs, bias [n] or NULL,
- * out [rows, n] (row stride out_stride). Returns 0, or -1 on bad sizes. */
-int longtail_gemm_packed(const float *x, int64_t x_stride, int64_t rows, int64_t k, const float *packed,
-                         const float *bias, float *out, int64_t out_stride, int64_t n, int64_t threads) {
-    if (rows < 1 || k < 1 || n < 1 || x_stride < k || out_stride < n) return -1;
-    const int64_t panels = (n + NR - 1) / NR;
-    const int team = threads > 1 && rows * n * k >= (1 << 16) ? (int)threads : 1;
-#pragma omp parallel num_threads(team)
-    {
-        int64_t id = 0, count = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        count = omp_get_num_threads();
-#endif
-        const int64_t begin = panels * id / count, end = panels * (id + 1) / count;
-        for (int64_t k0 = 0; k0 < k; k0 += KC) {
-            const int64_t kc = k - k0 < KC ? k - k0 : KC;
-            for (int64_t m0 = 0; m0 < rows; m0 += MC) {
-                const int64_t mc = rows - m0 < MC ? rows - m0 : MC;
-                for (int64_t p = begin; p < end; ++p) {
-                    const float *panel = packed + (p * k + k0) * NR;
-                    const int64_t valid = n - p * NR < NR ? n - p * NR : NR;
-                    const float *tile_bias = bias ? bias + p * NR : NULL;
-                    for (int64_t m = m0; m < m0 + mc; m += MR) {
-                        const int mr = (int)(m0 + mc - m < MR ? m0 + mc - m : MR);
-                        tile_any(mr, x + m * x_stride + k0, x_stride, panel, kc, out + m * out_stride + p * NR,
-                                 out_stride, k0 == 0, tile_bias, valid, NULL, 0);
-                    }
-                }
-            }
-        }
-    }
-    return 0;
-}
-
-
 /* ---- The base matmul with the LoRA of a decode step fused in ----
  *
  * Why: in a decode step the LoRA of a projection group is a stream over every active adapter's factors (691 MB
@@ -213,6 +177,97 @@ static int64_t take_lines(const lora_plan *plan, factor_cursor *c, int64_t want,
     c->at += lines * 64;
     if (c->at >= c->end && ++c->span < 2 * plan->count) span_bounds(plan, c);
     return lines;
+}
+
+/* This thread's number in the OpenMP team and the team's size (0 of 1 without OpenMP). */
+static inline void team_place(int64_t *id, int64_t *size) {
+    *id = 0;
+    *size = 1;
+#ifdef _OPENMP
+    *id = omp_get_thread_num();
+    *size = omp_get_num_threads();
+#endif
+}
+
+/* One fused thread's state between its tiles: its pairs' prefetch and which of them it has claimed. */
+typedef struct {
+    const float *x;
+    int64_t x_stride, k, n;
+    float *delta, *xs, *lora;
+    int64_t padded, padded_width;
+    const int64_t *list;   /* every pair of the call */
+    const float *scales;
+    lora_plan plan;        /* this thread's own pairs, list[first .. last) */
+    factor_cursor cursor;
+    int64_t rate, owed, first, last;
+    int64_t *next;         /* this thread's next unclaimed pair (other threads may claim it too) */
+} fused_thread;
+
+/* Pair g of the whole list, claimed by the calling thread: its LoRA term into the delta scratch. */
+static void run_pair(const fused_thread *f, int64_t g) {
+    const lora_plan *plan = &f->plan;
+    const int64_t pair = f->list[g], r = pair / plan->proj_count, p = pair % plan->proj_count;
+    const int64_t index = p * plan->slot_count + plan->runs[3 * r];
+    lora_pair(f->x, f->x_stride, f->k, f->delta, f->n, 1, plan->runs[3 * r + 1], plan->runs[3 * r + 2],
+              (const void *)(intptr_t)plan->a_addr[index], (const void *)(intptr_t)plan->b_addr[index],
+              plan->ranks[index], f->scales[index], plan->out_cols[2 * p], plan->out_cols[2 * p + 1], f->xs,
+              f->padded, f->lora, f->padded_width, 0);
+}
+
+/* A thread's share of the matmul: panels [begin, end), every row tile over every k chunk. With `fused` (NULL at
+ * the plain call site, so its code drops out there) each tile also prefetches that thread's next factor lines,
+ * and after it the thread runs its next pair once that pair's factors are fetched (unless another took it). */
+static inline __attribute__((always_inline)) void walk_tiles(const float *x, int64_t x_stride, int64_t rows,
+                                                             int64_t k, const float *packed, const float *bias,
+                                                             float *out, int64_t out_stride, int64_t n,
+                                                             int64_t begin, int64_t end, fused_thread *fused) {
+    for (int64_t k0 = 0; k0 < k; k0 += KC) {
+        const int64_t kc = k - k0 < KC ? k - k0 : KC;
+        for (int64_t m0 = 0; m0 < rows; m0 += MC) {
+            const int64_t mc = rows - m0 < MC ? rows - m0 : MC;
+            for (int64_t p = begin; p < end; ++p) {
+                const float *panel = packed + (p * k + k0) * NR;
+                const int64_t valid = n - p * NR < NR ? n - p * NR : NR;
+                const float *tile_bias = bias ? bias + p * NR : NULL;
+                for (int64_t m = m0; m < m0 + mc; m += MR) {
+                    const int mr = (int)(m0 + mc - m < MR ? m0 + mc - m : MR);
+                    const char *from = NULL;
+                    int64_t lines = 0;
+                    if (fused) {
+                        const int64_t cap = kc / PF_STRIDE, want = fused->rate + fused->owed < cap
+                                                                       ? fused->rate + fused->owed : cap;
+                        lines = take_lines(&fused->plan, &fused->cursor, want, &from);
+                        fused->owed = want - lines;
+                    }
+                    tile_any(mr, x + m * x_stride + k0, x_stride, panel, kc, out + m * out_stride + p * NR,
+                             out_stride, k0 == 0, tile_bias, valid, from, lines);
+                    if (!fused) continue;
+                    for (int64_t g; (g = __atomic_load_n(fused->next, __ATOMIC_RELAXED)) < fused->last &&
+                                    fused->cursor.span > 2 * (g - fused->first) + 1;) {
+                        if ((g = __atomic_fetch_add(fused->next, 1, __ATOMIC_RELAXED)) >= fused->last) break;
+                        run_pair(fused, g);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* x [rows, k] (row stride x_stride, unit column stride), packed as above for n outputs, bias [n] or NULL,
+ * out [rows, n] (row stride out_stride). Returns 0, or -1 on bad sizes. */
+int longtail_gemm_packed(const float *x, int64_t x_stride, int64_t rows, int64_t k, const float *packed,
+                         const float *bias, float *out, int64_t out_stride, int64_t n, int64_t threads) {
+    if (rows < 1 || k < 1 || n < 1 || x_stride < k || out_stride < n) return -1;
+    const int64_t panels = (n + NR - 1) / NR;
+    const int team = threads > 1 && rows * n * k >= (1 << 16) ? (int)threads : 1;
+#pragma omp parallel num_threads(team)
+    {
+        int64_t id, count;
+        team_place(&id, &count);
+        walk_tiles(x, x_stride, rows, k, packed, bias, out, out_stride, n, panels * id / count,
+                   panels * (id + 1) / count, NULL);
+    }
+    return 0;
 }
 
 /* As longtail_gemm_packed, then out[t, cols_p] += scale * (x[t] A^T) B^T for every run (slot, begin, end) and
@@ -263,11 +318,8 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
         }
 #pragma omp parallel num_threads(team)
     {
-        int64_t id = 0, size = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        size = omp_get_num_threads();
-#endif
+        int64_t id, size;
+        team_place(&id, &size);
         const int64_t begin = panels * id / size, end = panels * (id + 1) / size;
         int64_t first = 0, last = 0;
         while (first < count && before[first] * size < total * id) ++first;
@@ -277,59 +329,25 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
         *next = first;
         ends[id * 8] = last;
 #pragma omp barrier
-        const lora_plan plan = {list + first, last - first, runs, out_cols, a_addr, b_addr, ranks,
-                                proj_count, slot_count, k};
-        float *xs = scratch + id * per_thread, *lora = xs + TOKEN_TILE * padded;
+        fused_thread state = {.x = x, .x_stride = x_stride, .k = k, .n = n, .delta = delta,
+                              .xs = scratch + id * per_thread, .padded = padded, .padded_width = padded_width,
+                              .list = list, .scales = scales, .first = first, .last = last, .next = next,
+                              .plan = {list + first, last - first, runs, out_cols, a_addr, b_addr, ranks, proj_count,
+                                       slot_count, k}};
+        state.lora = state.xs + TOKEN_TILE * padded;
         int64_t lines_total = 0;
-        for (int64_t span = 0; span < 2 * plan.count; ++span) lines_total += span_lines(&plan, span);
+        for (int64_t span = 0; span < 2 * state.plan.count; ++span) lines_total += span_lines(&state.plan, span);
         const int64_t tiles = ((k + KC - 1) / KC) * ((rows + MR - 1) / MR) * (end - begin);
-        const int64_t rate = tiles && PREFETCH ? (lines_total + tiles - 1) / tiles : 0;
-        factor_cursor cursor = {.span = 0};
-        if (plan.count) span_bounds(&plan, &cursor);
-        int64_t owed = 0;
-        /* Pair g of the whole list, claimed by this thread (its own, or another's it took over at the end). */
-#define RUN_PAIR(g)                                                                                               \
-        do {                                                                                                      \
-            const int64_t pair_ = list[g], r_ = pair_ / proj_count, p_ = pair_ % proj_count;                      \
-            const int64_t index_ = p_ * slot_count + runs[3 * r_];                                               \
-            lora_pair(x, x_stride, k, delta, n, 1, runs[3 * r_ + 1], runs[3 * r_ + 2],                           \
-                      (const void *)(intptr_t)a_addr[index_], (const void *)(intptr_t)b_addr[index_],           \
-                      ranks[index_], scales[index_], out_cols[2 * p_], out_cols[2 * p_ + 1], xs, padded, lora,   \
-                      padded_width, 0);                                                                         \
-        } while (0)
-        for (int64_t k0 = 0; k0 < k; k0 += KC) {
-            const int64_t kc = k - k0 < KC ? k - k0 : KC;
-            for (int64_t m0 = 0; m0 < rows; m0 += MC) {
-                const int64_t mc = rows - m0 < MC ? rows - m0 : MC;
-                for (int64_t p = begin; p < end; ++p) {
-                    const float *panel = packed + (p * k + k0) * NR;
-                    const int64_t valid = n - p * NR < NR ? n - p * NR : NR;
-                    const float *tile_bias = bias ? bias + p * NR : NULL;
-                    for (int64_t m = m0; m < m0 + mc; m += MR) {
-                        const int mr = (int)(m0 + mc - m < MR ? m0 + mc - m : MR);
-                        const int64_t want = rate + owed < kc / PF_STRIDE ? rate + owed : kc / PF_STRIDE;
-                        const char *from = NULL;
-                        const int64_t lines = take_lines(&plan, &cursor, want, &from);
-                        owed = want - lines;
-                        tile_any(mr, x + m * x_stride + k0, x_stride, panel, kc, out + m * out_stride + p * NR,
-                                 out_stride, k0 == 0, tile_bias, valid, from, lines);
-                        /* the thread's next pair, once its factors are fetched (unless another thread took it) */
-                        for (int64_t g; (g = __atomic_load_n(next, __ATOMIC_RELAXED)) < last &&
-                                        cursor.span > 2 * (g - first) + 1;) {
-                            if ((g = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) >= last) break;
-                            RUN_PAIR(g);
-                        }
-                    }
-                }
-            }
-        }
+        state.rate = tiles && PREFETCH ? (lines_total + tiles - 1) / tiles : 0;
+        if (state.plan.count) span_bounds(&state.plan, &state.cursor);
+        walk_tiles(x, x_stride, rows, k, packed, bias, out, out_stride, n, begin, end, &state);
         /* Its tiles done: the rest of its pairs, then whatever the other threads have not started. Every pair is
          * claimed once (an atomic counter per thread) and computed the same by any thread: the same bits. */
         for (int64_t turn = 0; turn < size; ++turn) {
             const int64_t owner = (id + turn) % size, end_of = ends[owner * 8];
-            for (int64_t g; (g = __atomic_fetch_add(claims + owner * 8, 1, __ATOMIC_RELAXED)) < end_of;) RUN_PAIR(g);
+            for (int64_t g; (g = __atomic_fetch_add(claims + owner * 8, 1, __ATOMIC_RELAXED)) < end_of;)
+                run_pair(&state, g);
         }
-#undef RUN_PAIR
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < count; ++q) {
