@@ -196,6 +196,7 @@ typedef struct {
     float *delta, *xs, *lora;
     int64_t padded, padded_width;
     const int64_t *list;   /* every pair of the call */
+    const int64_t *run_row; /* run r's first row in delta */
     const float *scales;
     lora_plan plan;        /* this thread's own pairs, list[first .. last) */
     factor_cursor cursor;
@@ -208,7 +209,8 @@ static void run_pair(const fused_thread *f, int64_t g) {
     const lora_plan *plan = &f->plan;
     const int64_t pair = f->list[g], r = pair / plan->proj_count, p = pair % plan->proj_count;
     const int64_t index = p * plan->slot_count + plan->runs[3 * r];
-    lora_pair(f->x, f->x_stride, f->k, f->delta, f->n, 1, plan->runs[3 * r + 1], plan->runs[3 * r + 2],
+    lora_pair(f->x, f->x_stride, f->k, f->delta + f->run_row[r] * f->n, f->n, 1, plan->runs[3 * r + 1],
+              plan->runs[3 * r + 2],
               (const void *)(intptr_t)plan->a_addr[index], (const void *)(intptr_t)plan->b_addr[index],
               plan->ranks[index], f->scales[index], plan->out_cols[2 * p], plan->out_cols[2 * p + 1], f->xs,
               f->padded, f->lora, f->padded_width, 0);
@@ -294,8 +296,14 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
     const int64_t padded = (k + LANES - 1) / LANES * LANES, padded_width = (widest + LANES - 1) / LANES * LANES;
     const int64_t per_thread = TOKEN_TILE * (padded + padded_width) + 16;
     /* Pairs with work, and the factor bytes before each: threads take contiguous shares of equal bytes. */
-    int64_t *list = malloc((size_t)(2 * run_count * proj_count + 1) * sizeof(int64_t));
-    float *delta = malloc((size_t)(rows * n) * sizeof(float));
+    int64_t *list = malloc((size_t)(2 * run_count * proj_count + run_count + 1) * sizeof(int64_t));
+    /* The LoRA terms: n columns for each row a run covers (not every row: a prompt chunk beside them has none). */
+    int64_t *run_row = list ? list + 2 * run_count * proj_count : NULL, covered = 0;
+    for (int64_t r = 0; run_row && r < run_count; ++r) {
+        run_row[r] = covered;
+        covered += runs[3 * r + 2] - runs[3 * r + 1];
+    }
+    float *delta = malloc((size_t)((covered ? covered : 1) * n) * sizeof(float));
     float *scratch = aligned_alloc(64, (size_t)(team * per_thread * (int64_t)sizeof(float) + 63) / 64 * 64);
     /* Per thread: its first and last pair, and the next one not yet claimed (a cache line each). */
     int64_t *claims = calloc((size_t)team * 8 * 3, sizeof(int64_t));
@@ -331,9 +339,9 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
 #pragma omp barrier
         fused_thread state = {.x = x, .x_stride = x_stride, .k = k, .n = n, .delta = delta,
                               .xs = scratch + id * per_thread, .padded = padded, .padded_width = padded_width,
-                              .list = list, .scales = scales, .first = first, .last = last, .next = next,
-                              .plan = {list + first, last - first, runs, out_cols, a_addr, b_addr, ranks, proj_count,
-                                       slot_count, k}};
+                              .list = list, .run_row = run_row, .scales = scales, .first = first, .last = last,
+                              .next = next, .plan = {list + first, last - first, runs, out_cols, a_addr, b_addr,
+                                                     ranks, proj_count, slot_count, k}};
         state.lora = state.xs + TOKEN_TILE * padded;
         int64_t lines_total = 0;
         for (int64_t span = 0; span < 2 * state.plan.count; ++span) lines_total += span_lines(&state.plan, span);
@@ -355,7 +363,7 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
             const int64_t col0 = out_cols[2 * p], width = out_cols[2 * p + 1];
             for (int64_t t = runs[3 * r + 1]; t < runs[3 * r + 2]; ++t) {
                 float *target = out + t * out_stride + col0;
-                const float *term = delta + t * n + col0;
+                const float *term = delta + (run_row[r] + t - runs[3 * r + 1]) * n + col0;
                 for (int64_t c = 0; c < width; ++c) target[c] += term[c];
             }
         }

@@ -169,8 +169,9 @@ static inline __attribute__((always_inline)) void expand(float *lora, int64_t pa
 }
 
 /* One (run, projection) pair: tokens begin..end-1 through one adapter's A and B. The LoRA term is added to out's
- * columns col0.. (`store` 0), or, fp32 only, stored there in place of what out holds (`store` 1: a scratch the
- * caller adds later). `xs` and `lora`: the thread's scratch, TOKEN_TILE rows of `padded` and `padded_width`. */
+ * rows begin..end-1, columns col0.. (`store_only` 0), or, fp32 only, stored into out's rows 0..end-begin-1 in place
+ * of what they hold (`store_only` 1: the run's own rows of a scratch the caller adds later). `xs` and `lora`: the
+ * thread's scratch, TOKEN_TILE rows of `padded` and `padded_width`. */
 static void lora_pair(const void *x, int64_t x_stride, int64_t in_dim, void *out, int64_t out_stride, int store_only,
                       int64_t begin, int64_t end, const void *a, const void *b, int64_t rank, float scale, int64_t col0,
                       int64_t width, float *xs, int64_t padded, float *lora, int64_t padded_width, int dtype) {
@@ -193,7 +194,7 @@ static void lora_pair(const void *x, int64_t x_stride, int64_t in_dim, void *out
             }
         }
         for (int64_t t = 0; t < tokens; ++t) {
-            const int64_t at = (t0 + t) * out_stride + col0;
+            const int64_t at = (store_only ? t0 + t - begin : t0 + t) * out_stride + col0;
             const float *row = lora + t * padded_width;
             if (store_only) {
                 memcpy((float *)out + at, row, (size_t)width * sizeof(float));

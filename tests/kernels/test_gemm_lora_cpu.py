@@ -117,3 +117,13 @@ def test_no_rows_is_an_empty_answer():
     out = gemm_cpu.gemm_lora(torch.randn(0, 800), gemm_cpu.pack(weight), bias, torch.zeros(0, 3, dtype=torch.int64),
                              table)
     assert out.shape == (0, weight.shape[0])
+
+
+def test_runs_deep_in_a_long_batch():
+    """A prompt chunk beside a few decode runs: the LoRA scratch holds only the runs' rows, mapped back right."""
+    slots = [-1] * 250 + [0] * 4 + [-1] * 36 + [1] * 3 + [2] * 7
+    weight, bias, x, runs, table, want = group_case(11, 96, [40, 24], [8, 64, 16], slots, extra=3)
+    packed = gemm_cpu.pack(weight)
+    got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
+    assert torch.equal(got, unfused(x, packed, bias, runs, table))
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
