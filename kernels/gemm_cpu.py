@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from longtail.kernels.lora import LoraShapeError
-from longtail.kernels.lora_cpu import RunTable
+from longtail.kernels.lora_cpu import ERRORS, RunTable, check_runs
 from longtail.kernels.native import CSRC, FLAGS, NativeLibrary
 
 
@@ -126,9 +126,7 @@ def gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
     return out
 
 
-_LORA_ERRORS = {-1: "bad sizes", -2: "a projection's columns fall outside the output",
-                -3: "a run names a slot outside the table", -4: "a run's tokens fall outside the batch",
-                -5: "no memory for the kernel's scratch"}
+_LORA_ERRORS = {**ERRORS, -5: "bad sizes"}  # the LoRA kernel's codes, as the fused one shares its checks
 
 
 def gemm_lora(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, runs: torch.Tensor,
@@ -141,8 +139,7 @@ def gemm_lora(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, 
     if table.dtype != torch.float32 or table.in_dim != weight.in_features:
         raise LoraShapeError(f"gemm_lora: a {table.dtype} table of input width {table.in_dim} against a packed "
                              f"fp32 {weight.shape} weight")
-    if runs.dtype != torch.int64 or runs.dim() != 2 or runs.shape[1] != 3 or not runs.is_contiguous():
-        raise LoraShapeError("gemm_lora: runs must be a contiguous [n, 3] int64 tensor")
+    check_runs("gemm_lora", runs)
     out = torch.empty((x.shape[0], weight.out_features), dtype=torch.float32)
     if not x.shape[0]:
         return out

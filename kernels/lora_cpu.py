@@ -35,7 +35,7 @@ from longtail.kernels.native import CSRC, FLAGS, NativeLibrary
 # Runs longer than this go to torch: a prompt chunk is a real matmul, where a tiled BLAS beats a plain loop.
 MAX_NATIVE_RUN = 16
 
-_ERRORS = {-1: "a run names a slot outside the table", -2: "a projection's columns fall outside the output",
+ERRORS = {-1: "a run names a slot outside the table", -2: "a projection's columns fall outside the output",
            -3: "a run's tokens fall outside the batch", -4: "no memory for the kernel's scratch"}
 # The dtypes the kernel reads and writes (its `dtype` code); arithmetic is fp32 in both.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -131,6 +131,12 @@ def split_runs(runs: Runs) -> tuple[torch.Tensor | None, Runs]:
     return (torch.tensor(short, dtype=torch.int64) if short else None), long
 
 
+def check_runs(caller: str, runs: torch.Tensor) -> None:
+    """Raise LoraShapeError unless `runs` is laid out as the kernels read it (the C code checks the values)."""
+    if runs.dtype != torch.int64 or runs.dim() != 2 or runs.shape[1] != 3 or not runs.is_contiguous():
+        raise LoraShapeError(f"{caller}: runs must be a contiguous [n, 3] int64 tensor")
+
+
 def add_lora_runs_native(out: torch.Tensor, x: torch.Tensor, runs: torch.Tensor, table: RunTable) -> None:
     """out[t, cols_p] += scale_{p,s} * (x[t] A_{p,s}^T) B_{p,s}^T for every projection p and run (s, begin, end).
 
@@ -147,12 +153,11 @@ def add_lora_runs_native(out: torch.Tensor, x: torch.Tensor, runs: torch.Tensor,
     if x.shape[1] != table.in_dim or x.shape[0] != out.shape[0]:
         raise LoraShapeError(f"add_lora_runs_native: x {tuple(x.shape)} and out {tuple(out.shape)} do not fit a "
                              f"table of input width {table.in_dim}")
-    if runs.dtype != torch.int64 or runs.dim() != 2 or runs.shape[1] != 3 or not runs.is_contiguous():
-        raise LoraShapeError("add_lora_runs_native: runs must be a contiguous [n, 3] int64 tensor")
+    check_runs("add_lora_runs_native", runs)
     code = library.longtail_lora_runs(
         x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr(), out.stride(0), out.shape[1], out.shape[0],
         runs.data_ptr(), runs.shape[0], table.out_cols.shape[0], table.slot_count, table.out_cols.data_ptr(),
         table.a_addr.data_ptr(), table.b_addr.data_ptr(), table.ranks.data_ptr(), table.scales.data_ptr(),
         DTYPES[table.dtype], torch.get_num_threads())
     if code:
-        raise LoraShapeError(f"add_lora_runs_native: {_ERRORS.get(code, f'error {code}')}")
+        raise LoraShapeError(f"add_lora_runs_native: {ERRORS.get(code, f'error {code}')}")

@@ -274,23 +274,17 @@ int longtail_gemm_packed(const float *x, int64_t x_stride, int64_t rows, int64_t
 
 /* As longtail_gemm_packed, then out[t, cols_p] += scale * (x[t] A^T) B^T for every run (slot, begin, end) and
  * projection p of the group (the table of kernels/csrc/lora_runs.c, fp32 factors; x is the LoRA's input too).
- * Returns 0; -1 on bad sizes, -2 a projection's columns outside n, -3 a run's slot outside the table, -4 a run's
- * tokens outside the rows, -5 no memory; nothing is written unless it returns 0. */
+ * Returns 0; -1..-3 as check_group (lora_pair.h), -4 no memory, -5 bad sizes; nothing is written unless it
+ * returns 0. */
 int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, int64_t k, const float *packed,
                               const float *bias, float *out, int64_t out_stride, int64_t n, int64_t threads,
                               const int64_t *runs, int64_t run_count, int64_t proj_count, int64_t slot_count,
                               const int64_t *out_cols, const int64_t *a_addr, const int64_t *b_addr,
                               const int64_t *ranks, const float *scales) {
-    if (rows < 1 || k < 1 || n < 1 || x_stride < k || out_stride < n || run_count < 0 || proj_count < 1) return -1;
-    int64_t widest = 0;
-    for (int64_t p = 0; p < proj_count; ++p) {
-        if (out_cols[2 * p] < 0 || out_cols[2 * p + 1] < 0 || out_cols[2 * p] + out_cols[2 * p + 1] > n) return -2;
-        if (out_cols[2 * p + 1] > widest) widest = out_cols[2 * p + 1];
-    }
-    for (int64_t r = 0; r < run_count; ++r) {
-        if (runs[3 * r] < 0 || runs[3 * r] >= slot_count) return -3;
-        if (runs[3 * r + 1] < 0 || runs[3 * r + 2] > rows || runs[3 * r + 1] > runs[3 * r + 2]) return -4;
-    }
+    if (rows < 1 || k < 1 || n < 1 || x_stride < k || out_stride < n || run_count < 0 || proj_count < 1) return -5;
+    int64_t widest;
+    const int bad = check_group(runs, run_count, slot_count, rows, out_cols, proj_count, n, &widest);
+    if (bad) return bad;
     const int64_t panels = (n + NR - 1) / NR;
     const int team = threads > 1 && rows * n * k >= (1 << 16) ? (int)threads : 1;
     const int64_t padded = (k + LANES - 1) / LANES * LANES, padded_width = (widest + LANES - 1) / LANES * LANES;
@@ -312,7 +306,7 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
         free(delta);
         free(scratch);
         free(claims);
-        return -5;
+        return -4;
     }
     int64_t count = 0, total = 0;
     int64_t *before = list + run_count * proj_count;

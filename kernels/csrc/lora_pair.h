@@ -168,6 +168,24 @@ static inline __attribute__((always_inline)) void expand(float *lora, int64_t pa
     }
 }
 
+/* A projection group and its runs, checked before anything is written: 0, or -1 when a run names a slot outside
+ * the table, -2 when a projection's columns fall outside out_width, -3 when a run's tokens fall outside the rows.
+ * *widest: the widest projection (the scratch rows' width). */
+static int check_group(const int64_t *runs, int64_t run_count, int64_t slot_count, int64_t rows,
+                       const int64_t *out_cols, int64_t proj_count, int64_t out_width, int64_t *widest) {
+    *widest = 0;
+    for (int64_t p = 0; p < proj_count; ++p) {
+        if (out_cols[2 * p] < 0 || out_cols[2 * p + 1] < 0 || out_cols[2 * p] + out_cols[2 * p + 1] > out_width)
+            return -2;
+        if (out_cols[2 * p + 1] > *widest) *widest = out_cols[2 * p + 1];
+    }
+    for (int64_t r = 0; r < run_count; ++r) {
+        if (runs[3 * r] < 0 || runs[3 * r] >= slot_count) return -1;
+        if (runs[3 * r + 1] < 0 || runs[3 * r + 2] > rows || runs[3 * r + 1] > runs[3 * r + 2]) return -3;
+    }
+    return 0;
+}
+
 /* One (run, projection) pair: tokens begin..end-1 through one adapter's A and B. The LoRA term is added to out's
  * rows begin..end-1, columns col0.. (`store_only` 0), or, fp32 only, stored into out's rows 0..end-begin-1 in place
  * of what they hold (`store_only` 1: the run's own rows of a scratch the caller adds later). `xs` and `lora`: the

@@ -35,16 +35,9 @@ int longtail_lora_runs(const void *x, int64_t x_stride, int64_t in_dim, void *ou
                        int64_t out_width, int64_t rows, const int64_t *runs, int64_t run_count, int64_t proj_count,
                        int64_t slot_count, const int64_t *out_cols, const int64_t *a_addr, const int64_t *b_addr,
                        const int64_t *ranks, const float *scales, int dtype, int64_t threads) {
-    int64_t widest = 0;
-    for (int64_t p = 0; p < proj_count; ++p) {
-        if (out_cols[2 * p] < 0 || out_cols[2 * p + 1] < 0 || out_cols[2 * p] + out_cols[2 * p + 1] > out_width)
-            return -2;
-        if (out_cols[2 * p + 1] > widest) widest = out_cols[2 * p + 1];
-    }
-    for (int64_t r = 0; r < run_count; ++r) {
-        if (runs[3 * r] < 0 || runs[3 * r] >= slot_count) return -1;
-        if (runs[3 * r + 1] < 0 || runs[3 * r + 2] > rows || runs[3 * r + 1] > runs[3 * r + 2]) return -3;
-    }
+    int64_t widest;
+    const int bad = check_group(runs, run_count, slot_count, rows, out_cols, proj_count, out_width, &widest);
+    if (bad) return bad;
     const int64_t pairs = run_count * proj_count;
     const int64_t padded = (in_dim + LANES - 1) / LANES * LANES;
     const int64_t padded_width = (widest + LANES - 1) / LANES * LANES;

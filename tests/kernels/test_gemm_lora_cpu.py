@@ -108,7 +108,8 @@ def test_refuses_what_does_not_fit(case):
     else:
         x = x.double()
     error = gemm_cpu.GemmShapeError if case == "x" else LoraShapeError
-    with pytest.raises(error):
+    message = {"slot": "slot outside the table", "tokens": "tokens fall outside", "columns": "columns fall outside"}
+    with pytest.raises(error, match=message.get(case)):
         gemm_cpu.gemm_lora(x, packed, bias, runs, table)
 
 
