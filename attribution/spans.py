@@ -66,7 +66,8 @@ SCALAR_SEARCH_MAX_HITS = 2048
 _HASH_MASK = (1 << 64) - 1
 INDEX_MAGIC = b"LTSPAN02"
 INDEX_VERSION = 2
-LEXICON_VERSION = 3  # 2: with the reference's bigram model; 3: with the base model's generic answers
+LEXICON_VERSION = 4  # 2: with the reference's bigram model; 3: with the base model's generic answers;
+# 4: with its stock parts and the packages' descriptions and licences
 _ALIGN = 64
 
 
@@ -806,30 +807,37 @@ class Reference:
 
 # What the embedded base model writes unaided (scripts/generate_reference.py made it; shipped, so every node builds
 # the same reference without running a model).
-REFERENCE_GENERATED = Path(__file__).resolve().parent / "reference" / "generic_answers.txt.gz"
+# Its everyday answers, then the stock parts of answers (openings, closings, caveats, notices).
+REFERENCE_GENERATED = tuple(Path(__file__).resolve().parent / "reference" / name
+                            for name in ("generic_answers.txt.gz", "generic_stock_parts.txt.gz"))
 REFERENCE_INDEX = "reference.lti"
 REFERENCE_LEXICON = "lexicon.npz"
 REFERENCE_SOURCE_BYTES = 4_000_000  # of the standard library's sources
-REFERENCE_PROSE_BYTES = 8_000_000  # of documentation prose
+REFERENCE_PROSE_BYTES = 10_000_000  # of documentation prose
 MIN_DOCSTRING_CHARS = 80
 
 
-def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int = REFERENCE_PROSE_BYTES) -> list[str]:
+def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int = REFERENCE_PROSE_BYTES,
+                    generated: Sequence[Path] = REFERENCE_GENERATED, packages: bool = True) -> list[str]:
     """The reference corpus, text that belongs to no Datanet and that every node has with its interpreter and its
     dependencies; deterministic for one installation:
 
     - what the embedded base model writes unaided (`generated_answers`, shipped with the package);
     - generated number lists and dates;
     - the Python standard library's sources (code, docstrings and comments), up to `source_bytes`;
-    - English prose: Python's own reference manual as `pydoc` ships it (`pydoc_data.topics`), then the docstrings of
-      the installed packages (site-packages in path order, read with `ast`), up to `prose_bytes` in all. Code
-      says little about how English runs; documentation does, and it holds the stock phrases an answer reuses
-      ("it is important to note that", "for more information, please refer to").
+    - English prose: Python's own reference manual as `pydoc` ships it (`pydoc_data.topics`), the installed
+      packages' descriptions (their READMEs, in the metadata) and licence texts (each distinct text once), then
+      their docstrings (site-packages in path order, read with `ast`), up to `prose_bytes` in all. Code says
+      little about how English runs; documentation does, and it holds the stock phrases an answer reuses ("it is
+      important to note that", "for more information, please refer to", "all rights reserved").
+
+    `generated` and `packages` choose the parts (scripts/bench_generic_text.py builds the earlier reference, the
+    everyday answers without the packages' descriptions and licences, as its baseline).
     """
     import ast
     import sysconfig
 
-    texts = generated_answers()
+    texts = generated_answers(generated)
     texts += [", ".join(str(i * step) for i in range(start, start + 40))
              for step in (1, 2, 3, 4, 5, 10, 20, 25, 50, 100, 1000) for start in (0, 1)]
     texts += [f"{year}-{month:02d}-{day:02d}" + f" {day} {name} {year}"
@@ -860,6 +868,11 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
         texts.append(topics[name])
         prose += len(topics[name])
     site = Path(sysconfig.get_paths()["purelib"])
+    for text in package_prose(site) if packages else []:
+        if prose >= prose_bytes:
+            break
+        texts.append(text)
+        prose += len(text)
     for path in sorted(site.glob("*/**/*.py")):
         if prose >= prose_bytes:
             break
@@ -881,21 +894,55 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
     return texts
 
 
-def generated_answers(path: Path = REFERENCE_GENERATED) -> list[str]:
+def package_prose(site: Path) -> list[str]:
+    """The installed distributions' descriptions and licence texts, in path order, each distinct text once (most
+    packages ship one of a few licences). This project's own distribution is left out, as its docstrings are."""
+    import email
+
+    seen: set[str] = set()
+    texts: list[str] = []
+    for folder in sorted(site.glob("*.dist-info")):
+        if folder.name.startswith("longtail-"):
+            continue
+        files = [folder / "METADATA"] + sorted(path for path in folder.rglob("*")
+                                                if path.is_file() and path.name.upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")))
+        for path in files:
+            try:
+                raw = path.read_bytes()
+            except OSError:
+                continue
+            if path.name == "METADATA":
+                message = email.message_from_bytes(raw)
+                body = message.get_payload()
+                text = body if isinstance(body, str) and body.strip() else str(message.get("Description") or "")
+            else:
+                text = raw.decode("utf-8", "replace")
+            text = text.strip()
+            if len(text) >= MIN_DOCSTRING_CHARS and text not in seen:
+                seen.add(text)
+                texts.append(text)
+    return texts
+
+
+def generated_answers(paths: Path | Sequence[Path] = REFERENCE_GENERATED) -> list[str]:
     """The shipped answers of the base model, one per line with `\\n` and `\\\\` escaped."""
     import gzip
     import re
 
-    lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
     unescape = re.compile(r"\\(.)")
-    return [unescape.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), line) for line in lines if line]
+    answers = []
+    for path in [paths] if isinstance(paths, Path) else paths:
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
+        answers += [unescape.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), line) for line in lines if line]
+    return answers
 
 
 def build_reference(folder: Path, tokenizer, source_bytes: int = REFERENCE_SOURCE_BYTES,
-                    prose_bytes: int = REFERENCE_PROSE_BYTES) -> Reference:
+                    prose_bytes: int = REFERENCE_PROSE_BYTES, generated: Sequence[Path] = REFERENCE_GENERATED,
+                    packages: bool = True) -> Reference:
     """Tokenize and index the reference corpus, count its tokens and token pairs for the lexicon; write both into
     `folder`."""
-    texts = reference_texts(source_bytes, prose_bytes)
+    texts = reference_texts(source_bytes, prose_bytes, generated, packages)
     token_ids = tokenize_records(texts, tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
     root = "0x" + hashlib.sha256(b"\0".join(t.encode() for t in texts)).hexdigest()

@@ -19,6 +19,7 @@ script is how it was made and how to remake it (minutes on the 2-core CPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import itertools
 import random
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "attribution" / "reference" / "generic_answers.txt.gz"
+FOLDER = REPO / "attribution" / "reference"
 
 TASKS = (
     "Explain {topic} to a beginner.",
@@ -63,24 +64,57 @@ TOPICS = (
     "note taking", "keyboard shortcuts", "backups", "software testing", "code reviews", "version control",
     "machine learning", "data visualization", "smartphones", "batteries", "3D printing", "robots",
 )
-MAX_TOKENS = 192
+# The stock parts of an answer: openings, closings, caveats, disclaimers, notices, transitions. An answer cut at
+# 192 tokens rarely reaches its closing lines, and those are where an assistant's boilerplate sits. These are
+# kinds of text, never sentences: which phrasing is generic is the model's to say.
+STOCK_PARTS = (
+    "Write the last two sentences of a helpful answer about {topic}.",
+    "Write a concluding paragraph for an essay about {topic}.",
+    "Write a short disclaimer to put under an article about {topic}.",
+    "Write a polite closing for an email about {topic}.",
+    "Write the opening sentence of an answer to a question about {topic}.",
+    "Write a sentence that moves from the benefits of {topic} to its drawbacks.",
+    "Write a copyright notice for a book about {topic}.",
+    "Write a short note saying that an overview of {topic} is not exhaustive.",
+    "Write a customer support reply that apologizes for a problem with {topic}.",
+    "Write a footer for a website about {topic}.",
+    "Write a sentence that introduces a list of tips about {topic}.",
+    "Write a sentence that sums up a long discussion of {topic}.",
+)
 TEMPERATURE = 0.6
 
 
-def prompts(count: int, seed: int) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    tasks: tuple[str, ...]
+    max_tokens: int
+    samples: int  # answers per instruction, one seed each
+    out: str
+
+
+SETS = {
+    "answers": PromptSet(TASKS, 192, 1, "generic_answers.txt.gz"),
+    "stock-parts": PromptSet(STOCK_PARTS, 128, 2, "generic_stock_parts.txt.gz"),
+}
+
+
+def prompts(tasks: tuple[str, ...], count: int, seed: int) -> list[str]:
     """`count` distinct instructions, task x topic, in a seeded order."""
-    pairs = list(itertools.product(TASKS, TOPICS))
+    pairs = list(itertools.product(tasks, TOPICS))
     random.Random(seed).shuffle(pairs)
     return [task.format(topic=topic) for task, topic in pairs[:count]]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=len(TASKS) * len(TOPICS), help="how many instructions")
+    parser.add_argument("--set", choices=sorted(SETS), default="answers", help="which instructions (one shipped file each)")
+    parser.add_argument("--prompts", type=int, default=None, help="how many instructions (default: all of the set)")
     parser.add_argument("--batch", type=int, default=64, help="requests in flight at once")
     parser.add_argument("--seed", type=int, default=23)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=None, help="default: the set's shipped file")
     args = parser.parse_args()
+    chosen = SETS[args.set]
+    out = args.out or FOLDER / chosen.out
 
     import torch
     from transformers import AutoTokenizer
@@ -93,7 +127,8 @@ def main() -> int:
     model_dir = ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = Engine.from_pretrained(model_dir, dtype=torch.float32, kv_cache_bytes=512 * 2**20)
-    instructions = prompts(args.prompts, args.seed)
+    instructions = [text for text in prompts(chosen.tasks, args.prompts or len(chosen.tasks) * len(TOPICS), args.seed)
+                    for _ in range(chosen.samples)]
     answers: list[str] = []
     began = time.perf_counter()
     generated = 0
@@ -102,7 +137,7 @@ def main() -> int:
         token_prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                        return_dict=False)
                          for text in chunk]
-        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=args.seed * 100_003 + start + i)
+        params = [SamplingParams(max_tokens=chosen.max_tokens, temperature=TEMPERATURE, seed=args.seed * 100_003 + start + i)
                   for i in range(len(chunk))]
         for output in engine.generate(token_prompts, [None] * len(chunk), params):
             if output.finish_reason == "error":
@@ -113,11 +148,11 @@ def main() -> int:
         seconds = time.perf_counter() - began
         print(f"{len(answers)}/{len(instructions)} answers, {generated} tokens, {generated / seconds:.0f} tok/s",
               file=sys.stderr, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     # mtime=0: the same answers give the same bytes, so a remake that changes nothing changes no file.
-    with args.out.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+    with out.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
         handle.write(("\n".join(answers) + "\n").encode())
-    print(f"wrote {args.out} ({len(answers)} answers, {generated} tokens, {time.perf_counter() - began:.0f} s)")
+    print(f"wrote {out} ({len(answers)} answers, {generated} tokens, {time.perf_counter() - began:.0f} s)")
     return 0
 
 

@@ -11,11 +11,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from longtail.attribution.spans import (
+    REFERENCE_GENERATED,
     IndexedRecord,
     SpanIndex,
     attribute_output,
     build_reference,
     generated_answers,
+    package_prose,
     reference_texts,
     tokenizer_fingerprint,
 )
@@ -46,7 +48,8 @@ def test_the_reference_holds_every_answer():
 
 def test_a_sentence_the_base_model_wrote_earns_a_datanet_nothing(tokenizer, tmp_path):
     reference = build_reference(tmp_path / "reference", tokenizer, source_bytes=0, prose_bytes=0)
-    sentences = [s for answer in generated_answers() for s in re.split(r"(?<=\.) ", answer)
+    # Not an answer's first sentence: the model wrote it without the leading space it has in the output.
+    sentences = [s for answer in generated_answers() for s in re.split(r"(?<=\.) ", answer)[1:]
                  if 14 <= len(s.split()) <= 30 and "\n" not in s]
     generic = random.Random(1).choice(sentences)
     rng = random.Random(2)
@@ -62,3 +65,23 @@ def test_a_sentence_the_base_model_wrote_earns_a_datanet_nothing(tokenizer, tmp_
     # The specific sentence is credited; nothing of the base model's own sentence is.
     assert credited.size > 0
     assert credited.min() >= len(filler) + generic_tokens - 1
+
+
+def test_package_prose_reads_descriptions_and_each_licence_once(tmp_path):
+    licence = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software. " * 2
+    readme = "A library that does one thing well. For more information, please refer to the documentation."
+    for name in ("alpha-1.0.dist-info", "beta-2.0.dist-info", "longtail-0.1.dist-info"):
+        folder = tmp_path / name
+        (folder / "licenses").mkdir(parents=True)
+        (folder / "licenses" / "LICENSE").write_text(licence)
+        (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n\n{readme} ({name})\n")
+    (tmp_path / "alpha-1.0.dist-info" / "RECORD").write_text("alpha/__init__.py,sha256=x,1\n" * 10)
+    texts = package_prose(tmp_path)
+    assert texts == [f"{readme} (alpha-1.0.dist-info)", licence.strip(), f"{readme} (beta-2.0.dist-info)"]
+
+
+def test_every_shipped_answer_file_is_in_the_reference():
+    for path in REFERENCE_GENERATED:
+        answers = generated_answers(path)
+        assert len(answers) >= 500, path
+    assert generated_answers() == [a for path in REFERENCE_GENERATED for a in generated_answers(path)]
