@@ -44,6 +44,11 @@ def _declare(library: ctypes.CDLL) -> None:
 _native = NativeLibrary(CSRC / "attention_cpu.c", _declare, EXACT_FLAGS)
 
 
+def library_with_flags(*extra: str) -> NativeLibrary:
+    """The same kernels built with extra compiler flags (a test builds the AVX2 variant on an AVX-512 CPU)."""
+    return NativeLibrary(CSRC / "attention_cpu.c", _declare, (*EXACT_FLAGS, *extra))
+
+
 _load = _native.get
 
 
@@ -123,13 +128,14 @@ def paged_decode_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, val
 
 def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float, block_size: int) -> None:
+                           scale: float, block_size: int, library: NativeLibrary | None = None) -> None:
     """out[b] = attention of query[b] ([H, D]) over the first context_lens[b] positions of row b's block table.
 
     query, out: [B, H, D] with contiguous heads (rows may be strided, e.g. views into a fused qkv);
     key_cache, value_cache: [slots, KV, D]; block_tables [B, W] and context_lens [B] int64.
+    `library`: another build of the kernels (`library_with_flags`).
     """
-    library = _load()
+    library = (library or _native).get()
     if library is None:
         raise RuntimeError("the CPU attention kernel is not available (see available())")
     _check_cache(key_cache, value_cache, query.dtype)

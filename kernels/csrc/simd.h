@@ -37,4 +37,37 @@ static inline vf loadf(const float *p) {
 
 static inline void storef(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
+/* The lane sums of four vectors: fold halves against each other so four sums share each add. */
+static inline __attribute__((always_inline)) void sums4(vf a, vf b, vf c, vf d, float out[4]) {
+#if LANES == 16
+    const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                  __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                  __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    /* ab: a's 8 partials, then b's; cd likewise. Next: 4 partials each, as a, c, b, d. */
+    const vf q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+                 __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    const vf h = q + __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    const vf s = h + __builtin_shufflevector(h, h, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    out[0] = s[0];
+    out[1] = s[8];
+    out[2] = s[4];
+    out[3] = s[12];
+#else
+    const vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+                  __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    const vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+                  __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+    /* ab: a's 4 partials, then b's. */
+    const vf q = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+                 __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+    /* q: a, c, b, d, two partials each. */
+    const vf s = q + __builtin_shufflevector(q, q, 1, 0, 3, 2, 5, 4, 7, 6);
+    out[0] = s[0];
+    out[1] = s[4];
+    out[2] = s[2];
+    out[3] = s[6];
+#endif
+}
+
 #endif

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from longtail.kernels.attention_cpu import (
     AttentionShapeError,
     available,
+    library_with_flags,
     paged_decode_attention,
     paged_decode_attention_ref,
     rope_write,
@@ -53,7 +54,8 @@ def definition(query, keys, values, tables, lengths, block_size) -> torch.Tensor
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), lengths=st.lists(st.integers(1, 70), min_size=1, max_size=6),
-       kv_heads=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 3]), head_dim=st.sampled_from([2, 8, 64]),
+       kv_heads=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 3, 5]),
+       head_dim=st.sampled_from([2, 8, 32, 64, 128]),
        block_size=st.sampled_from([1, 4, 16]))
 def test_decode_attention_equals_the_definition_and_the_reference(seed, lengths, kv_heads, group, head_dim,
                                                                   block_size):
@@ -67,25 +69,53 @@ def test_decode_attention_equals_the_definition_and_the_reference(seed, lengths,
     torch.testing.assert_close(out, reference, atol=2e-6, rtol=2e-5)
 
 
-def test_decode_attention_in_bf16_is_within_bf16_rounding():
-    query, keys, values, tables, context = paged_case(3, [5, 40, 17], 9, 3, 64, 16, torch.bfloat16)
+# head_dim 64 and 128 take the register-held path (4 or 8 vectors of 16 lanes; of 8 lanes without AVX-512: 32 and
+# 64), query heads in chunks of up to four per KV head (a group of 5 is a chunk of 4 and one of 1); 8 the general loop.
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (10, 2, 128), (8, 2, 32), (4, 2, 8)])
+def test_decode_attention_in_bf16_is_within_bf16_rounding(heads, kv_heads, head_dim):
+    query, keys, values, tables, context = paged_case(3, [5, 40, 17, 1], heads, kv_heads, head_dim, 16,
+                                                      torch.bfloat16)
     out = torch.empty_like(query)
-    paged_decode_attention(out, query, keys, values, tables, context, 0.125, 16)
+    paged_decode_attention(out, query, keys, values, tables, context, head_dim ** -0.5, 16)
     expected = definition(query, keys, values, tables, context, 16)
     torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)
 
 
-def test_decode_attention_never_reads_padding_past_the_context():
-    """Slots past a row's length hold NaN (a failed request's leftovers): the kernel must not touch them."""
-    query, keys, values, tables, context = paged_case(5, [3, 18], 4, 2, 8, 4, torch.float32)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 8), (10, 2, 64), (3, 1, 128)])
+def test_decode_attention_never_reads_padding_past_the_context(heads, kv_heads, head_dim):
+    """Slots past a row's length hold NaN (a failed request's leftovers): the kernel must not touch them, nor
+    prefetch its way into trouble (a prefetch past the table would read a block number that is not there)."""
+    query, keys, values, tables, context = paged_case(5, [3, 18, 33, 4], heads, kv_heads, head_dim, 4, torch.float32)
     clean = definition(query, keys, values, tables, context, 4)
     for row, length in enumerate(context.tolist()):
         for position in range(length, tables.shape[1] * 4):
             slot = int(tables[row, position // 4]) * 4 + position % 4
             keys[slot], values[slot] = float("nan"), float("nan")
     out = torch.empty_like(query)
-    paged_decode_attention(out, query, keys, values, tables, context, 8 ** -0.5, 4)
+    paged_decode_attention(out, query, keys, values, tables, context, head_dim ** -0.5, 4)
     torch.testing.assert_close(out.double(), clean, atol=2e-6, rtol=2e-5)
+
+
+def _has_avx512() -> bool:
+    try:
+        return "avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="this CPU builds the AVX2 variant already")
+def test_the_avx2_build_attends_the_same():
+    """8-lane vectors: head_dim 32 and 64 take the register-held path there, 128 the general loop."""
+    library = library_with_flags("-mno-avx512f")
+    if library.get() is None:
+        pytest.skip("the compiler cannot build the variant")
+    for heads, kv_heads, head_dim in [(9, 3, 64), (10, 2, 32), (2, 1, 128)]:
+        query, keys, values, tables, context = paged_case(11, [1, 7, 30, 64], heads, kv_heads, head_dim, 16,
+                                                          torch.float32)
+        out = torch.empty_like(query)
+        paged_decode_attention(out, query, keys, values, tables, context, head_dim ** -0.5, 16, library)
+        expected = definition(query, keys, values, tables, context, 16)
+        torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
