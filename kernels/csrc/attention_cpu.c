@@ -88,6 +88,57 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+/* exp_nonpositive a vector at a time. The scalar loop under `omp simd` did not vectorise (the bit casts), and it
+ * was half of the register-held path's time with the cache in L2 (90 of 165 cycles per position). Rounding
+ * t to the nearest integer by truncating t - 1/2 (t <= 0) keeps |f| <= 1/2, as the scalar form's floor does. */
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+
+static inline vf select_v(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+
+static inline vf exp_nonpositive_v(vf x) {
+    const vf floor_value = (vf){0} - 87.0f;
+    x = select_v(x < floor_value, floor_value, x);
+    const vf t = x * 1.44269504088896341f;
+    const vi n = __builtin_convertvector(t - 0.5f, vi);
+    const vf f = t - __builtin_convertvector(n, vf);
+    vf p = (vf){0} + 1.52527338e-5f;
+    p = p * f + 1.54035304e-4f;
+    p = p * f + 1.33335581e-3f;
+    p = p * f + 9.61812911e-3f;
+    p = p * f + 5.55041087e-2f;
+    p = p * f + 2.40226507e-1f;
+    p = p * f + 6.93147181e-1f;
+    p = p * f + 1.0f;
+    return p * (vf)((n + 127) << 23);
+}
+
+/* row[0 .. length) = softmax(row), vectors over whole lanes and the scalar form over the rest. */
+static inline void softmax_row(float *row, int64_t length) {
+    const int64_t whole = length - length % LANES;
+    float peak = -INFINITY;
+    if (whole) {
+        vf top = loadf(row);
+        for (int64_t i = LANES; i < whole; i += LANES) {
+            const vf next = loadf(row + i);
+            top = select_v(next > top, next, top);
+        }
+        for (int i = 0; i < LANES; ++i) peak = top[i] > peak ? top[i] : peak;
+    }
+    for (int64_t i = whole; i < length; ++i) peak = row[i] > peak ? row[i] : peak;
+    vf sums = {0};
+    for (int64_t i = 0; i < whole; i += LANES) {
+        const vf e = exp_nonpositive_v(loadf(row + i) - peak);
+        storef(row + i, e);
+        sums += e;
+    }
+    float total = 0.0f;
+    for (int i = 0; i < LANES; ++i) total += sums[i];
+    for (int64_t i = whole; i < length; ++i) total += row[i] = exp_nonpositive(row[i] - peak);
+    const float inverse = 1.0f / total;
+    for (int64_t i = 0; i < whole; i += LANES) storef(row + i, loadf(row + i) * inverse);
+    for (int64_t i = whole; i < length; ++i) row[i] *= inverse;
+}
+
 /* Positions ahead that the first pass over a row's keys (and values) asks for: a cache block is a few pages
  * of the cache at a random place, and the hardware prefetchers stop at page ends. */
 #define PREFETCH_AHEAD 8
@@ -129,7 +180,11 @@ row_chunk(void *out, int64_t out_index, const float *query, const void *key_cach
     for (; p + 4 <= length; p += 4) {
         vf dots[4][4];
         for (int j = 0; j < 4; ++j) {
-            if (first) prefetch_slot(key_cache, table, &ahead, block_size, row_bytes, p + j + PREFETCH_AHEAD, length);
+            if (first) {
+                cursor same = ahead;
+                prefetch_slot(key_cache, table, &ahead, block_size, row_bytes, p + j + PREFETCH_AHEAD, length);
+                prefetch_slot(value_cache, table, &same, block_size, row_bytes, p + j + PREFETCH_AHEAD, length);
+            }
             const int64_t at = (table[block] * block_size + offset) * kv_width + g * head_dim;
             if (++offset == block_size) offset = 0, ++block;
             for (int c = 0; c < chunk; ++c) {
@@ -156,18 +211,7 @@ row_chunk(void *out, int64_t out_index, const float *query, const void *key_cach
             scores[(h0 + c) * longest + p] = four[0] * scale;
         }
     }
-    for (int c = 0; c < chunk; ++c) {
-        float *row = scores + (h0 + c) * longest;
-        float peak = -INFINITY, total = 0.0f;
-        for (int64_t i = 0; i < length; ++i) peak = row[i] > peak ? row[i] : peak;
-#pragma omp simd reduction(+ : total)
-        for (int64_t i = 0; i < length; ++i) {
-            row[i] = exp_nonpositive(row[i] - peak);
-            total += row[i];
-        }
-        const float inverse = 1.0f / total;
-        for (int64_t i = 0; i < length; ++i) row[i] *= inverse;
-    }
+    for (int c = 0; c < chunk; ++c) softmax_row(scores + (h0 + c) * longest, length);
     vf acc[4][8];
     for (int c = 0; c < chunk; ++c)
         for (int v = 0; v < VECS; ++v) acc[c][v] = (vf){0};
