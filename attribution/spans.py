@@ -36,7 +36,7 @@ import mmap
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -834,7 +834,6 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
     `generated` and `packages` choose the parts (scripts/bench_generic_text.py builds the earlier reference, the
     everyday answers without the packages' descriptions and licences, as its baseline).
     """
-    import ast
     import sysconfig
 
     texts = generated_answers(generated)
@@ -873,12 +872,26 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
             break
         texts.append(text)
         prose += len(text)
-    for path in sorted(site.glob("*/**/*.py")):
-        if prose >= prose_bytes:
+    last = None
+    for path, docstring in package_docstrings(site):
+        if path != last and prose >= prose_bytes:  # whole files: the cap is checked between them
             break
+        last = path
+        if len(docstring) >= MIN_DOCSTRING_CHARS:  # one-liners are mostly names
+            texts.append(docstring)
+            prose += len(docstring)
+    return texts
+
+
+def package_docstrings(site: Path) -> Iterator[tuple[Path, str]]:
+    """(file, docstring) of every module, class and function of the installed packages, in path order.
+
+    Not tests (their strings are data, not prose), and not this project when it is installed as a package: its
+    own text (the Datanet generators, the held-out evaluation) must not define what is generic."""
+    import ast
+
+    for path in sorted(site.glob("*/**/*.py")):
         folders = path.relative_to(site).parts[:-1]
-        # Not tests (their strings are data, not prose), and not this project when it is installed as a package:
-        # its own text (the Datanet generators, the held-out evaluation) must not define what is generic.
         if folders[0] == "longtail" or any(part in ("test", "tests", "testing") for part in folders):
             continue
         try:
@@ -888,10 +901,8 @@ def reference_texts(source_bytes: int = REFERENCE_SOURCE_BYTES, prose_bytes: int
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 docstring = ast.get_docstring(node, clean=True)
-                if docstring and len(docstring) >= MIN_DOCSTRING_CHARS:  # one-liners are mostly names
-                    texts.append(docstring)
-                    prose += len(docstring)
-    return texts
+                if docstring:
+                    yield path, docstring
 
 
 def package_prose(site: Path) -> list[str]:

@@ -24,7 +24,6 @@ licences, 8 MB of prose), built in the same run. Writes its table into docs/attr
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import random
 import re
@@ -74,23 +73,18 @@ FILLER = " zebra walnut harbour quantum."
 def held_out_english(exclude: str, count: int, seed: int = 5) -> list[str]:
     """Docstring sentences of the packages at the end of site-packages' path order (u-z, past the prose cut),
     none of them anywhere in `exclude` (the references' text)."""
+    from longtail.attribution.spans import package_docstrings
+
     site = Path(sysconfig.get_paths()["purelib"])
     sentences: set[str] = set()
-    for path in sorted(site.glob("*/**/*.py")):
-        parts = path.relative_to(site).parts
-        if parts[0][0] not in "uvwxyz" or any(part in ("test", "tests", "testing") for part in parts[:-1]):
+    for path, docstring in package_docstrings(site):
+        if path.relative_to(site).parts[0][0] not in "uvwxyz":
             continue
-        try:
-            tree = ast.parse(path.read_bytes())
-        except (OSError, SyntaxError, ValueError, MemoryError, RecursionError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                for sentence in re.split(r"(?<=\.)\s+", (ast.get_docstring(node, clean=True) or "").replace("\n", " ")):
-                    # Prose, not code: a capital, a full stop, no markup or call syntax.
-                    if (6 <= len(sentence.split()) <= 40 and sentence[0].isupper() and sentence.endswith(".")
-                            and not re.search(r"[`:>=_(){}\[\]]", sentence)):
-                        sentences.add(sentence)
+        for sentence in re.split(r"(?<=\.)\s+", docstring.replace("\n", " ")):
+            # Prose, not code: a capital, a full stop, no markup or call syntax.
+            if (6 <= len(sentence.split()) <= 40 and sentence[0].isupper() and sentence.endswith(".")
+                    and not re.search(r"[`:>=_(){}\[\]]", sentence)):
+                sentences.add(sentence)
     ordered = sorted(sentences)
     random.Random(seed).shuffle(ordered)
     return [s for s in ordered if s not in exclude][:count]

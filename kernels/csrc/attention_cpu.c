@@ -66,31 +66,12 @@ int longtail_rope_write(void *qkv, int64_t qkv_stride, int64_t tokens, int64_t h
     return 0;
 }
 
-/* e^x for x <= 0 (a softmax argument after the row's max is subtracted), in a form the compiler vectorises:
- * e^x = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error
- * below 1e-8, under fp32's rounding). glibc's scalar expf was a third of a batch-128 decode step. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x; /* e^-87 is already 0 against the row's max term (which is 1) */
-    const float t = x * 1.44269504088896341f;
-    const float n = __builtin_floorf(t + 0.5f);
-    const float f = t - n;
-    float p = 1.52527338e-5f;
-    p = p * f + 1.54035304e-4f;
-    p = p * f + 1.33335581e-3f;
-    p = p * f + 9.61812911e-3f;
-    p = p * f + 5.55041087e-2f;
-    p = p * f + 2.40226507e-1f;
-    p = p * f + 6.93147181e-1f;
-    p = p * f + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-/* exp_nonpositive a vector at a time. The scalar loop under `omp simd` did not vectorise (the bit casts), and it
- * was half of the register-held path's time with the cache in L2 (90 of 165 cycles per position). Rounding
- * t to the nearest integer by truncating t - 1/2 (t <= 0) keeps |f| <= 1/2, as the scalar form's floor does. */
+/* e^x for x <= 0 (a softmax argument after the row's max is subtracted), a vector at a time:
+ * e^x = 2^n * 2^f with n = round(x log2 e) (truncating t - 1/2, as t <= 0), |f| <= 1/2, 2^f by its Taylor series
+ * to degree 7 (relative error below 1e-8, under fp32's rounding). glibc's scalar expf was a third of a batch-128
+ * decode step; a scalar polynomial under `omp simd` did not vectorise (the bit casts) and was still half of the
+ * register-held path's time with the cache in L2 (90 of 165 cycles per position). e^-87 is already 0 against
+ * the row's max term (which is 1), so arguments below are clamped there. */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
 static inline vf select_v(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
@@ -112,7 +93,7 @@ static inline vf exp_nonpositive_v(vf x) {
     return p * (vf)((n + 127) << 23);
 }
 
-/* row[0 .. length) = softmax(row), vectors over whole lanes and the scalar form over the rest. */
+/* row[0 .. length) = softmax(row), a vector at a time. */
 static inline void softmax_row(float *row, int64_t length) {
     const int64_t whole = length - length % LANES;
     float peak = -INFINITY;
@@ -131,9 +112,15 @@ static inline void softmax_row(float *row, int64_t length) {
         storef(row + i, e);
         sums += e;
     }
+    if (whole < length) { /* the last partial vector, padded with the max (e^0, left out of the sum) */
+        float tail[LANES];
+        for (int i = 0; i < LANES; ++i) tail[i] = whole + i < length ? row[whole + i] : peak;
+        const vf e = exp_nonpositive_v(loadf(tail) - peak);
+        for (int64_t i = whole; i < length; ++i) row[i] = e[i - whole];
+        for (int i = 0; i < length - whole; ++i) sums[i] += e[i];
+    }
     float total = 0.0f;
     for (int i = 0; i < LANES; ++i) total += sums[i];
-    for (int64_t i = whole; i < length; ++i) total += row[i] = exp_nonpositive(row[i] - peak);
     const float inverse = 1.0f / total;
     for (int64_t i = 0; i < whole; i += LANES) storef(row + i, loadf(row + i) * inverse);
     for (int64_t i = whole; i < length; ++i) row[i] *= inverse;
@@ -333,18 +320,7 @@ int longtail_paged_decode(void *out, int64_t out_stride, const void *q, int64_t 
                     scores[h * longest + p] = dot * scale;
                 }
             }
-            for (int64_t h = 0; h < heads; ++h) {
-                float *row = scores + h * longest;
-                float peak = -INFINITY, total = 0.0f;
-                for (int64_t p = 0; p < length; ++p) peak = row[p] > peak ? row[p] : peak;
-#pragma omp simd reduction(+ : total)
-                for (int64_t p = 0; p < length; ++p) {
-                    row[p] = exp_nonpositive(row[p] - peak);
-                    total += row[p];
-                }
-                const float inverse = 1.0f / total;
-                for (int64_t p = 0; p < length; ++p) row[p] *= inverse;
-            }
+            for (int64_t h = 0; h < heads; ++h) softmax_row(scores + h * longest, length);
             memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
             for (int64_t p = 0, block = 0, offset = 0; p < length; ++p) {
                 const int64_t slot = table[block] * block_size + offset;
