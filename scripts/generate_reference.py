@@ -5,14 +5,21 @@ writes with no adapter and no Datanet in sight ("In conclusion, there are many f
 helps", a copyright line) is by definition not such evidence, however many records also hold it. Installed
 documentation, the rest of the reference, says little about how an assistant talks; this does.
 
-The prompts are everyday instructions (a task template times a topic, both lists below, nothing from any
-Datanet or evaluation), answered by the embedded SmolLM2-135M-Instruct through our own engine, sampled at
-temperature 0.6 with one seed per prompt so the answers spread over the phrasings the model uses. The result is
-shipped, gzip-compressed, as `attribution/reference/generic_answers.txt.gz` (one answer per line, newlines
-inside an answer escaped as `\\n`), so every node builds the same reference without running a model; this
-script is how it was made and how to remake it (minutes on the 2-core CPU).
+Two sets of instructions, one shipped file each (a task template times a topic, the lists below, nothing from
+any Datanet or evaluation), answered by the embedded SmolLM2-135M-Instruct through our own engine, sampled at
+temperature 0.6 with one seed per answer so the answers spread over the phrasings the model uses:
 
-    python -P -m longtail.scripts.generate_reference            # writes the shipped file
+- `answers`: everyday instructions, one answer each, cut at 192 tokens (`generic_answers.txt.gz`);
+- `stock-parts`: instructions that ask for a kind of text an answer's stock parts are made of (closings,
+  conclusions, disclaimers, notices, transitions), two answers each, cut at 128 tokens
+  (`generic_stock_parts.txt.gz`).
+
+Both are shipped gzip-compressed under `attribution/reference/` (one answer per line, newlines inside an
+answer escaped as `\\n`), so every node builds the same reference without running a model; this script is how
+they were made and how to remake them (31 and 9 minutes on the 2-core CPU).
+
+    python -P -m longtail.scripts.generate_reference                     # the everyday answers
+    python -P -m longtail.scripts.generate_reference --set stock-parts   # the stock parts
     python -P -m longtail.scripts.generate_reference --prompts 40 --out /tmp/sample.txt.gz
 """
 
