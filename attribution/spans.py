@@ -66,8 +66,8 @@ SCALAR_SEARCH_MAX_HITS = 2048
 _HASH_MASK = (1 << 64) - 1
 INDEX_MAGIC = b"LTSPAN02"
 INDEX_VERSION = 2
-LEXICON_VERSION = 4  # 2: with the reference's bigram model; 3: with the base model's generic answers;
-# 4: with its stock parts and the packages' descriptions and licences
+LEXICON_VERSION = 5  # 2: with the reference's bigram model; 3: with the base model's generic answers;
+# 4: with its stock parts and the packages' descriptions and licences; 5: those descriptions read as UTF-8
 _ALIGN = 64
 
 
@@ -923,7 +923,9 @@ def package_prose(site: Path) -> list[str]:
             except OSError:
                 continue
             if path.name == "METADATA":
-                message = email.message_from_bytes(raw)
+                # Decoded first: METADATA is UTF-8 without a charset header, and the email parser would read
+                # every non-ASCII byte as its own replacement character.
+                message = email.message_from_string(raw.decode("utf-8", "replace"))
                 body = message.get_payload()
                 text = body if isinstance(body, str) and body.strip() else str(message.get("Description") or "")
             else:
@@ -935,14 +937,14 @@ def package_prose(site: Path) -> list[str]:
     return texts
 
 
-def generated_answers(paths: Path | Sequence[Path] = REFERENCE_GENERATED) -> list[str]:
+def generated_answers(paths: str | Path | Sequence[Path] = REFERENCE_GENERATED) -> list[str]:
     """The shipped answers of the base model, one per line with `\\n` and `\\\\` escaped."""
     import gzip
     import re
 
     unescape = re.compile(r"\\(.)")
     answers = []
-    for path in [paths] if isinstance(paths, Path) else paths:
+    for path in [Path(paths)] if isinstance(paths, (str, Path)) else paths:
         lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
         answers += [unescape.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), line) for line in lines if line]
     return answers

@@ -80,6 +80,15 @@ def test_package_prose_reads_descriptions_and_each_licence_once(tmp_path):
     assert texts == [f"{readme} (alpha-1.0.dist-info)", licence.strip(), f"{readme} (beta-2.0.dist-info)"]
 
 
+def test_package_prose_reads_descriptions_as_utf8(tmp_path):
+    """METADATA carries no charset; its README is UTF-8, and an em dash or an emoji stays one character."""
+    folder = tmp_path / "gamma-1.0.dist-info"
+    folder.mkdir()
+    readme = "🤗 A library for everyone — fast, small, and documented: naïve users welcome, déjà vu avoided."
+    (folder / "METADATA").write_bytes(f"Metadata-Version: 2.1\nName: gamma\n\n{readme}\n".encode())
+    assert package_prose(tmp_path) == [readme]
+
+
 def test_every_shipped_answer_file_is_in_the_reference():
     for path in REFERENCE_GENERATED:
         answers = generated_answers(path)
