@@ -130,26 +130,42 @@ static inline void softmax_row(float *row, int64_t length) {
  * of the cache at a random place, and the hardware prefetchers stop at page ends. */
 #define PREFETCH_AHEAD 8
 
-/* A cursor over a row's positions: slot of the position `ahead` steps on, walked block by block. */
+/* A walk over a row's positions in order: a position's slot is its block's base plus an offset kept
+ * alongside (no division per position). */
 typedef struct {
     int64_t block, offset;
 } cursor;
 
+static inline int64_t next_slot(const int64_t *table, cursor *at, int64_t block_size) {
+    const int64_t slot = table[at->block] * block_size + at->offset;
+    if (++at->offset == block_size) at->offset = 0, ++at->block;
+    return slot;
+}
+
+/* Prefetches the slot of `position` (the cursor's next) and moves on; nothing past the row's length. */
 static inline void prefetch_slot(const void *cache, const int64_t *table, cursor *at, int64_t block_size,
                                  int64_t row_bytes, int64_t position, int64_t length) {
     if (position < length) {
-        const char *row = (const char *)cache + (table[at->block] * block_size + at->offset) * row_bytes;
+        const char *row = (const char *)cache + next_slot(table, at, block_size) * row_bytes;
         for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 3);
-        if (++at->offset == block_size) at->offset = 0, ++at->block;
     }
+}
+
+/* One query head's partial dot product with the key at `at`: VECS vectors of lanes still to be summed. */
+static inline __attribute__((always_inline, optimize("fp-contract=fast"))) vf
+partial_dot(const vf *q, const void *key_cache, int64_t at, const int VECS, const int dtype) {
+    vf sum = q[0] * loadv(key_cache, at, dtype);
+    for (int v = 1; v < VECS; ++v) sum += q[v] * loadv(key_cache, at + v * LANES, dtype);
+    return sum;
 }
 
 /* One row's attention for the `chunk` query heads h0 .. h0 + chunk that share KV head g, head_dim = VECS
  * vectors, with the heads' queries, partial dot products and value sums held in registers (chunk and VECS
- * are constants where this is inlined). The general loop (longtail_paged_decode) keeps one accumulator per dot product and
- * sums its lanes at once (a chain of dependent adds per head and position), and adds every value row
- * into memory: 11 GB/s from a 30 GB/s cache walk (2-core Xeon, 114 rows of ~77 positions). Here four positions' dot products are summed together
- * (sums4), and the value sums stay in registers until the row is done. */
+ * are constants where this is inlined). The general loop (longtail_paged_decode) keeps one accumulator per
+ * dot product and sums its lanes at once (a chain of dependent adds per head and position), and adds every
+ * value row into memory: 11 GB/s from a 30 GB/s cache walk (2-core Xeon, 114 rows of ~77 positions). Here
+ * four positions' dot products are summed together (sums4), and the value sums stay in registers until the
+ * row is done. */
 static inline __attribute__((always_inline, optimize("fp-contract=fast"))) void
 row_chunk(void *out, int64_t out_index, const float *query, const void *key_cache, const void *value_cache,
           const int64_t *table, int64_t length, int64_t block_size, int64_t kv_width, int64_t g, int64_t h0,
@@ -163,7 +179,8 @@ row_chunk(void *out, int64_t out_index, const float *query, const void *key_cach
     vf q[4][8];
     for (int c = 0; c < chunk; ++c)
         for (int v = 0; v < VECS; ++v) q[c][v] = loadf(query + (h0 + c) * head_dim + v * LANES);
-    int64_t p = 0, block = 0, offset = 0;
+    int64_t p = 0;
+    cursor walk = {0, 0};
     for (; p + 4 <= length; p += 4) {
         vf dots[4][4];
         for (int j = 0; j < 4; ++j) {
@@ -172,13 +189,8 @@ row_chunk(void *out, int64_t out_index, const float *query, const void *key_cach
                 prefetch_slot(key_cache, table, &ahead, block_size, row_bytes, p + j + PREFETCH_AHEAD, length);
                 prefetch_slot(value_cache, table, &same, block_size, row_bytes, p + j + PREFETCH_AHEAD, length);
             }
-            const int64_t at = (table[block] * block_size + offset) * kv_width + g * head_dim;
-            if (++offset == block_size) offset = 0, ++block;
-            for (int c = 0; c < chunk; ++c) {
-                vf sum = q[c][0] * loadv(key_cache, at, dtype);
-                for (int v = 1; v < VECS; ++v) sum += q[c][v] * loadv(key_cache, at + v * LANES, dtype);
-                dots[c][j] = sum;
-            }
+            const int64_t at = next_slot(table, &walk, block_size) * kv_width + g * head_dim;
+            for (int c = 0; c < chunk; ++c) dots[c][j] = partial_dot(q[c], key_cache, at, VECS, dtype);
         }
         for (int c = 0; c < chunk; ++c) {
             float four[4];
@@ -187,14 +199,11 @@ row_chunk(void *out, int64_t out_index, const float *query, const void *key_cach
         }
     }
     for (; p < length; ++p) {
-        const int64_t at = (table[block] * block_size + offset) * kv_width + g * head_dim;
-        if (++offset == block_size) offset = 0, ++block;
+        const int64_t at = next_slot(table, &walk, block_size) * kv_width + g * head_dim;
         for (int c = 0; c < chunk; ++c) {
-            vf sum = q[c][0] * loadv(key_cache, at, dtype);
-            for (int v = 1; v < VECS; ++v) sum += q[c][v] * loadv(key_cache, at + v * LANES, dtype);
             const vf zero = {0};
             float four[4];
-            sums4(sum, zero, zero, zero, four);
+            sums4(partial_dot(q[c], key_cache, at, VECS, dtype), zero, zero, zero, four);
             scores[(h0 + c) * longest + p] = four[0] * scale;
         }
     }
@@ -202,14 +211,13 @@ row_chunk(void *out, int64_t out_index, const float *query, const void *key_cach
     vf acc[4][8];
     for (int c = 0; c < chunk; ++c)
         for (int v = 0; v < VECS; ++v) acc[c][v] = (vf){0};
-    block = 0, offset = 0;
+    walk = (cursor){0, 0};
     ahead = (cursor){0, 0};
     if (first)
         for (int64_t i = 0; i < PREFETCH_AHEAD; ++i) prefetch_slot(value_cache, table, &ahead, block_size, row_bytes, i, length);
     for (p = 0; p < length; ++p) {
         if (first) prefetch_slot(value_cache, table, &ahead, block_size, row_bytes, p + PREFETCH_AHEAD, length);
-        const int64_t at = (table[block] * block_size + offset) * kv_width + g * head_dim;
-        if (++offset == block_size) offset = 0, ++block;
+        const int64_t at = next_slot(table, &walk, block_size) * kv_width + g * head_dim;
         vf values[8];
         for (int v = 0; v < VECS; ++v) values[v] = loadv(value_cache, at + v * LANES, dtype);
         for (int c = 0; c < chunk; ++c) {
@@ -223,10 +231,10 @@ row_chunk(void *out, int64_t out_index, const float *query, const void *key_cach
 }
 
 /* The register-held path for head_dim of 4 or 8 vectors; 0 when the shape needs the general loop. */
-static __attribute__((optimize("fp-contract=fast"))) int row_vectors(void *out, int64_t out_index, const float *query, const void *key_cache,
-                       const void *value_cache, const int64_t *table, int64_t length, int64_t block_size,
-                       int64_t heads, int64_t kv_heads, int64_t head_dim, float *scores, int64_t longest, float scale,
-                       int dtype) {
+static __attribute__((optimize("fp-contract=fast"))) int
+row_vectors(void *out, int64_t out_index, const float *query, const void *key_cache, const void *value_cache,
+            const int64_t *table, int64_t length, int64_t block_size, int64_t heads, int64_t kv_heads,
+            int64_t head_dim, float *scores, int64_t longest, float scale, int dtype) {
     if (head_dim != 4 * LANES && head_dim != 8 * LANES) return 0;
     const int64_t group = heads / kv_heads, kv_width = kv_heads * head_dim;
     for (int64_t g = 0; g < kv_heads; ++g)
@@ -297,14 +305,12 @@ int longtail_paged_decode(void *out, int64_t out_stride, const void *q, int64_t 
             const int64_t length = context_lens[r];
             const int64_t *table = block_tables + r * table_stride;
             for (int64_t i = 0; i < heads * head_dim; ++i) query[i] = load(q, r * q_stride + i, dtype);
-            if (row_vectors(out, r * out_stride, query, key_cache, value_cache, table, length, block_size,
-                                       heads, kv_heads, head_dim, scores, longest, scale, dtype))
+            if (row_vectors(out, r * out_stride, query, key_cache, value_cache, table, length, block_size, heads,
+                            kv_heads, head_dim, scores, longest, scale, dtype))
                 continue;
-            /* Positions walk their blocks in order: a position's slot is its block's base plus an offset
-               kept alongside (no division per position). */
-            for (int64_t p = 0, block = 0, offset = 0; p < length; ++p) {
-                const int64_t slot = table[block] * block_size + offset;
-                if (++offset == block_size) offset = 0, ++block;
+            cursor walk = {0, 0};
+            for (int64_t p = 0; p < length; ++p) {
+                const int64_t slot = next_slot(table, &walk, block_size);
                 const float *k;
                 if (dtype == 0) {
                     k = (const float *)key_cache + slot * kv_width;
@@ -322,9 +328,9 @@ int longtail_paged_decode(void *out, int64_t out_stride, const void *q, int64_t 
             }
             for (int64_t h = 0; h < heads; ++h) softmax_row(scores + h * longest, length);
             memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
-            for (int64_t p = 0, block = 0, offset = 0; p < length; ++p) {
-                const int64_t slot = table[block] * block_size + offset;
-                if (++offset == block_size) offset = 0, ++block;
+            walk = (cursor){0, 0};
+            for (int64_t p = 0; p < length; ++p) {
+                const int64_t slot = next_slot(table, &walk, block_size);
                 const float *v;
                 if (dtype == 0) {
                     v = (const float *)value_cache + slot * kv_width;
