@@ -34,8 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FOLDER = REPO / "attribution" / "reference"
+from longtail.attribution.spans import REFERENCE_GENERATED
 
 TASKS = (
     "Explain {topic} to a beginner.",
@@ -96,12 +95,12 @@ class PromptSet:
     tasks: tuple[str, ...]
     max_tokens: int
     samples: int  # answers per instruction, one seed each
-    out: str
+    out: Path  # the shipped file, where the reference reads it
 
 
 SETS = {
-    "answers": PromptSet(TASKS, 192, 1, "generic_answers.txt.gz"),
-    "stock-parts": PromptSet(STOCK_PARTS, 128, 2, "generic_stock_parts.txt.gz"),
+    "answers": PromptSet(TASKS, 192, 1, REFERENCE_GENERATED[0]),
+    "stock-parts": PromptSet(STOCK_PARTS, 128, 2, REFERENCE_GENERATED[1]),
 }
 
 
@@ -121,7 +120,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: the set's shipped file")
     args = parser.parse_args()
     chosen = SETS[args.set]
-    out = args.out or FOLDER / chosen.out
+    out = args.out or chosen.out
 
     import torch
     from transformers import AutoTokenizer
