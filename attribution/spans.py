@@ -55,10 +55,16 @@ FREQUENCY_CAP = 4  # a span found more often than this in all the adapter's Data
 CONCENTRATION_P = 1e-4
 SPAN_BUDGET_PER_TOKEN = 0.05  # at most ceil(0.05 * output tokens) distinct spans, the most unique first
 # A span counts only if its tokens that are not generic carry this much surprisal in context: -sum of log P(token |
-# token before) under the reference corpus's bigram model, nats (docs/attribution.md, rule 6). 64 = a minimum-length
-# span (8 tokens) at 8 nats a token, each token about 1 in 3,000 given the one before: fluent generic English runs at
-# 3-6 nats a token under that model (a 14-token stock sentence: 59-61 nats), text no generic model predicts at 8-11.
-MIN_SURPRISAL = 64.0
+# the tokens before it in the span) under the reference corpus's n-gram model, nats (docs/attribution.md, rule 6).
+# 70 = a minimum-length span (8 tokens) at 8.75 nats a token, each about 1 in 6,300 given its context: fluent generic
+# English runs at 3-6 nats a token under that model, text no generic model predicts at 8-11.
+MIN_SURPRISAL = 70.0
+# The n-gram model: the lexicon's bigram model (Witten-Bell), then up to NGRAM_ORDER - 1 tokens of context counted in
+# the reference's own suffix array, each longer context interpolated over the shorter one with a Dirichlet prior of
+# NGRAM_PRIOR pseudo-counts. A stock sentence is predictable a few words at a time, which pairs alone do not see; a
+# context the reference holds but never followed by the token makes the token more surprising, not less.
+NGRAM_ORDER = 3
+NGRAM_PRIOR = 1.0
 PLAIN_LOG_PROB = -math.log(50_000)  # every token alike when no lexicon is given (token-level rules)
 # Up to this many output positions that passed the k-gram filter, the scalar search: with the skip over covered
 # starts it beats the vectorized one at every answer length measured (docs/attribution.md).
@@ -446,6 +452,36 @@ class SpanIndex:
         lo, hi = both[:len(hits)], both[len(hits):]
         return [SpanHit(int(s), int(s + n), int(a), int(b)) for s, n, a, b in zip(hits, longest, lo, hi, strict=True)]
 
+    def prefix_keys(self, width: int) -> np.ndarray | None:
+        """Each suffix's first `width` codes packed into one integer, in suffix-array order (so sorted): counting a
+        pattern of up to `width` codes is then two `searchsorted` calls. None when the codes do not fit 63 bits."""
+        bits = 8 * self._code_bytes
+        if width * bits > 63:
+            return None
+        starts = self.suffix_array.astype(np.int64)
+        keys = np.zeros(self.size, np.int64)
+        for j in range(width):
+            keys = (keys << bits) | self._text[starts + j].astype(np.int64)
+        return keys
+
+    def counts(self, patterns: np.ndarray, lengths: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
+        """How often each pattern occurs: row i's first lengths[i] codes (this index's codes, all known). `keys`:
+        this index's `prefix_keys(patterns.shape[1])`, for the fast path."""
+        if not len(patterns):
+            return np.zeros(0, np.int64)
+        if keys is not None:
+            bits = 8 * self._code_bytes
+            width = patterns.shape[1]
+            kept = np.arange(width)[None, :] < lengths[:, None]
+            packed = np.zeros(len(patterns), np.int64)
+            for j in range(width):
+                packed = (packed << bits) | np.where(kept[:, j], patterns[:, j], 0).astype(np.int64)
+            above = packed + (np.int64(1) << (bits * (width - lengths)))
+            return np.searchsorted(keys, above) - np.searchsorted(keys, packed)
+        both = self._bound(np.concatenate([patterns, patterns]), np.concatenate([lengths, lengths]),
+                           upper=np.repeat([False, True], len(patterns)))
+        return both[len(patterns):] - both[:len(patterns)]
+
     def _query_bytes(self, codes) -> bytes:
         width = self._code_bytes
         # Unknown tokens are never inside a searched window (stage 1), so their bytes are never compared.
@@ -799,6 +835,11 @@ class Reference:
 
     index: SpanIndex | None
     lexicon: Lexicon
+    gram_keys: np.ndarray | None = dataclasses.field(default=None, repr=False)  # index.prefix_keys(NGRAM_ORDER)
+
+    def __post_init__(self) -> None:
+        if self.gram_keys is None and self.index is not None:
+            self.gram_keys = self.index.prefix_keys(NGRAM_ORDER)
 
     @classmethod
     def plain(cls) -> Reference:
@@ -1054,6 +1095,65 @@ def _pieces(start: int, end: int, boundaries: np.ndarray, delimiters: np.ndarray
     return pieces
 
 
+def span_log_probs(reference: Reference, ids: np.ndarray, segments: Sequence[tuple[int, int]],
+                   order: int = NGRAM_ORDER, prior: float = NGRAM_PRIOR) -> list[np.ndarray]:
+    """log P(token | the tokens before it inside its segment) for each [start, end) of `ids`, under the reference.
+
+    A segment is scored on its own (its first token by the unigram model): the text before a copied span in the
+    output is not the text before it in the record. The lexicon's bigram model gives the first step; each longer
+    context seen in the reference's text then moves the estimate toward what followed it there:
+    P_k = (count(context, token) + prior * P_{k-1}) / (count(context) + prior), up to `order` tokens in all, and
+    stops at the first context the reference never holds.
+    """
+    lexicon = reference.lexicon
+    unigram = lexicon.log_probs(ids).astype(np.float64)
+    bigram = lexicon.next_log_probs(ids)
+    out = []
+    for start, end in segments:
+        scored = bigram[start:end].copy()
+        scored[0] = unigram[start]
+        out.append(scored)
+    index = reference.index
+    if index is None or order < 3 or not segments:
+        return out
+    # Every n-gram (2 <= n <= order) of known tokens ending at a position some segment covers and starting inside
+    # one: all counted in one vectorized search of the reference's suffix array.
+    codes = index.encode(ids)
+    length = len(ids)
+    earliest = np.full(length, length, np.int64)  # the earliest start of the segments covering each position
+    for start, end in segments:
+        earliest[start:end] = np.minimum(earliest[start:end], start)
+    run = np.zeros(length, np.int64)  # known tokens in a row, ending at each position
+    for i in np.flatnonzero(codes != UNKNOWN):
+        run[i] = run[i - 1] + 1 if i else 1
+    position = np.arange(length)
+    counts = np.zeros((order + 1, length))
+    asked = [position[(run >= n) & (position - n + 1 >= earliest)] for n in range(order + 1)]
+    patterns = np.zeros((sum(len(asked[n]) for n in range(2, order + 1)), order), np.int32)
+    lengths = np.repeat(np.arange(2, order + 1), [len(asked[n]) for n in range(2, order + 1)])
+    row = 0
+    for n in range(2, order + 1):
+        for j in range(n):
+            patterns[row:row + len(asked[n]), j] = codes[asked[n] - n + 1 + j]
+        row += len(asked[n])
+    found = index.counts(patterns, lengths, reference.gram_keys if order == NGRAM_ORDER else None)
+    row = 0
+    for n in range(2, order + 1):
+        counts[n, asked[n]] = found[row:row + len(asked[n])]
+        row += len(asked[n])
+    for (start, end), scored in zip(segments, out, strict=True):
+        probability = np.exp(scored)
+        at = np.arange(start, end)
+        for n in range(3, order + 1):
+            # A context the reference never holds stops the walk: no longer one holds it either.
+            context = np.where(at > start, counts[n - 1, at - 1], 0.0)
+            use = (at - n + 1 >= start) & (run[at] >= n) & (context > 0)
+            probability = np.where(use, (counts[n, at] + prior * probability) / np.maximum(context + prior, 1e-300),
+                                   probability)
+        scored[:] = np.log(probability)
+    return out
+
+
 @dataclasses.dataclass
 class _Candidate:
     start: int
@@ -1064,7 +1164,8 @@ class _Candidate:
 def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], reference: Reference | None = None,
                  min_span: int = DEFAULT_MIN_SPAN, min_words: int = MIN_WORDS, frequency_cap: int = FREQUENCY_CAP,
                  budget_per_token: float = SPAN_BUDGET_PER_TOKEN,
-                 min_surprisal: float = MIN_SURPRISAL) -> tuple[list[_Candidate], np.ndarray]:
+                 min_surprisal: float = MIN_SURPRISAL,
+                 ngram_order: int = NGRAM_ORDER) -> tuple[list[_Candidate], np.ndarray]:
     """The spans that count (docs/attribution.md, "Which spans count") and the mask of generic tokens."""
     reference = reference or Reference.plain()
     ids = np.asarray(token_ids, np.int64)
@@ -1123,20 +1224,14 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
                 frequent &= ~alone
         for j in np.flatnonzero(frequent):
             generic[j:j + min_span] = True
-    kept = []
     log_probs = lexicon.log_probs(ids)
-    in_context = lexicon.next_log_probs(ids)  # once per output; a span's first token takes its unigram instead
-    for candidate in pieces.values():
-        occurrences = sum(hi - lo for _, lo, hi in candidate.holders)
-        if occurrences > frequency_cap:
-            continue
+    rare = [c for c in pieces.values() if sum(hi - lo for _, lo, hi in c.holders) <= frequency_cap]
+    in_span = span_log_probs(reference, ids, [(c.start, c.end) for c in rare], ngram_order)
+    kept = []
+    for candidate, token_log_probs in zip(rare, in_span, strict=True):
         segment = slice(candidate.start, candidate.end)
-        surprisal = -float(in_context[segment][~generic[segment]].sum())
-        if not generic[candidate.start]:
-            surprisal += float(in_context[candidate.start] - log_probs[candidate.start])
-        if surprisal < min_surprisal:
-            continue
-        kept.append(candidate)
+        if -float(token_log_probs[~generic[segment]].sum()) >= min_surprisal:
+            kept.append(candidate)
     kept.sort(key=lambda c: (float(log_probs[c.start:c.end].sum()), c.start, c.end))
     budget = max(1, math.ceil(budget_per_token * length))
     return kept[:budget], generic

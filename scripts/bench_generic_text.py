@@ -14,9 +14,11 @@ between novel words, whether any span of it is kept (would pay):
   and no sentence found anywhere in either reference's text), copied whole: these should pay, and the row
   shows what making more text generic costs.
 
-Baseline: the reference before this change (the everyday answers, no stock parts, no package descriptions or
-licences, 8 MB of prose), built in the same run. Writes its table into docs/attribution.md between
-`<!-- generic_text:start -->` and `<!-- generic_text:end -->`.
+Three rules side by side, built in the same run: the earlier reference (the everyday answers only, no stock
+parts, no package descriptions or licences, 8 MB of prose) scored by its bigram model with a 64-nat floor (two
+stops ago); this reference, the same bigram model and floor (the last stop); this tree (this reference, its
+trigram counts, `MIN_SURPRISAL`). The ratio is this tree's against the first. Writes its table into
+docs/attribution.md between `<!-- generic_text:start -->` and `<!-- generic_text:end -->`.
 
     python -P -m longtail.scripts.bench_generic_text [--no-write] [--json]
 """
@@ -90,14 +92,15 @@ def held_out_english(exclude: str, count: int, seed: int = 5) -> list[str]:
     return [s for s in ordered if s not in exclude][:count]
 
 
-def pays(sentence: str, tokenizer, reference, fingerprint: str) -> tuple[bool, int]:
-    """Whether a one-record Datanet holding `sentence` is paid when an output copies it whole; its token count."""
+def pays(sentence: str, tokenizer, reference, fingerprint: str, rule: dict) -> tuple[bool, int]:
+    """Whether a one-record Datanet holding `sentence` is paid when an output copies it whole; its token count.
+    `rule`: select_spans' `min_surprisal` and `ngram_order`."""
     from longtail.attribution.spans import IndexedRecord, SpanIndex, select_spans
 
     ids = tokenizer(" " + sentence, add_special_tokens=False)["input_ids"]
     filler = tokenizer(FILLER, add_special_tokens=False)["input_ids"]
     index = SpanIndex.build("0x" + "11" * 32, [IndexedRecord("r", "0x" + "00" * 20, ids)], fingerprint, "")
-    kept, _ = select_spans(filler + ids + filler, [index], reference)
+    kept, _ = select_spans(filler + ids + filler, [index], reference, **rule)
     return bool(kept), len(ids)
 
 
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from longtail.attribution.spans import (
+        MIN_SURPRISAL,
+        NGRAM_ORDER,
         REFERENCE_GENERATED,
         build_reference,
         ensure_reference,
@@ -126,50 +131,59 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = tokenizer_fingerprint(tokenizer)
     earlier = {"prose_bytes": 8_000_000, "generated": REFERENCE_GENERATED[:1], "packages": False}
     began = time.perf_counter()
+    bigram = {"min_surprisal": 64.0, "ngram_order": 2}
     with tempfile.TemporaryDirectory() as scratch:
         print("building the baseline reference (earlier parts) ...", file=sys.stderr, flush=True)
-        references = {"baseline": build_reference(Path(scratch) / "earlier", tokenizer, **earlier)}
+        earlier_reference = build_reference(Path(scratch) / "earlier", tokenizer, **earlier)
         print("loading this tree's reference (built once, cached) ...", file=sys.stderr, flush=True)
         home = longtail_home() / "reference" / fingerprint.split(":")[-1]
-        references["this tree"] = ensure_reference(home, tokenizer)
+        reference = ensure_reference(home, tokenizer)
+        rules = {  # label: (reference, select_spans' rule)
+            "earlier reference, bigram ≥ 64": (earlier_reference, bigram),
+            "this reference, bigram ≥ 64": (reference, bigram),
+            "this tree": (reference, {"min_surprisal": MIN_SURPRISAL, "ngram_order": NGRAM_ORDER}),
+        }
         exclude = "\n".join(reference_texts() + reference_texts(**earlier))
         sets = {
             "evaluation's stock phrases (not blind)": (list(STOCK_PHRASES), "none"),
-            "held-out boilerplate (blind)": (list(HELD_OUT_BOILERPLATE), "none"),
+            "held-out boilerplate": (list(HELD_OUT_BOILERPLATE), "none"),
             "held-out English from docstrings, copied whole": (held_out_english(exclude, args.english), "all"),
         }
         results = {}
         for name, (sentences, should) in sets.items():
             row = {"sentences": len(sentences), "should pay": should}
-            for label, reference in references.items():
-                outcomes = [pays(s, tokenizer, reference, fingerprint) for s in sentences]
+            for label, (scored_by, rule) in rules.items():
+                outcomes = [pays(s, tokenizer, scored_by, fingerprint, rule) for s in sentences]
                 row[label] = sum(paid for paid, _ in outcomes)
                 if should == "all":
-                    for low, high in ((8, 12), (13, 20), (21, 10**9)):
-                        group = [paid for paid, n in outcomes if low <= n <= high]
-                        row[f"{label} {low}-{high if high < 10**9 else ''}"] = (sum(group), len(group))
+                    row[f"{label} by length"] = [
+                        (f"{low}-{high if high < 10**9 else ''}", sum(paid for paid, n in outcomes if low <= n <= high),
+                         sum(low <= n <= high for _, n in outcomes))
+                        for low, high in ((8, 12), (13, 20), (21, 10**9))]
                 else:
                     row[f"{label} paid"] = [s for s, (paid, _) in zip(sentences, outcomes, strict=True) if paid]
             results[name] = row
     seconds = time.perf_counter() - began
     if args.json:
         print(json.dumps(results, indent=1))
+    first, last = next(iter(rules)), "this tree"
     lines = [f"`python scripts/bench_generic_text.py` (one-record Datanet per sentence, copied whole between novel "
-             f"words; baseline: the earlier reference, built in the same run; {seconds:.0f} s).", "",
-             "| sentences | count | should pay | paid, baseline | paid, this tree | ratio |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
+             f"words; every rule run in the same run; this tree: trigram counts, floor {MIN_SURPRISAL:.0f} nats; "
+             f"{seconds:.0f} s).", "",
+             "| sentences | count | should pay | " + " | ".join(f"paid, {label}" for label in rules) + " | ratio |",
+             "| --- | ---: | --- | " + " | ".join("---:" for _ in rules) + " | ---: |"]
     for name, row in results.items():
-        before, after = row["baseline"], row["this tree"]
-        ratio = f"{after / before:.2f}×" if before else "–"
-        lines.append(f"| {name} | {row['sentences']} | {row['should pay']} | {before} | {after} | {ratio} |")
+        ratio = f"{row[last] / row[first]:.2f}×" if row[first] else "–"
+        lines.append(f"| {name} | {row['sentences']} | {row['should pay']} | "
+                     + " | ".join(str(row[label]) for label in rules) + f" | {ratio} |")
     english = results["held-out English from docstrings, copied whole"]
     lines.append("")
-    lines.append("Held-out English paid by length, baseline → this tree: " + ", ".join(
-        f"{key.split(' ', 2)[-1]} tokens {english[key][0]}/{english[key][1]} → {english['this tree ' + key.split(' ', 2)[-1]][0]}"
-        for key in english if key.startswith("baseline ")) + ".")
+    lines.append("Held-out English paid by length (tokens), " + " → ".join(rules) + ": " + "; ".join(
+        f"{bucket}: " + " → ".join(f"{paid}" for _, paid, _ in (english[f"{label} by length"][b] for label in rules))
+        + f" of {total}" for b, (bucket, _, total) in enumerate(english[f"{first} by length"])) + ".")
     for name, row in list(results.items())[:2]:
-        if row.get("this tree paid"):
-            lines.append(f"Still paid in {name.split(' (')[0]}: " + "; ".join(f"`{s}`" for s in row["this tree paid"]) + ".")
+        if row.get(f"{last} paid"):
+            lines.append(f"Still paid in {name.split(' (')[0]}: " + "; ".join(f"`{s}`" for s in row[f"{last} paid"]) + ".")
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

@@ -12,6 +12,7 @@ import pytest
 from longtail.attribution.datanets import Record, build_manifest, write_datanet
 from longtail.attribution.receipts import AttributionVector, ReceiptDomain, SignedReceipt
 from longtail.attribution.spans import (
+    MIN_SURPRISAL,
     IndexedRecord,
     Lexicon,
     Reference,
@@ -20,6 +21,7 @@ from longtail.attribution.spans import (
     attribute_output,
     ensure_datanet_index,
     load_datanet_index,
+    span_log_probs,
 )
 from longtail.node.attributor import Attributor, recompute_weights, span_weight_bps
 from longtail.node.catalog import CatalogEntry, DatanetShare
@@ -32,7 +34,7 @@ DIGIT = range(3010, 3020)  # digits glue to each other
 
 
 def lexicon(counts: dict[int, int] | None = None) -> Lexicon:
-    size = 4000
+    size = 10_000  # an unseen token: 9.2 nats, so 8 of them clear the 70-nat floor
     begins = np.zeros(size, bool)
     ends = np.zeros(size, bool)
     starts = np.zeros(size, bool)
@@ -105,7 +107,7 @@ def test_budget_keeps_the_most_unique_spans():
     rng = random.Random(3)
     common = words(rng, 14)
     unique = words(rng, 14)
-    counts = {t: 30 for t in common}  # the reference corpus says these words are everyday ones
+    counts = {t: 20 for t in common}  # the reference corpus says these words are everyday ones (6.2 nats each)
     index = SpanIndex.build(A, [IndexedRecord("c", "0x" + "01" * 20, common),
                                 IndexedRecord("u", "0x" + "02" * 20, unique)])
     output = common + filler(3) + unique + filler(5)  # 36 tokens: budget ceil(0.05 * 36) = 2
@@ -121,7 +123,7 @@ def test_text_the_reference_bigram_model_predicts_is_no_evidence():
     order the reference never shows still count."""
     rng = random.Random(7)
     vocabulary = words(rng, 20)
-    counts = {t: 30 for t in vocabulary}  # 5.0 nats each: 14 of them pass the 64-nat floor as unigrams
+    counts = {t: 20 for t in vocabulary}  # 6.2 nats each: 14 of them pass the 70-nat floor as unigrams
     phrase = vocabulary[:14]
     # The reference holds every pair of the phrase many times, in short pieces: no 8-gram of it (the reference
     # index would mark that generic anyway), only how the words run.
@@ -135,6 +137,49 @@ def test_text_the_reference_bigram_model_predicts_is_no_evidence():
     # Without the bigram model the same sentence is 14 tokens of unigram surprisal: evidence.
     unigram = Reference(None, lexicon(counts))
     assert attribute_output(filler(20) + phrase + filler(20), [index], reference=unigram).matched_tokens == 14
+
+
+def test_text_the_reference_holds_three_words_at_a_time_is_no_evidence():
+    """A sentence the reference holds only in three-word pieces, whose word pairs it also shows with many other
+    followers: the bigram model finds it surprising enough to pay, the reference's trigram counts do not; the same
+    words in an order the reference never shows still count."""
+    rng = random.Random(11)
+    phrase = list(range(1000, 1014))
+    others = list(range(1100, 1900))
+    pieces = [phrase[i:i + 3] for i in range(len(phrase) - 2)] * 3
+    noise = [[w, rng.choice(others)] for w in phrase for _ in range(1000)]  # every word of it, followed by anything
+    records = pieces + noise
+    reference_index = SpanIndex.build("reference", [IndexedRecord(f"ref-{i}", "0x" + "00" * 20, r)
+                                                    for i, r in enumerate(records)])
+    counts = {t: 20 for t in phrase + others}  # 6.2 nats each as unigrams
+    trigrams = Reference(reference_index, lexicon(counts).with_bigrams(records))
+    pairs_only = Reference(None, trigrams.lexicon)
+    shuffled = [phrase[i] for i in (3, 11, 0, 7, 13, 5, 9, 1, 12, 2, 8, 4, 10, 6)]
+    around = [1950, 1951, 1952]  # in no output below
+    index = SpanIndex.build(A, [IndexedRecord("p", "0x" + "01" * 20, around + phrase + around),
+                                IndexedRecord("s", "0x" + "02" * 20, around + shuffled + around)])
+    output = np.array(filler(20) + phrase + filler(20))
+    by_pairs = -span_log_probs(trigrams, output, [(20, 34)], order=2)[0].sum()
+    by_triples = -span_log_probs(trigrams, output, [(20, 34)], order=3)[0].sum()
+    assert by_pairs >= MIN_SURPRISAL > by_triples
+    assert attribute_output(output.tolist(), [index], reference=pairs_only).matched_tokens == 14
+    assert attribute_output(output.tolist(), [index], reference=trigrams).matched_tokens == 0
+    assert attribute_output(filler(20) + shuffled + filler(20), [index], reference=trigrams).matched_tokens == 14
+
+
+def test_counting_through_packed_prefixes_equals_the_suffix_array_search():
+    rng = np.random.default_rng(5)
+    records = [rng.integers(1000, 1030, rng.integers(1, 40)).tolist() for _ in range(300)]
+    index = SpanIndex.build("reference", [IndexedRecord(f"r{i}", "0x" + "00" * 20, r) for i, r in enumerate(records)])
+    keys = index.prefix_keys(3)
+    assert keys is not None and np.all(np.diff(keys) >= 0)
+    patterns = rng.integers(1, len(index.vocabulary) + 1, (2000, 3)).astype(np.int32)
+    lengths = rng.integers(1, 4, 2000)
+    slow, fast = index.counts(patterns, lengths), index.counts(patterns, lengths, keys)
+    assert np.array_equal(slow, fast) and (fast > 0).mean() > 0.3
+    text = [t for r in records for t in r]
+    first = int(index.encode([text[0]])[0])
+    assert fast[np.flatnonzero((patterns[:, 0] == first) & (lengths == 1))[:1]].tolist() in ([], [text.count(text[0])])
 
 
 def test_a_span_in_several_datanets_is_split_among_all_holders():
