@@ -20,9 +20,11 @@ each is tested against the other and against the brute-force definition.
 Selecting and weighing spans (`attribute_output`) follows OLMoTrace: spans are
 trimmed to whole words and cut at delimiters, spans found in a reference corpus
 that is no Datanet are generic and earn nothing, very frequent spans are capped
-out, the rest are ranked by uniqueness (sum of unigram log-probabilities) under
-a budget proportional to the output's length, and each matched token is split
-evenly among every Datanet holding a kept span over it (docs/attribution.md).
+out, spans generic English would write anyway (under the reference's trigram
+counts) are no evidence, the rest are ranked by uniqueness (sum of unigram
+log-probabilities) under a budget proportional to the output's length, a copy
+is followed across a changed word, and each matched token is split evenly among
+every Datanet holding a kept span over it (docs/attribution.md).
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ FREQUENCY_CAP = 4  # a span found more often than this in all the adapter's Data
 # ...unless all its occurrences sit in one Datanet, which chance would do with probability under this (rule 4b).
 CONCENTRATION_P = 1e-4
 SPAN_BUDGET_PER_TOKEN = 0.05  # at most ceil(0.05 * output tokens) distinct spans, the most unique first
+# Near-verbatim copies (docs/attribution.md, "Across a changed word"): past a kept span's end (or before its start),
+# the output and the record holding the span may differ by up to GAP_TOKENS tokens each (a word swapped) and then agree
+# again for at least MIN_GAP_PIECE tokens, in place; such a piece pays as the span does, if it carries the surprisal
+# floor's rate per token.
+GAP_TOKENS = 3
+MIN_GAP_PIECE = 4
 # A span counts only if its tokens that are not generic carry this much surprisal in context: -sum of log P(token |
 # the tokens before it in the span) under the reference corpus's n-gram model, nats (docs/attribution.md, rule 6).
 # 70 = a minimum-length span (8 tokens) at 8.75 nats a token, each about 1 in 6,300 given its context: fluent generic
@@ -1042,7 +1050,8 @@ class RecordWeight:
 class SpanAttribution:
     """The result of matching one output: Datanet weights, the spans, and credit down to records.
 
-    `matched_tokens` counts the output tokens that earned credit (inside a kept span, not generic);
+    `matched_tokens` counts the output tokens that earned credit (inside a kept span or a piece across a changed
+    word, not generic);
     the payment rule weighs the span vector by matched_tokens / output_tokens (node/attributor.py).
     """
 
@@ -1095,7 +1104,7 @@ def _pieces(start: int, end: int, boundaries: np.ndarray, delimiters: np.ndarray
     return pieces
 
 
-def span_log_probs(reference: Reference, ids: np.ndarray, segments: Sequence[tuple[int, int]],
+def span_log_probs(reference: Reference, ids: Sequence[int] | np.ndarray, segments: Sequence[tuple[int, int]],
                    order: int = NGRAM_ORDER, prior: float = NGRAM_PRIOR) -> list[np.ndarray]:
     """log P(token | the tokens before it inside its segment) for each [start, end) of `ids`, under the reference.
 
@@ -1105,13 +1114,14 @@ def span_log_probs(reference: Reference, ids: np.ndarray, segments: Sequence[tup
     P_k = (count(context, token) + prior * P_{k-1}) / (count(context) + prior), up to `order` tokens in all, and
     stops at the first context the reference never holds.
     """
+    ids = np.asarray(ids, np.int64)
     lexicon = reference.lexicon
     unigram = lexicon.log_probs(ids).astype(np.float64)
     bigram = lexicon.next_log_probs(ids)
     out = []
     for start, end in segments:
         scored = bigram[start:end].copy()
-        scored[0] = unigram[start]
+        scored[:1] = unigram[start:start + 1]
         out.append(scored)
     index = reference.index
     if index is None or order < 3 or not segments:
@@ -1237,6 +1247,80 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
     return kept[:budget], generic
 
 
+def gap_pieces(codes: list[int], index: SpanIndex, lo: int, hi: int, start: int, end: int, stop: list[bool],
+               gap: int = GAP_TOKENS, min_piece: int = MIN_GAP_PIECE) -> list[tuple[int, int]]:
+    """Output pieces [s, e) outside [start, end) that a record holding that span (its suffix-array interval [lo, hi)
+    in `index`) continues with after a gap of up to `gap` tokens on each side, in place: the copy goes on across
+    a changed word. `codes`: the output in `index`'s codes; `stop`: its delimiters. Walks outward from the span,
+    piece by piece, on each of the span's occurrences; a gap never crosses a record's end or an output delimiter,
+    and a piece stops at either."""
+    pieces: set[tuple[int, int]] = set()
+    for occurrence in index.suffix_array[lo:hi].tolist():
+        # The record's text around the occurrence, as far as a walk over this output could reach.
+        first = max(0, occurrence - 2 * start - gap - 1)
+        text = index._text[first:occurrence + (end - start) + 2 * (len(codes) - end) + gap + 1].tolist()
+        for step in (1, -1):
+            # The first output position and text position past the span, walking by `step`.
+            at, from_ = (end, occurrence + end - start - first) if step == 1 else (start - 1, occurrence - 1 - first)
+            while True:
+                best_o, best_t, best = 0, 0, 0
+                for skip_out in range(gap + 1):
+                    o = at + step * skip_out
+                    if not 0 <= o < len(codes) or (skip_out and stop[o - step]):
+                        break
+                    for skip_text in range(gap + 1):
+                        t = from_ + step * skip_text
+                        if not 0 <= t < len(text) or (skip_text and text[t - step] == SEPARATOR):
+                            break
+                        agree = 0
+                        while (0 <= o + step * agree < len(codes) and 0 <= t + step * agree < len(text)
+                               and not stop[o + step * agree] and codes[o + step * agree] != UNKNOWN
+                               and codes[o + step * agree] == text[t + step * agree] != SEPARATOR):
+                            agree += 1
+                        if agree > best:
+                            best_o, best_t, best = o, t, agree
+                if best < min_piece:
+                    break
+                pieces.add((best_o, best_o + best) if step == 1 else (best_o - best + 1, best_o + 1))
+                at, from_ = best_o + step * best, best_t + step * best
+    return sorted(pieces)
+
+
+def near_verbatim_pieces(token_ids: Sequence[int], kept: Sequence[_Candidate], indexes: Sequence[SpanIndex],
+                         reference: Reference | None, generic: np.ndarray,
+                         min_rate: float) -> list[tuple[int, int, int, int]]:
+    """(kept span number, index number, start, end) of every whole-word piece of `gap_pieces` around each kept span
+    and Datanet holding it, MIN_GAP_PIECE tokens or more, whose tokens that are not generic carry `min_rate` nats
+    of surprisal each on average (the floor's rate: a piece is too short to carry the floor itself)."""
+    reference = reference or Reference.plain()
+    ids = np.asarray(token_ids, np.int64)
+    boundaries, delimiters = reference.lexicon.boundaries(ids), reference.lexicon.delimiters(ids)
+    in_spans = np.zeros((len(indexes), len(ids)), bool)  # each Datanet's kept spans: a piece adds only beyond them
+    for candidate in kept:
+        for number, _, _ in candidate.holders:
+            in_spans[number, candidate.start:candidate.end] = True
+    first: dict[tuple[int, int, int], int] = {}  # (index number, start, end) -> the first kept span reaching it
+    codes: dict[int, list[int]] = {}
+    stop = delimiters.tolist()
+    for c, candidate in enumerate(kept):
+        for number, lo, hi in candidate.holders:
+            if number not in codes:
+                codes[number] = indexes[number].encode(ids).tolist()
+            for start, end in gap_pieces(codes[number], indexes[number], lo, hi, candidate.start, candidate.end, stop):
+                for s, e in _pieces(start, end, boundaries, delimiters):
+                    free = np.concatenate([[0], (~in_spans[number, s:e]).astype(np.int8), [0]])
+                    edges = np.flatnonzero(np.diff(free))  # the runs outside the Datanet's kept spans
+                    for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+                        if b - a >= MIN_GAP_PIECE:
+                            first.setdefault((number, s + a, s + b), c)
+    found = [(c, number, s, e) for (number, s, e), c in first.items()]
+    if not found:
+        return []
+    scored = span_log_probs(reference, ids, [(s, e) for _, _, s, e in found])
+    return [(c, number, s, e) for (c, number, s, e), log_probs in zip(found, scored, strict=True)
+            if -float(log_probs[~generic[s:e]].sum()) >= min_rate * (e - s)]
+
+
 def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min_span: int = DEFAULT_MIN_SPAN,
                      min_weight_bps: int = 100, max_records_per_span: int = 8, max_records: int = 32,
                      max_occurrences: int = 256, reference: Reference | None = None, min_words: int = MIN_WORDS,
@@ -1244,8 +1328,9 @@ def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min
                      budget_per_token: float = SPAN_BUDGET_PER_TOKEN) -> SpanAttribution:
     """Attribute an output (token ids) to the Datanets behind `indexes`.
 
-    Each matched token (inside a kept span, not generic) is worth 1, split evenly
-    among every Datanet holding a kept span over it. Within a Datanet, the token's
+    Each matched token (inside a kept span or a piece continuing one across a changed
+    word, not generic) is worth 1, split evenly among every Datanet holding a kept
+    span (or such a piece) over it. Within a Datanet, the token's
     share goes to the records holding that Datanet's longest kept span over it,
     split evenly among them (an evenly spaced sample of `max_occurrences` when very
     many). Datanets whose share falls under `min_weight_bps` are dropped as noise
@@ -1258,6 +1343,7 @@ def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min
     kept, generic = select_spans(token_ids, indexes, reference, min_span, min_words, frequency_cap, budget_per_token)
     if not kept:
         return dataclasses.replace(empty, generic_tokens=int(generic.sum()))
+    extensions = near_verbatim_pieces(token_ids, kept, indexes, reference, generic, MIN_SURPRISAL / min_span)
     holds = np.zeros((len(indexes), length), bool)
     longest = np.full((len(indexes), length), -1, np.int64)  # which kept span of each Datanet is longest over a token
     span_length = np.zeros((len(indexes), length), np.int64)
@@ -1268,6 +1354,12 @@ def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min
             longer = span_length[number, segment] < candidate.end - candidate.start
             longest[number, segment] = np.where(longer, c, longest[number, segment])
             span_length[number, segment] = np.maximum(span_length[number, segment], candidate.end - candidate.start)
+    for c, number, start, end in extensions:  # only where no kept span of that Datanet lies: a span outranks a piece
+        segment = slice(start, end)
+        free = span_length[number, segment] == 0
+        holds[number, segment] |= free
+        longest[number, segment] = np.where(free, c, longest[number, segment])
+        span_length[number, segment] = np.where(free, 1, span_length[number, segment])
     holds &= ~generic[None, :]
     sharing = holds.sum(axis=0)
     token_credit = np.where(sharing > 0, 1.0 / np.maximum(sharing, 1), 0.0)
@@ -1295,6 +1387,8 @@ def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min
             listed = tuple(RecordCredit(index.record_ids[r], index.contributors[r])
                            for r in records[:max_records_per_span])
             spans.append(MatchedSpan(candidate.start, candidate.end, index.datanet_id, hi - lo, listed))
+            spans.extend(MatchedSpan(start, end, index.datanet_id, hi - lo, listed)
+                         for kept_number, holder, start, end in extensions if (kept_number, holder) == (c, number))
     spans.sort(key=lambda s: (s.start, s.end, s.datanet_id))
     ranked = sorted(((k, w) for k, w in record_credit.items() if w > 0), key=lambda item: (-item[1], item[0]))
     records = tuple(RecordWeight(d, r, c, w) for (d, r, c), w in ranked[:max_records])

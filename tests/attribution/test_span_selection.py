@@ -182,6 +182,35 @@ def test_counting_through_packed_prefixes_equals_the_suffix_array_search():
     assert fast[np.flatnonzero((patterns[:, 0] == first) & (lengths == 1))[:1]].tolist() in ([], [text.count(text[0])])
 
 
+def test_a_copy_goes_on_across_changed_words():
+    """A near-verbatim copy: a word swapped every few words leaves pieces too short to be spans; past a kept span
+    the record's text goes on in place across each swapped word, so those pieces pay the span's record too."""
+    rng = random.Random(13)
+    record = words(rng, 40)
+    index = SpanIndex.build(A, [IndexedRecord("r", "0x" + "01" * 20, record),
+                                IndexedRecord("o", "0x" + "02" * 20, words(rng, 20))])
+    plain = Reference(None, lexicon())
+    copy = list(record[4:36])  # pieces of 10, 5, 5 and 9 tokens between the swapped words
+    swapped = [10, 16, 22]
+    for i in swapped:
+        copy[i] = 1960 + i  # words no record holds
+    output = filler(20) + copy + filler(20)
+    result = attribute_output(output, [index], reference=plain)
+    assert result.matched_tokens == 32 - 3
+    assert result.credited[20:52].sum() == 29 and not result.credited[[20 + i for i in swapped]].any()
+    assert [r.record_id for r in result.records] == ["r"]
+    assert {(s.start, s.end) for s in result.spans} == {(20, 30), (31, 36), (37, 42), (43, 52)}
+    # Not past a gap wider than GAP_TOKENS on the record's side (six of its tokens left out), nor across a newline.
+    skipped = filler(20) + record[4:14] + [1960] + record[20:26] + filler(20)
+    assert attribute_output(skipped, [index], reference=plain).matched_tokens == 10
+    across_line = filler(20) + record[4:14] + [NEWLINE] + record[15:20] + filler(20)
+    assert attribute_output(across_line, [index], reference=plain).matched_tokens == 10
+    # A piece of everyday words (its tokens common in the reference) is too likely to be evidence of a copy.
+    common = Reference(None, lexicon({t: 2000 for t in record[15:20]}))
+    assert attribute_output(filler(20) + record[4:14] + [1960] + record[15:20] + filler(20), [index],
+                            reference=common).matched_tokens == 10
+
+
 def test_a_span_in_several_datanets_is_split_among_all_holders():
     """A holds S1 S2 back to back; B holds S1, C holds S2: A's longer match takes nothing from B and C."""
     rng = random.Random(4)
