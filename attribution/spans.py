@@ -1115,53 +1115,50 @@ def span_log_probs(reference: Reference, ids: Sequence[int] | np.ndarray, segmen
     stops at the first context the reference never holds.
     """
     ids = np.asarray(ids, np.int64)
+    if not segments:
+        return []
     lexicon = reference.lexicon
     unigram = lexicon.log_probs(ids).astype(np.float64)
     bigram = lexicon.next_log_probs(ids)
-    out = []
-    for start, end in segments:
-        scored = bigram[start:end].copy()
-        scored[:1] = unigram[start:start + 1]
-        out.append(scored)
+    # Every segment's positions, concatenated, with the start of the segment each belongs to.
+    sizes = np.array([end - start for start, end in segments], np.int64)
+    at = np.concatenate([np.arange(start, end) for start, end in segments]).astype(np.int64)
+    begins = np.repeat(np.array([start for start, _ in segments], np.int64), sizes)
+    scored = np.where(at == begins, unigram[at], bigram[at])
     index = reference.index
-    if index is None or order < 3 or not segments:
-        return out
-    # Every n-gram (2 <= n <= order) of known tokens ending at a position some segment covers and starting inside
-    # one: all counted in one vectorized search of the reference's suffix array.
-    codes = index.encode(ids)
-    length = len(ids)
-    earliest = np.full(length, length, np.int64)  # the earliest start of the segments covering each position
-    for start, end in segments:
-        earliest[start:end] = np.minimum(earliest[start:end], start)
-    run = np.zeros(length, np.int64)  # known tokens in a row, ending at each position
-    for i in np.flatnonzero(codes != UNKNOWN):
-        run[i] = run[i - 1] + 1 if i else 1
-    position = np.arange(length)
-    counts = np.zeros((order + 1, length))
-    asked = [position[(run >= n) & (position - n + 1 >= earliest)] for n in range(order + 1)]
-    patterns = np.zeros((sum(len(asked[n]) for n in range(2, order + 1)), order), np.int32)
-    lengths = np.repeat(np.arange(2, order + 1), [len(asked[n]) for n in range(2, order + 1)])
-    row = 0
-    for n in range(2, order + 1):
-        for j in range(n):
-            patterns[row:row + len(asked[n]), j] = codes[asked[n] - n + 1 + j]
-        row += len(asked[n])
-    found = index.counts(patterns, lengths, reference.gram_keys if order == NGRAM_ORDER else None)
-    row = 0
-    for n in range(2, order + 1):
-        counts[n, asked[n]] = found[row:row + len(asked[n])]
-        row += len(asked[n])
-    for (start, end), scored in zip(segments, out, strict=True):
+    if index is not None and order >= 3:
+        # Every n-gram (2 <= n <= order) of known tokens ending at a position some segment covers and starting
+        # inside one: all counted in one vectorized search of the reference's suffix array.
+        codes = index.encode(ids)
+        length = len(ids)
+        earliest = np.full(length, length, np.int64)  # the earliest start of the segments covering each position
+        np.minimum.at(earliest, at, begins)
+        position = np.arange(length)
+        known = codes != UNKNOWN
+        run = np.where(known, position - np.maximum.accumulate(np.where(known, -1, position)), 0)  # known in a row
+        asked = [position[(run >= n) & (position - n + 1 >= earliest)] for n in range(order + 1)]
+        patterns = np.zeros((sum(len(asked[n]) for n in range(2, order + 1)), order), np.int32)
+        lengths = np.repeat(np.arange(2, order + 1), [len(asked[n]) for n in range(2, order + 1)])
+        row = 0
+        for n in range(2, order + 1):
+            for j in range(n):
+                patterns[row:row + len(asked[n]), j] = codes[asked[n] - n + 1 + j]
+            row += len(asked[n])
+        found = index.counts(patterns, lengths, reference.gram_keys if order == NGRAM_ORDER else None)
+        counts = np.zeros((order + 1, length))
+        row = 0
+        for n in range(2, order + 1):
+            counts[n, asked[n]] = found[row:row + len(asked[n])]
+            row += len(asked[n])
         probability = np.exp(scored)
-        at = np.arange(start, end)
         for n in range(3, order + 1):
             # A context the reference never holds stops the walk: no longer one holds it either.
-            context = np.where(at > start, counts[n - 1, at - 1], 0.0)
-            use = (at - n + 1 >= start) & (run[at] >= n) & (context > 0)
+            context = np.where(at > begins, counts[n - 1, at - 1], 0.0)
+            use = (at - n + 1 >= begins) & (run[at] >= n) & (context > 0)
             probability = np.where(use, (counts[n, at] + prior * probability) / np.maximum(context + prior, 1e-300),
                                    probability)
-        scored[:] = np.log(probability)
-    return out
+        scored = np.log(probability)
+    return np.split(scored, np.cumsum(sizes)[:-1])
 
 
 @dataclasses.dataclass
@@ -1268,10 +1265,14 @@ def gap_pieces(codes: list[int], index: SpanIndex, lo: int, hi: int, start: int,
                     o = at + step * skip_out
                     if not 0 <= o < len(codes) or (skip_out and stop[o - step]):
                         break
+                    if codes[o] == UNKNOWN or stop[o]:
+                        continue
                     for skip_text in range(gap + 1):
                         t = from_ + step * skip_text
                         if not 0 <= t < len(text) or (skip_text and text[t - step] == SEPARATOR):
                             break
+                        if text[t] != codes[o]:
+                            continue  # most pairings disagree at once
                         agree = 0
                         while (0 <= o + step * agree < len(codes) and 0 <= t + step * agree < len(text)
                                and not stop[o + step * agree] and codes[o + step * agree] != UNKNOWN
