@@ -416,6 +416,13 @@ def _run_during_growth(kit, fences: bool) -> tuple[list[int], list[int]]:
             engine.step()
         grows = engine.lora_slots.grows
         late = engine.submit([7, 1, 4], b, greedy)
+        engine.step()  # admits B: its read from disk starts on a loader thread
+        # Hold A's steps until B's weights are off the disk, so B's load (and the growth) lands while A still runs:
+        # on a busy machine A could otherwise finish first and the unfenced run would read nothing half-copied.
+        deadline = time.monotonic() + 30
+        while (engine.adapters.tier_of(b) == "disk" and engine.adapters._results.empty()
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
         while not (running.done.is_set() and late.done.is_set()):
             engine.step()
         assert engine.lora_slots.grows > grows, "B's load must grow the buffers for this test to mean anything"
