@@ -454,41 +454,47 @@ class SpanIndex:
         keep[1:] = ~((hits[1:] - 1 == hits[:-1]) & (ends[:-1] >= ends[1:]))
         hits, longest = hits[keep], longest[keep]
         span_width = int(longest.max())
-        patterns = padded[hits[:, None] + np.arange(span_width)]
-        both = self._bound(np.concatenate([patterns, patterns]), np.concatenate([longest, longest]),
-                           upper=np.repeat([False, True], len(hits)))
-        lo, hi = both[:len(hits)], both[len(hits):]
+        lo, hi = self._intervals(padded[hits[:, None] + np.arange(span_width)], longest)
         return [SpanHit(int(s), int(s + n), int(a), int(b)) for s, n, a, b in zip(hits, longest, lo, hi, strict=True)]
+
+    def _intervals(self, patterns: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) suffix-array interval of each pattern's first lengths[i] codes, both bounds in one search."""
+        both = self._bound(np.concatenate([patterns, patterns]), np.concatenate([lengths, lengths]),
+                           upper=np.repeat([False, True], len(patterns)))
+        return both[:len(patterns)], both[len(patterns):]
+
+    def _packed(self, columns: Sequence[np.ndarray]) -> np.ndarray:
+        """Codes, one array per position, packed into one integer each, the first position most significant (so
+        packed values sort as the code sequences do)."""
+        bits = 8 * self._code_bytes
+        packed = np.zeros(len(columns[0]), np.int64)
+        for column in columns:
+            packed = (packed << bits) | column.astype(np.int64)
+        return packed
 
     def prefix_keys(self, width: int) -> np.ndarray | None:
         """Each suffix's first `width` codes packed into one integer, in suffix-array order (so sorted): counting a
         pattern of up to `width` codes is then two `searchsorted` calls. None when the codes do not fit 63 bits."""
-        bits = 8 * self._code_bytes
-        if width * bits > 63:
+        if width * 8 * self._code_bytes > 63:
             return None
         starts = self.suffix_array.astype(np.int64)
-        keys = np.zeros(self.size, np.int64)
-        for j in range(width):
-            keys = (keys << bits) | self._text[starts + j].astype(np.int64)
-        return keys
+        return self._packed([self._text[starts + j] for j in range(width)])
 
     def counts(self, patterns: np.ndarray, lengths: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
         """How often each pattern occurs: row i's first lengths[i] codes (this index's codes, all known). `keys`:
         this index's `prefix_keys(patterns.shape[1])`, for the fast path."""
         if not len(patterns):
             return np.zeros(0, np.int64)
-        if keys is not None:
-            bits = 8 * self._code_bytes
-            width = patterns.shape[1]
-            kept = np.arange(width)[None, :] < lengths[:, None]
-            packed = np.zeros(len(patterns), np.int64)
-            for j in range(width):
-                packed = (packed << bits) | np.where(kept[:, j], patterns[:, j], 0).astype(np.int64)
-            above = packed + (np.int64(1) << (bits * (width - lengths)))
-            return np.searchsorted(keys, above) - np.searchsorted(keys, packed)
-        both = self._bound(np.concatenate([patterns, patterns]), np.concatenate([lengths, lengths]),
-                           upper=np.repeat([False, True], len(patterns)))
-        return both[len(patterns):] - both[:len(patterns)]
+        if keys is None:
+            lo, hi = self._intervals(patterns, lengths)
+            return hi - lo
+        width = patterns.shape[1]
+        kept = np.arange(width)[None, :] < lengths[:, None]
+        # Codes past a pattern's length are 0 (below every real code): the first key holding the pattern; the
+        # pattern's last code plus one, at its place, is the first key past it.
+        packed = self._packed([np.where(kept[:, j], patterns[:, j], 0) for j in range(width)])
+        above = packed + (np.int64(1) << (8 * self._code_bytes * (width - lengths)))
+        return np.searchsorted(keys, above) - np.searchsorted(keys, packed)
 
     def _query_bytes(self, codes) -> bytes:
         width = self._code_bytes
@@ -1274,8 +1280,9 @@ def gap_pieces(codes: list[int], index: SpanIndex, lo: int, hi: int, start: int,
                         if text[t] != codes[o]:
                             continue  # most pairings disagree at once
                         agree = 0
+                        # (An UNKNOWN output code, -1, never equals a text code.)
                         while (0 <= o + step * agree < len(codes) and 0 <= t + step * agree < len(text)
-                               and not stop[o + step * agree] and codes[o + step * agree] != UNKNOWN
+                               and not stop[o + step * agree]
                                and codes[o + step * agree] == text[t + step * agree] != SEPARATOR):
                             agree += 1
                         if agree > best:

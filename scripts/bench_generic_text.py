@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes = [pays(s, tokenizer, scored_by, fingerprint, rule) for s in sentences]
                 row[label] = sum(paid for paid, _ in outcomes)
                 if should == "all":
-                    row[f"{label} by length"] = [
-                        (f"{low}-{high if high < 10**9 else ''}", sum(paid for paid, n in outcomes if low <= n <= high),
-                         sum(low <= n <= high for _, n in outcomes))
-                        for low, high in ((8, 12), (13, 20), (21, 10**9))]
+                    row[f"{label} by length"] = {  # bucket of token counts: (paid, sentences)
+                        f"{low}-{high if high < 10**9 else ''}": (sum(paid for paid, n in outcomes if low <= n <= high),
+                                                                 sum(low <= n <= high for _, n in outcomes))
+                        for low, high in ((8, 12), (13, 20), (21, 10**9))}
                 else:
                     row[f"{label} paid"] = [s for s, (paid, _) in zip(sentences, outcomes, strict=True) if paid]
             results[name] = row
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     english = results["held-out English from docstrings, copied whole"]
     lines.append("")
     lines.append("Held-out English paid by length (tokens), " + " → ".join(rules) + ": " + "; ".join(
-        f"{bucket}: " + " → ".join(f"{paid}" for _, paid, _ in (english[f"{label} by length"][b] for label in rules))
-        + f" of {total}" for b, (bucket, _, total) in enumerate(english[f"{first} by length"])) + ".")
+        f"{bucket}: " + " → ".join(str(english[f"{label} by length"][bucket][0]) for label in rules) + f" of {total}"
+        for bucket, (_, total) in english[f"{first} by length"].items()) + ".")
     for name, row in list(results.items())[:2]:
         if row.get(f"{last} paid"):
             lines.append(f"Still paid in {name.split(' (')[0]}: " + "; ".join(f"`{s}`" for s in row[f"{last} paid"]) + ".")
