@@ -128,3 +128,16 @@ def test_runs_deep_in_a_long_batch():
     got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
     assert torch.equal(got, unfused(x, packed, bias, runs, table))
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+def test_a_popular_adapters_run_as_long_as_the_native_limit():
+    """A decode step where one adapter holds MAX_NATIVE_RUN rows beside runs of 1-3: the longest run the engine sends
+    to the C pair (split_runs) is fused and equals the definition."""
+    slots = [0] * 2 + [1] * lora_cpu.MAX_NATIVE_RUN + [2] + [-1] * 5 + [3] * 3
+    weight, bias, x, runs, table, want = group_case(5, 576, [64, 32, 32], [8, 64, 16, 32], slots, extra=2)
+    short, long = lora_cpu.split_runs([tuple(r) for r in runs.tolist()])
+    assert not long and short.shape[0] == 4
+    packed = gemm_cpu.pack(weight)
+    got = gemm_cpu.gemm_lora(x, packed, bias, short, table)
+    assert torch.equal(got, unfused(x, packed, bias, short, table))
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
