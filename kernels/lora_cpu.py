@@ -32,11 +32,8 @@ from longtail.kernels import native
 from longtail.kernels.lora import LoraShapeError, Runs
 from longtail.kernels.native import CSRC, FLAGS, NativeLibrary
 
-# Runs longer than this go to torch: a prompt chunk is a real matmul, where a tiled BLAS beats a plain loop. Up to
-# 48 tokens the C pair is faster with the factors cold (every shape of the benchmark's adapters, ranks 8-64): a popular
-# adapter's decode run is that long (25 tokens of a 128-row step in bench_vs_vllm's trace), and on torch it paid
-# two matmul calls per projection per layer every step (docs/serving.md, "Ninth round").
-MAX_NATIVE_RUN = 48
+# Runs longer than this go to torch: a prompt chunk is a real matmul, where a tiled BLAS beats a plain loop.
+MAX_NATIVE_RUN = 16
 
 ERRORS = {-1: "a run names a slot outside the table", -2: "a projection's columns fall outside the output",
            -3: "a run's tokens fall outside the batch", -4: "no memory for the kernel's scratch"}
