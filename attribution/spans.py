@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -1110,22 +1111,62 @@ def _pieces(start: int, end: int, boundaries: np.ndarray, delimiters: np.ndarray
     return pieces
 
 
+@dataclasses.dataclass
+class OutputLexicon:
+    """One output's per-token values under the reference's lexicon, each computed once for every rule that reads
+    them (span selection, the surprisal floor, the pieces across a changed word)."""
+
+    ids: np.ndarray  # int64 token ids
+    reference: Reference
+
+    @classmethod
+    def of(cls, token_ids: Sequence[int] | np.ndarray, reference: Reference | None) -> OutputLexicon:
+        return cls(np.asarray(token_ids, np.int64), reference or Reference.plain())
+
+    @functools.cached_property
+    def boundaries(self) -> np.ndarray:
+        return self.reference.lexicon.boundaries(self.ids)
+
+    @functools.cached_property
+    def delimiters(self) -> np.ndarray:
+        return self.reference.lexicon.delimiters(self.ids)
+
+    @functools.cached_property
+    def word_starts(self) -> np.ndarray:
+        """Whole words before each position (0..n): word_starts[e] - word_starts[s] counts the words in [s, e)."""
+        return np.concatenate([[0], np.cumsum(self.reference.lexicon.words(self.ids))])
+
+    @functools.cached_property
+    def log_probs(self) -> np.ndarray:
+        return self.reference.lexicon.log_probs(self.ids)
+
+    @functools.cached_property
+    def next_log_probs(self) -> np.ndarray:
+        return self.reference.lexicon.next_log_probs(self.ids)
+
+    @functools.cached_property
+    def reference_codes(self) -> np.ndarray:
+        return self.reference.index.encode(self.ids)
+
+
 def span_log_probs(reference: Reference, ids: Sequence[int] | np.ndarray, segments: Sequence[tuple[int, int]],
-                   order: int = NGRAM_ORDER, prior: float = NGRAM_PRIOR) -> list[np.ndarray]:
+                   order: int = NGRAM_ORDER, prior: float = NGRAM_PRIOR,
+                   lexicon_values: OutputLexicon | None = None) -> list[np.ndarray]:
     """log P(token | the tokens before it inside its segment) for each [start, end) of `ids`, under the reference.
 
     A segment is scored on its own (its first token by the unigram model): the text before a copied span in the
     output is not the text before it in the record. The lexicon's bigram model gives the first step; each longer
     context seen in the reference's text then moves the estimate toward what followed it there:
     P_k = (count(context, token) + prior * P_{k-1}) / (count(context) + prior), up to `order` tokens in all, and
-    stops at the first context the reference never holds.
+    stops at the first context the reference never holds. `lexicon_values`: the output's, when the caller has them
+    (for `ids` under `reference`).
     """
-    ids = np.asarray(ids, np.int64)
+    values = lexicon_values or OutputLexicon(np.asarray(ids, np.int64), reference)
+    ids = values.ids
     if not segments:
         return []
-    lexicon = reference.lexicon
-    unigram = lexicon.log_probs(ids).astype(np.float64)
-    bigram = lexicon.next_log_probs(ids)
+    unigram = values.log_probs.astype(np.float64)
+    bigram = values.next_log_probs
     # Every segment's positions, concatenated, with the start of the segment each belongs to.
     sizes = np.array([end - start for start, end in segments], np.int64)
     at = np.concatenate([np.arange(start, end) for start, end in segments]).astype(np.int64)
@@ -1135,7 +1176,7 @@ def span_log_probs(reference: Reference, ids: Sequence[int] | np.ndarray, segmen
     if index is not None and order >= 3:
         # Every n-gram (2 <= n <= order) of known tokens ending at a position some segment covers and starting
         # inside one: all counted in one vectorized search of the reference's suffix array.
-        codes = index.encode(ids)
+        codes = values.reference_codes
         length = len(ids)
         earliest = np.full(length, length, np.int64)  # the earliest start of the segments covering each position
         np.minimum.at(earliest, at, begins)
@@ -1177,16 +1218,14 @@ class _Candidate:
 def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], reference: Reference | None = None,
                  min_span: int = DEFAULT_MIN_SPAN, min_words: int = MIN_WORDS, frequency_cap: int = FREQUENCY_CAP,
                  budget_per_token: float = SPAN_BUDGET_PER_TOKEN,
-                 min_surprisal: float = MIN_SURPRISAL,
-                 ngram_order: int = NGRAM_ORDER) -> tuple[list[_Candidate], np.ndarray]:
-    """The spans that count (docs/attribution.md, "Which spans count") and the mask of generic tokens."""
-    reference = reference or Reference.plain()
-    ids = np.asarray(token_ids, np.int64)
+                 min_surprisal: float = MIN_SURPRISAL, ngram_order: int = NGRAM_ORDER,
+                 lexicon_values: OutputLexicon | None = None) -> tuple[list[_Candidate], np.ndarray]:
+    """The spans that count (docs/attribution.md, "Which spans count") and the mask of generic tokens.
+    `lexicon_values`: the output's, when the caller has them (for `token_ids` under `reference`)."""
+    values = lexicon_values or OutputLexicon.of(token_ids, reference)
+    reference, ids = values.reference, values.ids
     length = len(ids)
-    lexicon = reference.lexicon
-    boundaries = lexicon.boundaries(ids)
-    delimiters = lexicon.delimiters(ids)
-    word_starts = np.concatenate([[0], np.cumsum(lexicon.words(ids))])
+    boundaries, delimiters, word_starts = values.boundaries, values.delimiters, values.word_starts
     generic = np.zeros(length, bool)
     hashes: dict[int, np.ndarray] = {}
 
@@ -1237,9 +1276,9 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
                 frequent &= ~alone
         for j in np.flatnonzero(frequent):
             generic[j:j + min_span] = True
-    log_probs = lexicon.log_probs(ids)
+    log_probs = values.log_probs
     rare = [c for c in pieces.values() if sum(hi - lo for _, lo, hi in c.holders) <= frequency_cap]
-    in_span = span_log_probs(reference, ids, [(c.start, c.end) for c in rare], ngram_order)
+    in_span = span_log_probs(reference, ids, [(c.start, c.end) for c in rare], ngram_order, lexicon_values=values)
     kept = []
     for candidate, token_log_probs in zip(rare, in_span, strict=True):
         segment = slice(candidate.start, candidate.end)
@@ -1295,14 +1334,14 @@ def gap_pieces(codes: list[int], index: SpanIndex, lo: int, hi: int, start: int,
 
 
 def near_verbatim_pieces(token_ids: Sequence[int], kept: Sequence[_Candidate], indexes: Sequence[SpanIndex],
-                         reference: Reference | None, generic: np.ndarray,
-                         min_rate: float) -> list[tuple[int, int, int, int]]:
+                         reference: Reference | None, generic: np.ndarray, min_rate: float,
+                         lexicon_values: OutputLexicon | None = None) -> list[tuple[int, int, int, int]]:
     """(kept span number, index number, start, end) of every whole-word piece of `gap_pieces` around each kept span
     and Datanet holding it, MIN_GAP_PIECE tokens or more, whose tokens that are not generic carry `min_rate` nats
     of surprisal each on average (the floor's rate: a piece is too short to carry the floor itself)."""
-    reference = reference or Reference.plain()
-    ids = np.asarray(token_ids, np.int64)
-    boundaries, delimiters = reference.lexicon.boundaries(ids), reference.lexicon.delimiters(ids)
+    values = lexicon_values or OutputLexicon.of(token_ids, reference)
+    reference, ids = values.reference, values.ids
+    boundaries, delimiters = values.boundaries, values.delimiters
     in_spans = np.zeros((len(indexes), len(ids)), bool)  # each Datanet's kept spans: a piece adds only beyond them
     for candidate in kept:
         for number, _, _ in candidate.holders:
@@ -1324,7 +1363,7 @@ def near_verbatim_pieces(token_ids: Sequence[int], kept: Sequence[_Candidate], i
     found = [(c, number, s, e) for (number, s, e), c in first.items()]
     if not found:
         return []
-    scored = span_log_probs(reference, ids, [(s, e) for _, _, s, e in found])
+    scored = span_log_probs(reference, ids, [(s, e) for _, _, s, e in found], lexicon_values=values)
     return [(c, number, s, e) for (c, number, s, e), log_probs in zip(found, scored, strict=True)
             if -float(log_probs[~generic[s:e]].sum()) >= min_rate * (e - s)]
 
@@ -1348,10 +1387,13 @@ def attribute_output(token_ids: Sequence[int], indexes: Sequence[SpanIndex], min
     empty = SpanAttribution(AttributionVector(), (), (), (), 0, length)
     if length == 0 or not indexes:
         return empty
-    kept, generic = select_spans(token_ids, indexes, reference, min_span, min_words, frequency_cap, budget_per_token)
+    values = OutputLexicon.of(token_ids, reference)  # computed once, read by every rule below
+    kept, generic = select_spans(token_ids, indexes, values.reference, min_span, min_words, frequency_cap,
+                                 budget_per_token, lexicon_values=values)
     if not kept:
         return dataclasses.replace(empty, generic_tokens=int(generic.sum()))
-    extensions = near_verbatim_pieces(token_ids, kept, indexes, reference, generic, MIN_SURPRISAL / min_span)
+    extensions = near_verbatim_pieces(token_ids, kept, indexes, values.reference, generic, MIN_SURPRISAL / min_span,
+                                      lexicon_values=values)
     holds = np.zeros((len(indexes), length), bool)
     longest = np.full((len(indexes), length), -1, np.int64)  # which kept span of each Datanet is longest over a token
     span_length = np.zeros((len(indexes), length), np.int64)
