@@ -1114,31 +1114,25 @@ def _pieces(start: int, end: int, boundaries: np.ndarray, delimiters: np.ndarray
 @dataclasses.dataclass
 class OutputLexicon:
     """One output's per-token values under the reference's lexicon, each computed once for every rule that reads
-    them (span selection, the surprisal floor, the pieces across a changed word)."""
+    them (span selection, the surprisal floor, the pieces across a changed word). The word marks are plain
+    lookups, made at once; the bigram model and the reference's codes only when some span is scored."""
 
     ids: np.ndarray  # int64 token ids
     reference: Reference
+    boundaries: np.ndarray = dataclasses.field(init=False)
+    delimiters: np.ndarray = dataclasses.field(init=False)
+    word_starts: np.ndarray = dataclasses.field(init=False)  # word_starts[e] - word_starts[s]: whole words in [s, e)
+    log_probs: np.ndarray = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        lexicon = self.reference.lexicon
+        self.boundaries, self.delimiters = lexicon.boundaries(self.ids), lexicon.delimiters(self.ids)
+        self.word_starts = np.concatenate([[0], np.cumsum(lexicon.words(self.ids))])
+        self.log_probs = lexicon.log_probs(self.ids)
 
     @classmethod
     def of(cls, token_ids: Sequence[int] | np.ndarray, reference: Reference | None) -> OutputLexicon:
         return cls(np.asarray(token_ids, np.int64), reference or Reference.plain())
-
-    @functools.cached_property
-    def boundaries(self) -> np.ndarray:
-        return self.reference.lexicon.boundaries(self.ids)
-
-    @functools.cached_property
-    def delimiters(self) -> np.ndarray:
-        return self.reference.lexicon.delimiters(self.ids)
-
-    @functools.cached_property
-    def word_starts(self) -> np.ndarray:
-        """Whole words before each position (0..n): word_starts[e] - word_starts[s] counts the words in [s, e)."""
-        return np.concatenate([[0], np.cumsum(self.reference.lexicon.words(self.ids))])
-
-    @functools.cached_property
-    def log_probs(self) -> np.ndarray:
-        return self.reference.lexicon.log_probs(self.ids)
 
     @functools.cached_property
     def next_log_probs(self) -> np.ndarray:
