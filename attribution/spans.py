@@ -1115,7 +1115,7 @@ def _pieces(start: int, end: int, boundaries: np.ndarray, delimiters: np.ndarray
 class OutputLexicon:
     """One output's per-token values under the reference's lexicon, each computed once for every rule that reads
     them (span selection, the surprisal floor, the pieces across a changed word). The word marks are plain
-    lookups, made at once; the bigram model and the reference's codes only when some span is scored."""
+    lookups, made at once; the bigram model and each index's codes when first read."""
 
     ids: np.ndarray  # int64 token ids
     reference: Reference
@@ -1123,6 +1123,7 @@ class OutputLexicon:
     delimiters: np.ndarray = dataclasses.field(init=False)
     word_starts: np.ndarray = dataclasses.field(init=False)  # word_starts[e] - word_starts[s]: whole words in [s, e)
     log_probs: np.ndarray = dataclasses.field(init=False)
+    _codes: dict[SpanIndex, np.ndarray] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         lexicon = self.reference.lexicon
@@ -1138,9 +1139,12 @@ class OutputLexicon:
     def next_log_probs(self) -> np.ndarray:
         return self.reference.lexicon.next_log_probs(self.ids)
 
-    @functools.cached_property
-    def reference_codes(self) -> np.ndarray:
-        return self.reference.index.encode(self.ids)
+    def codes(self, index: SpanIndex) -> np.ndarray:
+        """The output in `index`'s codes, encoded once per index: the span search, the reference's n-gram counts and
+        the walk across a changed word all read them."""
+        if index not in self._codes:
+            self._codes[index] = index.encode(self.ids)
+        return self._codes[index]
 
 
 def span_log_probs(reference: Reference, ids: Sequence[int] | np.ndarray, segments: Sequence[tuple[int, int]],
@@ -1155,7 +1159,7 @@ def span_log_probs(reference: Reference, ids: Sequence[int] | np.ndarray, segmen
     stops at the first context the reference never holds. `lexicon_values`: the output's, when the caller has them
     (for `ids` under `reference`).
     """
-    values = lexicon_values or OutputLexicon(np.asarray(ids, np.int64), reference)
+    values = lexicon_values or OutputLexicon.of(ids, reference)
     ids = values.ids
     if not segments:
         return []
@@ -1170,7 +1174,7 @@ def span_log_probs(reference: Reference, ids: Sequence[int] | np.ndarray, segmen
     if index is not None and order >= 3:
         # Every n-gram (2 <= n <= order) of known tokens ending at a position some segment covers and starting
         # inside one: all counted in one vectorized search of the reference's suffix array.
-        codes = values.reference_codes
+        codes = values.codes(index)
         length = len(ids)
         earliest = np.full(length, length, np.int64)  # the earliest start of the segments covering each position
         np.minimum.at(earliest, at, begins)
@@ -1230,7 +1234,7 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
 
     pieces: dict[tuple[int, int], _Candidate] = {}
     for number, index in enumerate(indexes):
-        codes = index.encode(token_ids)
+        codes = values.codes(index)
         for hit in index.find_spans(token_ids, min_span, grams(index.filter_k), codes):
             for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
                 if e - s < min_span or word_starts[e] - word_starts[s] < min_words:
@@ -1248,7 +1252,8 @@ def select_spans(token_ids: Sequence[int], indexes: Sequence[SpanIndex], referen
         near = np.zeros(length, bool)
         for candidate in pieces.values():
             near[max(0, candidate.start - min_span + 1):candidate.end] = True
-        for hit in reference.index.find_spans(token_ids, min_span, grams(reference.index.filter_k), starts=near):
+        for hit in reference.index.find_spans(token_ids, min_span, grams(reference.index.filter_k),
+                                              values.codes(reference.index), starts=near):
             for s, e in _pieces(hit.start, hit.end, boundaries, delimiters):
                 generic[s:e] = True
     if all(index.filter_k == min_span for index in indexes):
@@ -1346,7 +1351,7 @@ def near_verbatim_pieces(token_ids: Sequence[int], kept: Sequence[_Candidate], i
     for c, candidate in enumerate(kept):
         for number, lo, hi in candidate.holders:
             if number not in codes:
-                codes[number] = indexes[number].encode(ids).tolist()
+                codes[number] = values.codes(indexes[number]).tolist()
             for start, end in gap_pieces(codes[number], indexes[number], lo, hi, candidate.start, candidate.end, stop):
                 for s, e in _pieces(start, end, boundaries, delimiters):
                     free = np.concatenate([[0], (~in_spans[number, s:e]).astype(np.int8), [0]])
