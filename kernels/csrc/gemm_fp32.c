@@ -148,35 +148,86 @@ typedef struct {
     int64_t proj_count, slot_count, in_dim;
 } lora_plan;
 
-/* The thread's prefetch position: line `at` of span `span` (pair span / 2; its A rows, then its B rows). */
+/* A pair's factors are prefetched and applied in units of UNIT_RANK rank rows (their A rows, then their B rows),
+ * each unit as soon as its lines are issued: a whole pair (up to 540 KB for a rank-64 gate projection) fetched
+ * ahead of its use had lost lines from L2 to the tiles' own traffic by the time it ran. On the bench trace the
+ * pairs read 8-15 bytes a TSC cycle whole and 13-21 in units, where a pair just prefetched and timed alone reads
+ * ~40; the fused GEMMs took ~1 % less time (2-core Xeon, docs/serving.md "Tenth round"). A multiple of 4, so the
+ * shrink's groups of four A rows and the expand's order over B's rows are those of a whole pair: the same bits. */
+#ifndef UNIT_RANK
+#define UNIT_RANK 16
+#endif
+/* Runs up to this many tokens are applied unit by unit (the thread's scratch holds their rows between units);
+ * longer ones (not sent by the engine: lora_cpu.MAX_NATIVE_RUN is 16) run whole once all their units are fetched. */
+#define UNIT_TOKENS (2 * TOKEN_TILE)
+
+/* The thread's prefetch position: line `at` of the A (half 0) or B (half 1) rows of unit `unit` of its pair
+ * `pair` (an index into its plan's list). */
 typedef struct {
     const char *at, *end;
-    int64_t span;
+    int64_t pair, unit, half;
 } factor_cursor;
 
-static void span_bounds(const lora_plan *plan, factor_cursor *c) {
-    const int64_t pair = plan->list[c->span / 2], r = pair / plan->proj_count, p = pair % plan->proj_count;
-    const int64_t index = p * plan->slot_count + plan->runs[3 * r];
-    const int64_t width = c->span % 2 ? plan->out_cols[2 * p + 1] : plan->in_dim;
-    const char *first = (const char *)(intptr_t)(c->span % 2 ? plan->b_addr[index] : plan->a_addr[index]);
-    c->at = (const char *)((uintptr_t)first & ~(uintptr_t)63);
-    c->end = first + plan->ranks[index] * width * (int64_t)sizeof(float);
+/* Where pair i of the plan lies: its run, projection and table entry. */
+static inline void pair_place(const lora_plan *plan, int64_t i, int64_t *r, int64_t *p, int64_t *index) {
+    const int64_t pair = plan->list[i];
+    *r = pair / plan->proj_count;
+    *p = pair % plan->proj_count;
+    *index = *p * plan->slot_count + plan->runs[3 * *r];
 }
 
-static int64_t span_lines(const lora_plan *plan, int64_t span) {
-    factor_cursor c = {.span = span};
-    span_bounds(plan, &c);
-    return (c.end - c.at + 63) / 64;
+static inline int64_t unit_count(const lora_plan *plan, int64_t i) {
+    int64_t r, p, index;
+    pair_place(plan, i, &r, &p, &index);
+    return (plan->ranks[index] + UNIT_RANK - 1) / UNIT_RANK;
+}
+
+static void span_bounds(const lora_plan *plan, factor_cursor *c) {
+    int64_t r, p, index;
+    pair_place(plan, c->pair, &r, &p, &index);
+    const int64_t width = c->half ? plan->out_cols[2 * p + 1] : plan->in_dim, first_row = c->unit * UNIT_RANK;
+    const int64_t rows = plan->ranks[index] - first_row < UNIT_RANK ? plan->ranks[index] - first_row : UNIT_RANK;
+    const char *first = (const char *)(intptr_t)(c->half ? plan->b_addr[index] : plan->a_addr[index]) +
+                        first_row * width * (int64_t)sizeof(float);
+    c->at = (const char *)((uintptr_t)first & ~(uintptr_t)63);
+    c->end = first + rows * width * (int64_t)sizeof(float);
+}
+
+/* Cache lines of all the plan's factors, as the cursor will walk them. */
+static int64_t plan_lines(const lora_plan *plan) {
+    int64_t lines = 0;
+    for (int64_t i = 0; i < plan->count; ++i)
+        for (int64_t unit = 0, units = unit_count(plan, i); unit < units; ++unit)
+            for (int64_t half = 0; half < 2; ++half) {
+                factor_cursor c = {.pair = i, .unit = unit, .half = half};
+                span_bounds(plan, &c);
+                lines += (c.end - c.at + 63) / 64;
+            }
+    return lines;
 }
 
 /* Up to `want` lines from the cursor, all in one span: their first address in *from, their count returned. */
 static int64_t take_lines(const lora_plan *plan, factor_cursor *c, int64_t want, const char **from) {
-    if (c->span >= 2 * plan->count || want <= 0) return 0;
+    if (c->pair >= plan->count || want <= 0) return 0;
     const int64_t left = (c->end - c->at + 63) / 64, lines = want < left ? want : left;
     *from = c->at;
     c->at += lines * 64;
-    if (c->at >= c->end && ++c->span < 2 * plan->count) span_bounds(plan, c);
+    if (c->at >= c->end) {
+        if (++c->half == 2) {
+            c->half = 0;
+            if (++c->unit == unit_count(plan, c->pair)) {
+                c->unit = 0;
+                ++c->pair;
+            }
+        }
+        if (c->pair < plan->count) span_bounds(plan, c);
+    }
     return lines;
+}
+
+/* Whether the cursor has issued every line of unit `unit` of pair i (both halves). */
+static inline int unit_fetched(const factor_cursor *c, int64_t i, int64_t unit) {
+    return c->pair > i || (c->pair == i && c->unit > unit);
 }
 
 /* This thread's number in the OpenMP team and the team's size (0 of 1 without OpenMP). */
@@ -189,7 +240,8 @@ static inline void team_place(int64_t *id, int64_t *size) {
 #endif
 }
 
-/* One fused thread's state between its tiles: its pairs' prefetch and which of them it has claimed. */
+/* One fused thread's state between its tiles: its pairs' prefetch, which of them it has claimed, and the pair it
+ * is applying unit by unit. */
 typedef struct {
     const float *x;
     int64_t x_stride, k, n;
@@ -202,6 +254,8 @@ typedef struct {
     factor_cursor cursor;
     int64_t rate, owed, first, last;
     int64_t *next;         /* this thread's next unclaimed pair (other threads may claim it too) */
+    int64_t current, unit, units, whole; /* the pair being applied (-1: none), its next unit, its units; whole: too
+                                          * many tokens for the scratch, run whole once fetched */
 } fused_thread;
 
 /* Pair g of the whole list, claimed by the calling thread: its LoRA term into the delta scratch. */
@@ -216,9 +270,71 @@ static void run_pair(const fused_thread *f, int64_t g) {
               f->padded, f->lora, f->padded_width, 0);
 }
 
+/* Pair g, just claimed: its tokens' rows into the scratch (x as lora_pair reads it, the LoRA term zeroed). */
+static void start_pair(fused_thread *f, int64_t g) {
+    const lora_plan *plan = &f->plan;
+    const int64_t pair = f->list[g], r = pair / plan->proj_count, p = pair % plan->proj_count;
+    const int64_t begin = plan->runs[3 * r + 1], tokens = plan->runs[3 * r + 2] - begin;
+    f->current = g;
+    f->unit = 0;
+    f->units = unit_count(plan, g - f->first);
+    f->whole = tokens > UNIT_TOKENS;
+    if (f->whole) return;
+    for (int64_t t = 0; t < tokens; ++t) {
+        memcpy(f->xs + t * f->padded, f->x + (begin + t) * f->x_stride, (size_t)f->k * sizeof(float));
+        memset(f->lora + t * f->padded_width, 0, (size_t)plan->out_cols[2 * p + 1] * sizeof(float));
+    }
+}
+
+/* The current pair's next unit: its rank rows through the shrink and the expand, for each tile of its tokens, as
+ * lora_pair's rank loop does them; after the last, the LoRA term goes to the run's rows of delta. */
+static void run_unit(fused_thread *f) {
+    const lora_plan *plan = &f->plan;
+    const int64_t pair = f->list[f->current], r = pair / plan->proj_count, p = pair % plan->proj_count;
+    const int64_t index = p * plan->slot_count + plan->runs[3 * r];
+    const int64_t begin = plan->runs[3 * r + 1], tokens = plan->runs[3 * r + 2] - begin;
+    const int64_t width = plan->out_cols[2 * p + 1], j0 = f->unit * UNIT_RANK;
+    const int64_t count = plan->ranks[index] - j0 < UNIT_RANK ? plan->ranks[index] - j0 : UNIT_RANK;
+    const void *a = (const void *)(intptr_t)plan->a_addr[index], *b = (const void *)(intptr_t)plan->b_addr[index];
+    float shrunk[TOKEN_TILE][RANK_TILE];
+    for (int64_t t0 = 0; t0 < tokens; t0 += TOKEN_TILE) {
+        const int64_t tile_tokens = tokens - t0 < TOKEN_TILE ? tokens - t0 : TOKEN_TILE;
+        shrink(f->xs + t0 * f->padded, f->padded, tile_tokens, a, f->k, j0, count, f->scales[index], 0, shrunk);
+        expand(f->lora + t0 * f->padded_width, f->padded_width, tile_tokens, b, width, j0, count, 0, shrunk);
+    }
+    if (++f->unit < f->units) return;
+    for (int64_t t = 0; t < tokens; ++t)
+        memcpy(f->delta + (f->run_row[r] + t) * f->n + plan->out_cols[2 * p], f->lora + t * f->padded_width,
+               (size_t)width * sizeof(float));
+    f->current = -1;
+}
+
+/* Between tiles: apply what the prefetch has fetched, unit by unit, claiming the thread's next pair when its first
+ * unit is in (`drain`: after the tiles, finish the current pair whatever is fetched). */
+static void advance_pairs(fused_thread *f, int drain) {
+    for (;;) {
+        if (f->current < 0) {
+            if (drain) return;
+            int64_t g = __atomic_load_n(f->next, __ATOMIC_RELAXED);
+            if (g >= f->last || !unit_fetched(&f->cursor, g - f->first, 0)) return;
+            if ((g = __atomic_fetch_add(f->next, 1, __ATOMIC_RELAXED)) >= f->last) return;
+            start_pair(f, g);
+        }
+        const int64_t i = f->current - f->first;
+        if (f->whole) {
+            if (!drain && !unit_fetched(&f->cursor, i, f->units - 1)) return;
+            run_pair(f, f->current);
+            f->current = -1;
+            continue;
+        }
+        if (!drain && !unit_fetched(&f->cursor, i, f->unit)) return;
+        run_unit(f);
+    }
+}
+
 /* A thread's share of the matmul: panels [begin, end), every row tile over every k chunk. With `fused` (NULL at
  * the plain call site, so its code drops out there) each tile also prefetches that thread's next factor lines,
- * and after it the thread runs its next pair once that pair's factors are fetched (unless another took it). */
+ * and after it the thread applies what has been fetched of its pairs (advance_pairs). */
 static inline __attribute__((always_inline)) void walk_tiles(const float *x, int64_t x_stride, int64_t rows,
                                                              int64_t k, const float *packed, const float *bias,
                                                              float *out, int64_t out_stride, int64_t n,
@@ -243,12 +359,7 @@ static inline __attribute__((always_inline)) void walk_tiles(const float *x, int
                     }
                     tile_any(mr, x + m * x_stride + k0, x_stride, panel, kc, out + m * out_stride + p * NR,
                              out_stride, k0 == 0, tile_bias, valid, from, lines);
-                    if (!fused) continue;
-                    for (int64_t g; (g = __atomic_load_n(fused->next, __ATOMIC_RELAXED)) < fused->last &&
-                                    fused->cursor.span > 2 * (g - fused->first) + 1;) {
-                        if ((g = __atomic_fetch_add(fused->next, 1, __ATOMIC_RELAXED)) >= fused->last) break;
-                        run_pair(fused, g);
-                    }
+                    if (fused) advance_pairs(fused, 0);
                 }
             }
         }
@@ -288,7 +399,7 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
     const int64_t panels = (n + NR - 1) / NR;
     const int team = threads > 1 && rows * n * k >= (1 << 16) ? (int)threads : 1;
     const int64_t padded = (k + LANES - 1) / LANES * LANES, padded_width = (widest + LANES - 1) / LANES * LANES;
-    const int64_t per_thread = TOKEN_TILE * (padded + padded_width) + 16;
+    const int64_t per_thread = UNIT_TOKENS * (padded + padded_width) + 16;
     /* Pairs with work, and the factor bytes before each: threads take contiguous shares of equal bytes. */
     int64_t *list = malloc((size_t)(2 * run_count * proj_count + run_count + 1) * sizeof(int64_t));
     /* The LoRA terms: n columns for each row a run covers (not every row: a prompt chunk beside them has none). */
@@ -336,13 +447,14 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
                               .list = list, .run_row = run_row, .scales = scales, .first = first, .last = last,
                               .next = next, .plan = {list + first, last - first, runs, out_cols, a_addr, b_addr,
                                                      ranks, proj_count, slot_count, k}};
-        state.lora = state.xs + TOKEN_TILE * padded;
-        int64_t lines_total = 0;
-        for (int64_t span = 0; span < 2 * state.plan.count; ++span) lines_total += span_lines(&state.plan, span);
+        state.lora = state.xs + UNIT_TOKENS * padded;
+        state.current = -1;
+        const int64_t lines_total = plan_lines(&state.plan);
         const int64_t tiles = ((k + KC - 1) / KC) * ((rows + MR - 1) / MR) * (end - begin);
         state.rate = tiles && PREFETCH ? (lines_total + tiles - 1) / tiles : 0;
         if (state.plan.count) span_bounds(&state.plan, &state.cursor);
         walk_tiles(x, x_stride, rows, k, packed, bias, out, out_stride, n, begin, end, &state);
+        advance_pairs(&state, 1);
         /* Its tiles done: the rest of its pairs, then whatever the other threads have not started. Every pair is
          * claimed once (an atomic counter per thread) and computed the same by any thread: the same bits. */
         for (int64_t turn = 0; turn < size; ++turn) {

@@ -141,3 +141,16 @@ def test_a_popular_adapters_run_as_long_as_the_native_limit():
     got = gemm_cpu.gemm_lora(x, packed, bias, short, table)
     assert torch.equal(got, unfused(x, packed, bias, short, table))
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("run", [15, 16, 17, 33])
+@pytest.mark.parametrize("rank", [4, 16, 18, 65, 128])
+def test_pairs_applied_unit_by_unit_or_whole_give_the_same_bits(run, rank):
+    """The fused kernel applies a run of up to 16 tokens 16 rank rows at a time as their factors arrive, and a longer
+    run whole: at ranks around a unit's edge, either way equals the LoRA kernel's whole pairs bit for bit."""
+    slots = [0] + [1] * run + [2] * 3 + [-1] * 2
+    weight, bias, x, runs, table, want = group_case(rank + run, 576, [96, 40, 40], [rank, rank, 8], slots, extra=3)
+    packed = gemm_cpu.pack(weight)
+    got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
+    assert torch.equal(got, unfused(x, packed, bias, runs, table))
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
