@@ -152,7 +152,7 @@ typedef struct {
  * each unit as soon as its lines are issued: a whole pair (up to 540 KB for a rank-64 gate projection) fetched
  * ahead of its use had lost lines from L2 to the tiles' own traffic by the time it ran. On the bench trace the
  * pairs read 8-15 bytes a TSC cycle whole and 13-21 in units, where a pair just prefetched and timed alone reads
- * ~40; the fused GEMMs took ~1 % less time (2-core Xeon, docs/serving.md "Tenth round"). A multiple of 4, so the
+ * ~40; the fused GEMMs took 0.5-1 % less time (2-core Xeon, docs/serving.md "Tenth round"). A multiple of 4, so the
  * shrink's groups of four A rows and the expand's order over B's rows are those of a whole pair: the same bits. */
 #ifndef UNIT_RANK
 #define UNIT_RANK 16
