@@ -168,9 +168,8 @@ typedef struct {
     int64_t pair, unit, half;
 } factor_cursor;
 
-/* Where pair i of the plan lies: its run, projection and table entry. */
-static inline void pair_place(const lora_plan *plan, int64_t i, int64_t *r, int64_t *p, int64_t *index) {
-    const int64_t pair = plan->list[i];
+/* Where a pair (an entry of the call's pair list) lies: its run, projection and table entry. */
+static inline void pair_place(const lora_plan *plan, int64_t pair, int64_t *r, int64_t *p, int64_t *index) {
     *r = pair / plan->proj_count;
     *p = pair % plan->proj_count;
     *index = *p * plan->slot_count + plan->runs[3 * *r];
@@ -178,13 +177,13 @@ static inline void pair_place(const lora_plan *plan, int64_t i, int64_t *r, int6
 
 static inline int64_t unit_count(const lora_plan *plan, int64_t i) {
     int64_t r, p, index;
-    pair_place(plan, i, &r, &p, &index);
+    pair_place(plan, plan->list[i], &r, &p, &index);
     return (plan->ranks[index] + UNIT_RANK - 1) / UNIT_RANK;
 }
 
 static void span_bounds(const lora_plan *plan, factor_cursor *c) {
     int64_t r, p, index;
-    pair_place(plan, c->pair, &r, &p, &index);
+    pair_place(plan, plan->list[c->pair], &r, &p, &index);
     const int64_t width = c->half ? plan->out_cols[2 * p + 1] : plan->in_dim, first_row = c->unit * UNIT_RANK;
     const int64_t rows = plan->ranks[index] - first_row < UNIT_RANK ? plan->ranks[index] - first_row : UNIT_RANK;
     const char *first = (const char *)(intptr_t)(c->half ? plan->b_addr[index] : plan->a_addr[index]) +
@@ -261,8 +260,8 @@ typedef struct {
 /* Pair g of the whole list, claimed by the calling thread: its LoRA term into the delta scratch. */
 static void run_pair(const fused_thread *f, int64_t g) {
     const lora_plan *plan = &f->plan;
-    const int64_t pair = f->list[g], r = pair / plan->proj_count, p = pair % plan->proj_count;
-    const int64_t index = p * plan->slot_count + plan->runs[3 * r];
+    int64_t r, p, index;
+    pair_place(plan, f->list[g], &r, &p, &index);
     lora_pair(f->x, f->x_stride, f->k, f->delta + f->run_row[r] * f->n, f->n, 1, plan->runs[3 * r + 1],
               plan->runs[3 * r + 2],
               (const void *)(intptr_t)plan->a_addr[index], (const void *)(intptr_t)plan->b_addr[index],
@@ -273,7 +272,8 @@ static void run_pair(const fused_thread *f, int64_t g) {
 /* Pair g, just claimed: its tokens' rows into the scratch (x as lora_pair reads it, the LoRA term zeroed). */
 static void start_pair(fused_thread *f, int64_t g) {
     const lora_plan *plan = &f->plan;
-    const int64_t pair = f->list[g], r = pair / plan->proj_count, p = pair % plan->proj_count;
+    int64_t r, p, index;
+    pair_place(plan, f->list[g], &r, &p, &index);
     const int64_t begin = plan->runs[3 * r + 1], tokens = plan->runs[3 * r + 2] - begin;
     f->current = g;
     f->unit = 0;
@@ -290,8 +290,8 @@ static void start_pair(fused_thread *f, int64_t g) {
  * lora_pair's rank loop does them; after the last, the LoRA term goes to the run's rows of delta. */
 static void run_unit(fused_thread *f) {
     const lora_plan *plan = &f->plan;
-    const int64_t pair = f->list[f->current], r = pair / plan->proj_count, p = pair % plan->proj_count;
-    const int64_t index = p * plan->slot_count + plan->runs[3 * r];
+    int64_t r, p, index;
+    pair_place(plan, f->list[f->current], &r, &p, &index);
     const int64_t begin = plan->runs[3 * r + 1], tokens = plan->runs[3 * r + 2] - begin;
     const int64_t width = plan->out_cols[2 * p + 1], j0 = f->unit * UNIT_RANK;
     const int64_t count = plan->ranks[index] - j0 < UNIT_RANK ? plan->ranks[index] - j0 : UNIT_RANK;
