@@ -57,20 +57,13 @@ static inline __attribute__((always_inline)) void tile(const int mr, const float
     vf c0[MR], c1[MR];
     for (int i = 0; i < mr; ++i) c0[i] = c1[i] = (vf){0};
     /* `lines` (<= kc / PF_STRIDE) cache lines from `prefetch` on their way to L2, one per PF_STRIDE k steps: the
-     * LoRA factors the thread reads after these tiles, fetched while the FMAs leave the memory bus idle. */
-    int64_t k = 0;
-    for (int64_t line = 0; line < lines; ++line) {
-        __builtin_prefetch(prefetch + line * 64, 0, 2);
-        for (int step = 0; step < PF_STRIDE; ++step, ++k) {
-            const vf b0 = loadf(panel + k * NR), b1 = loadf(panel + k * NR + LANES);
-            for (int i = 0; i < mr; ++i) {
-                const float a = x[i * x_stride + k];
-                c0[i] += a * b0;
-                c1[i] += a * b1;
-            }
-        }
-    }
-    for (; k < kc; ++k) {
+     * LoRA factors the thread reads after these tiles, fetched while the FMAs leave the memory bus idle. One k loop
+     * with the prefetch behind a branch: a loop over lines around PF_STRIDE k steps left gcc short of registers
+     * with AVX2's 16 (12 accumulators, 2 panel vectors, a broadcast), and it read the panel from memory in every
+     * FMA: a 6-row tile with a line per 2 k steps took 1.67 us against 1.10 without lines (2-core AVX2 EPYC,
+     * docs/serving.md "Eleventh round"); this loop takes 1.10-1.16. */
+    for (int64_t k = 0; k < kc; ++k) {
+        if (k % PF_STRIDE == 0 && k / PF_STRIDE < lines) __builtin_prefetch(prefetch + k / PF_STRIDE * 64, 0, 2);
         const vf b0 = loadf(panel + k * NR), b1 = loadf(panel + k * NR + LANES);
         for (int i = 0; i < mr; ++i) {
             const float a = x[i * x_stride + k];
