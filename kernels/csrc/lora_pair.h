@@ -7,8 +7,8 @@
  * A decode step holds runs of 1-4 tokens, so each factor element meets few tokens: a pair is a stream over the
  * factors, and the loops are shaped so that the stream is sequential and every load feeds as many FMAs as
  * there are tokens:
- * - shrink: four A rows at a time, each read front to back, against up to four tokens (16 accumulators),
- *   folded to scalars four at a time;
+ * - shrink: four A rows at a time, each read front to back, against up to SHRINK_TOKENS tokens (16 or 8
+ *   accumulators), folded to scalars four at a time;
  * - expand: four B rows at a time, each read front to back, into an fp32 scratch row per token that stays in
  *   L1, added to `out` once at the end (so out is read and written once per pair, and the LoRA term is summed
  *   apart from the base output, as torch's reference does).
@@ -27,6 +27,15 @@
 
 #define TOKEN_TILE 8   /* tokens per pass over B; the shrink takes them four at a time */
 #define RANK_TILE 64
+/* Tokens per pass of the shrink over four A rows: 4 x 4 accumulators, four A vectors and a token's x need 21
+ * registers, which AVX-512 has (32) and AVX2 does not (16: gcc spilled, and a pair of 4 tokens with its factors
+ * in cache took 6.95 us against 4.72 in two passes of 2 tokens, 2-core AVX2 EPYC, docs/serving.md "Eleventh
+ * round"). Each (row, token) sum runs over k in the same order either way: the same bits. */
+#if LANES == 16
+#define SHRINK_TOKENS 4
+#else
+#define SHRINK_TOKENS 2
+#endif
 
 
 
@@ -70,10 +79,10 @@ static inline __attribute__((always_inline)) void shrink(const float *xs, int64_
         const int64_t rows = count - j < 4 ? count - j : 4;
         const int64_t base[4] = {(j0 + j) * in_dim, (j0 + j + (rows > 1)) * in_dim, (j0 + j + 2 * (rows > 2)) * in_dim,
                                  (j0 + j + 3 * (rows > 3)) * in_dim};  /* a short block repeats its first row */
-        for (int64_t t = 0; t < tokens; t += 4) {
+        for (int64_t t = 0; t < tokens; t += SHRINK_TOKENS) {
             const float *x = xs + t * padded;
             float (*s)[RANK_TILE] = shrunk + t;
-            switch (tokens - t < 4 ? tokens - t : 4) {
+            switch (tokens - t < SHRINK_TOKENS ? tokens - t : SHRINK_TOKENS) {
                 case 1: shrink4(1, x, padded, a, in_dim, base, rows, j, scale, dtype, s); break;
                 case 2: shrink4(2, x, padded, a, in_dim, base, rows, j, scale, dtype, s); break;
                 case 3: shrink4(3, x, padded, a, in_dim, base, rows, j, scale, dtype, s); break;
