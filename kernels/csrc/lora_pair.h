@@ -25,7 +25,7 @@
 #include "bf16.h"
 #include "simd.h"
 
-#define TOKEN_TILE 8   /* tokens per pass over B; the shrink takes them four at a time */
+#define TOKEN_TILE 8   /* tokens per pass over B; the shrink takes them SHRINK_TOKENS at a time */
 #define RANK_TILE 64
 /* Tokens per pass of the shrink over four A rows: 4 x 4 accumulators, four A vectors and a token's x need 21
  * registers, which AVX-512 has (32) and AVX2 does not (16: gcc spilled, and a pair of 4 tokens with its factors
