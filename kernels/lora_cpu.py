@@ -5,9 +5,10 @@ run meets one small matmul pair per projection per layer. As torch calls each
 pair costs ~13 us of dispatch whatever its size, which made half of the LoRA
 time; the kernel applies a layer's whole projection group (q/k/v, o, gate/up,
 down) to every run in one call, so what remains is reading each adapter's rows
-once. Long runs (prompt chunks) stay on torch's matmul, which tiles them well. Where the model's fp32
+once. Long runs (prompt chunks) stay on torch's matmul here, which tiles them well. Where the model's fp32
 weights are in the packed GEMM's panels, the same pair math runs inside the GEMM instead
-(`kernels.gemm_cpu.gemm_lora`), its factors prefetched while the base output is computed.
+(`kernels.gemm_cpu.gemm_lora`), its factors prefetched while the base output is computed, and there long runs
+go too: their expand becomes more of the GEMM's tiles.
 fp32 and bf16 (the model's dtype; bf16 rounds where torch's bf16 matmuls do): in bf16
 torch's per-run matmuls held adapters-on throughput at 0.24x of base on a 38-adapter trace.
 
@@ -32,7 +33,8 @@ from longtail.kernels import native
 from longtail.kernels.lora import LoraShapeError, Runs
 from longtail.kernels.native import CSRC, FLAGS, NativeLibrary
 
-# Runs longer than this go to torch: a prompt chunk is a real matmul, where a tiled BLAS beats a plain loop.
+# Runs longer than this go to torch (unless the fused GEMM takes them, `split_runs`): a prompt chunk is a real
+# matmul, where a tiled BLAS beats a plain loop.
 MAX_NATIVE_RUN = 16
 
 ERRORS = {-1: "a run names a slot outside the table", -2: "a projection's columns fall outside the output",
@@ -124,8 +126,13 @@ def run_table(projections: list[tuple[torch.Tensor, torch.Tensor, list[int], lis
                     torch.tensor(scales, dtype=torch.float32), tuple(holds))
 
 
-def split_runs(runs: Runs) -> tuple[torch.Tensor | None, Runs]:
-    """(short runs as the kernel's [n, 3] int64 table or None, long runs for the torch reference)."""
+def split_runs(runs: Runs, fused: bool = False) -> tuple[torch.Tensor | None, Runs]:
+    """(short runs as the kernel's [n, 3] int64 table or None, long runs for the torch reference).
+
+    `fused`: the model's matmuls are the packed GEMM (`kernels.gemm_cpu.gemm_lora`), whose tiles take long runs
+    too (their expand as more GEMM tiles): every run goes to the kernel and none to torch."""
+    if fused:
+        return (torch.tensor(runs, dtype=torch.int64) if runs else None), []
     short = [run for run in runs if run[2] - run[1] <= MAX_NATIVE_RUN]
     long = [run for run in runs if run[2] - run[1] > MAX_NATIVE_RUN]
     return (torch.tensor(short, dtype=torch.int64) if short else None), long

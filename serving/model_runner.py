@@ -121,7 +121,7 @@ class ModelRunner:
         runs = runs_of(token_slots)
         native_runs = None
         if runs and device.type == "cpu" and self.model.dtype in LORA_KERNEL_DTYPES and native_available():
-            native_runs, runs = split_runs(runs)
+            native_runs, runs = split_runs(runs, fused=self.model.weight_format == "panels")
         slot_tensor = parts[3]
         return BatchPlan(
             input_ids=parts[0], positions=parts[1], write_slots=parts[2], token_slots=slot_tensor,

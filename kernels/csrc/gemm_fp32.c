@@ -51,9 +51,10 @@
  * over k in [0, kc). `first`: the tile starts from bias (or zero), else from what `out` holds. `valid`: columns
  * of this panel that exist (the last panel of an N that is not a multiple of NR). */
 static inline __attribute__((always_inline)) void tile(const int mr, const float *x, int64_t x_stride,
-                                                       const float *panel, int64_t kc, float *out,
-                                                       int64_t out_stride, int first, const float *bias,
-                                                       int64_t valid, const char *prefetch, int64_t lines) {
+                                                       const float *panel, int64_t panel_stride, int64_t kc,
+                                                       float *out, int64_t out_stride, int first,
+                                                       const float *bias, int64_t valid, const char *prefetch,
+                                                       int64_t lines) {
     vf c0[MR], c1[MR];
     for (int i = 0; i < mr; ++i) c0[i] = c1[i] = (vf){0};
     /* `lines` (<= kc / PF_STRIDE) cache lines from `prefetch` on their way to L2, one per PF_STRIDE k steps: the
@@ -64,7 +65,7 @@ static inline __attribute__((always_inline)) void tile(const int mr, const float
      * docs/serving.md "Eleventh round"); this loop takes 1.10-1.16. */
     for (int64_t k = 0; k < kc; ++k) {
         if (k % PF_STRIDE == 0 && k / PF_STRIDE < lines) __builtin_prefetch(prefetch + k / PF_STRIDE * 64, 0, 2);
-        const vf b0 = loadf(panel + k * NR), b1 = loadf(panel + k * NR + LANES);
+        const vf b0 = loadf(panel + k * panel_stride), b1 = loadf(panel + k * panel_stride + LANES);
         for (int i = 0; i < mr; ++i) {
             const float a = x[i * x_stride + k];
             c0[i] += a * b0;
@@ -95,7 +96,7 @@ static inline __attribute__((always_inline)) void tile(const int mr, const float
 }
 
 #define TILE_CASE(n) \
-    case n: tile(n, x, x_stride, panel, kc, out, out_stride, first, bias, valid, prefetch, lines); break;
+    case n: tile(n, x, x_stride, panel, NR, kc, out, out_stride, first, bias, valid, prefetch, lines); break;
 
 static void tile_any(int mr, const float *x, int64_t x_stride, const float *panel, int64_t kc, float *out,
                      int64_t out_stride, int first, const float *bias, int64_t valid, const char *prefetch,
@@ -104,6 +105,23 @@ static void tile_any(int mr, const float *x, int64_t x_stride, const float *pane
         TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
 #if MR > 6
         TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
+#endif
+        default: break;
+    }
+}
+
+#define STRIDED_CASE(n) \
+    case n: tile(n, x, x_stride, panel, panel_stride, kc, out, out_stride, 0, NULL, NR, NULL, 0); break;
+
+/* A tile added to what `out` holds, over a panel whose k steps lie `panel_stride` floats apart (a plain row-major
+ * [k, width] matrix read NR columns at a time), with no prefetch: the long runs' expand. A function of its own so
+ * the packed layout's tiles keep NR as a constant stride. */
+static void tile_strided(int mr, const float *x, int64_t x_stride, const float *panel, int64_t panel_stride,
+                         int64_t kc, float *out, int64_t out_stride) {
+    switch (mr) {
+        STRIDED_CASE(1) STRIDED_CASE(2) STRIDED_CASE(3) STRIDED_CASE(4) STRIDED_CASE(5) STRIDED_CASE(6)
+#if MR > 6
+        STRIDED_CASE(7) STRIDED_CASE(8) STRIDED_CASE(9) STRIDED_CASE(10) STRIDED_CASE(11) STRIDED_CASE(12)
 #endif
         default: break;
     }
@@ -150,8 +168,9 @@ typedef struct {
 #ifndef UNIT_RANK
 #define UNIT_RANK 16
 #endif
-/* Runs up to this many tokens are applied unit by unit (the thread's scratch holds their rows between units);
- * longer ones (not sent by the engine: lora_cpu.MAX_NATIVE_RUN is 16) run whole once all their units are fetched. */
+/* Runs up to this many tokens are applied unit by unit (the thread's scratch holds their rows between units); longer
+ * ones take the GEMM's tiles (LONG_TOKENS, below) or, where those cannot, run whole once all their units are
+ * fetched. */
 #define UNIT_TOKENS (2 * TOKEN_TILE)
 
 /* The thread's prefetch position: line `at` of the A (half 0) or B (half 1) rows of unit `unit` of its pair
@@ -376,6 +395,68 @@ int longtail_gemm_packed(const float *x, int64_t x_stride, int64_t rows, int64_t
     return 0;
 }
 
+/* Long runs (more than LONG_TOKENS tokens: a prompt, or a popular adapter's rows in a decode step) meet each factor
+ * element many times, so their pairs are arithmetic, not a stream. The shrink of each runs first (into `shrunk`,
+ * shared by the threads, LONG_BLOCK tokens a work item), and the expand is more tiles of this GEMM, over the rank
+ * as k with lora_B as the panel (B is [rank, width] row-major: NR columns of a row are one k step of a panel whose
+ * stride is the width). A tile sums from zero over the rank in order and adds to the finished base output, which
+ * is what lora_pair's expand and its final add do: the same bits, at the GEMM's rate. Before, runs over 16 tokens
+ * went to torch's two matmuls per pair (docs/serving.md, "Twelfth round"). Needs every projection's columns on
+ * panel boundaries and ranks up to RANK_TILE; otherwise long runs go through lora_pair whole. LONG_TILES=0 builds
+ * it without (a test checks the bits are the same). */
+#ifndef LONG_TILES
+#define LONG_TILES 1
+#endif
+#ifndef LONG_TOKENS
+#define LONG_TOKENS TOKEN_TILE
+#endif
+#ifndef LONG_BLOCK
+#define LONG_BLOCK 32
+#endif
+
+typedef struct {
+    const int64_t *list;   /* long pairs: run * proj_count + projection */
+    const int64_t *offset; /* each pair's first float in shrunk ([tokens, RANK_TILE] row-major) */
+    const int64_t *items;  /* shrink work items (LONG_BLOCK tokens each) before each pair (count + 1 entries) */
+    int64_t count;
+    float *shrunk;
+} long_pairs;
+
+/* Shrink work item `item` (LONG_BLOCK tokens of one long pair, every rank row): the scaled dot products into
+ * lp->shrunk, a row of RANK_TILE floats per token. A block's x rows and the pair's A rows stay in L2 while shrink
+ * takes four A rows at a time against all the block's tokens. */
+static void long_shrink(const long_pairs *lp, int64_t item, const float *x, int64_t x_stride, int64_t k,
+                        const int64_t *runs, int64_t proj_count, int64_t slot_count, const int64_t *a_addr,
+                        const int64_t *ranks, const float *scales) {
+    int64_t i = 0;
+    while (lp->items[i + 1] <= item) ++i;
+    const int64_t r = lp->list[i] / proj_count, p = lp->list[i] % proj_count, index = p * slot_count + runs[3 * r];
+    const int64_t t0 = (item - lp->items[i]) * LONG_BLOCK, begin = runs[3 * r + 1];
+    const int64_t tokens = runs[3 * r + 2] - begin - t0 < LONG_BLOCK ? runs[3 * r + 2] - begin - t0 : LONG_BLOCK;
+    /* x's rows are fp32 with unit column stride: shrink reads them in place, whole vectors then the tail. */
+    shrink(x + (begin + t0) * x_stride, x_stride, tokens, (const void *)(intptr_t)a_addr[index], k, 0, ranks[index],
+           scales[index], 0, (float (*)[RANK_TILE])(lp->shrunk + lp->offset[i] + t0 * RANK_TILE));
+}
+
+/* The expand of every long pair over the calling thread's panels [begin, end), after their base output is done. */
+static void long_expand(const long_pairs *lp, int64_t begin, int64_t end, float *out, int64_t out_stride,
+                        const int64_t *runs, int64_t proj_count, int64_t slot_count, const int64_t *out_cols,
+                        const int64_t *b_addr, const int64_t *ranks) {
+    for (int64_t i = 0; i < lp->count; ++i) {
+        const int64_t r = lp->list[i] / proj_count, p = lp->list[i] % proj_count, index = p * slot_count + runs[3 * r];
+        const int64_t rank = ranks[index], col0 = out_cols[2 * p], width = out_cols[2 * p + 1];  /* rank <= RANK_TILE */
+        const int64_t first = col0 / NR > begin ? col0 / NR : begin;
+        const int64_t last = (col0 + width) / NR < end ? (col0 + width) / NR : end;
+        const float *b = (const float *)(intptr_t)b_addr[index], *shrunk = lp->shrunk + lp->offset[i];
+        for (int64_t q = first; q < last; ++q)
+            for (int64_t m = runs[3 * r + 1]; m < runs[3 * r + 2]; m += MR) {
+                const int mr = (int)(runs[3 * r + 2] - m < MR ? runs[3 * r + 2] - m : MR);
+                tile_strided(mr, shrunk + (m - runs[3 * r + 1]) * RANK_TILE, RANK_TILE, b + (q * NR - col0), width, rank,
+                             out + m * out_stride + q * NR, out_stride);
+            }
+    }
+}
+
 /* As longtail_gemm_packed, then out[t, cols_p] += scale * (x[t] A^T) B^T for every run (slot, begin, end) and
  * projection p of the group (the table of kernels/csrc/lora_runs.c, fp32 factors; x is the LoRA's input too).
  * Returns 0; -1..-3 as check_group (lora_pair.h), -4 no memory, -5 bad sizes; nothing is written unless it
@@ -389,39 +470,66 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
     int64_t widest;
     const int bad = check_group(runs, run_count, slot_count, rows, out_cols, proj_count, n, &widest);
     if (bad) return bad;
+    int tiled = LONG_TILES;
+    for (int64_t p = 0; p < proj_count; ++p)
+        if (out_cols[2 * p] % NR || out_cols[2 * p + 1] % NR) tiled = 0;
+    for (int64_t r = 0; r < run_count && tiled; ++r)  /* a long run's shrunk rows hold RANK_TILE ranks */
+        for (int64_t p = 0; p < proj_count; ++p)
+            if (ranks[p * slot_count + runs[3 * r]] > RANK_TILE) tiled = 0;
     const int64_t panels = (n + NR - 1) / NR;
     const int team = threads > 1 && rows * n * k >= (1 << 16) ? (int)threads : 1;
     const int64_t padded = (k + LANES - 1) / LANES * LANES, padded_width = (widest + LANES - 1) / LANES * LANES;
     const int64_t per_thread = UNIT_TOKENS * (padded + padded_width) + 16;
-    /* Pairs with work, and the factor bytes before each: threads take contiguous shares of equal bytes. */
-    int64_t *list = malloc((size_t)(2 * run_count * proj_count + run_count + 1) * sizeof(int64_t));
-    /* The LoRA terms: n columns for each row a run covers (not every row: a prompt chunk beside them has none). */
-    int64_t *run_row = list ? list + 2 * run_count * proj_count : NULL, covered = 0;
+    /* Pairs with work, and the factor bytes before each: threads take contiguous shares of equal bytes. Long pairs
+     * apart, with where their shrunk rows go and their shrink's work items. */
+    const int64_t slots = run_count * proj_count;
+    int64_t *list = malloc((size_t)(5 * slots + 2 * run_count + 2) * sizeof(int64_t));
+    /* The LoRA terms: n columns for each row a short run covers (not every row: a prompt chunk beside them has
+     * none, and a long run's expand goes straight to out). */
+    int64_t *run_row = list ? list + 2 * slots : NULL, covered = 0, shrunk_floats = 0;
+    long_pairs lp = {.list = list ? run_row + run_count : NULL, .offset = list ? run_row + run_count + slots : NULL,
+                     .items = list ? run_row + run_count + 2 * slots : NULL, .count = 0};
+    int64_t *long_list = (int64_t *)lp.list, *long_offset = (int64_t *)lp.offset, *long_items = (int64_t *)lp.items;
     for (int64_t r = 0; run_row && r < run_count; ++r) {
+        const int64_t tokens = runs[3 * r + 2] - runs[3 * r + 1];
         run_row[r] = covered;
-        covered += runs[3 * r + 2] - runs[3 * r + 1];
-    }
-    float *delta = malloc((size_t)((covered ? covered : 1) * n) * sizeof(float));
-    float *scratch = aligned_alloc(64, (size_t)(team * per_thread * (int64_t)sizeof(float) + 63) / 64 * 64);
-    /* Per thread: its first and last pair, and the next one not yet claimed (a cache line each). */
-    int64_t *claims = calloc((size_t)team * 8 * 3, sizeof(int64_t));
-    if (!list || !delta || !scratch || !claims) {
-        free(list);
-        free(delta);
-        free(scratch);
-        free(claims);
-        return -4;
+        if (!(tiled && tokens > LONG_TOKENS)) covered += tokens;
     }
     int64_t count = 0, total = 0;
-    int64_t *before = list + run_count * proj_count;
-    for (int64_t r = 0; r < run_count; ++r)
+    int64_t *before = list ? list + slots : NULL;
+    if (list) long_items[0] = 0;
+    for (int64_t r = 0; list && r < run_count; ++r)
         for (int64_t p = 0; p < proj_count; ++p) {
-            const int64_t index = p * slot_count + runs[3 * r];
-            if (ranks[index] <= 0 || runs[3 * r + 1] == runs[3 * r + 2]) continue;
+            const int64_t index = p * slot_count + runs[3 * r], tokens = runs[3 * r + 2] - runs[3 * r + 1];
+            if (ranks[index] <= 0 || !tokens) continue;
+            if (tiled && tokens > LONG_TOKENS) {
+                long_list[lp.count] = r * proj_count + p;
+                long_offset[lp.count] = shrunk_floats;
+                long_items[lp.count + 1] = long_items[lp.count] + (tokens + LONG_BLOCK - 1) / LONG_BLOCK;
+                ++lp.count;
+                shrunk_floats += tokens * RANK_TILE;
+                continue;
+            }
             before[count] = total;
             list[count++] = r * proj_count + p;
             total += ranks[index] * (k + out_cols[2 * p + 1]);
         }
+    float *delta = malloc((size_t)((covered ? covered : 1) * n) * sizeof(float));
+    lp.shrunk = malloc((size_t)(shrunk_floats ? shrunk_floats : 1) * sizeof(float));
+    float *scratch = aligned_alloc(64, (size_t)(team * per_thread * (int64_t)sizeof(float) + 63) / 64 * 64);
+    /* Per thread: its first and last pair, and the next one not yet claimed (a cache line each); then the long
+     * pairs' next shrink item. */
+    int64_t *claims = calloc((size_t)team * 8 * 3 + 8, sizeof(int64_t));
+    if (!list || !delta || !lp.shrunk || !scratch || !claims) {
+        free(list);
+        free(delta);
+        free(lp.shrunk);
+        free(scratch);
+        free(claims);
+        return -4;
+    }
+    int64_t *const next_item = claims + team * 8 * 3;
+    const int64_t items = lp.count ? long_items[lp.count] : 0;
 #pragma omp parallel num_threads(team)
     {
         int64_t id, size;
@@ -434,6 +542,8 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
         int64_t *const next = claims + id * 8, *const ends = claims + 8 * team;
         *next = first;
         ends[id * 8] = last;
+        for (int64_t item; (item = __atomic_fetch_add(next_item, 1, __ATOMIC_RELAXED)) < items;)
+            long_shrink(&lp, item, x, x_stride, k, runs, proj_count, slot_count, a_addr, ranks, scales);
 #pragma omp barrier
         fused_thread state = {.x = x, .x_stride = x_stride, .k = k, .n = n, .delta = delta,
                               .xs = scratch + id * per_thread, .padded = padded, .padded_width = padded_width,
@@ -448,6 +558,8 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
         if (state.plan.count) span_bounds(&state.plan, &state.cursor);
         walk_tiles(x, x_stride, rows, k, packed, bias, out, out_stride, n, begin, end, &state);
         advance_pairs(&state, 1);
+        /* The thread's own columns are final: the long runs' expand adds to them (their rows are no short run's). */
+        long_expand(&lp, begin, end, out, out_stride, runs, proj_count, slot_count, out_cols, b_addr, ranks);
         /* Its tiles done: the rest of its pairs, then whatever the other threads have not started. Every pair is
          * claimed once (an atomic counter per thread) and computed the same by any thread: the same bits. */
         for (int64_t turn = 0; turn < size; ++turn) {
@@ -469,6 +581,7 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
     }
     free(list);
     free(delta);
+    free(lp.shrunk);
     free(scratch);
     free(claims);
     return 0;

@@ -154,3 +154,48 @@ def test_pairs_applied_unit_by_unit_or_whole_give_the_same_bits(run, rank):
     got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
     assert torch.equal(got, unfused(x, packed, bias, runs, table))
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+def long_runs_case(seed: int, hidden: int, lengths: list[int], ranks: list[int]):
+    """Runs of the given lengths (a prompt's, or a popular adapter's rows in a decode step) beside single tokens and
+    rows with no adapter, in a group whose projections sit on panel boundaries (widths of 32 and 64 columns: every
+    build's NR divides them), so the kernel takes the long runs' expand through its tiles."""
+    slots = [-1, 0]
+    for i, length in enumerate(lengths):
+        slots += [1 + i % (len(ranks) - 1)] * length + [0]
+    return group_case(seed, hidden, [64, 32, 32], ranks, slots)
+
+
+@pytest.mark.parametrize("hidden", [70, 576])
+@pytest.mark.parametrize("lengths", [[9], [17, 33], [100, 12, 40], [300]])
+@pytest.mark.parametrize("ranks", [[8, 1, 3], [16, 63, 64], [8, 64, 65]])
+def test_long_runs_through_the_tiles_give_the_two_kernels_bits(hidden, lengths, ranks):
+    """Runs of more than LONG_TOKENS (8) tokens: shrink first, then the expand as GEMM tiles over lora_B, summed from
+    zero in rank order and added to the finished base output, as the LoRA kernel's whole pairs do: the same bits,
+    and the definition. A rank over 64 in the call (65) sends every run through the pairs instead."""
+    weight, bias, x, runs, table, want = long_runs_case(hidden + len(lengths), hidden, lengths, ranks)
+    packed = gemm_cpu.pack(weight)
+    got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
+    assert torch.equal(got, unfused(x, packed, bias, runs, table))
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+def test_long_runs_give_the_same_bits_with_the_tiles_built_out():
+    """LONG_TILES=0 builds the kernel that applies long runs as whole pairs: the answer is the same to the bit."""
+    library = gemm_cpu.library_with_flags("-DLONG_TILES=0")
+    if library.get() is None:
+        pytest.skip("the compiler cannot build the variant")
+    weight, bias, x, runs, table, want = long_runs_case(3, 576, [25, 14, 9, 7, 3, 80], [16, 64, 8, 32])
+    got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight), bias, runs, table)
+    assert torch.equal(got, gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table))
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="this CPU builds the AVX2 variant already")
+def test_the_avx2_build_tiles_long_runs_to_the_same_answer():
+    library = gemm_cpu.library_with_flags("-mno-avx512f")
+    if library.get() is None:
+        pytest.skip("the compiler cannot build without AVX-512")
+    weight, bias, x, runs, table, want = long_runs_case(4, 576, [25, 14, 40], [16, 64, 8])
+    got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table)
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
