@@ -95,6 +95,14 @@ static inline __attribute__((always_inline)) void tile(const int mr, const float
     }
 }
 
+/* A switch's cases for every row count of a tile, 1 to MR: each calls tile() with its count as a constant. */
+#if MR > 6
+#define EVERY_ROW_COUNT(CASE) CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) \
+                              CASE(11) CASE(12)
+#else
+#define EVERY_ROW_COUNT(CASE) CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
+#endif
+
 #define TILE_CASE(n) \
     case n: tile(n, x, x_stride, panel, NR, kc, out, out_stride, first, bias, valid, prefetch, lines); break;
 
@@ -102,10 +110,7 @@ static void tile_any(int mr, const float *x, int64_t x_stride, const float *pane
                      int64_t out_stride, int first, const float *bias, int64_t valid, const char *prefetch,
                      int64_t lines) {
     switch (mr) {
-        TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
-#if MR > 6
-        TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
-#endif
+        EVERY_ROW_COUNT(TILE_CASE)
         default: break;
     }
 }
@@ -119,10 +124,7 @@ static void tile_any(int mr, const float *x, int64_t x_stride, const float *pane
 static void tile_strided(int mr, const float *x, int64_t x_stride, const float *panel, int64_t panel_stride,
                          int64_t kc, float *out, int64_t out_stride) {
     switch (mr) {
-        STRIDED_CASE(1) STRIDED_CASE(2) STRIDED_CASE(3) STRIDED_CASE(4) STRIDED_CASE(5) STRIDED_CASE(6)
-#if MR > 6
-        STRIDED_CASE(7) STRIDED_CASE(8) STRIDED_CASE(9) STRIDED_CASE(10) STRIDED_CASE(11) STRIDED_CASE(12)
-#endif
+        EVERY_ROW_COUNT(STRIDED_CASE)
         default: break;
     }
 }

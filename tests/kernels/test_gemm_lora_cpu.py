@@ -64,23 +64,41 @@ def big_case():
     return group_case(7, 800, [96, 40, 40], [8, 16, 64, 0, 32, 8, 64, 16, 8, 33, 64, 8], slots, extra=5)
 
 
-def test_prefetching_never_changes_a_result():
-    """The build with no prefetch (PREFETCH=0) gives the same bits: the prefetch only moves data into cache."""
-    library = gemm_cpu.library_with_flags("-DPREFETCH=0")
+def long_runs_case(seed: int, hidden: int, lengths: list[int], ranks: list[int]):
+    """Runs of the given lengths (a prompt's, or a popular adapter's rows in a decode step) beside single tokens and
+    rows with no adapter, in a group whose projections sit on panel boundaries (widths of 32 and 64 columns: every
+    build's NR divides them), so the kernel takes the long runs' expand through its tiles."""
+    slots = [-1, 0]
+    for i, length in enumerate(lengths):
+        slots += [1 + i % (len(ranks) - 1)] * length + [0]
+    return group_case(seed, hidden, [64, 32, 32], ranks, slots)
+
+
+def long_case():
+    """A decode step with a popular adapter's 25 rows and a 14-row one beside short runs, and a prompt's 80."""
+    return long_runs_case(3, 576, [25, 14, 9, 7, 3, 80], [16, 64, 8, 32])
+
+
+@pytest.mark.parametrize(("flag", "case"), [("-DPREFETCH=0", big_case), ("-DLONG_TILES=0", long_case)])
+def test_build_variants_never_change_a_result(flag, case):
+    """The build with no prefetch (PREFETCH=0) gives the same bits: the prefetch only moves data into cache. So does
+    the build that applies long runs as whole pairs (LONG_TILES=0) instead of the GEMM's tiles."""
+    library = gemm_cpu.library_with_flags(flag)
     if library.get() is None:
         pytest.skip("the compiler cannot build the variant")
-    weight, bias, x, runs, table, want = big_case()
+    weight, bias, x, runs, table, want = case()
     got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight), bias, runs, table)
     assert torch.equal(got, gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table))
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="this CPU builds the AVX2 variant already")
-def test_the_avx2_build_fuses_the_same_answer():
+@pytest.mark.parametrize("case", [big_case, long_case])
+def test_the_avx2_build_fuses_the_same_answer(case):
     library = gemm_cpu.library_with_flags("-mno-avx512f")
     if library.get() is None:
         pytest.skip("the compiler cannot build without AVX-512")
-    weight, bias, x, runs, table, want = big_case()
+    weight, bias, x, runs, table, want = case()
     got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table)
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
 
@@ -147,23 +165,14 @@ def test_a_popular_adapters_run_as_long_as_the_native_limit():
 @pytest.mark.parametrize("rank", [4, 16, 18, 65, 128])
 def test_pairs_applied_unit_by_unit_or_whole_give_the_same_bits(run, rank):
     """The fused kernel applies a run of up to 16 tokens 16 rank rows at a time as their factors arrive, and a longer
-    run whole: at ranks around a unit's edge, either way equals the LoRA kernel's whole pairs bit for bit."""
+    run whole (columns of 40 are off the panels' boundaries, so no run takes the tiles): at ranks around a unit's
+    edge, either way equals the LoRA kernel's whole pairs bit for bit."""
     slots = [0] + [1] * run + [2] * 3 + [-1] * 2
     weight, bias, x, runs, table, want = group_case(rank + run, 576, [96, 40, 40], [rank, rank, 8], slots, extra=3)
     packed = gemm_cpu.pack(weight)
     got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
     assert torch.equal(got, unfused(x, packed, bias, runs, table))
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
-
-
-def long_runs_case(seed: int, hidden: int, lengths: list[int], ranks: list[int]):
-    """Runs of the given lengths (a prompt's, or a popular adapter's rows in a decode step) beside single tokens and
-    rows with no adapter, in a group whose projections sit on panel boundaries (widths of 32 and 64 columns: every
-    build's NR divides them), so the kernel takes the long runs' expand through its tiles."""
-    slots = [-1, 0]
-    for i, length in enumerate(lengths):
-        slots += [1 + i % (len(ranks) - 1)] * length + [0]
-    return group_case(seed, hidden, [64, 32, 32], ranks, slots)
 
 
 @pytest.mark.parametrize("hidden", [70, 576])
@@ -177,25 +186,4 @@ def test_long_runs_through_the_tiles_give_the_two_kernels_bits(hidden, lengths, 
     packed = gemm_cpu.pack(weight)
     got = gemm_cpu.gemm_lora(x, packed, bias, runs, table)
     assert torch.equal(got, unfused(x, packed, bias, runs, table))
-    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
-
-
-def test_long_runs_give_the_same_bits_with_the_tiles_built_out():
-    """LONG_TILES=0 builds the kernel that applies long runs as whole pairs: the answer is the same to the bit."""
-    library = gemm_cpu.library_with_flags("-DLONG_TILES=0")
-    if library.get() is None:
-        pytest.skip("the compiler cannot build the variant")
-    weight, bias, x, runs, table, want = long_runs_case(3, 576, [25, 14, 9, 7, 3, 80], [16, 64, 8, 32])
-    got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight), bias, runs, table)
-    assert torch.equal(got, gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table))
-    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
-
-
-@pytest.mark.skipif(not _has_avx512(), reason="this CPU builds the AVX2 variant already")
-def test_the_avx2_build_tiles_long_runs_to_the_same_answer():
-    library = gemm_cpu.library_with_flags("-mno-avx512f")
-    if library.get() is None:
-        pytest.skip("the compiler cannot build without AVX-512")
-    weight, bias, x, runs, table, want = long_runs_case(4, 576, [25, 14, 40], [16, 64, 8])
-    got = gemm_cpu.gemm_lora(x, gemm_cpu.pack(weight, library), bias, runs, table)
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
