@@ -489,22 +489,21 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
     /* The LoRA terms: n columns for each row a short run covers (not every row: a prompt chunk beside them has
      * none, and a long run's expand goes straight to out). */
     int64_t *run_row = list ? list + 2 * slots : NULL, covered = 0, shrunk_floats = 0;
-    long_pairs lp = {.list = list ? run_row + run_count : NULL, .offset = list ? run_row + run_count + slots : NULL,
-                     .items = list ? run_row + run_count + 2 * slots : NULL, .count = 0};
-    int64_t *long_list = (int64_t *)lp.list, *long_offset = (int64_t *)lp.offset, *long_items = (int64_t *)lp.items;
-    for (int64_t r = 0; run_row && r < run_count; ++r) {
-        const int64_t tokens = runs[3 * r + 2] - runs[3 * r + 1];
-        run_row[r] = covered;
-        if (!(tiled && tokens > LONG_TOKENS)) covered += tokens;
-    }
+    int64_t *const long_list = list ? run_row + run_count : NULL, *const long_offset = list ? long_list + slots : NULL;
+    int64_t *const long_items = list ? long_offset + slots : NULL;
+    long_pairs lp = {.list = long_list, .offset = long_offset, .items = long_items, .count = 0};
     int64_t count = 0, total = 0;
     int64_t *before = list ? list + slots : NULL;
     if (list) long_items[0] = 0;
-    for (int64_t r = 0; list && r < run_count; ++r)
+    for (int64_t r = 0; list && r < run_count; ++r) {
+        const int64_t tokens = runs[3 * r + 2] - runs[3 * r + 1];
+        const int long_run = tiled && tokens > LONG_TOKENS;
+        run_row[r] = covered;
+        if (!long_run) covered += tokens;
         for (int64_t p = 0; p < proj_count; ++p) {
-            const int64_t index = p * slot_count + runs[3 * r], tokens = runs[3 * r + 2] - runs[3 * r + 1];
+            const int64_t index = p * slot_count + runs[3 * r];
             if (ranks[index] <= 0 || !tokens) continue;
-            if (tiled && tokens > LONG_TOKENS) {
+            if (long_run) {
                 long_list[lp.count] = r * proj_count + p;
                 long_offset[lp.count] = shrunk_floats;
                 long_items[lp.count + 1] = long_items[lp.count] + (tokens + LONG_BLOCK - 1) / LONG_BLOCK;
@@ -516,6 +515,7 @@ int longtail_gemm_packed_lora(const float *x, int64_t x_stride, int64_t rows, in
             list[count++] = r * proj_count + p;
             total += ranks[index] * (k + out_cols[2 * p + 1]);
         }
+    }
     float *delta = malloc((size_t)((covered ? covered : 1) * n) * sizeof(float));
     lp.shrunk = malloc((size_t)(shrunk_floats ? shrunk_floats : 1) * sizeof(float));
     float *scratch = aligned_alloc(64, (size_t)(team * per_thread * (int64_t)sizeof(float) + 63) / 64 * 64);
