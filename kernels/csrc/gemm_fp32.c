@@ -453,8 +453,8 @@ static void long_expand(const long_pairs *lp, int64_t begin, int64_t end, float 
         for (int64_t q = first; q < last; ++q)
             for (int64_t m = runs[3 * r + 1]; m < runs[3 * r + 2]; m += MR) {
                 const int mr = (int)(runs[3 * r + 2] - m < MR ? runs[3 * r + 2] - m : MR);
-                tile_strided(mr, shrunk + (m - runs[3 * r + 1]) * RANK_TILE, RANK_TILE, b + (q * NR - col0), width, rank,
-                             out + m * out_stride + q * NR, out_stride);
+                tile_strided(mr, shrunk + (m - runs[3 * r + 1]) * RANK_TILE, RANK_TILE, b + (q * NR - col0), width,
+                             rank, out + m * out_stride + q * NR, out_stride);
             }
     }
 }
