@@ -203,10 +203,14 @@ class P2PNode:
     async def _close_connections(host, pubsub: Pubsub) -> None:
         """What leaving py-libp2p 0.8.1's host.run leaves undone: it cancels the swarm without closing
         every connection (a peer keeps a live-looking connection to a dead host, and the socket leaks),
-        and Pubsub never stops the sweeper thread of its seen-message cache."""
-        with trio.move_on_after(2), contextlib.suppress(Exception):
-            await host.get_network().close()
-        pubsub.seen_messages.stop()
+        and Pubsub never stops the sweeper thread of its seen-message cache. The thread is stopped even when the
+        close is cancelled from outside (a service that failed cancels the host's scope while it unwinds): a
+        cancellation is no Exception, and it had skipped the stop and left the thread running."""
+        try:
+            with trio.move_on_after(2), contextlib.suppress(Exception):
+                await host.get_network().close()
+        finally:
+            pubsub.seen_messages.stop()
 
     # --- connections ------------------------------------------------------------------------------
 

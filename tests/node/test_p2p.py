@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from eth_account import Account
@@ -268,3 +269,24 @@ def test_a_stopped_peer_leaves_every_directory_after_its_ttl_and_shutdown_is_cle
     leftover = [t.name for t in threading.enumerate() if t.ident not in threads_before
                 and not t.name.startswith(("Trio thread", "asyncio_"))]  # idle pool workers of trio and asyncio
     assert leftover == [], "every thread the hosts started has ended"
+
+
+def test_the_seen_message_sweeper_stops_when_the_close_is_cancelled():
+    """A service that fails while the host unwinds cancels the host's scope during the close: pubsub's
+    seen-message sweeper thread is stopped all the same (that shutdown once left it running)."""
+    import trio
+    from libp2p.tools.timed_cache.last_seen_cache import LastSeenCache
+
+    class HangingNetwork:
+        async def close(self) -> None:
+            await trio.sleep_forever()
+
+    host = SimpleNamespace(get_network=HangingNetwork)
+    pubsub = SimpleNamespace(seen_messages=LastSeenCache(ttl=120))
+
+    async def unwind() -> None:
+        with trio.move_on_after(0.1):  # cancelled from outside, before the close's own 2 s deadline
+            await P2PNode._close_connections(host, pubsub)
+
+    trio.run(unwind)
+    assert not pubsub.seen_messages._thread.is_alive()
