@@ -49,10 +49,15 @@ static inline __attribute__((always_inline)) void shrink4(const int tokens, cons
     for (int r = 0; r < 4; ++r)
         for (int u = 0; u < tokens; ++u) acc[r][u] = (vf){0};
     for (int64_t k = 0; k < whole; k += LANES) {
-        const vf w0 = loadv(a, base[0] + k, dtype), w1 = loadv(a, base[1] + k, dtype);
-        const vf w2 = loadv(a, base[2] + k, dtype), w3 = loadv(a, base[3] + k, dtype);
+        vf w0 = loadv(a, base[0] + k, dtype), w1 = loadv(a, base[1] + k, dtype);
+        vf w2 = loadv(a, base[2] + k, dtype), w3 = loadv(a, base[3] + k, dtype);
+        IN_REGISTER(w0);
+        IN_REGISTER(w1);
+        IN_REGISTER(w2);
+        IN_REGISTER(w3);
         for (int u = 0; u < tokens; ++u) {
-            const vf v = loadf(xs + u * padded + k);
+            vf v = loadf(xs + u * padded + k);
+            IN_REGISTER(v);
             acc[0][u] += w0 * v;
             acc[1][u] += w1 * v;
             acc[2][u] += w2 * v;

@@ -37,6 +37,11 @@ static inline vf loadf(const float *p) {
 
 static inline void storef(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
+/* `v` pinned to a register from here on. GCC otherwise folds a loaded vector into every FMA that uses it as a
+ * memory operand, loading it again each time: the LoRA shrink's four A rows against four tokens issued 32 loads
+ * for 16 FMAs instead of 8 (docs/serving.md, "Thirteenth round"). An empty asm changes no value: the same bits. */
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+
 /* The lane sums of four vectors: fold halves against each other so four sums share each add. */
 static inline __attribute__((always_inline)) void sums4(vf a, vf b, vf c, vf d, float out[4]) {
 #if LANES == 16
