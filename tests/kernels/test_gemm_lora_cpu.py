@@ -175,7 +175,7 @@ def test_pairs_applied_unit_by_unit_or_whole_give_the_same_bits(run, rank):
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("hidden", [70, 576])
+@pytest.mark.parametrize("hidden", [70, 576, 800])  # 800: k past one 768 chunk, the expand after the last
 @pytest.mark.parametrize("lengths", [[9], [17, 33], [100, 12, 40], [300]])
 @pytest.mark.parametrize("ranks", [[8, 1, 3], [16, 63, 64], [8, 64, 65]])
 def test_long_runs_through_the_tiles_give_the_two_kernels_bits(hidden, lengths, ranks):
