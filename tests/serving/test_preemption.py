@@ -248,7 +248,10 @@ def test_scoring_preempted_mid_prompt_gives_the_same_log_probabilities(sharp_lla
     expected_scores = large.score(score_prompt, score_output, None)
     expected = large.generate(prompts, [None] * 2, params)
     for background in (False, True):
-        tiny = engine_with_blocks(sharp_llama, 8, max_batch_tokens=32, min_prefill_chunk=4)
+        # No idle wait for background work: on a fast CPU the decoders finish within the default 20 ms of the
+        # scoring's arrival, and a step that waits out that idle time runs nothing, which run_to_end calls a stall.
+        tiny = engine_with_blocks(sharp_llama, 8, max_batch_tokens=32, min_prefill_chunk=4,
+                                  background_idle_seconds=0.0)
         handles = submit_all(tiny, prompts, [None] * 2, [params] * 2)
         tiny.step()
         # Admitted into the 6 free blocks, it prefills 30 tokens a step; the decoders need blocks before it ends.
