@@ -182,11 +182,17 @@ typedef struct {
     int64_t pair, unit, half;
 } factor_cursor;
 
-/* Where a pair (an entry of the call's pair list) lies: its run, projection and table entry. */
+/* Where a pair (run * proj_count + projection, as the call's pair lists hold them) lies: its run, projection and
+ * table entry. */
+static inline void place(const int64_t *runs, int64_t proj_count, int64_t slot_count, int64_t pair, int64_t *r,
+                         int64_t *p, int64_t *index) {
+    *r = pair / proj_count;
+    *p = pair % proj_count;
+    *index = *p * slot_count + runs[3 * *r];
+}
+
 static inline void pair_place(const lora_plan *plan, int64_t pair, int64_t *r, int64_t *p, int64_t *index) {
-    *r = pair / plan->proj_count;
-    *p = pair % plan->proj_count;
-    *index = *p * plan->slot_count + plan->runs[3 * *r];
+    place(plan->runs, plan->proj_count, plan->slot_count, pair, r, p, index);
 }
 
 static inline int64_t unit_count(const lora_plan *plan, int64_t i) {
@@ -432,7 +438,8 @@ static void long_shrink(const long_pairs *lp, int64_t item, const float *x, int6
                         const int64_t *ranks, const float *scales) {
     int64_t i = 0;
     while (lp->items[i + 1] <= item) ++i;
-    const int64_t r = lp->list[i] / proj_count, p = lp->list[i] % proj_count, index = p * slot_count + runs[3 * r];
+    int64_t r, p, index;
+    place(runs, proj_count, slot_count, lp->list[i], &r, &p, &index);
     const int64_t t0 = (item - lp->items[i]) * LONG_BLOCK, begin = runs[3 * r + 1];
     const int64_t tokens = runs[3 * r + 2] - begin - t0 < LONG_BLOCK ? runs[3 * r + 2] - begin - t0 : LONG_BLOCK;
     /* x's rows are fp32 with unit column stride: shrink reads them in place, whole vectors then the tail. */
@@ -445,7 +452,8 @@ static void long_expand(const long_pairs *lp, int64_t begin, int64_t end, float 
                         const int64_t *runs, int64_t proj_count, int64_t slot_count, const int64_t *out_cols,
                         const int64_t *b_addr, const int64_t *ranks) {
     for (int64_t i = 0; i < lp->count; ++i) {
-        const int64_t r = lp->list[i] / proj_count, p = lp->list[i] % proj_count, index = p * slot_count + runs[3 * r];
+        int64_t r, p, index;
+        place(runs, proj_count, slot_count, lp->list[i], &r, &p, &index);
         const int64_t rank = ranks[index], col0 = out_cols[2 * p], width = out_cols[2 * p + 1];  /* rank <= RANK_TILE */
         const int64_t first = col0 / NR > begin ? col0 / NR : begin;
         const int64_t last = (col0 + width) / NR < end ? (col0 + width) / NR : end;
